@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - the whole pipeline offline on CPU (synthetic data, tiny model, 3 folds, submission)
+#   make test   - the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Install torch before anything else pulls it: on a CPU machine an unpinned torch
+# drags in ~3 GB of CUDA packages. On a GPU machine: make TORCH_SPEC=torch setup
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/kk demo
+
+lint: setup
+	$(BIN)/ruff check kagglekit tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_infer.py
+	$(BIN)/python benchmarks/bench_train.py
+	bash benchmarks/bench_startup.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,310 @@
+"""Typed, validated configuration.
+
+A config is a YAML file (see ``configs/``) loaded into :class:`Config`. Every field
+has a one-line description (``kk config --show`` prints them). Commands accept
+repeated ``--set key.path=value`` overrides whose values are parsed as YAML
+scalars, e.g. ``--set train.lr=1e-4 --set lora.enabled=false``.
+
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+naming the key, with the closest valid key suggested for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: str = Field("data/train.csv", description="Competition train.csv (id, prompt, response_a/b, winner_*).")
+    test: str = Field("data/test.csv", description="Competition test.csv (id, prompt, response_a, response_b).")
+    folds: str = Field("folds/folds.csv", description="Fold assignment written by `kk make-folds` (id,fold).")
+    soft_labels: Optional[str] = Field(
+        None, description="Optional CSV id,winner_model_a,winner_model_b,winner_tie of teacher probabilities (distillation)."
+    )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="Rows with broken cells or labels: stop with an error, or skip them and report the count."
+    )
+
+
+class BudgetConfig(_Section):
+    prompt: float = Field(0.2, gt=0, description="Share of the token budget reserved for the prompt turns.")
+    response_a: float = Field(0.4, gt=0, description="Share of the token budget reserved for response A.")
+    response_b: float = Field(0.4, gt=0, description="Share of the token budget reserved for response B.")
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("microsoft/deberta-v3-base", description="Hub name or local path for AutoModelForSequenceClassification.")
+    max_length: int = Field(1280, ge=16, le=32768, description="Tokens per (prompt, A, B) sequence, special tokens included.")
+    truncation: Literal["head_tail", "left", "right"] = Field(
+        "head_tail",
+        description="How a field over its budget is cut: keep head and tail, keep the end (last turns), or keep the start.",
+    )
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Token budget shares; unused share flows to the others.")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Load the backbone with bitsandbytes (QLoRA).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (non-reentrant, works with peft).")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="Train LoRA adapters; false fine-tunes every weight.")
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: Optional[list[str]] = Field(
+        None, description="Module names to adapt; null = sensible defaults for the architecture."
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=1, description="Passes over the training folds.")
+    batch_size: int = Field(2, ge=1, description="Sequences per forward pass (micro-batch).")
+    grad_accum: int = Field(16, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of optimizer steps spent warming up.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = once per epoch.")
+    patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement before stopping (0 = never).")
+    swap_augment: bool = Field(True, description="Add every training row again with A and B exchanged (label mapped).")
+    swap_same_batch: bool = Field(False, description="Put both orders of a pair in the same micro-batch.")
+    eval_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when evaluating/predicting.")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit); for smoke runs.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+
+
+class PredictConfig(_Section):
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass at inference.")
+    tta: bool = Field(True, description="Average (A,B) with the mapped-back (B,A) prediction.")
+
+
+class TuneParam(_Section):
+    low: Optional[float] = Field(None, description="Lower bound of a numeric range.")
+    high: Optional[float] = Field(None, description="Upper bound of a numeric range.")
+    log: bool = Field(False, description="Sample the range on a log scale.")
+    step: Optional[float] = Field(None, description="Step of a discrete numeric range.")
+    choices: Optional[list[Any]] = Field(None, description="A categorical set of values.")
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty")
+        elif self.low is None or self.high is None:
+            raise ValueError("needs low and high, or choices")
+        elif self.low > self.high:
+            raise ValueError(f"low {self.low} is above high {self.high}")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class Config(_Section):
+    name: str = Field("experiment", min_length=1, description="Experiment name; the default run folder is runs/<name>.")
+    seed: int = Field(42, description="Seed for folds, shuffling, initialisation and dropout.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the data lives.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone and input formatting.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation settings.")
+    predict: PredictConfig = Field(default_factory=PredictConfig, description="Inference settings.")
+    tune: dict[str, TuneParam] = Field(default_factory=dict, description="Search space for `kk tune`: dotted key -> range.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if "/" in v or v in {".", ".."}:
+            raise ValueError("must be a plain folder name")
+        return v
+
+    @model_validator(mode="after")
+    def _tune_keys_exist(self):
+        for key in self.tune:
+            msg = unknown_key_message(key.split("."))
+            if msg or key.startswith("tune"):
+                raise ValueError(f"tune.{key}: {msg or 'cannot tune the tune section'}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def get(self, dotted: str) -> Any:
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+        return obj
+
+
+def _section_fields(parts: list[str]) -> tuple[list[str], str | None]:
+    """Valid field names at ``parts[:-1]`` and the path walked, for suggestions."""
+    model: Any = Config
+    for part in parts[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return [], None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return [], None
+    return list(getattr(model, "model_fields", {})), ".".join(parts[:-1])
+
+
+# Names competitors bring from other tools (HF Trainer, the seed notebook), mapped to
+# ours, so that a typo of either gets a useful "did you mean".
+ALIASES = {
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "lr_scheduler_type": "scheduler",
+    "early_stopping_patience": "patience",
+    "max_len": "max_length",
+    "model_name": "backbone",
+    "model_name_or_path": "backbone",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "eval_steps": "eval_every",
+    "warmup": "warmup_ratio",
+}
+
+
+def _closest(name: str, names: list[str]) -> str | None:
+    candidates = {n: n for n in names}
+    candidates.update({a: t for a, t in ALIASES.items() if t in names})
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return candidates[close[0]] if close else None
+
+
+def unknown_key_message(parts: list[str]) -> str | None:
+    """None if ``parts`` names a config field, else 'x.y is not a field (did you mean x.z?)'."""
+    for i in range(1, len(parts) + 1):
+        names, _ = _section_fields(parts[:i])
+        if parts[i - 1] not in names:
+            dotted = ".".join(parts[:i])
+            close = _closest(parts[i - 1], names)
+            prefix = ".".join(parts[: i - 1])
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close}?)" if close else ""
+            return f"{dotted} is not a field{hint}"
+    return None
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    where = f"{source}: " if source else ""
+    if e["type"] == "extra_forbidden":
+        if loc and loc[0] == "tune" and len(loc) > 2:
+            return f"{where}{'.'.join(loc)} is not a tune field (use low/high/log/step or choices)"
+        return where + (unknown_key_message(loc) or f"{'.'.join(loc)} is not a field")
+    key = ".".join(loc)
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = e.get("input")
+    got_s = "" if isinstance(got, (dict, list)) or got is None and e["type"] == "missing" else f" (got {got!r})"
+    more = len(err.errors()) - 1
+    head = f"{key}: " if key else ""
+    return f"{where}{head}{msg}{got_s}" + (f" [and {more} more]" if more else "")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        if parts[0] == "tune" and len(parts) > 1:
+            # tune keys are themselves dotted config paths: tune.train.lr={low: ..., high: ...}
+            tune = raw.setdefault("tune", {}) or {}
+            raw["tune"] = tune
+            tune[".".join(parts[1:])] = value
+            continue
+        msg = unknown_key_message(parts)
+        if msg:
+            raise ConfigError(f"--set {msg}")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def config_from_dict(raw: dict, source: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides)
+    return config_from_dict(raw, str(path) if path is not None else "")
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field: the config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, key + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,261 @@
+"""Reading the competition's CSV files.
+
+``train.csv``: ``id, model_a, model_b, prompt, response_a, response_b,
+winner_model_a, winner_model_b, winner_tie``; ``test.csv``: ``id, prompt,
+response_a, response_b``. The three text cells are JSON lists of strings, one
+item per turn.
+
+What is an error (the row is named; with ``bad_rows="skip"`` the row is skipped
+and counted instead, never dropped silently):
+  - a text cell that is not a non-empty JSON list of strings/nulls,
+  - turn counts that differ between prompt, response_a and response_b,
+  - label columns that are not one-hot (exactly one 1, the rest 0).
+Always an error, whatever ``bad_rows`` says: a missing or empty file, a missing
+column, duplicate ids.
+What is only a warning (counted in :class:`LoadReport`, then repaired):
+  - ``null`` turns (read as an empty string),
+  - lone UTF-16 surrogates (replaced by U+FFFD so tokenizers never crash).
+``bad_rows="repair"`` also salvages text cells that were cut off mid-JSON (as in
+files whose cells were truncated to N characters) by closing the string and list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from .errors import KKError
+
+TEXT_COLUMNS = ("prompt", "response_a", "response_b")
+LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+TRAIN_COLUMNS = ("id", *TEXT_COLUMNS, *LABEL_COLUMNS)
+TEST_COLUMNS = ("id", *TEXT_COLUMNS)
+CLASS_NAMES = ("A", "B", "tie")
+
+BadRows = Literal["error", "skip", "repair"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass
+class LoadReport:
+    """What the loader saw: how many rows it kept, skipped, repaired or cleaned."""
+
+    path: str
+    rows: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    repaired: int = 0
+    null_turns: int = 0
+    surrogates_fixed: int = 0
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.skipped:
+            first = self.skipped[0]
+            out.append(f"{self.path}: skipped {len(self.skipped)} bad row(s) (first: id {first[0]}: {first[1]})")
+        if self.repaired:
+            out.append(f"{self.path}: repaired {self.repaired} truncated JSON cell(s)")
+        if self.null_turns:
+            out.append(f"{self.path}: {self.null_turns} null turn(s) read as empty text")
+        if self.surrogates_fixed:
+            out.append(f"{self.path}: {self.surrogates_fixed} cell(s) had lone surrogates, replaced by U+FFFD")
+        return out
+
+
+def clean_text(s: str) -> tuple[str, bool]:
+    """Return ``s`` safe for ``encode('utf-8')``: pairs joined, lone surrogates replaced."""
+    if not _SURROGATE.search(s):
+        return s, False
+    out = s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    # Only a replacement counts as a fix; a pair stored as two code points is just joined.
+    return out, out.count("\ufffd") > s.count("\ufffd")
+
+
+def _repair_json_list(cell: str):
+    """Close a JSON list of strings that was cut off; None when that does not work."""
+    s = cell.rstrip()
+    if not s.startswith("["):
+        return None
+    # A cut can land after a backslash (an escape half written); drop it.
+    trimmed = s[:-1] if s.endswith("\\") and not s.endswith("\\\\") else s
+    for tail in ('"]', "]", 'null]', '""]'):
+        try:
+            value = json.loads(trimmed + tail)
+        except ValueError:
+            continue
+        if isinstance(value, list):
+            return value
+    # A cut inside a \uXXXX escape: drop up to 5 trailing characters and retry.
+    for k in range(1, 6):
+        try:
+            value = json.loads(trimmed[:-k] + '"]')
+            if isinstance(value, list):
+                return value
+        except ValueError:
+            pass
+    return None
+
+
+def parse_turns(cell: str, bad_rows: BadRows = "error") -> tuple[list[str], dict]:
+    """Parse one text cell into a list of turn strings.
+
+    Raises ``ValueError`` with a short reason when the cell is not a non-empty JSON
+    list of strings or nulls. Returns the turns and counters (nulls, surrogates, repaired).
+    """
+    stats = {"nulls": 0, "surrogates": 0, "repaired": 0}
+    try:
+        value = json.loads(cell)
+    except ValueError:
+        value = _repair_json_list(cell) if bad_rows == "repair" else None
+        if value is None:
+            raise ValueError("is not valid JSON") from None
+        stats["repaired"] = 1
+    if not isinstance(value, list) or not value:
+        raise ValueError("is not a non-empty JSON list")
+    turns = []
+    for item in value:
+        if item is None:
+            stats["nulls"] += 1
+            item = ""
+        elif not isinstance(item, str):
+            raise ValueError(f"holds a {type(item).__name__}, not a string")
+        item, fixed = clean_text(item)
+        stats["surrogates"] += fixed
+        turns.append(item)
+    return turns, stats
+
+
+def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    if not path.exists():
+        raise KKError(f"{path} does not exist")
+    if path.is_dir():
+        raise KKError(f"{path} is a folder, expected a {what} CSV file")
+    if path.stat().st_size == 0:
+        raise KKError(f"{path} is empty")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise KKError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise KKError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} (a {what} file needs {', '.join(required)})")
+    if len(df) == 0:
+        raise KKError(f"{path} has a header but no rows")
+    ids = df["id"].str.strip()
+    if (ids == "").any():
+        raise KKError(f"{path}: row {int((ids == '').to_numpy().argmax()) + 1} has an empty id")
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise KKError(f"{path}: duplicate id {dup.iloc[0]} ({dup.nunique()} id(s) appear more than once)")
+    df["id"] = ids
+    return df
+
+
+def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train", bad_rows: BadRows = "error"):
+    """Load ``train.csv`` or ``test.csv`` into a frame with parsed turn lists.
+
+    Returns ``(df, report)``. ``df`` has ``id`` (str, as in the file), the three text
+    columns as lists of strings, and for train a ``label`` column (0 = A, 1 = B,
+    2 = tie) plus the one-hot ``winner_*`` columns as ints. Other columns are kept.
+    """
+    path = Path(path)
+    required = TRAIN_COLUMNS if kind == "train" else TEST_COLUMNS
+    df = _read_csv(path, required, kind)
+    report = LoadReport(path=str(path))
+    parsed = {c: [] for c in TEXT_COLUMNS}
+    labels = []
+    for row in df.itertuples(index=False):
+        rid = row.id
+        try:
+            turns = {}
+            for col in TEXT_COLUMNS:
+                try:
+                    turns[col], st = parse_turns(getattr(row, col), bad_rows)
+                except ValueError as e:
+                    raise ValueError(f"column {col} {e}") from None
+                report.null_turns += st["nulls"]
+                report.surrogates_fixed += st["surrogates"]
+                report.repaired += st["repaired"]
+            counts = {c: len(t) for c, t in turns.items()}
+            if len(set(counts.values())) != 1 and not (bad_rows == "repair" and any(_was_cut(getattr(row, c)) for c in TEXT_COLUMNS)):
+                raise ValueError("turn counts differ: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+            if kind == "train":
+                labels.append(_one_hot_label(row))
+        except ValueError as e:
+            if bad_rows == "error":
+                hint = " (or pass --bad-rows skip)"
+                raise KKError(f"{path}: row id {rid}: {e}{hint}") from None
+            report.skipped.append((rid, str(e)))
+            continue
+        for col in TEXT_COLUMNS:
+            parsed[col].append(turns[col])
+    if report.skipped:
+        skipped_ids = {rid for rid, _ in report.skipped}
+        df = df[~df["id"].isin(skipped_ids)].reset_index(drop=True)
+    if len(df) == 0:
+        raise KKError(f"{path}: every row was bad ({len(report.skipped)} skipped; first: id {report.skipped[0][0]}: {report.skipped[0][1]})")
+    for col in TEXT_COLUMNS:
+        df[col] = pd.Series(parsed[col], index=df.index, dtype=object)
+    if kind == "train":
+        df["label"] = labels
+        for i, col in enumerate(LABEL_COLUMNS):
+            df[col] = (df["label"] == i).astype(int)
+    report.rows = len(df)
+    return df, report
+
+
+def _was_cut(cell: str) -> bool:
+    try:
+        json.loads(cell)
+        return False
+    except ValueError:
+        return True
+
+
+def _one_hot_label(row) -> int:
+    values = []
+    for col in LABEL_COLUMNS:
+        raw = getattr(row, col)
+        try:
+            v = float(raw)
+        except ValueError:
+            raise ValueError(f"label {col}={raw!r} is not a number") from None
+        values.append(v)
+    if sorted(values) != [0.0, 0.0, 1.0]:
+        shown = ", ".join(f"{c}={getattr(row, c)}" for c in LABEL_COLUMNS)
+        raise ValueError(f"labels are not one-hot ({shown})")
+    return values.index(1.0)
+
+
+def load_train(path, bad_rows: BadRows = "error"):
+    return load_arena(path, "train", bad_rows)
+
+
+def load_test(path, bad_rows: BadRows = "error"):
+    return load_arena(path, "test", bad_rows)
+
+
+def to_competition_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The inverse of :func:`load_arena` for the text columns: JSON-encode the turn lists."""
+    out = df.copy()
+    for col in TEXT_COLUMNS:
+        out[col] = [json.dumps(v) for v in out[col]]
+    return out
+
+
+def swap_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """A/B exchanged: responses swapped, labels mapped (A<->B, tie stays)."""
+    out = df.copy()
+    out["response_a"], out["response_b"] = df["response_b"], df["response_a"]
+    if "model_a" in df.columns and "model_b" in df.columns:
+        out["model_a"], out["model_b"] = df["model_b"], df["model_a"]
+    if "label" in df.columns:
+        out["label"] = df["label"].map({0: 1, 1: 0, 2: 2})
+        out["winner_model_a"], out["winner_model_b"] = df["winner_model_b"], df["winner_model_a"]
+    return out
