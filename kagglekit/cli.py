@@ -135,6 +135,137 @@ def config_cmd(
         console.print(cfg.to_yaml(), highlight=False, markup=False)
 
 
+def _load(config: Optional[Path], set_: List[str], train: Optional[Path] = None, folds: Optional[Path] = None,
+          test: Optional[Path] = None):
+    """Config + --set overrides + the data-path options every command shares."""
+    from .config import load_config
+
+    extra = []
+    if train is not None:
+        extra.append(f"data.train={train}")
+    if folds is not None:
+        extra.append(f"data.folds={folds}")
+    if test is not None:
+        extra.append(f"data.test={test}")
+    return load_config(config, list(set_) + extra)
+
+
+@command("train")
+def train_cmd(
+    fold: str = typer.Option(..., "--fold", help="Fold number to validate on, or 'all'."),
+    config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help=CONFIG_HELP),
+    train: Optional[Path] = typer.Option(None, "--train", help="Override data.train."),
+    folds: Optional[Path] = typer.Option(None, "--folds", help="Override data.folds."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default runs/<config name>)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fold from its checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Retrain a fold that is already trained."),
+):
+    """Train one LoRA model per fold with A/B swap augmentation; writes adapter, metrics and OOF predictions.
+
+    Example: kk train --fold 0 --config configs/deberta-v3-base.yaml --set train.lr=1e-4
+    """
+    from .train import train_folds
+
+    cfg = _load(config, set_, train, folds)
+    train_folds(cfg, fold, run, resume=resume, force=force)
+
+
+@command("tiny-model")
+def tiny_model_cmd(
+    out_dir: Path = typer.Argument(..., help="Folder to write the model and tokenizer to."),
+    arch: str = typer.Option("deberta-v2", "--arch", help="deberta-v2 (relative attention, as DeBERTa-v3) or llama."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Train the tokenizer on this CSV's texts (default: synthetic)."),
+    vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
+    hidden: int = typer.Option(64, "--hidden", help="Hidden size."),
+    layers: int = typer.Option(2, "--layers", help="Number of layers."),
+):
+    """Build a tiny random model + tokenizer offline (for tests, demos and CPU smoke runs).
+
+    Example: kk tiny-model models/tiny-deberta --train data/train.csv
+    """
+    from .tiny import build_tiny_model
+    from .ui import info
+
+    path = build_tiny_model(out_dir, arch, str(train) if train else None, vocab_size, hidden, layers)
+    info(f"wrote a tiny {arch} model to {path} (load it with model.backbone={path})")
+
+
+@command("predict")
+def predict_cmd(
+    run: Path = typer.Option(..., "--run", help="Run folder with trained folds."),
+    fold: int = typer.Option(..., "--fold", help="Fold to predict with."),
+    test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation (average (A,B) and mapped-back (B,A))."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
+    force: bool = typer.Option(False, "--force", help="Predict again even if fold_K/test.csv is up to date."),
+):
+    """One fold's test probabilities -> runs/<experiment>/fold_K/test.csv.
+
+    Example: kk predict --run runs/deberta-v3-base --fold 0 --test data/test.csv
+    """
+    from .predict import PROB_COLUMNS, predict_fold
+    from .ui import console, table
+
+    df = predict_fold(run, fold, test, tta=tta, batch_size=batch_size, force=force, backbone=backbone)
+    means = df[list(PROB_COLUMNS)].mean()
+    console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
+                        [[c, float(means[c])] for c in PROB_COLUMNS]))
+
+
+@command("ensemble")
+def ensemble_cmd(
+    run: List[Path] = typer.Option(..., "--run", help="Run folder (repeat to blend several runs, e.g. a DeBERTa and an LLM)."),
+    test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
+    out: Path = typer.Option(Path("submissions/submission.csv"), "--out", help="Submission file to write."),
+    folds: str = typer.Option("all", "--folds", help="Folds to use: all, or e.g. 0,2,4."),
+    method: str = typer.Option("mean", "--method", help="mean (arithmetic) or geo (geometric, log-space)."),
+    fit: bool = typer.Option(True, "--fit/--no-fit", help="Fit run weights and a temperature on OOF (kept only if OOF improves)."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
+    sample_submission: Optional[Path] = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
+):
+    """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv.
+
+    Example: kk ensemble --run runs/deberta-v3-base --test data/test.csv --out submissions/submission.csv
+    """
+    from .ensemble import ensemble
+
+    ensemble(run, test, out, folds=folds, method=method, fit=fit, tta=tta, force=force,
+             sample_submission=sample_submission, train_path=train, backbone=backbone)
+
+
+@command("predict-one")
+def predict_one_cmd(
+    prompt: str = typer.Argument(..., help="The prompt (a JSON list of turns also works)."),
+    response_a: str = typer.Argument(..., help="Response A."),
+    response_b: str = typer.Argument(..., help="Response B."),
+    run: Path = typer.Option(..., "--run", help="Run folder with trained folds."),
+    folds: str = typer.Option("all", "--folds", help="Folds to average: all, or e.g. 0,2."),
+):
+    """Probabilities for one (prompt, A, B), averaged over folds with swap TTA.
+
+    Example: kk predict-one --run runs/tiny "What is 2+2?" "4" "5"
+    """
+    import json
+
+    from .predict import Predictor
+    from .ui import console, table
+
+    def turns(s: str):
+        try:
+            v = json.loads(s)
+            return v if isinstance(v, list) else s
+        except ValueError:
+            return s
+
+    res = Predictor.from_run(run, folds).predict_one(turns(prompt), turns(response_a), turns(response_b))
+    console.print(table("prediction", ["column", "probability"], [[k, v] for k, v in res.items()]))
+
+
 def main() -> None:
     app()
 

@@ -3,7 +3,7 @@
 Rows look like the competition's (JSON list cells, multi-turn conversations,
 null turns, emoji, short and long texts, repeated prompts) and the label follows
 a simple content rule a small model can learn: a response that contains
-"quality" words beats one that contains "hedging" words; two of a kind tie.
+"quality" words beats one that contains "hedging" words; two hedging responses tie.
 A share of labels is flipped at random so the task is not trivially separable.
 Deterministic for a seed.
 """
@@ -48,10 +48,13 @@ def _length(rng: np.random.Generator, long_p: float) -> int:
     return int(np.clip(rng.lognormal(3.3, 0.6), 3, 200))
 
 
-def _response(rng: np.random.Generator, good: bool, long_p: float) -> str:
+def _response(rng: np.random.Generator, good: bool, long_p: float, density: float = 0.15) -> str:
     marker = GOOD if good else BAD
     words = _words(rng, _length(rng, long_p))
-    # The signal word sits at both ends so head, tail and head+tail truncation all keep it.
+    # Signal words are spread through the text (about `density` of the words) and sit at
+    # both ends, so head, tail and head+tail truncation all keep some of them.
+    for j in np.flatnonzero(rng.random(len(words)) < density):
+        words[j] = str(rng.choice(marker))
     words = [str(rng.choice(marker))] + words + [str(rng.choice(marker))]
     if rng.random() < 0.1:
         words.insert(len(words) // 2, str(rng.choice(EMOJI)))
@@ -87,7 +90,9 @@ def make_synthetic(
         elif label == 1:
             good_a, good_b = False, True
         else:
-            good_a = good_b = bool(rng.random() < 0.5)
+            # A tie is "both bad" (the arena's most common tie): the presence of any quality
+            # word separates ties from wins, while who wins needs the A/B position.
+            good_a = good_b = False
         resp_a = [_response(rng, good_a, long_p) for _ in prompt]
         resp_b = [_response(rng, good_b, long_p) for _ in prompt]
         for resp in (resp_a, resp_b):

@@ -196,7 +196,8 @@ def test_synthetic_signal_decides_label():
         return any(w in GOOD for turn in json.loads(cell) for w in turn.split())
 
     has_good_a, has_good_b = df["response_a"].map(good), df["response_b"].map(good)
-    rule = (has_good_a & ~has_good_b) * 0 + (~has_good_a & has_good_b) * 1 + (has_good_a == has_good_b) * 2
+    assert not (has_good_a & has_good_b).any()
+    rule = (~has_good_a & has_good_b) * 1 + (~has_good_a & ~has_good_b) * 2
     assert (rule == df[list(LABEL_COLUMNS)].to_numpy().argmax(1)).all()
 
 

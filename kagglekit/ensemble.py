@@ -1,0 +1,245 @@
+"""`kk ensemble`: fold and run averaging, OOF-fitted weights and temperature, submission.csv.
+
+Out-of-fold predictions are the currency: each run's folds together predict every
+training row once, so weights and a temperature can be fitted on them honestly.
+A calibration is applied only when it lowers the OOF log loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KKError
+from .metrics import accuracy, log_loss
+from .predict import PROB_COLUMNS, trained_folds
+
+CLIP = 1e-7
+
+
+def combine(probs: list[np.ndarray], weights=None, method: str = "mean") -> np.ndarray:
+    """Weighted arithmetic mean, or geometric mean (mean of logs, renormalised)."""
+    w = np.ones(len(probs)) / len(probs) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    stack = np.stack(probs)
+    if method == "geo":
+        logp = np.log(np.clip(stack, 1e-15, 1.0))
+        out = np.exp(np.tensordot(w, logp, axes=1))
+    elif method == "mean":
+        out = np.tensordot(w, stack, axes=1)
+    else:
+        raise KKError(f"--method must be mean or geo (got {method!r})")
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
+    """Soften (t > 1) or sharpen (t < 1): softmax(log p / t)."""
+    z = np.log(np.clip(probs, 1e-15, 1.0)) / t
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_weights(oofs: list[np.ndarray], labels: np.ndarray, method: str = "mean") -> np.ndarray:
+    """Weights (on the simplex) minimising OOF log loss; deterministic (fixed start, L-BFGS-B)."""
+    from scipy.optimize import minimize
+
+    if len(oofs) == 1:
+        return np.ones(1)
+
+    def loss(theta):
+        w = np.exp(theta - theta.max())
+        return log_loss(combine(oofs, w, method), labels)
+
+    res = minimize(loss, np.zeros(len(oofs)), method="L-BFGS-B")
+    w = np.exp(res.x - res.x.max())
+    return w / w.sum()
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda t: log_loss(apply_temperature(probs, t), labels), bounds=(0.2, 5.0), method="bounded",
+                          options={"xatol": 1e-6})
+    return float(res.x)
+
+
+@dataclass
+class RunPredictions:
+    run: Path
+    folds: list[int]
+    oof_ids: np.ndarray
+    oof: np.ndarray
+    oof_no_tta: np.ndarray
+    per_fold: list[dict] = field(default_factory=list)
+    test: np.ndarray | None = None
+
+
+def _read_probs(path: Path):
+    import pandas as pd
+
+    if not path.exists():
+        raise KKError(f"{path} does not exist")
+    df = pd.read_csv(path, dtype={"id": str})
+    missing = [c for c in ("id", *PROB_COLUMNS) if c not in df.columns]
+    if missing:
+        raise KKError(f"{path}: missing column {', '.join(missing)}")
+    p = df[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+    if not np.isfinite(p).all():
+        raise KKError(f"{path}: row id {df['id'][~np.isfinite(p).all(1)].iloc[0]} has NaN or infinite probabilities")
+    return df["id"].to_numpy(), p
+
+
+def load_run_oof(run_dir, folds, labels_by_id: dict) -> RunPredictions:
+    ids, oof, oof_nt, per_fold, fold_ids = [], [], [], [], []
+    for k, path in trained_folds(run_dir, folds):
+        fid, p = _read_probs(path / "oof.csv")
+        nt_path = path / "oof_no_tta.csv"
+        _, pnt = _read_probs(nt_path) if nt_path.exists() else (fid, p)
+        unknown = [i for i in fid if i not in labels_by_id]
+        if unknown:
+            raise KKError(f"{path / 'oof.csv'}: id {unknown[0]} is not in the train file")
+        y = np.array([labels_by_id[i] for i in fid])
+        per_fold.append({"fold": k, "rows": len(fid), "tta": log_loss(p, y), "no_tta": log_loss(pnt, y), "acc": accuracy(p, y)})
+        ids.append(fid)
+        oof.append(p)
+        oof_nt.append(pnt)
+        fold_ids.append(k)
+    all_ids = np.concatenate(ids)
+    if len(set(all_ids)) != len(all_ids):
+        raise KKError(f"{run_dir}: an id appears in the OOF of two folds (were the folds changed between trainings?)")
+    return RunPredictions(Path(run_dir), fold_ids, all_ids, np.concatenate(oof), np.concatenate(oof_nt), per_fold)
+
+
+def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: str, tta: bool, force: bool,
+                  test_df=None, backbone: str | None = None) -> np.ndarray:
+    from .predict import predict_fold
+
+    fold_probs = []
+    for k in rp.folds:
+        df = predict_fold(rp.run, k, test_path, tta=tta, force=force, backbone=backbone, test_df=test_df)
+        if len(df) != len(test_ids) or (df["id"].to_numpy() != test_ids).any():
+            raise KKError(f"{rp.run}/fold_{k}/test.csv holds other ids than {test_path}; rerun with --force")
+        p = df[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+        if not np.isfinite(p).all():
+            raise KKError(f"{rp.run}/fold_{k}/test.csv has NaN probabilities")
+        fold_probs.append(p)
+    return combine(fold_probs, method=method)
+
+
+def finalize_probs(probs: np.ndarray) -> np.ndarray:
+    """Clip away from 0 and 1 (one confident mistake costs ~16 nats unclipped) and renormalise."""
+    p = np.clip(probs, CLIP, 1.0 - CLIP)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def check_submission(sub, test_ids, sample_submission=None) -> None:
+    """The format Kaggle scores: exact header, every test id once in order, rows summing to 1, no NaN."""
+    import pandas as pd
+
+    if list(sub.columns) != ["id", *PROB_COLUMNS]:
+        raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(PROB_COLUMNS)}")
+    if len(sub) != len(test_ids) or (sub["id"].astype(str).to_numpy() != np.asarray(test_ids, dtype=str)).any():
+        raise KKError("submission ids differ from the test file's ids or order")
+    p = sub[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+    if not np.isfinite(p).all():
+        raise KKError("submission has NaN probabilities")
+    if np.abs(p.sum(1) - 1).max() > 1e-6 or (p <= 0).any() or (p >= 1).any():
+        raise KKError("submission rows must be probabilities strictly between 0 and 1 summing to 1")
+    if sample_submission is not None:
+        sample = pd.read_csv(sample_submission, dtype={"id": str})
+        if list(sample.columns) != list(sub.columns):
+            raise KKError(f"{sample_submission}: columns {list(sample.columns)} differ from the submission's")
+        if set(sample["id"]) != set(sub["id"].astype(str)):
+            raise KKError(f"{sample_submission}: ids differ from the test file's")
+
+
+def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, sample_submission=None) -> Path:
+    """Checked, atomic write; an existing file is renamed with a timestamp unless ``force``."""
+    import pandas as pd
+
+    from .io import protect_existing, write_csv
+
+    sub = pd.DataFrame({"id": test_ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+    check_submission(sub, test_ids, sample_submission)
+    out = Path(out)
+    protect_existing(out, force, "submission", policy="keep")
+    write_csv(out, sub)
+    return out
+
+
+def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all", method: str = "mean",
+             fit: bool = True, tta: bool = True, force: bool = False, sample_submission=None, train_path=None,
+             backbone: str | None = None) -> dict:
+    """Average folds (and runs), calibrate on OOF, write the submission; returns a report."""
+    from .data import load_test, load_train
+    from .predict import fold_config
+    from .ui import console, table, warn
+
+    if not runs:
+        raise KKError("give at least one --run")
+    runs = [Path(r) for r in runs]
+    first_fold = trained_folds(runs[0], folds)[0][1]
+    train_path = train_path or fold_config(first_fold).data.train
+    train_df, _ = load_train(train_path, fold_config(first_fold).data.bad_rows)
+    labels_by_id = dict(zip(train_df["id"], train_df["label"]))
+    preds = [load_run_oof(r, folds, labels_by_id) for r in runs]
+
+    # OOF ids common to every run: runs trained on other folds still compare on the same rows.
+    common = set(preds[0].oof_ids)
+    for rp in preds[1:]:
+        common &= set(rp.oof_ids)
+    if not common:
+        raise KKError("the runs' out-of-fold ids do not overlap; were they trained on the same train file?")
+    if any(len(common) != len(rp.oof_ids) for rp in preds):
+        warn(f"runs cover different OOF rows; weights are fitted on the {len(common)} rows they share")
+    order = sorted(common)
+    y = np.array([labels_by_id[i] for i in order])
+    oofs = []
+    for rp in preds:
+        pos = {i: n for n, i in enumerate(rp.oof_ids)}
+        oofs.append(rp.oof[[pos[i] for i in order]])
+
+    base = combine(oofs, method=method)
+    weights = np.ones(len(oofs)) / len(oofs)
+    temperature = 1.0
+    before = log_loss(base, y)
+    calibrated = base
+    if fit:
+        w = fit_weights(oofs, y, method)
+        cand = combine(oofs, w, method)
+        if log_loss(cand, y) < log_loss(calibrated, y):
+            weights, calibrated = w, cand
+        t = fit_temperature(calibrated, y)
+        cand = apply_temperature(calibrated, t)
+        if log_loss(cand, y) < log_loss(calibrated, y):
+            temperature, calibrated = t, cand
+    after = log_loss(calibrated, y)
+
+    test_df, report = load_test(test_path)
+    for msg in report.warnings():
+        warn(msg)
+    test_ids = test_df["id"].to_numpy()
+    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone) for rp in preds]
+    final = finalize_probs(apply_temperature(combine(test_probs, weights, method), temperature))
+    path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission)
+
+    rows = []
+    for rp in preds:
+        for f in rp.per_fold:
+            rows.append([str(rp.run), f["fold"], f["rows"], f["no_tta"], f["tta"], f["acc"]])
+        yr = np.array([labels_by_id[i] for i in rp.oof_ids])
+        rows.append([str(rp.run), "all", len(yr), log_loss(rp.oof_no_tta, yr), log_loss(rp.oof, yr), accuracy(rp.oof, yr)])
+    rows.append(["ensemble", "all", len(y), "", before, accuracy(base, y)])
+    rows.append(["ensemble (calibrated)", "all", len(y), "", after, accuracy(calibrated, y)])
+    console.print(table("out-of-fold log loss", ["run", "fold", "rows", "no TTA", "TTA", "accuracy"], rows))
+    console.print(
+        f"weights {', '.join(f'{w:.3f}' for w in weights)}; temperature {temperature:.3f}; "
+        f"OOF {before:.4f} -> {after:.4f}; wrote {path} ({len(test_ids)} rows)",
+        highlight=False,
+    )
+    return {"submission": path, "oof_before": before, "oof_after": after, "weights": weights.tolist(),
+            "temperature": temperature, "test_probs": final, "test_ids": test_ids, "per_run": preds}

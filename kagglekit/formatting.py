@@ -1,0 +1,196 @@
+"""Turning (prompt, response A, response B) into one token sequence: the single
+code path used by training, inference, the benchmarks and the Kaggle kernel.
+
+Layout (special tokens are whatever the tokenizer adds around one sequence)::
+
+    [CLS] <PROMPT> p1 <TURN> p2 ... <A> a1 <TURN> a2 ... <B> b1 <TURN> b2 ... [SEP]
+
+Each field's header (``<PROMPT>``, ``<A>``, ``<B>``) is always kept; turns keep their
+order, joined by a neutral ``<TURN>`` marker so that exchanging A and B reuses the
+same field tokens (swap augmentation and swap TTA tokenize once).
+
+Budget-aware truncation: the tokens left for text (``max_length`` minus special
+tokens and headers) are shared between the fields by ``model.budget`` shares;
+a field that needs less than its share gives the rest to the others (water
+filling). A field over its allocation is cut by ``model.truncation``: ``head_tail``
+keeps its start and end, ``left`` keeps the end (the last turns), ``right`` keeps
+the start. Every row records how many tokens of each field were kept of how many.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+FIELDS = ("prompt", "response_a", "response_b")
+HEADERS = ("<PROMPT>", "<A>", "<B>")
+TURN_SEP = " <TURN> "
+# Decoder tokenizers add no end token; the classifier pools the last token, so the
+# sequence ends with a fixed marker rather than with whatever text B ends on.
+END_MARKER = " <END>"
+
+
+def allocate(lengths: list[int], shares: list[float], budget: int) -> list[int]:
+    """Water-filling: split ``budget`` tokens between fields of these lengths.
+
+    A field never gets more than it needs; what it leaves flows to the others in
+    proportion to their shares. The result sums to ``min(budget, sum(lengths))``.
+    """
+    if sum(lengths) <= budget:
+        return list(lengths)
+    alloc = [0] * len(lengths)
+    active = [i for i, n in enumerate(lengths) if n > 0]
+    remaining = budget
+    while active:
+        total = sum(shares[i] for i in active)
+        quota = {i: remaining * shares[i] / total for i in active}
+        satisfied = [i for i in active if lengths[i] <= quota[i]]
+        if satisfied:
+            for i in satisfied:
+                alloc[i] = lengths[i]
+                remaining -= lengths[i]
+                active.remove(i)
+            continue
+        floors = {i: int(math.floor(quota[i])) for i in active}
+        for i in active:
+            alloc[i] = floors[i]
+        left = remaining - sum(floors.values())
+        # Hand the rounding remainder to the largest fractional parts (ties: field order).
+        for i in sorted(active, key=lambda j: (-(quota[j] - floors[j]), j))[:left]:
+            alloc[i] += 1
+        break
+    return alloc
+
+
+def cut(tokens: list[int], keep: int, strategy: str) -> list[int]:
+    """Keep ``keep`` tokens of ``tokens`` by the truncation strategy."""
+    n = len(tokens)
+    if keep >= n:
+        return tokens
+    if keep <= 0:
+        return []
+    if strategy == "right":
+        return tokens[:keep]
+    if strategy == "left":
+        return tokens[n - keep :]
+    head = (keep + 1) // 2
+    return tokens[:head] + tokens[n - (keep - head) :]
+
+
+@dataclass
+class EncodedRows:
+    """Field tokens of a set of rows, ready to assemble in either A/B order."""
+
+    prompt: list[list[int]]
+    response_a: list[list[int]]
+    response_b: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+
+class Formatter:
+    """Builds model inputs for one tokenizer and one ``ModelConfig``."""
+
+    def __init__(self, tokenizer, max_length: int, truncation: str = "head_tail", shares=(0.2, 0.4, 0.4)):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.truncation = truncation
+        self.shares = [float(s) for s in shares]
+        self.prefix, self.suffix = _special_template(tokenizer)
+        self.headers = [self._tok(h) for h in HEADERS]
+        self.end = self._tok(END_MARKER) if not self.suffix else []
+        overhead = len(self.prefix) + len(self.suffix) + sum(map(len, self.headers)) + len(self.end)
+        self.budget = self.max_length - overhead
+        if self.budget < 3:
+            from .errors import KKError
+
+            raise KKError(f"model.max_length={self.max_length} leaves no room for text ({overhead} tokens go to markers)")
+
+    @classmethod
+    def from_config(cls, tokenizer, model_cfg) -> "Formatter":
+        b = model_cfg.budget
+        return cls(tokenizer, model_cfg.max_length, model_cfg.truncation, (b.prompt, b.response_a, b.response_b))
+
+    def _tok(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_rows(self, df) -> EncodedRows:
+        """Tokenize the three text fields of every row (turn lists joined by <TURN>)."""
+        out = {}
+        for field in FIELDS:
+            texts = [TURN_SEP.join(turns) for turns in df[field]]
+            out[field] = [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        return EncodedRows(**out)
+
+    def assemble(self, enc: EncodedRows, i: int, swap: bool = False) -> tuple[list[int], tuple[int, int, int]]:
+        """Input ids of row ``i`` (A and B exchanged when ``swap``) and tokens kept per field."""
+        first, second = (enc.response_b[i], enc.response_a[i]) if swap else (enc.response_a[i], enc.response_b[i])
+        fields = (enc.prompt[i], first, second)
+        keep = allocate([len(f) for f in fields], self.shares, self.budget)
+        ids = list(self.prefix)
+        for header, tokens, k in zip(self.headers, fields, keep):
+            ids += header
+            ids += cut(tokens, k, self.truncation)
+        ids += self.end + self.suffix
+        return ids, tuple(keep)
+
+    def sequences(self, enc: EncodedRows, swap: bool = False) -> tuple[list[list[int]], "TruncationStats"]:
+        seqs, kept = [], []
+        for i in range(len(enc)):
+            ids, k = self.assemble(enc, i, swap)
+            seqs.append(ids)
+            kept.append(k)
+        totals = [(len(enc.prompt[i]), len(enc.response_a[i]), len(enc.response_b[i])) for i in range(len(enc))]
+        if swap:
+            totals = [(p, b, a) for p, a, b in totals]
+        return seqs, TruncationStats(np.array(kept, dtype=np.int64).reshape(-1, 3), np.array(totals, dtype=np.int64).reshape(-1, 3))
+
+    def format_text(self, prompt, a, b) -> str:
+        """The decoded sequence of one pair, to see what the model sees."""
+        import pandas as pd
+
+        df = pd.DataFrame({"prompt": [_as_turns(prompt)], "response_a": [_as_turns(a)], "response_b": [_as_turns(b)]})
+        ids, _ = self.assemble(self.encode_rows(df), 0)
+        return self.tokenizer.decode(ids)
+
+
+@dataclass
+class TruncationStats:
+    """Per row and field (prompt, first response, second response): tokens kept and total."""
+
+    kept: np.ndarray
+    total: np.ndarray
+
+    def summary(self) -> dict:
+        if len(self.kept) == 0:
+            return {"rows": 0, "share_truncated": 0.0, "retention": {f: 1.0 for f in FIELDS}}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(self.total > 0, self.kept / np.maximum(self.total, 1), 1.0)
+        return {
+            "rows": int(len(self.kept)),
+            "share_truncated": float((self.kept < self.total).any(axis=1).mean()),
+            "retention": {f: float(ratio[:, j].mean()) for j, f in enumerate(FIELDS)},
+            "mean_tokens": {f: float(self.total[:, j].mean()) for j, f in enumerate(FIELDS)},
+        }
+
+
+def _as_turns(x) -> list[str]:
+    if x is None:
+        return [""]
+    if isinstance(x, str):
+        return [x]
+    return ["" if t is None else str(t) for t in x]
+
+
+def _special_template(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one sequence."""
+    probe = "kagglekit"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []

@@ -1,0 +1,38 @@
+"""Log loss, accuracy and swap diagnostics on (n, 3) probability arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-15
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class log loss as Kaggle scores it (rows renormalised, clipped)."""
+    p = np.clip(probs / probs.sum(axis=1, keepdims=True), EPS, 1 - EPS)
+    return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+
+
+def soft_log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
+    p = np.clip(probs / probs.sum(axis=1, keepdims=True), EPS, 1 - EPS)
+    return float(-np.mean((targets * np.log(p)).sum(axis=1)))
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(axis=1) == labels).mean())
+
+
+def per_class_accuracy(probs: np.ndarray, labels: np.ndarray, names=("A", "B", "tie")) -> dict:
+    pred = probs.argmax(axis=1)
+    return {n: float((pred[labels == i] == i).mean()) if (labels == i).any() else float("nan") for i, n in enumerate(names)}
+
+
+def prior_log_loss(labels: np.ndarray) -> float:
+    """The log loss of always predicting the class shares: the bar a model must clear."""
+    shares = np.bincount(labels, minlength=3) / len(labels)
+    return log_loss(np.tile(shares, (len(labels), 1)), labels)
+
+
+def swap_flip_rate(p_ab: np.ndarray, p_ba_mapped: np.ndarray) -> float:
+    """Share of rows whose A-vs-B preference flips when the order is swapped (0 = order-invariant)."""
+    return float(((p_ab[:, 0] > p_ab[:, 1]) != (p_ba_mapped[:, 0] > p_ba_mapped[:, 1])).mean())

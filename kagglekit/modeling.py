@@ -1,0 +1,217 @@
+"""Loading backbones: tokenizer, sequence classifier, LoRA, quantization, precision.
+
+Everything here imports torch/transformers/peft lazily (inside functions), so the
+CLI stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from .errors import KKError
+
+# LoRA targets per architecture. For DeBERTa-v2/v3 the encoder's projections and
+# dense layers; the pattern is anchored on the encoder so that the pooler's dense
+# layer stays a plain, fully trained module (it is in modules_to_save).
+DEFAULT_TARGETS = {
+    "deberta-v2": r".*encoder\.layer\.\d+\..*\.(query_proj|key_proj|value_proj|dense)$",
+    "deberta": r".*encoder\.layer\.\d+\..*\.(in_proj|dense)$",
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+# Heads that must be trained and saved in full: the classifier, and DeBERTa's
+# pooler, which a pretrained checkpoint does not contain (peft's default leaves it random).
+HEAD_MODULES = ("classifier", "score", "pooler")
+
+
+def quiet_libraries() -> None:
+    """Silence expected noise: bitsandbytes' CPU kernel notice, 'newly initialized' heads."""
+    import logging
+
+    # bitsandbytes logs (not warns) that an optional CPU kernel package is absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\..*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def device_and_dtype(precision: str = "auto"):
+    """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it, else fp16."""
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        device = torch.device("cpu")
+        if precision == "auto":
+            precision = "fp32"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return device, dtype
+
+
+def _check_backbone(name_or_path: str) -> None:
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", os.sep, 1) and name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise KKError(f"model.backbone {name_or_path} does not exist")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    _check_backbone(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise KKError(f"cannot load the tokenizer of {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Decoder LLMs ship without a pad token; padding is masked out, any id will do.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _quantization_config(kind: str, compute_dtype):
+    if kind == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise KKError(f"model.quantization={kind} needs bitsandbytes (pip install bitsandbytes)") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = list(HEAD_MODULES)  # transformers would quantize the heads too, and peft then fails on them
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None):
+    """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone``."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    _check_backbone(model_cfg.backbone)
+    qconf = _quantization_config(model_cfg.quantization, autocast_dtype)
+    kwargs = {"num_labels": 3}
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+        kwargs["device_map"] = {"": device.index if device is not None and device.type == "cuda" else "cpu"}
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_cfg.backbone, **kwargs)
+    except (OSError, ValueError) as e:
+        raise KKError(f"cannot load model.backbone {model_cfg.backbone!r}: {str(e).splitlines()[0]}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling in decoders needs it
+    if qconf is None and device is not None:
+        model.to(device)
+    if qconf is None:
+        model.float()  # master weights in fp32; autocast does the mixed precision
+    return model
+
+
+def head_modules(model) -> list[str]:
+    names = {n.split(".")[-1] for n, _ in model.named_children()}
+    return [m for m in HEAD_MODULES if m in names]
+
+
+def lora_targets(model, lora_cfg):
+    if lora_cfg.target_modules:
+        return lora_cfg.target_modules
+    return DEFAULT_TARGETS.get(model.config.model_type)  # None: peft's own default for the architecture
+
+
+def build_model(cfg, tokenizer, device, autocast_dtype=None):
+    """The trainable model for ``cfg``: LoRA-wrapped (heads fully trained) or full fine-tuning."""
+    import torch
+
+    model = load_backbone(cfg.model, tokenizer, device, autocast_dtype)
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen embeddings under peft.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.lora.enabled:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    pconf = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_targets(model, cfg.lora),
+        modules_to_save=head_modules(model),
+    )
+    try:
+        model = get_peft_model(model, pconf)
+    except ValueError as e:
+        raise KKError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def trainable_state(model) -> dict:
+    """The trained tensors only (LoRA + heads, or everything for full fine-tuning)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then move each file into ``out_dir``."""
+    import shutil
+    import tempfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str | None = None):
+    """A fold's trained model for inference: backbone + adapter (merged), or full weights."""
+    import torch
+
+    fold_dir = Path(fold_dir)
+    tokenizer = load_tokenizer(str(fold_dir))
+    if (fold_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model_cfg = cfg.model.model_copy(update={"backbone": backbone or cfg.model.backbone})
+        base = load_backbone(model_cfg, tokenizer, device, autocast_dtype)
+        model = PeftModel.from_pretrained(base, str(fold_dir))
+        if cfg.model.quantization == "none":
+            model = model.merge_and_unload()  # plain weights: no LoRA overhead at inference
+    elif (fold_dir / "config.json").exists():
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=3)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.to(device)
+    else:
+        raise KKError(f"{fold_dir} has no adapter_config.json or config.json: not a trained fold")
+    model.eval()
+    return model, tokenizer

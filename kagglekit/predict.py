@@ -1,0 +1,160 @@
+"""`kk predict`: one fold's test probabilities, with swap TTA and length-sorted batches.
+
+Each fold writes ``fold_K/test.csv`` (id + the three probabilities) and
+``fold_K/test.json`` (which test file, by sha256, and whether TTA was on), so that
+ensembling never re-runs a model that already predicted the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KKError
+
+PROB_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def trained_folds(run_dir: str | os.PathLike, folds: str | list[int] | None = "all") -> list[tuple[int, Path]]:
+    """(fold, folder) of every finished fold of a run (or of the ``folds`` asked for)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise KKError(f"run folder {run_dir} does not exist (train a fold first: kk train --fold 0)")
+    found = {}
+    for d in run_dir.glob("fold_*"):
+        try:
+            k = int(d.name.split("_", 1)[1])
+        except ValueError:
+            continue
+        if (d / "metrics.json").exists():
+            found[k] = d
+    if folds in (None, "all"):
+        if not found:
+            raise KKError(f"{run_dir} has no trained fold (no fold_*/metrics.json)")
+        return sorted(found.items())
+    wanted = parse_fold_list(folds)
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise KKError(f"fold {missing[0]} of {run_dir} is not trained (trained: {', '.join(map(str, sorted(found))) or 'none'})")
+    return [(k, found[k]) for k in wanted]
+
+
+def parse_fold_list(folds) -> list[int]:
+    if isinstance(folds, (list, tuple)):
+        return [int(f) for f in folds]
+    try:
+        return [int(f) for f in str(folds).split(",") if f.strip() != ""]
+    except ValueError:
+        raise KKError(f"--folds must be 'all' or a list like 0,2,4 (got {folds!r})") from None
+
+
+def fold_config(fold_path: Path):
+    from .config import config_from_dict, read_yaml
+
+    return config_from_dict(read_yaml(fold_path / "config.yaml"), str(fold_path / "config.yaml"))
+
+
+class FoldModel:
+    """A trained fold loaded for inference: model, tokenizer, formatter, device."""
+
+    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None):
+        from .formatting import Formatter
+        from .modeling import device_and_dtype, load_trained, quiet_libraries
+
+        quiet_libraries()
+        self.path = Path(fold_path)
+        self.cfg = fold_config(self.path)
+        self.device, self.dtype = device_and_dtype(precision or self.cfg.model.precision)
+        self.model, self.tokenizer = load_trained(self.path, self.cfg, self.device, self.dtype, backbone)
+        self.formatter = Formatter.from_config(self.tokenizer, self.cfg.model)
+
+    def predict(self, df, tta: bool = True, batch_size: int | None = None, progress=None, description="predict") -> dict:
+        from .inference import predict_pairs
+
+        return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
+                             self.device, self.dtype, progress, description)
+
+
+def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: int | None = None, force: bool = False,
+                 backbone: str | None = None, test_df=None):
+    """Test probabilities of one fold as a frame ``id, winner_model_a, winner_model_b, winner_tie``.
+
+    Reuses ``fold_K/test.csv`` when it was made from the same test file with the same
+    TTA setting (unless ``force``).
+    """
+    import pandas as pd
+
+    from .data import load_test
+    from .io import write_csv, write_json
+    from .ui import progress, warn
+
+    (k, path), = trained_folds(run_dir, [fold])
+    sha = file_sha256(test_path)
+    meta_path, out_path = path / "test.json", path / "test.csv"
+    if not force and out_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") == sha and meta.get("tta") == tta:
+            return pd.read_csv(out_path, dtype={"id": str})
+    if test_df is None:
+        test_df, report = load_test(test_path)
+        for w in report.warnings():
+            warn(w)
+    fm = FoldModel(path, backbone)
+    with progress() as bar:
+        res = fm.predict(test_df, tta, batch_size, bar, f"fold {k}")
+    probs = res["probs"]
+    if not np.isfinite(probs).all():
+        raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
+    out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+    write_csv(out_path, out)
+    write_json(meta_path, {"test_file": str(test_path), "sha256": sha, "rows": len(out), "tta": tta,
+                           "truncation": res["stats"].summary()})
+    return out
+
+
+class Predictor:
+    """Fold models of one run, averaged, with swap TTA: the Python API for a single pair.
+
+    >>> p = Predictor.from_run("runs/deberta-v3-base", folds="all")
+    >>> p.predict_one("What is 2+2?", "4", "5")
+    {'winner_model_a': 0.61, 'winner_model_b': 0.12, 'winner_tie': 0.27}
+    """
+
+    def __init__(self, fold_models: list[FoldModel], tta: bool = True):
+        if not fold_models:
+            raise KKError("Predictor needs at least one trained fold")
+        self.fold_models = fold_models
+        self.tta = tta
+
+    @classmethod
+    def from_run(cls, run_dir, folds="all", tta: bool = True, backbone: str | None = None) -> "Predictor":
+        return cls([FoldModel(p, backbone) for _, p in trained_folds(run_dir, folds)], tta)
+
+    def predict_frame(self, df) -> np.ndarray:
+        """Mean of the folds' probabilities for parsed rows."""
+        return np.mean([fm.predict(df, self.tta)["probs"] for fm in self.fold_models], axis=0)
+
+    def predict_one(self, prompt, response_a, response_b) -> dict:
+        """``prompt``/``response_*``: a string or a list of turns."""
+        import pandas as pd
+
+        from .formatting import _as_turns
+
+        df = pd.DataFrame({"id": ["0"], "prompt": [_as_turns(prompt)], "response_a": [_as_turns(response_a)],
+                           "response_b": [_as_turns(response_b)]})
+        if not (len(df["prompt"][0]) == len(df["response_a"][0]) == len(df["response_b"][0])):
+            raise KKError("prompt, response_a and response_b must have the same number of turns")
+        probs = self.predict_frame(df)[0]
+        return {c: float(probs[j]) for j, c in enumerate(PROB_COLUMNS)}
