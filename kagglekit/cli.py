@@ -266,6 +266,22 @@ def predict_one_cmd(
     console.print(table("prediction", ["column", "probability"], [[k, v] for k, v in res.items()]))
 
 
+@command("demo")
+def demo_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for everything the demo makes (default: a new temporary folder)."),
+    n: int = typer.Option(600, "--n", help="Synthetic training rows."),
+    k: int = typer.Option(3, "--k", help="Folds."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs of the tiny preset."),
+):
+    """The whole pipeline offline on CPU: synthetic data, tiny model, folds, training, ensemble, submission.
+
+    Example: kk demo --out /tmp/kk-demo
+    """
+    from .demo import run_demo
+
+    run_demo(out, n=n, k=k, epochs=epochs)
+
+
 def main() -> None:
     app()
 

@@ -60,8 +60,9 @@ def device_and_dtype(precision: str = "auto"):
     return device, dtype
 
 
-def _check_backbone(name_or_path: str) -> None:
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", os.sep, 1) and name_or_path.count("/") > 1
+def check_backbone(name_or_path: str) -> None:
+    """A path that is clearly local (./x, /x, ~/x, a/b/c) must exist; 'org/name' may be a hub id."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise KKError(f"model.backbone {name_or_path} does not exist")
 
@@ -69,7 +70,7 @@ def _check_backbone(name_or_path: str) -> None:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    _check_backbone(name_or_path)
+    check_backbone(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -107,7 +108,7 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    _check_backbone(model_cfg.backbone)
+    check_backbone(model_cfg.backbone)
     qconf = _quantization_config(model_cfg.quantization, autocast_dtype)
     kwargs = {"num_labels": 3}
     if qconf is not None:

@@ -181,7 +181,7 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     from .inference import pad_batch, predict_pairs
     from .io import atomic_path, write_csv, write_json, write_text
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
-    from .modeling import build_model, device_and_dtype, load_tokenizer, save_model, trainable_state
+    from .modeling import build_model, check_backbone, device_and_dtype, load_tokenizer, save_model, trainable_state
     from .ui import console, progress, table
 
     tc = cfg.train
@@ -190,6 +190,7 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(cfg.seed + fold)
+    check_backbone(cfg.model.backbone)  # fail before the data is read
     train_df, val_df = load_fold_frames(cfg, fold)
 
     # --- model and inputs -------------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kagglekit.data import load_test, swap_frame
+from kagglekit.ensemble import apply_temperature, check_submission, ensemble, fit_temperature, fit_weights, combine
+from kagglekit.errors import KKError
+from kagglekit.metrics import log_loss
+from kagglekit.predict import FoldModel, Predictor, predict_fold
+from conftest import run_cli
+
+COLS = ["winner_model_a", "winner_model_b", "winner_tie"]
+
+
+@pytest.fixture(scope="module")
+def fold_model(tiny_run):
+    return FoldModel(tiny_run / "fold_0")
+
+
+def _swap_csv(src, dst):
+    df = pd.read_csv(src, dtype=str, keep_default_na=False)
+    df["response_a"], df["response_b"] = df["response_b"].copy(), df["response_a"].copy()
+    df.to_csv(dst, index=False)
+
+
+def test_tta_is_exactly_swap_equivariant(fold_model, tiny_project):
+    df, _ = load_test(tiny_project / "test.csv")
+    p = fold_model.predict(df, tta=True)["probs"]
+    q = fold_model.predict(swap_frame(df), tta=True)["probs"]
+    assert np.array_equal(q, p[:, [1, 0, 2]])  # bit for bit, not approximately
+    raw = fold_model.predict(df, tta=False)["probs"]
+    assert not np.array_equal(raw, p)
+
+
+def test_tta_on_the_real_test_file(fold_model, shared_arena):
+    df, _ = load_test(shared_arena / "test.csv")
+    p = fold_model.predict(df, tta=True)["probs"]
+    q = fold_model.predict(swap_frame(df), tta=True)["probs"]
+    assert np.array_equal(q, p[:, [1, 0, 2]])
+
+
+def test_length_sorted_batches_match_one_by_one(fold_model, tiny_project):
+    df, _ = load_test(tiny_project / "test.csv")
+    batched = fold_model.predict(df, tta=False, batch_size=16)["probs"]
+    single = np.concatenate([fold_model.predict(df.iloc[[i]], tta=False, batch_size=1)["probs"] for i in range(len(df))])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_predict_fold_writes_and_reuses(tiny_run, tiny_project):
+    out = predict_fold(tiny_run, 1, tiny_project / "test.csv")
+    path = tiny_run / "fold_1" / "test.csv"
+    assert list(out.columns) == ["id", *COLS]
+    assert out["id"].tolist() == pd.read_csv(tiny_project / "test.csv", dtype={"id": str})["id"].tolist()
+    meta = json.loads((tiny_run / "fold_1" / "test.json").read_text())
+    assert meta["tta"] is True and len(meta["sha256"]) == 64
+    mtime = path.stat().st_mtime_ns
+    predict_fold(tiny_run, 1, tiny_project / "test.csv")
+    assert path.stat().st_mtime_ns == mtime  # cached: the model did not run again
+
+
+def test_predictor_predict_one(tiny_run):
+    p = Predictor.from_run(tiny_run, folds="0,1")
+    res = p.predict_one("What is 2+2?", "excellent answer: 4", "sorry, unsure")
+    assert set(res) == set(COLS) and abs(sum(res.values()) - 1) < 1e-9
+    swapped = p.predict_one("What is 2+2?", "sorry, unsure", "excellent answer: 4")
+    assert swapped["winner_model_a"] == pytest.approx(res["winner_model_b"], abs=1e-12)
+    r = run_cli("predict-one", "--run", tiny_run, "q", "a", "b")
+    assert r.exit_code == 0 and "winner_tie" in r.stdout
+
+
+def _check(sub_path, test_path):
+    sub = pd.read_csv(sub_path, dtype={"id": str})
+    ids = pd.read_csv(test_path, dtype={"id": str})["id"]
+    assert list(sub.columns) == ["id", *COLS]
+    assert sub["id"].tolist() == ids.tolist()
+    p = sub[COLS].to_numpy()
+    assert np.isfinite(p).all() and (p > 0).all() and (p < 1).all()
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-9)
+    return sub
+
+
+def test_ensemble_writes_a_valid_submission_and_protects_the_old_one(tiny_run, tiny_project, tmp_path):
+    out = tmp_path / "submission.csv"
+    rep = ensemble([tiny_run], tiny_project / "test.csv", out)
+    _check(out, tiny_project / "test.csv")
+    assert rep["oof_after"] <= rep["oof_before"]
+    first = out.read_bytes()
+    ensemble([tiny_run], tiny_project / "test.csv", out, fit=False)
+    backups = [p for p in tmp_path.glob("submission.*.csv")]
+    assert len(backups) == 1 and backups[0].read_bytes() == first  # kept, renamed with a timestamp
+    ensemble([tiny_run], tiny_project / "test.csv", out, force=True, method="geo", folds="0,2")
+    assert len(list(tmp_path.glob("submission.*.csv"))) == 1
+
+
+def test_ensemble_is_swap_equivariant_through_the_cli(tiny_run, tiny_project, tmp_path):
+    _swap_csv(tiny_project / "test.csv", tmp_path / "test_swapped.csv")
+    r1 = run_cli("ensemble", "--run", tiny_run, "--test", tiny_project / "test.csv", "--out", tmp_path / "a.csv", "--no-fit")
+    r2 = run_cli("ensemble", "--run", tiny_run, "--test", tmp_path / "test_swapped.csv", "--out", tmp_path / "b.csv", "--no-fit")
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
+    assert "out-of-fold log loss" in r1.stdout and "TTA" in r1.stdout
+    a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    assert np.array_equal(a[COLS].to_numpy(), b[["winner_model_b", "winner_model_a", "winner_tie"]].to_numpy())
+
+
+def test_ensemble_on_real_test_file_matches_sample_submission(tiny_run, shared_arena, tmp_path):
+    out = tmp_path / "sub.csv"
+    r = run_cli("ensemble", "--run", tiny_run, "--test", shared_arena / "test.csv", "--out", out,
+                "--sample-submission", shared_arena / "sample_submission.csv")
+    assert r.exit_code == 0, r.output
+    _check(out, shared_arena / "test.csv")
+    _swap_csv(shared_arena / "test.csv", tmp_path / "swapped.csv")
+    assert run_cli("ensemble", "--run", tiny_run, "--test", tmp_path / "swapped.csv", "--out", tmp_path / "sw.csv", "--no-fit").exit_code == 0
+    assert run_cli("ensemble", "--run", tiny_run, "--test", shared_arena / "test.csv", "--out", tmp_path / "nf.csv", "--no-fit").exit_code == 0
+    a, b = pd.read_csv(tmp_path / "nf.csv"), pd.read_csv(tmp_path / "sw.csv")
+    assert np.array_equal(a[COLS].to_numpy(), b[["winner_model_b", "winner_model_a", "winner_tie"]].to_numpy())
+
+
+def test_atomic_write_keeps_the_old_submission_on_failure(tiny_run, tiny_project, tmp_path, monkeypatch):
+    out = tmp_path / "submission.csv"
+    out.write_text("old contents\n")
+    real = pd.DataFrame.to_csv
+
+    def broken(self, path, *a, **kw):
+        real(self.head(2), path, *a, **kw)  # half a file on disk, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
+    with pytest.raises(OSError):
+        ensemble([tiny_run], tiny_project / "test.csv", out, force=True)
+    assert out.read_text() == "old contents\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # no temporary file left behind
+
+
+# --- calibration on real OOF predictions -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_oof():
+    from conftest import SHARED
+
+    path = SHARED / "real_model_oof_14k.csv"
+    if not path.exists():
+        pytest.skip("../shared/data/arena is not present")
+    df = pd.read_csv(path)
+    return df[COLS].to_numpy(dtype=np.float64), df["label"].to_numpy()
+
+
+def test_temperature_never_worsens_and_is_deterministic(real_oof):
+    p, y = real_oof
+    assert log_loss(p, y) == pytest.approx(0.9488, abs=2e-3)  # the README's figure
+    t1, t2 = fit_temperature(p, y), fit_temperature(p, y)
+    assert t1 == t2
+    assert log_loss(apply_temperature(p, t1), y) <= log_loss(p, y)
+    sharp = apply_temperature(p, 0.5)  # a miscalibrated model: fitting must undo most of it
+    t = fit_temperature(sharp, y)
+    assert 1.7 < t < 2.3 and log_loss(apply_temperature(sharp, t), y) < log_loss(sharp, y) - 0.01
+
+
+def test_weights_favour_the_better_model(real_oof):
+    p, y = real_oof
+    noise = np.random.default_rng(0).dirichlet([1, 1, 1], size=len(y))
+    w = fit_weights([p, noise], y)
+    assert w[0] > 0.8 and np.array_equal(w, fit_weights([p, noise], y))
+    assert log_loss(combine([p, noise], w), y) <= log_loss(combine([p, noise]), y)
+
+
+def test_check_submission_rejects_bad_files():
+    ids = np.array(["1", "2"])
+    good = pd.DataFrame({"id": ids, "winner_model_a": [0.2, 0.3], "winner_model_b": [0.3, 0.3], "winner_tie": [0.5, 0.4]})
+    check_submission(good, ids)
+    with pytest.raises(KKError, match="NaN"):
+        check_submission(good.assign(winner_tie=[np.nan, 0.4]), ids)
+    with pytest.raises(KKError, match="ids differ"):
+        check_submission(good, np.array(["2", "1"]))
+    with pytest.raises(KKError, match="header"):
+        check_submission(good.rename(columns={"winner_tie": "tie"}), ids)
+
+
+def test_ensemble_errors(tiny_run, tiny_project, tmp_path):
+    r = run_cli("ensemble", "--run", tmp_path / "nope", "--test", tiny_project / "test.csv", "--out", tmp_path / "s.csv")
+    assert r.exit_code == 1 and "run folder" in r.stderr and "does not exist" in r.stderr
+    r = run_cli("ensemble", "--run", tiny_run, "--folds", "0,9", "--test", tiny_project / "test.csv", "--out", tmp_path / "s.csv")
+    assert r.exit_code == 1 and "fold 9" in r.stderr
+    bad = pd.read_csv(tiny_project / "test.csv").drop(columns=["response_b"])
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    r = run_cli("ensemble", "--run", tiny_run, "--test", tmp_path / "bad.csv", "--out", tmp_path / "s.csv")
+    assert r.exit_code == 1 and "missing column response_b" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_nan_fold_predictions_are_named(tiny_run, tiny_project, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    predict_fold(run, 0, tiny_project / "test.csv")
+    t = pd.read_csv(run / "fold_0" / "test.csv", dtype={"id": str})
+    t.loc[3, "winner_tie"] = np.nan
+    t.to_csv(run / "fold_0" / "test.csv", index=False)
+    with pytest.raises(KKError, match="fold_0/test.csv has NaN"):
+        ensemble([run], tiny_project / "test.csv", tmp_path / "s.csv")
+
+
+def test_demo_completes(tmp_path):
+    r = run_cli("demo", "--out", tmp_path / "demo", "--n", "90", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    _check(tmp_path / "demo" / "submissions" / "submission.csv", tmp_path / "demo" / "data" / "test.csv")
