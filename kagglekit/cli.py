@@ -282,6 +282,40 @@ def demo_cmd(
     run_demo(out, n=n, k=k, epochs=epochs)
 
 
+@command("tune")
+def tune_cmd(
+    config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help=CONFIG_HELP + " Its tune: section is the search space."),
+    fold: int = typer.Option(0, "--fold", help="Fold each trial validates on."),
+    n_trials: int = typer.Option(10, "--n-trials", help="Trials to add to the study (re-running continues it)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL (default sqlite:///runs/tune.db); share a PostgreSQL URL between machines."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the config name)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
+    pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Trials are kept in RUNS/<study>/trial_<n>."),
+    keep_best_only: bool = typer.Option(False, "--keep-best-only", help="Delete every trial folder but the best one."),
+    best: bool = typer.Option(False, "--best", help="Only show the best trials and write configs/<study>-best.yaml."),
+    best_out: Optional[Path] = typer.Option(None, "--best-out", help="Where --best writes the config."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Override data.train."),
+    folds: Optional[Path] = typer.Option(None, "--folds", help="Override data.folds."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Optuna hyperparameter search: resumable, pruned, shared by many workers through one storage.
+
+    Example: kk tune --config configs/deberta-v3-base.yaml --fold 0 --n-trials 30 --study deberta-lr
+    Then:    kk tune --study deberta-lr --best
+    """
+    from .tune import run_tune, write_best_config
+    from .ui import info
+
+    if best:
+        name = study or _load(config, set_).name
+        out = write_best_config(name, storage or f"sqlite:///{runs / 'tune.db'}", best_out)
+        info(f"wrote {out} (train it with: kk train --fold all --config {out})")
+        return
+    cfg = _load(config, set_, train, folds)
+    run_tune(cfg, fold, n_trials, storage, study, timeout, runs, pruner, keep_best_only)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,176 @@
+"""`kk tune`: Optuna search over the config's `tune:` section.
+
+Each trial is an ordinary `kk train` of one fold (the same function, no second
+loop) with the trial's values applied as overrides. The validation log loss is
+reported to Optuna at every evaluation, so the pruner stops trials that fall
+behind. Storage is Optuna's own RDB storage: a SQLite file by default, or any
+SQLAlchemy URL (PostgreSQL, MySQL) that several machines share: every
+`kk tune` pointed at the same study adds trials to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config, config_from_dict
+from .errors import KKError
+
+
+def _optuna():
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(logging.WARNING)
+    return optuna
+
+
+def make_pruner(name: str):
+    optuna = _optuna()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise KKError(f"--pruner must be median, hyperband or none (got {name!r})")
+
+
+def _storage(url: str):
+    optuna = _optuna()
+    kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # Workers sharing one SQLite file wait for its lock instead of failing at once.
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    import time
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for attempt in range(5):
+        try:
+            # The heartbeat lets a later worker mark a trial whose process died as FAIL.
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90, **kwargs)
+        except Exception as e:  # sqlalchemy raises many types; all mean the same to a user
+            # Workers started together on an empty database race to create the schema:
+            # the loser sees a unique-key violation and simply tries again.
+            if attempt < 4 and ("UniqueViolation" in repr(e) or "already exists" in str(e) or "IntegrityError" in repr(e)):
+                time.sleep(0.5 + attempt)
+                continue
+            raise KKError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
+
+
+def open_study(study_name: str, storage: str, pruner=None, seed: int = 0, create: bool = True):
+    optuna = _optuna()
+    store = _storage(storage)
+    if not create:
+        try:
+            return optuna.load_study(study_name=study_name, storage=store)
+        except KeyError:
+            raise KKError(f"no study named {study_name!r} in {storage}") from None
+    try:
+        study = optuna.create_study(study_name=study_name, storage=store, direction="minimize", load_if_exists=True,
+                                    pruner=pruner)
+    except ValueError as e:
+        raise KKError(f"study {study_name!r} in {storage}: {e}") from None
+    if study.direction != optuna.study.StudyDirection.MINIMIZE:
+        raise KKError(f"study {study_name!r} in {storage} exists with direction {study.direction.name.lower()}; "
+                      "kk tune minimises val log loss: choose another --study")
+    # Seeded, but offset by the trials already stored: a resumed study must not replay the
+    # same first suggestions. (Workers that start at the same moment may share early ones.)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    return study
+
+
+def _suggest(trial, key: str, spec, current):
+    if spec.choices is not None:
+        return trial.suggest_categorical(key, spec.choices)
+    if isinstance(current, int) and not isinstance(current, bool):
+        return trial.suggest_int(key, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+    return trial.suggest_float(key, spec.low, spec.high, step=spec.step, log=spec.log)
+
+
+def trial_config(base: Config, params: dict, name: str) -> Config:
+    from .config import apply_overrides
+
+    raw = base.model_dump(mode="json")
+    raw = apply_overrides(raw, [f"{k}={v}" for k, v in params.items()])
+    raw["name"] = name
+    return config_from_dict(raw, f"trial params {params}")
+
+
+def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None = None, study_name: str | None = None,
+             timeout: float | None = None, runs_root: str | Path = "runs", pruner="median",
+             keep_best_only: bool = False):
+    """Run ``n_trials`` more trials of the study; returns the Optuna study."""
+    optuna = _optuna()
+    if not cfg.tune:
+        raise KKError("the config has an empty search space: add a tune: section (e.g. train.lr: {low: 1e-5, high: 3e-4, log: true})")
+    study_name = study_name or cfg.name
+    storage = storage or f"sqlite:///{Path(runs_root) / 'tune.db'}"
+    pruner = make_pruner(pruner) if isinstance(pruner, str) else pruner
+    study = open_study(study_name, storage, pruner, cfg.seed)
+    study.set_user_attr("base_config", cfg.model_dump(mode="json"))
+    study.set_user_attr("fold", fold)
+    root = Path(runs_root) / study_name
+
+    from .train import train_fold
+
+    def objective(trial):
+        params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
+        tcfg = trial_config(cfg, params, f"trial_{trial.number}")
+
+        def report(step: int, val_loss: float) -> None:
+            trial.report(val_loss, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val log loss {val_loss:.4f} at step {step}")
+
+        metrics = train_fold(tcfg, fold, root / f"trial_{trial.number}", on_eval=report)
+        return metrics["val_log_loss"]
+
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(KKError,), gc_after_trial=True)
+    if keep_best_only:
+        import shutil
+
+        best = _best_trial(study)
+        for d in root.glob("trial_*"):
+            if best is None or d.name != f"trial_{best.number}":
+                shutil.rmtree(d, ignore_errors=True)
+    print_trials(study)
+    return study
+
+
+def _best_trial(study):
+    optuna = _optuna()
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    return min(done, key=lambda t: t.value) if done else None
+
+
+def print_trials(study, top: int | None = None) -> None:
+    from .ui import console, table
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: (t.value is None, t.value if t.value is not None else 0, t.number))
+    if top:
+        trials = trials[:top]
+    rows = [[t.number, t.state.name, "" if t.value is None else t.value, ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())]
+            for t in trials]
+    console.print(table(f"study {study.study_name}: {len(study.trials)} trials", ["trial", "state", "val log loss", "params"], rows))
+
+
+def write_best_config(study_name: str, storage: str, out: str | Path | None = None) -> Path:
+    """The best trial's values applied to the study's base config, as a file `kk train` accepts."""
+    from .io import write_text
+
+    study = open_study(study_name, storage, create=False)
+    best = _best_trial(study)
+    if best is None:
+        raise KKError(f"study {study_name!r} has no completed trial yet")
+    base = study.user_attrs.get("base_config")
+    if base is None:
+        raise KKError(f"study {study_name!r} was not made by kk tune (no base config stored)")
+    cfg = trial_config(config_from_dict(base), best.params, f"{study_name}-best")
+    out = Path(out or Path("configs") / f"{study_name}-best.yaml")
+    header = f"# Best of study {study_name} (trial {best.number}, val log loss {best.value:.5f})\n"
+    write_text(out, header + cfg.to_yaml())
+    print_trials(study, top=5)
+    return out
