@@ -316,6 +316,38 @@ def tune_cmd(
     run_tune(cfg, fold, n_trials, storage, study, timeout, runs, pruner, keep_best_only)
 
 
+@command("kernel")
+def kernel_cmd(
+    run: List[Path] = typer.Option([], "--run", help="Run folder(s) to package."),
+    name: Optional[str] = typer.Option(None, "--name", help="Kernel name/slug (default: the first run's folder name)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write (default kernels/<name>)."),
+    user: Optional[str] = typer.Option(None, "--user", help="Kaggle user name (default: KAGGLE_USERNAME or kaggle.json)."),
+    backbone_source: Optional[str] = typer.Option(None, "--backbone-source", help="Kaggle dataset/model <owner>/<slug> that holds a hub backbone."),
+    folds: str = typer.Option("all", "--folds", help="Folds to package: all, or e.g. 0,2,4."),
+    wheel: List[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
+    test: Optional[Path] = typer.Option(None, "--test", help="With --dry-run: test.csv to use (default: synthetic)."),
+    gpu_factor: float = typer.Option(1.0, "--gpu-factor", help="With --dry-run: how many times faster Kaggle's GPU is than this machine, for the 25k-row estimate."),
+    push: Optional[Path] = typer.Option(None, "--push", help="Push this built kernel and its datasets with the kaggle CLI."),
+):
+    """Package inference as an offline Kaggle notebook; dry-run it locally with the network off; push it.
+
+    Example: kk kernel --run runs/deberta-v3-base --name deberta-v3-5fold
+    Then:    kk kernel --dry-run kernels/deberta-v3-5fold --test data/test.csv
+    """
+    from . import kernel as K
+
+    if dry_run is not None:
+        K.dry_run(dry_run, test, gpu_factor=gpu_factor)
+    elif push is not None:
+        K.push(push)
+    else:
+        if not run:
+            raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
+        K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force)
+
+
 def main() -> None:
     app()
 

@@ -1,8 +1,9 @@
 """`kk demo`: the whole chain, offline, on CPU, in a few minutes.
 
 Synthesize arena-shaped data, build a tiny DeBERTa-v2, make folds, train every
-fold, ensemble with swap TTA and write a checked submission: what a competitor
-runs on Kaggle's data, at toy scale.
+fold, ensemble with swap TTA, write a checked submission, then package the
+offline Kaggle kernel and dry-run it: what a competitor runs on Kaggle's data,
+at toy scale.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def run_demo(out_dir=None, n: int = 600, k: int = 3, epochs: int | None = None, 
     data = out / "data"
 
     def step(i: int, text: str) -> None:
-        console.rule(f"[bold]{i}/5 {text}")
+        console.rule(f"[bold]{i}/6 {text}")
 
     step(1, f"synthetic data: {n} train rows, {max(20, n // 6)} test rows -> {data}")
     write_csv(data / "train.csv", make_synthetic(n, seed=seed))
@@ -50,6 +51,11 @@ def run_demo(out_dir=None, n: int = 600, k: int = 3, epochs: int | None = None, 
     train_folds(cfg, "all", out / "runs" / cfg.name, force=True)
     step(5, "ensemble with swap TTA -> submission")
     report = ensemble([out / "runs" / cfg.name], data / "test.csv", out / "submissions" / "submission.csv", force=True)
+    step(6, "offline Kaggle kernel: build it, then dry-run it with the network off")
+    from .kernel import build_kernel, dry_run
+
+    kdir = build_kernel([out / "runs" / cfg.name], "kagglekit-demo", out / "kernels" / "kagglekit-demo", user="kagglekit-demo", force=True)
+    report["dry_run"] = dry_run(kdir, data / "test.csv", keep=str(out / "kernels" / "dry-run"))
     console.print(f"[bold green]demo finished[/]: {report['submission']}")
     report["out_dir"] = out
     return report

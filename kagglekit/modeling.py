@@ -44,18 +44,20 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def device_and_dtype(precision: str = "auto"):
-    """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it, else fp16."""
+def device_and_dtype(precision: str = "auto", device: str | None = None):
+    """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it, else fp16 (T4, P100)."""
     import torch
 
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
+    if device is not None and str(device).startswith("cuda") or device is None and torch.cuda.is_available():
+        device = torch.device(device or "cuda")
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
         device = torch.device("cpu")
         if precision == "auto":
             precision = "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        precision = "fp16"  # a config trained on bf16 hardware, predicting on a T4
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return device, dtype
 

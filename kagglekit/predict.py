@@ -69,14 +69,14 @@ def fold_config(fold_path: Path):
 class FoldModel:
     """A trained fold loaded for inference: model, tokenizer, formatter, device."""
 
-    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None):
+    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None, device: str | None = None):
         from .formatting import Formatter
         from .modeling import device_and_dtype, load_trained, quiet_libraries
 
         quiet_libraries()
         self.path = Path(fold_path)
         self.cfg = fold_config(self.path)
-        self.device, self.dtype = device_and_dtype(precision or self.cfg.model.precision)
+        self.device, self.dtype = device_and_dtype(precision or self.cfg.model.precision, device)
         self.model, self.tokenizer = load_trained(self.path, self.cfg, self.device, self.dtype, backbone)
         self.formatter = Formatter.from_config(self.tokenizer, self.cfg.model)
 

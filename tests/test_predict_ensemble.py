@@ -209,3 +209,6 @@ def test_demo_completes(tmp_path):
     r = run_cli("demo", "--out", tmp_path / "demo", "--n", "90", "--epochs", "1")
     assert r.exit_code == 0, r.output
     _check(tmp_path / "demo" / "submissions" / "submission.csv", tmp_path / "demo" / "data" / "test.csv")
+    # the demo also packaged the kernel and dry-ran it offline
+    assert (tmp_path / "demo" / "kernels" / "kagglekit-demo" / "kernel" / "kagglekit-demo.ipynb").exists()
+    _check(tmp_path / "demo" / "kernels" / "dry-run" / "kaggle" / "working" / "submission.csv", tmp_path / "demo" / "data" / "test.csv")

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import nbformat
+import pandas as pd
+import pytest
+
+from kagglekit.errors import KKError
+from kagglekit.kernel import CELL_FIND, build_kernel, dry_run, push
+from conftest import run_cli
+
+SECRET = "0123456789abcdef-super-secret-key"
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tiny_run, tmp_path_factory):
+    home = tmp_path_factory.mktemp("kaggle-home")
+    (home / "kaggle.json").write_text(json.dumps({"username": "alice", "key": SECRET}))
+    old = os.environ.get("KAGGLE_CONFIG_DIR")
+    os.environ["KAGGLE_CONFIG_DIR"] = str(home)
+    os.environ.pop("KAGGLE_USERNAME", None)
+    try:
+        out = build_kernel([tiny_run], "Tiny Test", tmp_path_factory.mktemp("kernels") / "tiny-test")
+    finally:
+        if old is None:
+            os.environ.pop("KAGGLE_CONFIG_DIR", None)
+        else:
+            os.environ["KAGGLE_CONFIG_DIR"] = old
+    return out
+
+
+def test_notebook_and_metadata(kernel_dir):
+    nb = nbformat.read(str(kernel_dir / "kernel" / "tiny-test.ipynb"), as_version=4)
+    nbformat.validate(nb)
+    assert (nb.nbformat, nb.nbformat_minor) == (4, 5) and all("id" in c for c in nb.cells)
+    meta = json.loads((kernel_dir / "kernel" / "kernel-metadata.json").read_text())
+    assert meta == {
+        "id": "alice/tiny-test",
+        "title": "tiny-test",
+        "code_file": "tiny-test.ipynb",
+        "language": "python",
+        "kernel_type": "notebook",
+        "is_private": True,
+        "enable_gpu": True,
+        "enable_internet": False,
+        "dataset_sources": ["alice/tiny-test-artifacts", "alice/tiny-test-wheels"],
+        "competition_sources": ["llm-classification-finetuning"],
+        "kernel_sources": [],
+        "model_sources": [],
+    }
+    for ds in ("tiny-test-artifacts", "tiny-test-wheels"):
+        dm = json.loads((kernel_dir / "datasets" / ds / "dataset-metadata.json").read_text())
+        assert dm["id"] == f"alice/{ds}" and dm["licenses"] and dm["title"]
+    assert list((kernel_dir / "datasets" / "tiny-test-wheels").glob("kagglekit-*.whl"))
+    manifest = json.loads((kernel_dir / "datasets" / "tiny-test-artifacts" / "kk_manifest.json").read_text())
+    assert manifest["runs"][0]["folds"] == [0, 1, 2] and "path" in manifest["runs"][0]["backbone"]
+    assert not list(kernel_dir.rglob("checkpoint"))
+
+
+def test_credentials_are_never_copied(kernel_dir):
+    for f in kernel_dir.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert SECRET.encode() not in data, f
+
+
+def test_dry_run_offline_on_the_real_test_file(kernel_dir, shared_arena):
+    res = dry_run(kernel_dir, shared_arena / "test.csv")
+    sub = pd.read_csv(res["submission"], dtype={"id": str})
+    sample = pd.read_csv(shared_arena / "sample_submission.csv", dtype={"id": str})
+    assert list(sub.columns) == list(sample.columns) and sub["id"].tolist() == sample["id"].tolist()
+    assert res["passes_per_row"] == 6 and res["estimate_hidden_h"] > 0
+
+
+def test_dry_run_synthetic_fallback_is_offline(kernel_dir):
+    res = dry_run(kernel_dir)
+    assert res["rows"] == 50
+    if res["network"] == "isolated":
+        # The kernel could not have reached anything: prove the namespace really has no network.
+        import subprocess
+
+        probe = subprocess.run(["unshare", "-n", "python3", "-c", "import socket; socket.create_connection(('1.1.1.1', 443), 2)"],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0
+
+
+@pytest.mark.parametrize("layout", ["classic", "competitions", "datasets"])
+def test_notebook_finds_inputs_in_every_mount_layout(tmp_path, layout, monkeypatch):
+    root = tmp_path / "kaggle"
+    comp = {"classic": "input/llm-classification-finetuning", "competitions": "input/competitions/llm-classification-finetuning",
+            "datasets": "input/competitions/llm-classification-finetuning"}[layout]
+    art = {"classic": "input/x-artifacts", "competitions": "input/x-artifacts", "datasets": "input/datasets/alice/x-artifacts"}[layout]
+    whl = {"classic": "input/x-wheels", "competitions": "input/x-wheels", "datasets": "input/datasets/alice/x-wheels"}[layout]
+    for d, files in ((comp, ["test.csv", "sample_submission.csv"]), (art, ["kk_manifest.json"]), (whl, ["kk_wheels.json"])):
+        (root / d).mkdir(parents=True)
+        for f in files:
+            (root / d / f).write_text("x")
+    # a decoy test.csv without a sample submission beside it must not be taken for the competition's
+    (root / "input" / "aaa-other").mkdir()
+    (root / "input" / "aaa-other" / "test.csv").write_text("x")
+    monkeypatch.setenv("KAGGLE_ROOT", str(root))
+    ns: dict = {}
+    exec(CELL_FIND, ns)
+    assert ns["COMPETITION"] == root / comp and ns["ARTIFACTS"] == root / art and ns["WHEELS"] == root / whl
+
+
+def test_push_uses_the_kaggle_cli_with_zip_dir_mode(kernel_dir, tmp_path, monkeypatch):
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "kaggle"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\necho ok\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    push(kernel_dir)
+    calls = log.read_text().splitlines()
+    assert sum("datasets create" in c and "--dir-mode zip" in c for c in calls) == 2
+    assert calls[-1].startswith("kernels push -p") and calls[-1].endswith("kernel")
+
+
+def test_push_without_the_kaggle_cli(kernel_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(KKError, match="kaggle CLI is not installed"):
+        push(kernel_dir)
+
+
+def test_errors_are_one_line(kernel_dir, tiny_run, tiny_project, tmp_path):
+    r = run_cli("kernel", "--run", tmp_path / "nope", "--name", "x-y-z", "--user", "bob", "--out", tmp_path / "k")
+    assert r.exit_code == 1 and "run folder" in r.stderr and "does not exist" in r.stderr
+    # a hub backbone cannot be reached offline: the build says what to do
+    import shutil
+
+    run = tmp_path / "hub"
+    shutil.copytree(tiny_run, run)
+    for cfg in run.glob("fold_*/config.yaml"):
+        cfg.write_text(cfg.read_text().replace(str(tiny_project / "deberta"), "microsoft/deberta-v3-base"))
+    r = run_cli("kernel", "--run", run, "--name", "hub-kernel", "--user", "bob", "--out", tmp_path / "k2")
+    assert r.exit_code == 1 and "--backbone-source" in r.stderr
+    r = run_cli("kernel", "--run", run, "--name", "hub-kernel", "--user", "bob", "--out", tmp_path / "k3",
+                "--backbone-source", "bob/deberta-v3-base")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "k3" / "kernel" / "kernel-metadata.json").read_text())
+    assert "bob/deberta-v3-base" in meta["dataset_sources"]
+    # a test file lacking a column
+    bad = pd.read_csv(tiny_project / "test.csv").drop(columns=["prompt"])
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    r = run_cli("kernel", "--dry-run", kernel_dir, "--test", tmp_path / "bad.csv")
+    assert r.exit_code == 1 and "missing column prompt" in r.stderr and "Traceback" not in r.output
+    r = run_cli("kernel", "--run", tiny_run, "--name", "Tiny Test", "--user", "bob", "--out", kernel_dir)
+    assert r.exit_code == 1 and "--force" in r.stderr
