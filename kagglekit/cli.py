@@ -7,9 +7,7 @@ command that needs them, so `kk --help` answers at once.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -117,8 +115,8 @@ def synth_cmd(
 
 @command("config")
 def config_cmd(
-    config: Optional[Path] = typer.Argument(None, help="A config file to validate and print (default: the defaults)."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    config: Path | None = typer.Argument(None, help="A config file to validate and print (default: the defaults)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     show: bool = typer.Option(False, "--show", help="Print every key with its default and description."),
 ):
     """Validate a config and print it resolved, or document every key.
@@ -135,8 +133,8 @@ def config_cmd(
         console.print(cfg.to_yaml(), highlight=False, markup=False)
 
 
-def _load(config: Optional[Path], set_: List[str], train: Optional[Path] = None, folds: Optional[Path] = None,
-          test: Optional[Path] = None):
+def _load(config: Path | None, set_: list[str], train: Path | None = None, folds: Path | None = None,
+          test: Path | None = None):
     """Config + --set overrides + the data-path options every command shares."""
     from .config import load_config
 
@@ -154,10 +152,10 @@ def _load(config: Optional[Path], set_: List[str], train: Optional[Path] = None,
 def train_cmd(
     fold: str = typer.Option(..., "--fold", help="Fold number to validate on, or 'all'."),
     config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help=CONFIG_HELP),
-    train: Optional[Path] = typer.Option(None, "--train", help="Override data.train."),
-    folds: Optional[Path] = typer.Option(None, "--folds", help="Override data.folds."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default runs/<config name>)."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    train: Path | None = typer.Option(None, "--train", help="Override data.train."),
+    folds: Path | None = typer.Option(None, "--folds", help="Override data.folds."),
+    run: Path | None = typer.Option(None, "--run", help="Run folder (default runs/<config name>)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fold from its checkpoint."),
     force: bool = typer.Option(False, "--force", help="Retrain a fold that is already trained."),
 ):
@@ -175,7 +173,7 @@ def train_cmd(
 def tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Folder to write the model and tokenizer to."),
     arch: str = typer.Option("deberta-v2", "--arch", help="deberta-v2 (relative attention, as DeBERTa-v3) or llama."),
-    train: Optional[Path] = typer.Option(None, "--train", help="Train the tokenizer on this CSV's texts (default: synthetic)."),
+    train: Path | None = typer.Option(None, "--train", help="Train the tokenizer on this CSV's texts (default: synthetic)."),
     vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     hidden: int = typer.Option(64, "--hidden", help="Hidden size."),
     layers: int = typer.Option(2, "--layers", help="Number of layers."),
@@ -197,8 +195,8 @@ def predict_cmd(
     fold: int = typer.Option(..., "--fold", help="Fold to predict with."),
     test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation (average (A,B) and mapped-back (B,A))."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     force: bool = typer.Option(False, "--force", help="Predict again even if fold_K/test.csv is up to date."),
 ):
     """One fold's test probabilities -> runs/<experiment>/fold_K/test.csv.
@@ -216,16 +214,16 @@ def predict_cmd(
 
 @command("ensemble")
 def ensemble_cmd(
-    run: List[Path] = typer.Option(..., "--run", help="Run folder (repeat to blend several runs, e.g. a DeBERTa and an LLM)."),
+    run: list[Path] = typer.Option(..., "--run", help="Run folder (repeat to blend several runs, e.g. a DeBERTa and an LLM)."),
     test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
     out: Path = typer.Option(Path("submissions/submission.csv"), "--out", help="Submission file to write."),
     folds: str = typer.Option("all", "--folds", help="Folds to use: all, or e.g. 0,2,4."),
     method: str = typer.Option("mean", "--method", help="mean (arithmetic) or geo (geometric, log-space)."),
     fit: bool = typer.Option(True, "--fit/--no-fit", help="Fit run weights and a temperature on OOF (kept only if OOF improves)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
-    train: Optional[Path] = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
-    sample_submission: Optional[Path] = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
+    train: Path | None = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
+    sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
 ):
     """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv.
@@ -268,10 +266,10 @@ def predict_one_cmd(
 
 @command("demo")
 def demo_cmd(
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for everything the demo makes (default: a new temporary folder)."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for everything the demo makes (default: a new temporary folder)."),
     n: int = typer.Option(600, "--n", help="Synthetic training rows."),
     k: int = typer.Option(3, "--k", help="Folds."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs of the tiny preset."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Override train.epochs of the tiny preset."),
 ):
     """The whole pipeline offline on CPU: synthetic data, tiny model, folds, training, ensemble, submission.
 
@@ -287,17 +285,17 @@ def tune_cmd(
     config: Path = typer.Option(Path(DEFAULT_CONFIG), "--config", "-c", help=CONFIG_HELP + " Its tune: section is the search space."),
     fold: int = typer.Option(0, "--fold", help="Fold each trial validates on."),
     n_trials: int = typer.Option(10, "--n-trials", help="Trials to add to the study (re-running continues it)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL (default sqlite:///runs/tune.db); share a PostgreSQL URL between machines."),
-    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the config name)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
+    storage: str | None = typer.Option(None, "--storage", help="SQLAlchemy URL (default sqlite:///runs/tune.db); share a PostgreSQL URL between machines."),
+    study: str | None = typer.Option(None, "--study", help="Study name (default: the config name)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
     pruner: str = typer.Option("median", "--pruner", help="median, hyperband or none."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Trials are kept in RUNS/<study>/trial_<n>."),
     keep_best_only: bool = typer.Option(False, "--keep-best-only", help="Delete every trial folder but the best one."),
     best: bool = typer.Option(False, "--best", help="Only show the best trials and write configs/<study>-best.yaml."),
-    best_out: Optional[Path] = typer.Option(None, "--best-out", help="Where --best writes the config."),
-    train: Optional[Path] = typer.Option(None, "--train", help="Override data.train."),
-    folds: Optional[Path] = typer.Option(None, "--folds", help="Override data.folds."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    best_out: Path | None = typer.Option(None, "--best-out", help="Where --best writes the config."),
+    train: Path | None = typer.Option(None, "--train", help="Override data.train."),
+    folds: Path | None = typer.Option(None, "--folds", help="Override data.folds."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Optuna hyperparameter search: resumable, pruned, shared by many workers through one storage.
 
@@ -318,18 +316,18 @@ def tune_cmd(
 
 @command("kernel")
 def kernel_cmd(
-    run: List[Path] = typer.Option([], "--run", help="Run folder(s) to package."),
-    name: Optional[str] = typer.Option(None, "--name", help="Kernel name/slug (default: the first run's folder name)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write (default kernels/<name>)."),
-    user: Optional[str] = typer.Option(None, "--user", help="Kaggle user name (default: KAGGLE_USERNAME or kaggle.json)."),
-    backbone_source: Optional[str] = typer.Option(None, "--backbone-source", help="Kaggle dataset/model <owner>/<slug> that holds a hub backbone."),
+    run: list[Path] = typer.Option([], "--run", help="Run folder(s) to package."),
+    name: str | None = typer.Option(None, "--name", help="Kernel name/slug (default: the first run's folder name)."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write (default kernels/<name>)."),
+    user: str | None = typer.Option(None, "--user", help="Kaggle user name (default: KAGGLE_USERNAME or kaggle.json)."),
+    backbone_source: str | None = typer.Option(None, "--backbone-source", help="Kaggle dataset/model <owner>/<slug> that holds a hub backbone."),
     folds: str = typer.Option("all", "--folds", help="Folds to package: all, or e.g. 0,2,4."),
-    wheel: List[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
+    wheel: list[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
-    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
-    test: Optional[Path] = typer.Option(None, "--test", help="With --dry-run: test.csv to use (default: synthetic)."),
+    dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
+    test: Path | None = typer.Option(None, "--test", help="With --dry-run: test.csv to use (default: synthetic)."),
     gpu_factor: float = typer.Option(1.0, "--gpu-factor", help="With --dry-run: how many times faster Kaggle's GPU is than this machine, for the 25k-row estimate."),
-    push: Optional[Path] = typer.Option(None, "--push", help="Push this built kernel and its datasets with the kaggle CLI."),
+    push: Path | None = typer.Option(None, "--push", help="Push this built kernel and its datasets with the kaggle CLI."),
 ):
     """Package inference as an offline Kaggle notebook; dry-run it locally with the network off; push it.
 

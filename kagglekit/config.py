@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,7 +30,7 @@ class DataConfig(_Section):
     train: str = Field("data/train.csv", description="Competition train.csv (id, prompt, response_a/b, winner_*).")
     test: str = Field("data/test.csv", description="Competition test.csv (id, prompt, response_a, response_b).")
     folds: str = Field("folds/folds.csv", description="Fold assignment written by `kk make-folds` (id,fold).")
-    soft_labels: Optional[str] = Field(
+    soft_labels: str | None = Field(
         None, description="Optional CSV id,winner_model_a,winner_model_b,winner_tie of teacher probabilities (distillation)."
     )
     bad_rows: Literal["error", "skip"] = Field(
@@ -64,7 +64,7 @@ class LoraConfig(_Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: Optional[list[str]] = Field(
+    target_modules: list[str] | None = Field(
         None, description="Module names to adapt; null = sensible defaults for the architecture."
     )
 
@@ -94,11 +94,11 @@ class PredictConfig(_Section):
 
 
 class TuneParam(_Section):
-    low: Optional[float] = Field(None, description="Lower bound of a numeric range.")
-    high: Optional[float] = Field(None, description="Upper bound of a numeric range.")
+    low: float | None = Field(None, description="Lower bound of a numeric range.")
+    high: float | None = Field(None, description="Upper bound of a numeric range.")
     log: bool = Field(False, description="Sample the range on a log scale.")
-    step: Optional[float] = Field(None, description="Step of a discrete numeric range.")
-    choices: Optional[list[Any]] = Field(None, description="A categorical set of values.")
+    step: float | None = Field(None, description="Step of a discrete numeric range.")
+    choices: list[Any] | None = Field(None, description="A categorical set of values.")
 
     @model_validator(mode="after")
     def _shape(self):

@@ -7,7 +7,6 @@ A calibration is applied only when it lowers the OOF log loss.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

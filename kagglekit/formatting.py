@@ -110,7 +110,7 @@ class Formatter:
             raise KKError(f"model.max_length={self.max_length} leaves no room for text ({overhead} tokens go to markers)")
 
     @classmethod
-    def from_config(cls, tokenizer, model_cfg) -> "Formatter":
+    def from_config(cls, tokenizer, model_cfg) -> Formatter:
         b = model_cfg.budget
         return cls(tokenizer, model_cfg.max_length, model_cfg.truncation, (b.prompt, b.response_a, b.response_b))
 
@@ -137,7 +137,7 @@ class Formatter:
         ids += self.end + self.suffix
         return ids, tuple(keep)
 
-    def sequences(self, enc: EncodedRows, swap: bool = False) -> tuple[list[list[int]], "TruncationStats"]:
+    def sequences(self, enc: EncodedRows, swap: bool = False) -> tuple[list[list[int]], TruncationStats]:
         seqs, kept = [], []
         for i in range(len(enc)):
             ids, k = self.assemble(enc, i, swap)

@@ -102,11 +102,11 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     """Write the notebook and its two datasets; returns ``kernels/<name>``."""
     import nbformat
 
-    from .ensemble import combine, fit_temperature, fit_weights, load_run_oof, apply_temperature
     from .data import load_train
+    from .ensemble import apply_temperature, combine, fit_temperature, fit_weights, load_run_oof
+    from .io import atomic_dir, write_json
     from .metrics import log_loss
     from .predict import fold_config, trained_folds
-    from .io import atomic_dir, write_json
     from .ui import info
 
     if not runs:
@@ -124,7 +124,10 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     first_cfg = fold_config(run_folds[0][1][0][1])
     try:
         train_df, _ = load_train(first_cfg.data.train, first_cfg.data.bad_rows)
-    except KKError:
+    except KKError as e:
+        from .ui import warn
+
+        warn(f"no OOF calibration in the kernel (equal weights, temperature 1): {e}")
         train_df = None
     if fit and train_df is not None:
         labels = dict(zip(train_df["id"], train_df["label"]))
@@ -261,7 +264,6 @@ sub.head()'''
 
 
 def make_notebook(slug: str):
-    import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
     from . import __version__

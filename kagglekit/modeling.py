@@ -107,7 +107,6 @@ def _quantization_config(kind: str, compute_dtype):
 
 def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None):
     """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone``."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     check_backbone(model_cfg.backbone)
@@ -141,7 +140,6 @@ def lora_targets(model, lora_cfg):
 
 def build_model(cfg, tokenizer, device, autocast_dtype=None):
     """The trainable model for ``cfg``: LoRA-wrapped (heads fully trained) or full fine-tuning."""
-    import torch
 
     model = load_backbone(cfg.model, tokenizer, device, autocast_dtype)
     if cfg.model.quantization != "none":
@@ -196,7 +194,6 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
 
 def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str | None = None):
     """A fold's trained model for inference: backbone + adapter (merged), or full weights."""
-    import torch
 
     fold_dir = Path(fold_dir)
     tokenizer = load_tokenizer(str(fold_dir))

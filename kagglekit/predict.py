@@ -139,7 +139,7 @@ class Predictor:
         self.tta = tta
 
     @classmethod
-    def from_run(cls, run_dir, folds="all", tta: bool = True, backbone: str | None = None) -> "Predictor":
+    def from_run(cls, run_dir, folds="all", tta: bool = True, backbone: str | None = None) -> Predictor:
         return cls([FoldModel(p, backbone) for _, p in trained_folds(run_dir, folds)], tta)
 
     def predict_frame(self, df) -> np.ndarray:

@@ -15,8 +15,9 @@ best adapter by validation log loss, and leave a self-contained run folder::
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,11 @@ class Progress:
     stopped_early: bool = False
     train_seconds: float = 0.0
     log: list = field(default_factory=list)
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) when launched by torchrun; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def seed_everything(seed: int) -> None:
@@ -186,7 +192,19 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
 
     tc = cfg.train
     out = fold_dir(run_dir_for(cfg, run_dir), fold)
-    _prepare_output(out, force, resume)
+    # Multi-GPU: `torchrun --nproc_per_node N -m kagglekit.cli train ...` runs this on every rank with
+    # PyTorch DDP. Each rank takes every N-th micro-batch; rank 0 evaluates, saves and logs.
+    rank, world, local_rank = distributed()
+    main = rank == 0
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if main or not force:
+        _prepare_output(out, force, resume)
+    if world > 1:
+        dist.barrier()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(cfg.seed + fold)
@@ -194,10 +212,15 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     train_df, val_df = load_fold_frames(cfg, fold)
 
     # --- model and inputs -------------------------------------------------------------------------------------
-    device, amp_dtype = device_and_dtype(cfg.model.precision)
+    device, amp_dtype = device_and_dtype(cfg.model.precision, f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else None)
     tokenizer = load_tokenizer(cfg.model.backbone)
     model = build_model(cfg, tokenizer, device, amp_dtype)
     model.train()
+    ddp_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     fmt = Formatter.from_config(tokenizer, cfg.model)
     enc = fmt.encode_rows(train_df)
     seqs, trunc = fmt.sequences(enc, swap=False)
@@ -219,7 +242,15 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
 
     # --- optimisation ---------------------------------------------------------------------------------------------
-    micro_per_epoch = len(plan_batches(lengths, units, batch_size, cfg.seed, 0))
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        plan = plan_batches(lengths, units, batch_size, cfg.seed, epoch)
+        if world > 1:  # every rank the same number of micro-batches, or DDP would wait forever
+            plan = plan[rank : len(plan) - len(plan) % world : world]
+        return plan
+
+    micro_per_epoch = len(epoch_plan(0))
+    if micro_per_epoch == 0:
+        raise KKError(f"too few training rows for {world} processes with batch size {batch_size}")
     steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps:
@@ -248,11 +279,15 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
         torch.set_rng_state(ck["rng"])
         state = Progress(**ck["progress"])
         best = ck["best"]
-        console.print(f"resuming fold {fold} at step {state.step} (epoch {state.epoch + 1})")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", cfg.to_yaml())
+        if main:
+            console.print(f"resuming fold {fold} at step {state.step} (epoch {state.epoch + 1})")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.yaml", cfg.to_yaml())
 
     def save_checkpoint() -> None:
+        if not main:
+            return
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt_dir / "state.pt") as tmp:
             torch.save(
@@ -269,28 +304,33 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
             )
 
     def evaluate() -> float:
-        res = predict_pairs(model, fmt, val_df, tc.eval_batch_size, True, device, amp_dtype)
-        labels = val_df["label"].to_numpy()
-        loss = log_loss(res["probs"], labels)
         state.evals += 1
-        if loss < state.best_loss:
-            state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
-            best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
-            save_model(model, tokenizer, out)  # the best adapter is what the fold keeps
-        else:
-            state.bad_evals += 1
-        model.train()
+        loss = None
+        if main:
+            res = predict_pairs(model, fmt, val_df, tc.eval_batch_size, True, device, amp_dtype)
+            loss = log_loss(res["probs"], val_df["label"].to_numpy())
+            if loss < state.best_loss:
+                state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
+                best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
+                save_model(model, tokenizer, out)  # the best adapter is what the fold keeps
+            else:
+                state.bad_evals += 1
+            model.train()
+        if world > 1:  # every rank takes rank 0's verdict, so early stopping is decided once
+            shared = [loss, state.best_loss, state.best_step, state.bad_evals]
+            dist.broadcast_object_list(shared, src=0)
+            loss, state.best_loss, state.best_step, state.bad_evals = shared
         return loss
 
     # --- the loop -------------------------------------------------------------------------------------------------
     done = state.step >= total_steps or state.stopped_early
     group_loss, group_seqs = 0.0, 0
     t_start = time.time() - state.train_seconds
-    with progress() as bar:
+    with progress(disable=not main) as bar:
         task = bar.add_task(f"fold {fold}", total=total_steps, completed=state.step, status="")
         try:
             while not done and state.epoch < tc.epochs:
-                plan = plan_batches(lengths, units, batch_size, cfg.seed, state.epoch)
+                plan = epoch_plan(state.epoch)
                 while state.micro < len(plan) and not done:
                     group_start = state.micro - state.micro % tc.grad_accum
                     group = plan[group_start : group_start + tc.grad_accum]
@@ -298,8 +338,11 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
                     batch = plan[state.micro]
                     ids, mask = pad_batch([seqs[i] for i in batch], tokenizer.pad_token_id)
                     ids, mask = ids.to(device), mask.to(device)
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = model(input_ids=ids, attention_mask=mask).logits
+                    last_of_group = state.micro - group_start + 1 == len(group)
+                    # DDP averages gradients across ranks once per optimizer step, not per micro-batch.
+                    sync = contextlib.nullcontext() if world == 1 or last_of_group else ddp_model.no_sync()
+                    with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = ddp_model(input_ids=ids, attention_mask=mask).logits
                     # Soft or hard targets alike: cross-entropy against a distribution.
                     loss = F.cross_entropy(logits.float(), targets_t[batch].to(device), label_smoothing=tc.label_smoothing, reduction="sum")
                     if not torch.isfinite(loss):
@@ -307,7 +350,11 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
                             f"non-finite loss at step {state.step + 1} of fold {fold}"
                             + (" (fp16 overflow is a known DeBERTa-v3 issue: use --set model.precision=bf16 or fp32)" if amp_dtype == torch.float16 else " (try a lower train.lr)")
                         )
-                    scaler.scale(loss / n_group).backward()
+                    if world > 1 and not last_of_group:
+                        with ddp_model.no_sync():
+                            scaler.scale(loss / n_group).backward()
+                    else:
+                        scaler.scale(loss / n_group).backward()
                     group_loss += loss.item()
                     group_seqs += len(batch)
                     state.micro += 1
@@ -352,8 +399,14 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
             state.micro -= state.micro % tc.grad_accum
             save_checkpoint()
             raise Interrupted(f"interrupted at step {state.step} of fold {fold}; checkpoint saved in {ckpt_dir}; continue with --resume") from None
-    if state.evals == 0 or "probs" not in best:
+    if state.evals == 0:
         state.log.append({"step": state.step, "epoch": state.epoch, "lr": 0.0, "train_loss": None, "val_loss": evaluate()})
+    if world > 1:
+        dist.barrier()
+    if not main:
+        return {"fold": fold, "rank": rank}
+    if "probs" not in best:
+        raise KKError(f"fold {fold}: the validation log loss was never finite; nothing to keep")
 
     # --- outputs --------------------------------------------------------------------------------------------------
     import pandas as pd

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,8 +21,8 @@ def info(msg: str) -> None:
     console.print(msg, highlight=False, soft_wrap=True)
 
 
-def progress(transient: bool = False) -> Progress:
-    """A progress bar on stderr; quiet when KK_QUIET is set (tests, notebooks)."""
+def progress(transient: bool = False, disable: bool = False) -> Progress:
+    """A progress bar on stderr; quiet when KK_QUIET is set (tests, notebooks) or ``disable``."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -32,16 +32,19 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=transient,
-        disable=bool(os.environ.get("KK_QUIET")),
+        disable=disable or bool(os.environ.get("KK_QUIET")),
     )
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence], floats: str = "{:.4f}") -> Table:
+    """A Rich table; numeric columns are right-aligned, text columns left-aligned."""
+    rows = [list(r) for r in rows]
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(str(c), justify="right" if c not in ("fold", "run", "state", "params", "key") else "left")
+    for j, c in enumerate(columns):
+        numeric = bool(rows) and all(isinstance(r[j], (int, float)) and not isinstance(r[j], bool) or r[j] in ("", None) for r in rows)
+        t.add_column(str(c), justify="right" if numeric else "left")
     for row in rows:
-        t.add_row(*[floats.format(v) if isinstance(v, float) else str(v) for v in row])
+        t.add_row(*["" if v is None else floats.format(v) if isinstance(v, float) else str(v) for v in row])
     return t
 
 

@@ -8,7 +8,7 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "pandas", "sklearn", "
 
 def test_cli_import_stays_light():
     # `kk --help` must answer at once: importing the CLI must not pull any heavy library.
-    code = "import sys, kagglekit.cli; print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    code = f"import sys, kagglekit.cli; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
 

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
+from conftest import REPO, run_cli
 from kagglekit.config import Config, describe_fields, load_config
 from kagglekit.errors import ConfigError
-from conftest import REPO, run_cli
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 

@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 
+from conftest import run_cli
 from kagglekit.data import LABEL_COLUMNS, clean_text, load_test, load_train, swap_frame
 from kagglekit.errors import KKError
 from kagglekit.synthetic import make_synthetic
-from conftest import run_cli
 
 
 def _write(tmp_path, df, name="train.csv"):

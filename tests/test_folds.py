@@ -3,10 +3,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from conftest import run_cli
 from kagglekit.data import load_train
 from kagglekit.errors import KKError
 from kagglekit.folds import load_folds, make_folds, prompt_groups, select_fold
-from conftest import run_cli
 
 
 @pytest.fixture

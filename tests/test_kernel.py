@@ -8,9 +8,9 @@ import nbformat
 import pandas as pd
 import pytest
 
+from conftest import run_cli
 from kagglekit.errors import KKError
 from kagglekit.kernel import CELL_FIND, build_kernel, dry_run, push
-from conftest import run_cli
 
 SECRET = "0123456789abcdef-super-secret-key"
 

@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import run_cli
 from kagglekit.data import load_test, swap_frame
-from kagglekit.ensemble import apply_temperature, check_submission, ensemble, fit_temperature, fit_weights, combine
+from kagglekit.ensemble import apply_temperature, check_submission, combine, ensemble, fit_temperature, fit_weights
 from kagglekit.errors import KKError
 from kagglekit.metrics import log_loss
 from kagglekit.predict import FoldModel, Predictor, predict_fold
-from conftest import run_cli
 
 COLS = ["winner_model_a", "winner_model_b", "winner_tie"]
 

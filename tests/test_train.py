@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import REPO, run_cli, tiny_config
 from kagglekit.errors import KKError
 from kagglekit.train import Interrupted, plan_batches, train_fold
-from conftest import REPO, run_cli, tiny_config
 
 FOLD_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml", "metrics.json",
               "oof.csv", "oof_no_tta.csv", "train_log.csv"]
@@ -160,6 +160,11 @@ def test_qlora_loads_and_trains_one_step(tiny_project, tmp_path, quant):
     assert m["steps"] == 1 and np.isfinite(m["val_log_loss"])
 
 
+def test_gradient_checkpointing_trains_with_lora(tiny_project, tmp_path):
+    m = train_fold(tiny_config(tiny_project, "model.gradient_checkpointing=true", "train.max_steps=2"), 0, tmp_path / "run")
+    assert m["steps"] == 2 and np.isfinite(m["val_log_loss"])
+
+
 def test_full_finetuning_saves_full_weights(tiny_project, tmp_path):
     cfg = tiny_config(tiny_project, "lora.enabled=false", "train.max_steps=1")
     train_fold(cfg, 0, tmp_path / "run")
@@ -213,3 +218,27 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_project, tmp_path):
                 "--folds", tiny_project / "folds.csv", "--run", tmp_path / "r", "--set", f"model.backbone={tmp_path / 'nan'}")
     assert r.exit_code == 1
     assert "non-finite loss at step 1 of fold 0" in r.stderr and "Traceback" not in r.output
+
+
+def test_ddp_with_torchrun_on_cpu(tiny_project, tmp_path):
+    """Two DDP processes (gloo on CPU) train one fold; rank 0 writes the fold folder."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "kagglekit.cli", "--", "train", "--fold", "1",
+           "--config", str(REPO / "configs/tiny.yaml"), "--train", str(tiny_project / "train.csv"),
+           "--folds", str(tiny_project / "folds.csv"), "--run", str(tmp_path / "ddp"),
+           "--set", f"model.backbone={tiny_project / 'deberta'}", "--set", "model.max_length=96",
+           "--set", "train.max_steps=3", "--set", "train.grad_accum=2", "--set", "train.eval_every=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "KK_QUIET": "1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    d = tmp_path / "ddp" / "fold_1"
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["steps"] == 3
+    assert set(pd.read_csv(d / "oof.csv", dtype={"id": str})["id"]) == _fold_ids(tiny_project, 1)
+    assert pd.read_csv(d / "train_log.csv")["step"].tolist() == [1, 2, 3]

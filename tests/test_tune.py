@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
+from conftest import REPO, run_cli, tiny_config
 from kagglekit.config import load_config
 from kagglekit.errors import KKError
-from conftest import REPO, run_cli, tiny_config
 
 optuna = pytest.importorskip("optuna")
 
