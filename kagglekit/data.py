@@ -233,6 +233,25 @@ def _one_hot_label(row) -> int:
     return values.index(1.0)
 
 
+def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
+    """(ids, (n, 3) array) from a CSV ``id,winner_model_a,winner_model_b,winner_tie``:
+    OOF and test predictions, soft labels. Missing columns and NaN rows are errors naming the file."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise KKError(f"{what} file {path} does not exist")
+    df = pd.read_csv(path, dtype={"id": str})
+    missing = [c for c in ("id", *LABEL_COLUMNS) if c not in df.columns]
+    if missing:
+        raise KKError(f"{path}: missing column {', '.join(missing)}")
+    p = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(p).all(axis=1)
+    if bad.any():
+        raise KKError(f"{path}: row id {df['id'][bad].iloc[0]} has NaN or infinite probabilities")
+    return df["id"].to_numpy(), p
+
+
 def load_train(path, bad_rows: BadRows = "error"):
     return load_arena(path, "train", bad_rows)
 

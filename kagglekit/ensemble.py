@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import read_probs
 from .errors import KKError
 from .metrics import accuracy, log_loss
 from .predict import PROB_COLUMNS, trained_folds
@@ -66,6 +67,34 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(res.x)
 
 
+def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean"):
+    """(weights, temperature, calibrated OOF): each step kept only if it lowers the OOF log loss."""
+    weights = np.ones(len(oofs)) / len(oofs)
+    calibrated = combine(oofs, weights, method)
+    w = fit_weights(oofs, y, method)
+    cand = combine(oofs, w, method)
+    if log_loss(cand, y) < log_loss(calibrated, y):
+        weights, calibrated = w, cand
+    t = fit_temperature(calibrated, y)
+    cand = apply_temperature(calibrated, t)
+    if log_loss(cand, y) < log_loss(calibrated, y):
+        return weights, t, cand
+    return weights, 1.0, calibrated
+
+
+def common_oof(preds: list, labels_by_id: dict) -> tuple[list[np.ndarray], np.ndarray]:
+    """The runs' OOF arrays on the ids they all cover (sorted), and those ids' labels."""
+    common = set(preds[0].oof_ids)
+    for rp in preds[1:]:
+        common &= set(rp.oof_ids)
+    order = sorted(common)
+    oofs = []
+    for rp in preds:
+        pos = {i: n for n, i in enumerate(rp.oof_ids)}
+        oofs.append(rp.oof[[pos[i] for i in order]])
+    return oofs, np.array([labels_by_id[i] for i in order], dtype=int)
+
+
 @dataclass
 class RunPredictions:
     run: Path
@@ -77,27 +106,12 @@ class RunPredictions:
     test: np.ndarray | None = None
 
 
-def _read_probs(path: Path):
-    import pandas as pd
-
-    if not path.exists():
-        raise KKError(f"{path} does not exist")
-    df = pd.read_csv(path, dtype={"id": str})
-    missing = [c for c in ("id", *PROB_COLUMNS) if c not in df.columns]
-    if missing:
-        raise KKError(f"{path}: missing column {', '.join(missing)}")
-    p = df[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
-    if not np.isfinite(p).all():
-        raise KKError(f"{path}: row id {df['id'][~np.isfinite(p).all(1)].iloc[0]} has NaN or infinite probabilities")
-    return df["id"].to_numpy(), p
-
-
 def load_run_oof(run_dir, folds, labels_by_id: dict) -> RunPredictions:
     ids, oof, oof_nt, per_fold, fold_ids = [], [], [], [], []
     for k, path in trained_folds(run_dir, folds):
-        fid, p = _read_probs(path / "oof.csv")
+        fid, p = read_probs(path / "oof.csv")
         nt_path = path / "oof_no_tta.csv"
-        _, pnt = _read_probs(nt_path) if nt_path.exists() else (fid, p)
+        _, pnt = read_probs(nt_path) if nt_path.exists() else (fid, p)
         unknown = [i for i in fid if i not in labels_by_id]
         if unknown:
             raise KKError(f"{path / 'oof.csv'}: id {unknown[0]} is not in the train file")
@@ -188,34 +202,15 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     preds = [load_run_oof(r, folds, labels_by_id) for r in runs]
 
     # OOF ids common to every run: runs trained on other folds still compare on the same rows.
-    common = set(preds[0].oof_ids)
-    for rp in preds[1:]:
-        common &= set(rp.oof_ids)
-    if not common:
+    oofs, y = common_oof(preds, labels_by_id)
+    if len(y) == 0:
         raise KKError("the runs' out-of-fold ids do not overlap; were they trained on the same train file?")
-    if any(len(common) != len(rp.oof_ids) for rp in preds):
-        warn(f"runs cover different OOF rows; weights are fitted on the {len(common)} rows they share")
-    order = sorted(common)
-    y = np.array([labels_by_id[i] for i in order])
-    oofs = []
-    for rp in preds:
-        pos = {i: n for n, i in enumerate(rp.oof_ids)}
-        oofs.append(rp.oof[[pos[i] for i in order]])
+    if any(len(y) != len(rp.oof_ids) for rp in preds):
+        warn(f"runs cover different OOF rows; weights are fitted on the {len(y)} rows they share")
 
     base = combine(oofs, method=method)
-    weights = np.ones(len(oofs)) / len(oofs)
-    temperature = 1.0
     before = log_loss(base, y)
-    calibrated = base
-    if fit:
-        w = fit_weights(oofs, y, method)
-        cand = combine(oofs, w, method)
-        if log_loss(cand, y) < log_loss(calibrated, y):
-            weights, calibrated = w, cand
-        t = fit_temperature(calibrated, y)
-        cand = apply_temperature(calibrated, t)
-        if log_loss(cand, y) < log_loss(calibrated, y):
-            temperature, calibrated = t, cand
+    weights, temperature, calibrated = calibrate(oofs, y, method) if fit else (np.ones(len(oofs)) / len(oofs), 1.0, base)
     after = log_loss(calibrated, y)
 
     test_df, report = load_test(test_path)

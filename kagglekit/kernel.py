@@ -103,9 +103,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     import nbformat
 
     from .data import load_train
-    from .ensemble import apply_temperature, combine, fit_temperature, fit_weights, load_run_oof
+    from .ensemble import calibrate, common_oof, load_run_oof
     from .io import atomic_dir, write_json
-    from .metrics import log_loss
     from .predict import fold_config, trained_folds
     from .ui import info
 
@@ -131,21 +130,10 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         train_df = None
     if fit and train_df is not None:
         labels = dict(zip(train_df["id"], train_df["label"]))
-        preds = [load_run_oof(r, folds, labels) for r in runs]
-        common = sorted(set.intersection(*[set(p.oof_ids) for p in preds]))
-        if common:
-            import numpy as np
-
-            y = np.array([labels[i] for i in common])
-            oofs = [p.oof[[list(p.oof_ids).index(i) for i in common]] for p in preds]
-            base = combine(oofs)
-            w = fit_weights(oofs, y)
-            cand = combine(oofs, w)
-            if log_loss(cand, y) < log_loss(base, y):
-                weights, base = w.tolist(), cand
-            t = fit_temperature(base, y)
-            if log_loss(apply_temperature(base, t), y) < log_loss(base, y):
-                temperature = t
+        oofs, y = common_oof([load_run_oof(r, folds, labels) for r in runs], labels)
+        if len(y):
+            w, temperature, _ = calibrate(oofs, y)
+            weights = w.tolist()
 
     with atomic_dir(out) as tmp:
         art = tmp / "datasets" / f"{slug}-artifacts"

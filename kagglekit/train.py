@@ -95,22 +95,15 @@ def load_fold_frames(cfg: Config, fold: int):
 
 def load_soft_labels(path: str, ids) -> np.ndarray:
     """Teacher probabilities for ``ids`` from a CSV id,winner_model_a,winner_model_b,winner_tie."""
-    import pandas as pd
-
-    from .data import LABEL_COLUMNS
+    from .data import read_probs
 
     p = Path(path)
-    if not p.exists():
-        raise KKError(f"data.soft_labels {p} does not exist")
-    soft = pd.read_csv(p, dtype={"id": str})
-    missing_cols = [c for c in ("id", *LABEL_COLUMNS) if c not in soft.columns]
-    if missing_cols:
-        raise KKError(f"{p}: missing column {', '.join(missing_cols)}")
-    soft = soft.set_index("id")
-    missing = [i for i in ids if i not in soft.index]
+    soft_ids, soft = read_probs(p, "data.soft_labels")
+    index = {i: n for n, i in enumerate(soft_ids)}
+    missing = [i for i in ids if i not in index]
     if missing:
         raise KKError(f"{p}: no soft label for train id {missing[0]} ({len(missing)} missing)")
-    probs = soft.loc[list(ids), list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+    probs = soft[[index[i] for i in ids]]
     bad = ~np.isfinite(probs).all(1) | (np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1)
     if bad.any():
         raise KKError(f"{p}: soft labels of id {list(ids)[int(bad.argmax())]} are not probabilities summing to 1")
