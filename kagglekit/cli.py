@@ -323,6 +323,7 @@ def kernel_cmd(
     backbone_source: str | None = typer.Option(None, "--backbone-source", help="Kaggle dataset/model <owner>/<slug> that holds a hub backbone."),
     folds: str = typer.Option("all", "--folds", help="Folds to package: all, or e.g. 0,2,4."),
     wheel: list[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
+    train: Path | None = typer.Option(None, "--train", help="Train file for the OOF labels that fit weights/temperature (default: the run's data.train)."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
     test: Path | None = typer.Option(None, "--test", help="With --dry-run: test.csv to use (default: synthetic)."),
@@ -343,7 +344,7 @@ def kernel_cmd(
     else:
         if not run:
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
-        K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force)
+        K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train)
 
 
 def main() -> None:

@@ -98,7 +98,8 @@ def _copy_fold(src: Path, dst: Path) -> None:
 
 
 def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
-                 folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True) -> Path:
+                 folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True,
+                 train_path=None) -> Path:
     """Write the notebook and its two datasets; returns ``kernels/<name>``."""
     import nbformat
 
@@ -122,7 +123,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     weights, temperature = [1.0] * len(runs), 1.0
     first_cfg = fold_config(run_folds[0][1][0][1])
     try:
-        train_df, _ = load_train(first_cfg.data.train, first_cfg.data.bad_rows)
+        train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
     except KKError as e:
         from .ui import warn
 
