@@ -174,13 +174,15 @@ def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, samp
     """Checked, atomic write; an existing file is renamed with a timestamp unless ``force``."""
     import pandas as pd
 
-    from .io import protect_existing, write_csv
+    from .io import atomic_path, protect_existing
 
     sub = pd.DataFrame({"id": test_ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
     check_submission(sub, test_ids, sample_submission)
     out = Path(out)
-    protect_existing(out, force, "submission", policy="keep")
-    write_csv(out, sub)
+    with atomic_path(out) as tmp:
+        sub.to_csv(tmp, index=False)
+        # Only once the new file is complete is the old one moved aside (then the new one renamed in).
+        protect_existing(out, force, "submission", policy="keep")
     return out
 
 

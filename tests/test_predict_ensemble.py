@@ -129,10 +129,11 @@ def test_atomic_write_keeps_the_old_submission_on_failure(tiny_run, tiny_project
         raise OSError("disk full")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
-    with pytest.raises(OSError):
-        ensemble([tiny_run], tiny_project / "test.csv", out, force=True)
-    assert out.read_text() == "old contents\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # no temporary file left behind
+    for force in (True, False):
+        with pytest.raises(OSError):
+            ensemble([tiny_run], tiny_project / "test.csv", out, force=force)
+        assert out.read_text() == "old contents\n"
+        assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # no temporary or backup file left behind
 
 
 # --- calibration on real OOF predictions -------------------------------------------------------------------------
