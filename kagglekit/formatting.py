@@ -64,28 +64,29 @@ def allocate(lengths: list[int], shares: list[float], budget: int) -> list[int]:
     return alloc
 
 
-def cut(tokens: list[int], keep: int, strategy: str) -> list[int]:
-    """Keep ``keep`` tokens of ``tokens`` by the truncation strategy."""
+def cut(tokens, keep: int, strategy: str):
+    """Keep ``keep`` tokens of ``tokens`` (a list or a 1-D array) by the truncation strategy."""
     n = len(tokens)
     if keep >= n:
         return tokens
     if keep <= 0:
-        return []
+        return tokens[:0]
     if strategy == "right":
         return tokens[:keep]
     if strategy == "left":
         return tokens[n - keep :]
     head = (keep + 1) // 2
-    return tokens[:head] + tokens[n - (keep - head) :]
+    tail = tokens[n - (keep - head) :]
+    return tokens[:head] + tail if isinstance(tokens, list) else np.concatenate([tokens[:head], tail])
 
 
 @dataclass
 class EncodedRows:
-    """Field tokens of a set of rows, ready to assemble in either A/B order."""
+    """Field tokens of a set of rows (int32 arrays), ready to assemble in either A/B order."""
 
-    prompt: list[list[int]]
-    response_a: list[list[int]]
-    response_b: list[list[int]]
+    prompt: list[np.ndarray]
+    response_a: list[np.ndarray]
+    response_b: list[np.ndarray]
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -99,9 +100,10 @@ class Formatter:
         self.max_length = int(max_length)
         self.truncation = truncation
         self.shares = [float(s) for s in shares]
-        self.prefix, self.suffix = _special_template(tokenizer)
-        self.headers = [self._tok(h) for h in HEADERS]
-        self.end = self._tok(END_MARKER) if not self.suffix else []
+        prefix, suffix = _special_template(tokenizer)
+        self.prefix, self.suffix = _ids(prefix), _ids(suffix)
+        self.headers = [_ids(self._tok(h)) for h in HEADERS]
+        self.end = _ids(self._tok(END_MARKER) if not suffix else [])
         overhead = len(self.prefix) + len(self.suffix) + sum(map(len, self.headers)) + len(self.end)
         self.budget = self.max_length - overhead
         if self.budget < 3:
@@ -117,27 +119,34 @@ class Formatter:
     def _tok(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode_rows(self, df) -> EncodedRows:
-        """Tokenize the three text fields of every row (turn lists joined by <TURN>)."""
+    def encode_rows(self, df, chunk: int = 2048) -> EncodedRows:
+        """Tokenize the three text fields of every row (turn lists joined by <TURN>).
+
+        In chunks, each kept as int32 arrays: 57k real rows as Python int lists would take
+        several GB; as arrays they take a few hundred MB.
+        """
         out = {}
         for field in FIELDS:
             texts = [TURN_SEP.join(turns) for turns in df[field]]
-            out[field] = [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+            arrays = []
+            for start in range(0, len(texts), chunk):
+                ids = self.tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
+                arrays.extend(_ids(x) for x in ids)
+            out[field] = arrays
         return EncodedRows(**out)
 
-    def assemble(self, enc: EncodedRows, i: int, swap: bool = False) -> tuple[list[int], tuple[int, int, int]]:
+    def assemble(self, enc: EncodedRows, i: int, swap: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Input ids of row ``i`` (A and B exchanged when ``swap``) and tokens kept per field."""
         first, second = (enc.response_b[i], enc.response_a[i]) if swap else (enc.response_a[i], enc.response_b[i])
         fields = (enc.prompt[i], first, second)
         keep = allocate([len(f) for f in fields], self.shares, self.budget)
-        ids = list(self.prefix)
+        parts = [self.prefix]
         for header, tokens, k in zip(self.headers, fields, keep):
-            ids += header
-            ids += cut(tokens, k, self.truncation)
-        ids += self.end + self.suffix
-        return ids, tuple(keep)
+            parts += [header, cut(tokens, k, self.truncation)]
+        parts += [self.end, self.suffix]
+        return np.concatenate(parts), tuple(keep)
 
-    def sequences(self, enc: EncodedRows, swap: bool = False) -> tuple[list[list[int]], TruncationStats]:
+    def sequences(self, enc: EncodedRows, swap: bool = False) -> tuple[list[np.ndarray], TruncationStats]:
         seqs, kept = [], []
         for i in range(len(enc)):
             ids, k = self.assemble(enc, i, swap)
@@ -154,7 +163,7 @@ class Formatter:
 
         df = pd.DataFrame({"prompt": [_as_turns(prompt)], "response_a": [_as_turns(a)], "response_b": [_as_turns(b)]})
         ids, _ = self.assemble(self.encode_rows(df), 0)
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids.tolist())
 
 
 @dataclass
@@ -175,6 +184,10 @@ class TruncationStats:
             "retention": {f: float(ratio[:, j].mean()) for j, f in enumerate(FIELDS)},
             "mean_tokens": {f: float(self.total[:, j].mean()) for j, f in enumerate(FIELDS)},
         }
+
+
+def _ids(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int32)
 
 
 def _as_turns(x) -> list[str]:

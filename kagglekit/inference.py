@@ -26,7 +26,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int, pad_to: int | None = None):
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[r, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
         mask[r, : len(s)] = 1
     return ids, mask
 
