@@ -43,6 +43,38 @@ def _corpus(train_csv: str | None, n_synthetic: int = 800) -> list[str]:
     return texts
 
 
+def unigram_vocab(texts: list[str], vocab_size: int, specials: list[str]) -> list[tuple[str, float]]:
+    """A Unigram vocabulary built deterministically: special tokens, the most frequent words
+    (ties broken alphabetically) as whole pieces, and every character as a fallback piece.
+
+    Trainers in the tokenizers library break ties in an order that changes from process to
+    process, so a tokenizer trained twice on the same texts can differ; this one cannot.
+    """
+    import math
+    from collections import Counter
+
+    words: Counter = Counter()
+    chars: set = set()
+    for t in texts:
+        for w in t.split():
+            words["\u2581" + w] += 1
+            chars.update(w)
+    char_pieces = sorted(chars)
+    n_words = max(0, vocab_size - len(specials) - 1 - 2 * len(char_pieces))
+    top = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:n_words]
+    total = sum(words.values()) or 1
+    vocab = [(tok, 0.0) for tok in specials] + [("\u2581", -12.0)]
+    vocab += [(w, math.log(c / total)) for w, c in top]
+    # Characters score far below any word, so known words stay whole and the rest is spelled out.
+    vocab += [("\u2581" + c, -18.0) for c in char_pieces] + [(c, -19.0) for c in char_pieces]
+    seen, out = set(), []
+    for piece, score in vocab:
+        if piece not in seen:
+            seen.add(piece)
+            out.append((piece, score))
+    return out
+
+
 def build_tiny_model(
     out_dir: str | os.PathLike,
     arch: str = "deberta-v2",
@@ -68,7 +100,7 @@ def build_tiny_model(
     if arch == "deberta-v2":
         from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Tokenizer
 
-        tok = DebertaV2Tokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
+        tok = DebertaV2Tokenizer(vocab=unigram_vocab(texts, vocab_size, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
         cfg = DebertaV2Config(
             vocab_size=len(tok),
             hidden_size=hidden,
@@ -92,10 +124,18 @@ def build_tiny_model(
         )
         model = DebertaV2ForSequenceClassification(cfg)
     else:
-        from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaTokenizer
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+        from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-        tok = LlamaTokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
-        tok.pad_token = tok.eos_token  # decoder tokenizers ship without a pad token
+        vocab = unigram_vocab(texts, vocab_size, ["<unk>", "<s>", "</s>"])
+        core = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+        core.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "), normalizers.NFC()])
+        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+        core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        # Like Llama's: a BOS token in front, no end token and no pad token (kagglekit sets one).
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        tok.pad_token = tok.eos_token
         cfg = LlamaConfig(
             vocab_size=len(tok),
             hidden_size=hidden,
