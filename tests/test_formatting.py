@@ -103,5 +103,7 @@ def test_decoder_sequences_end_with_a_fixed_marker(tiny_project):
 def test_max_length_too_small_is_an_error(tokenizer):
     from kagglekit.errors import KKError
 
-    with pytest.raises(KKError, match="max_length=8 leaves no room"):
-        Formatter(tokenizer, 8)
+    overhead = 512 - Formatter(tokenizer, 512).budget  # special tokens and field headers
+    with pytest.raises(KKError, match=f"max_length={overhead + 2} leaves no room"):
+        Formatter(tokenizer, overhead + 2)
+    assert Formatter(tokenizer, overhead + 3).budget == 3
