@@ -17,7 +17,6 @@ _LAZY = {
     "make_synthetic": ("kagglekit.synthetic", "make_synthetic"),
     "train_fold": ("kagglekit.train", "train_fold"),
     "Predictor": ("kagglekit.predict", "Predictor"),
-    "ensemble": ("kagglekit.ensemble", "ensemble"),
     "KKError": ("kagglekit.errors", "KKError"),
 }
 

@@ -52,13 +52,6 @@ def command(name: str | None = None, **kwargs):
     return deco
 
 
-def _print_load_warnings(report) -> None:
-    from .ui import warn
-
-    for w in report.warnings():
-        warn(w)
-
-
 @command("make-folds")
 def make_folds_cmd(
     train: Path = typer.Option(Path("data/train.csv"), "--train", help="Competition train.csv."),
@@ -77,7 +70,7 @@ def make_folds_cmd(
     from .ui import console, frame_table, info
 
     df, report = load_train(train, _bad_rows(bad_rows))
-    _print_load_warnings(report)
+    report.print_warnings()
     folds = make_folds(df, k=k, seed=seed)
     path = write_folds(folds, out, force=force)
     console.print(frame_table(f"{k} folds of {train} (class shares)", fold_summary(df, folds), "{:.3f}"))

@@ -54,6 +54,13 @@ class LoadReport:
     null_turns: int = 0
     surrogates_fixed: int = 0
 
+    def print_warnings(self) -> None:
+        """Each warning as one yellow line on stderr."""
+        from .ui import warn
+
+        for w in self.warnings():
+            warn(w)
+
     def warnings(self) -> list[str]:
         out = []
         if self.skipped:
@@ -174,6 +181,7 @@ def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train"
         rid = row.id
         try:
             turns = {}
+            repaired = 0
             for col in TEXT_COLUMNS:
                 try:
                     turns[col], st = parse_turns(getattr(row, col), bad_rows)
@@ -181,9 +189,11 @@ def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train"
                     raise ValueError(f"column {col} {e}") from None
                 report.null_turns += st["nulls"]
                 report.surrogates_fixed += st["surrogates"]
-                report.repaired += st["repaired"]
+                repaired += st["repaired"]
+            report.repaired += repaired
             counts = {c: len(t) for c, t in turns.items()}
-            if len(set(counts.values())) != 1 and not (bad_rows == "repair" and any(_was_cut(getattr(row, c)) for c in TEXT_COLUMNS)):
+            # A repaired (cut-off) cell may have lost turns, so counts only have to agree in intact rows.
+            if len(set(counts.values())) != 1 and not repaired:
                 raise ValueError("turn counts differ: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
             if kind == "train":
                 labels.append(_one_hot_label(row))
@@ -208,14 +218,6 @@ def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train"
             df[col] = (df["label"] == i).astype(int)
     report.rows = len(df)
     return df, report
-
-
-def _was_cut(cell: str) -> bool:
-    try:
-        json.loads(cell)
-        return False
-    except ValueError:
-        return True
 
 
 def _one_hot_label(row) -> int:
@@ -258,14 +260,6 @@ def load_train(path, bad_rows: BadRows = "error"):
 
 def load_test(path, bad_rows: BadRows = "error"):
     return load_arena(path, "test", bad_rows)
-
-
-def to_competition_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """The inverse of :func:`load_arena` for the text columns: JSON-encode the turn lists."""
-    out = df.copy()
-    for col in TEXT_COLUMNS:
-        out[col] = [json.dumps(v) for v in out[col]]
-    return out
 
 
 def swap_frame(df: pd.DataFrame) -> pd.DataFrame:

@@ -197,9 +197,8 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     if not runs:
         raise KKError("give at least one --run")
     runs = [Path(r) for r in runs]
-    first_fold = trained_folds(runs[0], folds)[0][1]
-    train_path = train_path or fold_config(first_fold).data.train
-    train_df, _ = load_train(train_path, fold_config(first_fold).data.bad_rows)
+    first_cfg = fold_config(trained_folds(runs[0], folds)[0][1])
+    train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
     labels_by_id = dict(zip(train_df["id"], train_df["label"]))
     preds = [load_run_oof(r, folds, labels_by_id) for r in runs]
 
@@ -216,8 +215,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     after = log_loss(calibrated, y)
 
     test_df, report = load_test(test_path)
-    for msg in report.warnings():
-        warn(msg)
+    report.print_warnings()
     test_ids = test_df["id"].to_numpy()
     test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone) for rp in preds]
     final = finalize_probs(apply_temperature(combine(test_probs, weights, method), temperature))

@@ -417,7 +417,8 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     km = KernelManager(kernel_name="kk-offline", transport="ipc", ip=str(tmp / "zmq"))
     t0 = time.time()
     try:
-        NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(root / "working")}}).execute()
+        with console.status(f"running {nb_path.name} offline in {root} ..."):
+            NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(root / "working")}}).execute()
     except CellExecutionError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise KKError(f"the kernel failed in the dry run: {lines[-1] if lines else e} (notebook run kept in {tmp})") from None

@@ -13,11 +13,6 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
 
 
-def soft_log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
-    p = np.clip(probs / probs.sum(axis=1, keepdims=True), EPS, 1 - EPS)
-    return float(-np.mean((targets * np.log(p)).sum(axis=1)))
-
-
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == labels).mean())
 

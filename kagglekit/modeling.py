@@ -48,7 +48,8 @@ def device_and_dtype(precision: str = "auto", device: str | None = None):
     """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it, else fp16 (T4, P100)."""
     import torch
 
-    if device is not None and str(device).startswith("cuda") or device is None and torch.cuda.is_available():
+    use_cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
+    if use_cuda:
         device = torch.device(device or "cuda")
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -98,7 +98,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
 
     from .data import load_test
     from .io import write_csv, write_json
-    from .ui import progress, warn
+    from .ui import progress
 
     (k, path), = trained_folds(run_dir, [fold])
     sha = file_sha256(test_path)
@@ -109,8 +109,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
             return pd.read_csv(out_path, dtype={"id": str})
     if test_df is None:
         test_df, report = load_test(test_path)
-        for w in report.warnings():
-            warn(w)
+        report.print_warnings()
     fm = FoldModel(path, backbone)
     with progress() as bar:
         res = fm.predict(test_df, tta, batch_size, bar, f"fold {k}")

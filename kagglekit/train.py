@@ -79,11 +79,9 @@ def load_fold_frames(cfg: Config, fold: int):
     """(train rows, validation rows) of ``fold``, through the loader's checks."""
     from .data import load_train
     from .folds import load_folds, select_fold
-    from .ui import warn
 
     df, report = load_train(cfg.data.train, cfg.data.bad_rows)
-    for w in report.warnings():
-        warn(w)
+    report.print_warnings()
     folds = load_folds(cfg.data.folds, df["id"])
     train_ids, val_ids = select_fold(folds, fold, cfg.data.folds)
     train_df = df[df["id"].isin(train_ids)].reset_index(drop=True)
