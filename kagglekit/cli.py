@@ -46,10 +46,24 @@ def command(name: str | None = None, **kwargs):
 
                 err_console.print("[bold red]interrupted[/]")
                 raise typer.Exit(130) from None
+            except OSError as e:  # disk full, read-only or unwritable folder, a path that is a folder...
+                from .ui import err_console
+
+                err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
 
         return app.command(name, **kwargs)(wrapper)
 
     return deco
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line naming the path and the reason: 'submissions/x.csv: No space left on device'."""
+    import os
+
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e).splitlines()[0] if str(e) else type(e).__name__)
+    paths = [p for p in (e.filename, e.filename2) if p]
+    return f"{' -> '.join(map(str, paths))}: {reason}" if paths else reason
 
 
 @command("make-folds")
@@ -217,6 +231,7 @@ def ensemble_cmd(
     train: Path | None = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
     sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
+    bad_rows: str | None = typer.Option(None, "--bad-rows", help="Bad rows of the train file (OOF labels): error, skip or repair (default: the run's data.bad_rows)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
 ):
     """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv.
@@ -226,7 +241,8 @@ def ensemble_cmd(
     from .ensemble import ensemble
 
     ensemble(run, test, out, folds=folds, method=method, fit=fit, tta=tta, force=force,
-             sample_submission=sample_submission, train_path=train, backbone=backbone)
+             sample_submission=sample_submission, train_path=train, backbone=backbone,
+             bad_rows=_bad_rows(bad_rows) if bad_rows else None)
 
 
 @command("predict-one")
@@ -286,6 +302,7 @@ def tune_cmd(
     keep_best_only: bool = typer.Option(False, "--keep-best-only", help="Delete every trial folder but the best one."),
     best: bool = typer.Option(False, "--best", help="Only show the best trials and write configs/<study>-best.yaml."),
     best_out: Path | None = typer.Option(None, "--best-out", help="Where --best writes the config."),
+    force: bool = typer.Option(False, "--force", help="With --best: overwrite an existing best config."),
     train: Path | None = typer.Option(None, "--train", help="Override data.train."),
     folds: Path | None = typer.Option(None, "--folds", help="Override data.folds."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -300,7 +317,7 @@ def tune_cmd(
 
     if best:
         name = study or _load(config, set_).name
-        out = write_best_config(name, storage or f"sqlite:///{runs / 'tune.db'}", best_out)
+        out = write_best_config(name, storage or f"sqlite:///{runs / 'tune.db'}", best_out, force=force)
         info(f"wrote {out} (train it with: kk train --fold all --config {out})")
         return
     cfg = _load(config, set_, train, folds)

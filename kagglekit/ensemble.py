@@ -7,6 +7,7 @@ A calibration is applied only when it lowers the OOF log loss.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from .data import read_probs
 from .errors import KKError
 from .metrics import accuracy, log_loss
-from .predict import PROB_COLUMNS, trained_folds
+from .predict import PROB_COLUMNS, trained_folds, warn_missing_folds
 
 CLIP = 1e-7
 
@@ -106,12 +107,17 @@ class RunPredictions:
     test: np.ndarray | None = None
 
 
-def load_run_oof(run_dir, folds, labels_by_id: dict) -> RunPredictions:
+def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None) -> RunPredictions:
+    """A run's OOF predictions with their labels. ``skipped``: ids the train file's loader skipped
+    (``--bad-rows skip``); their OOF rows are left out instead of being an error."""
     ids, oof, oof_nt, per_fold, fold_ids = [], [], [], [], []
     for k, path in trained_folds(run_dir, folds):
         fid, p = read_probs(path / "oof.csv")
         nt_path = path / "oof_no_tta.csv"
         _, pnt = read_probs(nt_path) if nt_path.exists() else (fid, p)
+        if skipped:
+            keep = np.array([i not in skipped for i in fid], dtype=bool)
+            fid, p, pnt = fid[keep], p[keep], pnt[keep]
         unknown = [i for i in fid if i not in labels_by_id]
         if unknown:
             raise KKError(f"{path / 'oof.csv'}: id {unknown[0]} is not in the train file")
@@ -174,21 +180,41 @@ def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, samp
     """Checked, atomic write; an existing file is renamed with a timestamp unless ``force``."""
     import pandas as pd
 
-    from .io import atomic_path, protect_existing
+    from .io import atomic_path, file_lock, protect_existing
 
     sub = pd.DataFrame({"id": test_ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
     check_submission(sub, test_ids, sample_submission)
     out = Path(out)
     with atomic_path(out) as tmp:
         sub.to_csv(tmp, index=False)
-        # Only once the new file is complete is the old one moved aside (then the new one renamed in).
-        protect_existing(out, force, "submission", policy="keep")
+        # Only once the new file is complete is the old one kept aside (then the new one renamed in),
+        # and both under a lock: two writers never back up the same file and lose the other's.
+        with file_lock(out.with_name(f".{out.name}.lock"), f"submission {out}", wait=60):
+            protect_existing(out, force, "submission", policy="keep")
+            os.replace(tmp, out)
     return out
+
+
+def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
+    from .io import check_writable
+
+    for what, p in (("--test", test_path), ("--sample-submission", sample_submission)):
+        if p is None:
+            continue
+        p = Path(p)
+        if not p.exists():
+            raise KKError(f"{what} {p} does not exist")
+        if not p.is_file():
+            raise KKError(f"{what} {p} is a folder, expected a CSV file")
+    out = Path(out)
+    if out.is_dir():
+        raise KKError(f"--out {out} is a folder; give a file name such as {out / 'submission.csv'}")
+    check_writable(out.parent, f"--out {out}")
 
 
 def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all", method: str = "mean",
              fit: bool = True, tta: bool = True, force: bool = False, sample_submission=None, train_path=None,
-             backbone: str | None = None) -> dict:
+             backbone: str | None = None, bad_rows: str | None = None) -> dict:
     """Average folds (and runs), calibrate on OOF, write the submission; returns a report."""
     from .data import load_test, load_train
     from .predict import fold_config
@@ -197,10 +223,17 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     if not runs:
         raise KKError("give at least one --run")
     runs = [Path(r) for r in runs]
+    # Everything that can fail after the long prediction work is checked before it starts.
+    _check_inputs(test_path, sample_submission, out, force)
+    if folds in (None, "all"):
+        for r in runs:
+            warn_missing_folds(r, [k for k, _ in trained_folds(r, "all")])
     first_cfg = fold_config(trained_folds(runs[0], folds)[0][1])
-    train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
+    train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows)
+    train_report.print_warnings()
     labels_by_id = dict(zip(train_df["id"], train_df["label"]))
-    preds = [load_run_oof(r, folds, labels_by_id) for r in runs]
+    skipped = {rid for rid, _ in train_report.skipped}
+    preds = [load_run_oof(r, folds, labels_by_id, skipped) for r in runs]
 
     # OOF ids common to every run: runs trained on other folds still compare on the same rows.
     oofs, y = common_oof(preds, labels_by_id)

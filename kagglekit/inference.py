@@ -78,7 +78,7 @@ def tta_average(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
 
 
 def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, device=None, autocast_dtype=None,
-                  progress=None, description: str = "predict") -> dict:
+                  progress=None, description: str = "predict", remove_task: bool = False) -> dict:
     """Probabilities for a frame of parsed rows (see :func:`kagglekit.data.load_arena`).
 
     Returns ``probs`` (TTA-averaged when ``tta``), ``probs_ab`` (the given order),
@@ -99,4 +99,6 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
         probs = (p_ab + p_ba) / 2.0
     else:
         probs = p_ab
+    if progress is not None and remove_task:
+        progress.remove_task(task)
     return {"probs": probs, "probs_ab": p_ab, "probs_ba": p_ba, "stats": stats}

@@ -30,11 +30,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file 0600; outputs get the mode any new file gets here (0644 under the usual umask),
+    # or they would reach Kaggle datasets and other users unreadable.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        if os.path.lexists(tmp_path):  # the block may have renamed it into place itself (under a lock)
+            os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if e.filename == str(tmp_path):  # name the output the user asked for, not our temporary file
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -73,6 +82,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -87,25 +97,94 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def protect_existing(path: str | os.PathLike, force: bool, what: str, policy: str = "refuse") -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def protect_existing(path: str | os.PathLike, force: bool, what: str, policy: str = "refuse") -> Path | None:
     """The explicit policy for an output that already exists.
 
-    ``policy="refuse"``: raise unless ``force``. ``policy="keep"``: rename the old
-    file with a timestamp (``name.20261127-201500.csv``) unless ``force``, so
-    nothing is lost either way.
+    ``policy="refuse"``: raise unless ``force``. ``policy="keep"``: keep the old file under a
+    timestamped name (``name.20261127-201500.csv``) unless ``force``, so nothing is lost either
+    way; returns the backup's path. The backup name is claimed with an exclusive hard link
+    (``os.link`` fails if the name exists), so concurrent writers never pick the same one; call
+    it under :func:`file_lock` of the output so the backup and the following rename are one step.
     """
     path = Path(path)
     if not path.exists() or force:
-        return
+        return None
     if policy == "refuse":
         raise KKError(f"{path} already exists; pass --force to overwrite the {what}")
-    if policy == "keep":
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-        n = 1
-        while backup.exists():
-            backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
-            n += 1
-        os.replace(path, backup)
+    if policy != "keep":
+        raise ValueError(f"unknown policy {policy!r}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(10_000):
+        backup = path.with_name(f"{path.stem}.{stamp}{f'-{n}' if n else ''}{path.suffix}")
+        try:
+            os.link(path, backup)
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            return None  # another writer moved it away first: nothing of ours to keep
+        except OSError:  # no hard links on this file system: exclusive create + copy
+            try:
+                with open(backup, "xb") as dst, open(path, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+            except FileExistsError:
+                continue
+        return backup
+    raise KKError(f"{path}: no free backup name")
+
+
+class LockHeld(KKError):
+    pass
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str, wait: float = 0.0) -> Iterator[Path]:
+    """An exclusive lock on ``path`` (created if needed) for as long as the block runs.
+
+    ``fcntl.flock``: the kernel releases it when the process dies, however it dies, so a
+    stale lock cannot outlive its owner. The holder's pid is written into the file so a
+    refused caller can say who holds it. ``wait``: seconds to wait for a short critical section of
+    another process (a submission rename) before refusing. Where flock is missing (Windows), no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        yield Path(path)
         return
-    raise ValueError(f"unknown policy {policy!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                raise LockHeld(f"{what} is in use by {holder} (lock {path}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Fail before long work when ``folder`` (or its nearest existing parent) cannot be written."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise KKError(f"{what}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise KKError(f"{what}: {probe} is not writable")

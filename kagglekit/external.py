@@ -1,0 +1,104 @@
+"""Other preference data in the competition's format.
+
+Anthropic's HH-RLHF (``{"chosen": transcript, "rejected": transcript}`` per JSON line,
+transcripts of ``"\\n\\nHuman: ..."`` / ``"\\n\\nAssistant: ..."`` turns) becomes arena
+rows: ``prompt`` = the human turns, ``response_a``/``response_b`` = the assistant turns
+of the chosen and the rejected transcript in a random (seeded) order, label = which of
+the two was chosen. No ties. Used by the quality benchmark and its CI test; useful as
+extra (pseudo-labelled or pre-training) data too.
+
+In HH-RLHF the two transcripts share every turn but the last assistant one, so a model
+only learns if it sees the *end* of the responses: use ``model.truncation: left``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KKError
+
+_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def split_transcript(text: str) -> tuple[list[str], list[str]]:
+    """(human turns, assistant turns) of equal length; a missing answer is an empty turn."""
+    parts = _TURN.split(text)
+    human, assistant = [], []
+    # parts = [preamble, role, text, role, text, ...]
+    for role, turn in zip(parts[1::2], parts[2::2]):
+        turn = turn.strip()
+        if role == "Human":
+            human.append(turn)
+            assistant.append("")
+        elif not human:  # an assistant turn before any human one: pair it with an empty prompt
+            human.append("")
+            assistant.append(turn)
+        else:
+            assistant[-1] = (assistant[-1] + "\n\n" + turn).strip()
+    return human, assistant
+
+
+def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = None):
+    """HH-RLHF pairs as a competition train frame (JSON-list cells, one-hot ``winner_*``)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise KKError(f"{path} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    rng = np.random.default_rng(seed)
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                chosen, rejected = rec["chosen"], rec["rejected"]
+            except (ValueError, KeyError, TypeError):
+                raise KKError(f"{path}: line {n} is not a JSON object with 'chosen' and 'rejected'") from None
+            prompt, good = split_transcript(chosen)
+            _, bad = split_transcript(rejected)
+            if not prompt or len(bad) != len(good):
+                continue  # transcripts of different shapes: no pairwise comparison
+            a_wins = bool(rng.integers(2))
+            a, b = (good, bad) if a_wins else (bad, good)
+            rows.append({
+                "id": f"hh{n}",
+                "model_a": "chosen" if a_wins else "rejected",
+                "model_b": "rejected" if a_wins else "chosen",
+                "prompt": json.dumps(prompt, ensure_ascii=False),
+                "response_a": json.dumps(a, ensure_ascii=False),
+                "response_b": json.dumps(b, ensure_ascii=False),
+                "winner_model_a": int(a_wins),
+                "winner_model_b": int(not a_wins),
+                "winner_tie": 0,
+            })
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise KKError(f"{path}: no usable chosen/rejected pairs")
+    return pd.DataFrame(rows)
+
+
+def preference_set(hh_path: str | os.PathLike, arena_paths=(), seed: int = 0, limit: int | None = None):
+    """HH-RLHF pairs plus real arena train files (raw cells kept) as one train frame, shuffled."""
+    import pandas as pd
+
+    from .data import TRAIN_COLUMNS
+
+    frames = [read_hh_rlhf(hh_path, seed=seed, limit=limit)]
+    for p in arena_paths:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        missing = [c for c in TRAIN_COLUMNS if c not in df.columns]
+        if missing:
+            raise KKError(f"{p}: missing column {', '.join(missing)}")
+        frames.append(df[[c for c in df.columns if c in (*TRAIN_COLUMNS, "model_a", "model_b")]])
+    out = pd.concat(frames, ignore_index=True)
+    return out.sample(frac=1.0, random_state=seed).reset_index(drop=True)

@@ -1,0 +1,183 @@
+"""Runs on the user's machine: builds the notebook folder and the artifact and wheel datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import KKError
+from .common import COMPETITION, FOLD_FILES, MANIFEST, WHEELS_SENTINEL
+from .notebook import make_notebook
+
+# --- who pushes ---------------------------------------------------------------------------------------------------
+
+
+def kaggle_user(explicit: str | None = None) -> str:
+    """--user, else KAGGLE_USERNAME, else the username in kaggle.json. Only the name is ever read out."""
+    if explicit:
+        return explicit
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"]
+    cfg_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    f = cfg_dir / "kaggle.json"
+    if f.exists():
+        try:
+            name = json.loads(f.read_text()).get("username")
+        except ValueError:
+            raise KKError(f"{f} is not valid JSON") from None
+        if name:
+            return name
+    raise KKError("no Kaggle user name: pass --user, set KAGGLE_USERNAME, or put kaggle.json in ~/.kaggle")
+
+
+def slugify(name: str) -> str:
+    import re
+
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    if len(slug) < 3:
+        raise KKError(f"--name {name!r} must give a slug of at least 3 letters, digits or dashes")
+    return slug[:50]
+
+
+# --- building -----------------------------------------------------------------------------------------------------
+
+
+def build_wheel(dest: Path) -> Path:
+    """kagglekit's own wheel, built from the source tree this package was imported from."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").exists():
+        raise KKError(f"cannot find kagglekit's source (no pyproject.toml beside {root}); install it with pip install -e .")
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(root)],
+                          capture_output=True, text=True)
+    wheels = sorted(dest.glob("kagglekit-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise KKError(f"building kagglekit's wheel failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return wheels[-1]
+
+
+def _dataset_metadata(user: str, slug: str, title: str) -> dict:
+    return {"title": title[:50], "id": f"{user}/{slug}", "licenses": [{"name": "CC0-1.0"}]}
+
+
+def _copy_fold(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in FOLD_FILES:
+        if (src / f).exists():
+            shutil.copy2(src / f, dst / f)
+
+
+def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
+                 folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True,
+                 train_path=None) -> Path:
+    """Write the notebook and its two datasets; returns ``kernels/<name>``."""
+    import nbformat
+
+    from ..data import load_train
+    from ..ensemble import calibrate, common_oof, load_run_oof
+    from ..io import atomic_dir, write_json
+    from ..predict import fold_config, trained_folds, warn_missing_folds
+    from ..ui import info
+
+    if not runs:
+        raise KKError("give at least one --run")
+    slug = slugify(name)
+    user = kaggle_user(user)
+    out = Path(out) if out else Path("kernels") / slug
+    if out.exists() and not force:
+        raise KKError(f"{out} already exists; pass --force to rebuild it")
+    runs = [Path(r) for r in runs]
+    run_folds = [(r, trained_folds(r, folds)) for r in runs]
+    if folds in (None, "all"):
+        for r, found in run_folds:
+            warn_missing_folds(r, [k for k, _ in found])
+
+    # Weights and temperature are fitted on the runs' OOF now, so the kernel needs no labels.
+    weights, temperature = [1.0] * len(runs), 1.0
+    first_cfg = fold_config(run_folds[0][1][0][1])
+    try:
+        train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
+    except KKError as e:
+        from ..ui import warn
+
+        warn(f"no OOF calibration in the kernel (equal weights, temperature 1): {e}")
+        train_df = None
+    if fit and train_df is not None:
+        labels = dict(zip(train_df["id"], train_df["label"]))
+        oofs, y = common_oof([load_run_oof(r, folds, labels) for r in runs], labels)
+        if len(y):
+            w, temperature, _ = calibrate(oofs, y)
+            weights = w.tolist()
+
+    with atomic_dir(out) as tmp:
+        art = tmp / "datasets" / f"{slug}-artifacts"
+        whl = tmp / "datasets" / f"{slug}-wheels"
+        manifest = {"name": slug, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
+                    "backbone_source": backbone_source, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        copied_backbones: dict[str, str] = {}
+        used: set[str] = set()
+        for r, fl in run_folds:
+            rname = r.name if r.name not in used else f"{r.name}-{len(used)}"  # two runs named alike stay apart
+            used.add(rname)
+            entry = {"name": rname, "folds": []}
+            for k, path in fl:
+                cfg = fold_config(path)
+                backbone = cfg.model.backbone
+                if Path(backbone).expanduser().is_dir():
+                    src = str(Path(backbone).expanduser().resolve())
+                    if src not in copied_backbones:
+                        rel = f"backbones/{len(copied_backbones)}-{Path(src).name}"
+                        shutil.copytree(src, art / rel)
+                        copied_backbones[src] = rel
+                    entry["backbone"] = {"path": copied_backbones[src]}
+                elif backbone_source:
+                    entry["backbone"] = {"source": backbone_source, "name": backbone}
+                else:
+                    raise KKError(f"{path}: backbone {backbone!r} is not a local folder and Kaggle kernels run offline; "
+                                  "pass --backbone-source <owner>/<slug> of a Kaggle dataset or model holding it")
+                _copy_fold(path, art / rname / f"fold_{k}")
+                entry["folds"].append(k)
+            manifest["runs"].append(entry)
+        write_json(art / MANIFEST, manifest)
+        write_json(art / "dataset-metadata.json", _dataset_metadata(user, f"{slug}-artifacts", f"{slug} artifacts"))
+
+        wheel = build_wheel(whl)
+        for w in extra_wheels or []:
+            if not Path(w).exists():
+                raise KKError(f"--wheel {w} does not exist")
+            shutil.copy2(w, whl / Path(w).name)
+        write_json(whl / WHEELS_SENTINEL, {"kagglekit": wheel.name, "wheels": sorted(p.name for p in whl.glob("*.whl"))})
+        write_json(whl / "dataset-metadata.json", _dataset_metadata(user, f"{slug}-wheels", f"{slug} wheels"))
+
+        kdir = tmp / "kernel"
+        kdir.mkdir(parents=True)
+        nb = make_notebook(slug)
+        nbformat.validate(nb)
+        nbformat.write(nb, str(kdir / f"{slug}.ipynb"))
+        meta = {
+            "id": f"{user}/{slug}",
+            "title": slug,
+            "code_file": f"{slug}.ipynb",
+            "language": "python",
+            "kernel_type": "notebook",
+            "is_private": True,
+            "enable_gpu": True,
+            "enable_internet": False,  # explicit: the kaggle CLI's own default is true
+            "dataset_sources": [f"{user}/{slug}-artifacts", f"{user}/{slug}-wheels"],
+            "competition_sources": [COMPETITION],
+            "kernel_sources": [],
+            "model_sources": [],
+        }
+        if backbone_source:
+            key = "model_sources" if backbone_source.count("/") > 1 else "dataset_sources"
+            meta[key].append(backbone_source)
+        write_json(kdir / "kernel-metadata.json", meta)
+    info(f"wrote {out}: {sum(len(e['folds']) for e in manifest['runs'])} fold(s), weights {weights}, temperature {temperature:.3f}")
+    return out
+
+

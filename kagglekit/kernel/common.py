@@ -1,0 +1,12 @@
+"""What the user's machine and the Kaggle notebook agree on: names of the sentinel files,
+the competition's slug, the files of a fold that travel, Kaggle's limits."""
+
+COMPETITION = "llm-classification-finetuning"
+MANIFEST = "kk_manifest.json"
+WHEELS_SENTINEL = "kk_wheels.json"
+HIDDEN_TEST_ROWS = 25_000
+KAGGLE_LIMIT_H = 9.0
+# Files of a fold that inference needs (checkpoints and logs stay home).
+FOLD_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json", "config.yaml",
+              "metrics.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spm.model",
+              "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt")

@@ -1,0 +1,138 @@
+"""Runs on the user's machine: executes the built notebook in a fake /kaggle tree with the network cut off."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import KKError
+from .common import COMPETITION, HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H
+
+
+def _offline_kernelspec(tmp: Path, env: dict) -> str:
+    """A Jupyter kernel started inside a new network namespace (`unshare -n`) when the system allows it."""
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    isolated = False
+    if shutil.which("unshare"):
+        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+        if probe.returncode == 0:
+            argv = ["unshare", "-n", *argv]
+            isolated = True
+    spec = tmp / "jupyter" / "kernels" / "kk-offline"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "kagglekit offline", "language": "python", "env": env}))
+    return "isolated" if isolated else "proxies only"
+
+
+def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 1.0, keep: str | None = None) -> dict:
+    """Run the kernel as Kaggle would, offline, in a fake /kaggle tree; check the submission it writes."""
+    import tempfile
+
+    import nbformat
+    import pandas as pd
+    from jupyter_client import KernelManager
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    from ..data import load_test
+    from ..ensemble import check_submission
+    from ..synthetic import make_synthetic
+    from ..ui import console, table
+
+    kernel_dir = Path(kernel_dir)
+    meta_path = kernel_dir / "kernel" / "kernel-metadata.json"
+    if not meta_path.exists():
+        raise KKError(f"{kernel_dir} is not a kernel built by kk kernel (no kernel/kernel-metadata.json)")
+    meta = json.loads(meta_path.read_text())
+    nb_path = kernel_dir / "kernel" / meta["code_file"]
+    if keep:
+        shutil.rmtree(keep, ignore_errors=True)
+    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="kk-dry-run-"))
+    root = tmp / "kaggle"
+    comp = root / "input" / "competitions" / COMPETITION
+    comp.mkdir(parents=True, exist_ok=True)
+    if test_csv is not None:
+        test_df, _ = load_test(test_csv)  # the same checks as everywhere: a bad file is one clear line
+        shutil.copy2(test_csv, comp / "test.csv")
+    else:
+        make_synthetic(50, seed=7, with_labels=False).to_csv(comp / "test.csv", index=False)
+        test_df, _ = load_test(comp / "test.csv")
+    sample = pd.DataFrame({"id": test_df["id"], "winner_model_a": 1 / 3, "winner_model_b": 1 / 3, "winner_tie": 1 / 3})
+    sample.to_csv(comp / "sample_submission.csv", index=False)
+    for ds in sorted((kernel_dir / "datasets").iterdir()):
+        owner, slug = json.loads((ds / "dataset-metadata.json").read_text())["id"].split("/")
+        mount = root / "input" / "datasets" / owner / slug
+        mount.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(ds.resolve(), mount)  # read-only in spirit: the notebook writes only to working/
+    (root / "working").mkdir(exist_ok=True)
+
+    env = {"KAGGLE_ROOT": str(root), "KK_SITE": str(tmp / "site"), "KK_QUIET": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "PYTHONNOUSERSITE": "1"}
+    network = _offline_kernelspec(tmp, env)
+    old_path = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(tmp / "jupyter") + (os.pathsep + old_path if old_path else "")
+    nb = nbformat.read(str(nb_path), as_version=4)
+    km = KernelManager(kernel_name="kk-offline", transport="ipc", ip=str(tmp / "zmq"))
+    t0 = time.time()
+    try:
+        with console.status(f"running {nb_path.name} offline in {root} ..."):
+            NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(root / "working")}}).execute()
+    except CellExecutionError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise KKError(f"the kernel failed in the dry run: {lines[-1] if lines else e} (notebook run kept in {tmp})") from None
+    finally:
+        if old_path is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = old_path
+        nbformat.write(nb, str(tmp / "executed.ipynb"))
+    wall = time.time() - t0
+    sub_path = root / "working" / "submission.csv"
+    if not sub_path.exists():
+        raise KKError(f"the kernel ran but wrote no {sub_path}")
+    sub = pd.read_csv(sub_path, dtype={"id": str})
+    check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv")
+
+    report = _report_from_outputs(nb)
+    per_row_pass = report.get("seconds_per_row_pass", wall / max(1, len(test_df)))
+    passes = report.get("passes", 2)
+    # Fixed costs (start-up, install, model loading) + per-row prediction cost scaled to the hidden test set.
+    fixed_s = wall - per_row_pass * len(test_df) * passes
+    estimate_h = (fixed_s + per_row_pass * HIDDEN_TEST_ROWS * passes / gpu_factor) / 3600
+    result = {"submission": str(sub_path), "rows": len(sub), "wall_s": round(wall, 1), "network": network,
+              "inference_s": report.get("seconds"), "passes_per_row": passes, "estimate_hidden_h": estimate_h,
+              "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor, "work_dir": str(tmp)}
+    console.print(table(
+        f"dry run of {kernel_dir}",
+        ["check", "value"],
+        [["network", network], ["notebook wall time (s)", f"{wall:.1f}"], ["submission rows", len(sub)],
+         ["prediction (s per row and pass)", f"{per_row_pass:.4f}"],
+         ["format vs sample_submission", "ok"], ["fold x TTA passes per row", passes],
+         [f"estimate for {HIDDEN_TEST_ROWS:,} rows (h)", f"{estimate_h:.2f} (x1/{gpu_factor:g} GPU factor; limit {KAGGLE_LIMIT_H:g} h)"],
+         ["fits Kaggle's limit", "yes" if result["fits_9h"] else "NO"]],
+    ))
+    return result
+
+
+def _report_from_outputs(nb) -> dict:
+    """The JSON run_offline's cell printed, parsed back."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "run_offline" in cell.source:
+            for o in cell.get("outputs", []):
+                if o.get("output_type") == "stream" and o.get("name") == "stdout":
+                    try:
+                        return json.loads(o["text"])
+                    except ValueError:
+                        continue
+    return {}
+
+
+# --- pushing ------------------------------------------------------------------------------------------------------
+
+

@@ -1,0 +1,71 @@
+"""The notebook's cells: what Kaggle executes, top to bottom (find inputs, install offline, predict)."""
+
+from __future__ import annotations
+
+NOTEBOOK_INTRO = """# {slug}: kagglekit offline inference
+
+Built by `kk kernel` (kagglekit {version}). Runs with the internet off: installs kagglekit from the attached
+wheels dataset, loads every fold's adapter from the artifacts dataset, predicts `test.csv` with A/B swap
+test-time augmentation and length-sorted batches (fp16 on T4, both GPUs when there are two), and writes
+`/kaggle/working/submission.csv`."""
+
+CELL_FIND = '''import os, sys, json, time, subprocess
+from pathlib import Path
+
+ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # the dry run points this at a fake tree
+INPUT, WORK = ROOT / "input", ROOT / "working"
+T0 = time.time()
+
+def find(name, must_have=None, max_depth=6):
+    """First folder under /kaggle/input holding `name` (and `must_have`), whatever the mount layout."""
+    for dirpath, dirnames, filenames in os.walk(INPUT, followlinks=True):
+        if dirpath[len(str(INPUT)):].count(os.sep) >= max_depth:
+            dirnames[:] = []
+        dirnames.sort()
+        if name in filenames and (must_have is None or must_have in filenames):
+            return Path(dirpath)
+    raise FileNotFoundError(f"no {name} under {INPUT}: is the dataset attached?")
+
+WHEELS = find("kk_wheels.json")
+ARTIFACTS = find("kk_manifest.json")
+COMPETITION = find("test.csv", must_have="sample_submission.csv")
+print("wheels:", WHEELS, "\\nartifacts:", ARTIFACTS, "\\ncompetition:", COMPETITION)'''
+
+CELL_INSTALL = '''# Offline install: no index, only the attached wheels. Kaggle's image already has torch, transformers, peft.
+SITE = Path(os.environ.get("KK_SITE", "/tmp/kk_site"))
+wheels = [str(WHEELS / w) for w in json.loads((WHEELS / "kk_wheels.json").read_text())["wheels"]]
+subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target", str(SITE), *wheels], check=True)
+sys.path.insert(0, str(SITE))
+import kagglekit
+print("kagglekit", kagglekit.__version__)'''
+
+CELL_RUN = '''from kagglekit.kernel.offline import run_offline
+
+report = run_offline(ARTIFACTS, COMPETITION / "test.csv", WORK / "submission.csv",
+                     sample_submission=COMPETITION / "sample_submission.csv", input_root=INPUT)
+print(json.dumps({k: v for k, v in report.items() if k != "timings"}, indent=1))'''
+
+CELL_DONE = '''import pandas as pd
+sub = pd.read_csv(WORK / "submission.csv")
+print(sub.shape, "in", round(time.time() - T0, 1), "s")
+sub.head()'''
+
+
+def make_notebook(slug: str):
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    from .. import __version__
+
+    nb = new_notebook(
+        cells=[new_markdown_cell(NOTEBOOK_INTRO.format(slug=slug, version=__version__)), new_code_cell(CELL_FIND),
+               new_code_cell(CELL_INSTALL), new_code_cell(CELL_RUN), new_code_cell(CELL_DONE)],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                  "language_info": {"name": "python"}},
+    )
+    nb.nbformat, nb.nbformat_minor = 4, 5  # v4.5: cells carry ids
+    return nb
+
+
+# --- what the notebook runs ---------------------------------------------------------------------------------------
+
+
