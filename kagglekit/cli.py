@@ -179,7 +179,7 @@ def train_cmd(
 @command("tiny-model")
 def tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Folder to write the model and tokenizer to."),
-    arch: str = typer.Option("deberta-v2", "--arch", help="deberta-v2 (relative attention, as DeBERTa-v3) or llama."),
+    arch: str = typer.Option("deberta-v2", "--arch", help="deberta-v2 (relative attention, as DeBERTa-v3), or a decoder: llama, qwen2, mistral, gemma2."),
     train: Path | None = typer.Option(None, "--train", help="Train the tokenizer on this CSV's texts (default: synthetic)."),
     vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     hidden: int = typer.Option(64, "--hidden", help="Hidden size."),

@@ -35,7 +35,7 @@ DEFAULT_TARGETS = {
 }
 # Heads that must be trained and saved in full: the classifier, and DeBERTa's
 # pooler, which a pretrained checkpoint does not contain (peft's default leaves it random).
-HEAD_MODULES = ("classifier", "score", "pooler")
+HEAD_MODULES = ("classifier", "score", "pooler", "pre_classifier")
 
 
 def quiet_libraries() -> None:
@@ -185,7 +185,8 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=lora_targets(model, cfg.lora),
-        modules_to_save=head_modules(model),
+        # peft adds "classifier" and "score" itself for SEQ_CLS: name only the others, so none is listed twice.
+        modules_to_save=[m for m in head_modules(model) if m not in ("classifier", "score")] or None,
     )
     try:
         model = get_peft_model(model, pconf)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .errors import KKError
 
-ARCHS = ("deberta-v2", "llama")
+ARCHS = ("deberta-v2", "llama", "qwen2", "mistral", "gemma2")
+DECODERS = ("llama", "qwen2", "mistral", "gemma2")
 
 
 def _corpus(train_csv: str | None, n_synthetic: int = 800) -> list[str]:
@@ -125,7 +126,7 @@ def build_tiny_model(
         model = DebertaV2ForSequenceClassification(cfg)
     else:
         from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-        from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+        from transformers import PreTrainedTokenizerFast
 
         vocab = unigram_vocab(texts, vocab_size, ["<unk>", "<s>", "</s>"])
         core = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
@@ -136,7 +137,7 @@ def build_tiny_model(
         # Like Llama's: a BOS token in front, no end token and no pad token (kagglekit sets one).
         tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
         tok.pad_token = tok.eos_token
-        cfg = LlamaConfig(
+        common = dict(
             vocab_size=len(tok),
             hidden_size=hidden,
             num_hidden_layers=layers,
@@ -150,8 +151,25 @@ def build_tiny_model(
             eos_token_id=tok.eos_token_id,
             tie_word_embeddings=False,
         )
-        model = LlamaForSequenceClassification(cfg)
+        model = _decoder(arch, common, hidden // heads)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def _decoder(arch: str, common: dict, head_dim: int):
+    """A decoder of the family ``arch`` with its own config class (each family's quirks included:
+    Gemma-2's soft-capping and sliding windows, Qwen2's QKV biases, Mistral's sliding window)."""
+    import transformers as T
+
+    if arch == "llama":
+        return T.LlamaForSequenceClassification(T.LlamaConfig(**common))
+    if arch == "qwen2":
+        return T.Qwen2ForSequenceClassification(T.Qwen2Config(**common))
+    if arch == "mistral":
+        return T.MistralForSequenceClassification(T.MistralConfig(**common, head_dim=head_dim, sliding_window=256))
+    if arch == "gemma2":
+        # head_dim defaults to 256 in Gemma-2; at toy size it must follow hidden / heads.
+        return T.Gemma2ForSequenceClassification(T.Gemma2Config(**common, head_dim=head_dim, sliding_window=256))
+    raise KKError(f"unknown decoder {arch}")

@@ -1,0 +1,109 @@
+"""Every architecture the README lists trains and predicts: the decoder families with and without
+4-bit, and BERT-family encoders (LoRA targets, the nested pooler trained as a head, head learning rate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from kagglekit.predict import predict_fold
+from kagglekit.tiny import DECODERS, build_tiny_model
+from kagglekit.train import train_fold
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [a for a in DECODERS if a != "llama"])  # llama: test_train.py
+@pytest.mark.parametrize("quant", ["none", "4bit"])
+def test_decoder_family_trains_and_predicts(tiny_project, tmp_path, arch, quant):
+    if quant == "4bit":
+        pytest.importorskip("bitsandbytes")
+    model = tmp_path / arch
+    build_tiny_model(model, arch, str(tiny_project / "train.csv"), vocab_size=400, hidden=64)
+    cfg = tiny_config(tiny_project, f"model.backbone={model}", f"model.quantization={quant}", "train.max_steps=2",
+                      "train.eval_batch_size=16")
+    m = train_fold(cfg, 0, tmp_path / "run")
+    assert m["steps"] == 2 and np.isfinite(m["val_log_loss"])
+    adapter = json.loads((tmp_path / "run/fold_0/adapter_config.json").read_text())
+    assert "score" in adapter["modules_to_save"] and "q_proj" in str(adapter["target_modules"])
+    df = predict_fold(tmp_path / "run", 0, tiny_project / "test.csv")
+    p = df[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+    assert len(df) == 40 and np.isfinite(p).all() and np.allclose(p.sum(1), 1)
+
+
+def _tiny_bert(path, project):
+    """A 2-layer BERT with a WordPiece vocabulary from the project's texts (no download)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    from kagglekit.tiny import _corpus
+
+    words = sorted({w.lower() for t in _corpus(str(project / "train.csv")) for w in t.split()})[:800]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    core = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                  sep_token="[SEP]", mask_token="[MASK]")
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     max_position_embeddings=256, num_labels=3, pad_token_id=0)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_bert_family_lora_targets_pooler_and_head_lr(tiny_project, tmp_path):
+    import torch
+
+    from kagglekit.modeling import build_model, head_modules, load_tokenizer
+    from kagglekit.train import param_groups
+
+    bert = _tiny_bert(tmp_path / "bert", tiny_project)
+    cfg = tiny_config(tiny_project, f"model.backbone={bert}", "train.head_lr=0.05", "train.lr=0.001")
+    tok = load_tokenizer(str(bert))
+    model = build_model(cfg, tok, torch.device("cpu"))
+    names = dict(model.named_modules())
+    adapted = {n.rsplit(".", 1)[0].split("encoder.layer.")[-1] for n in names if n.endswith("lora_A")}
+    # query, key, value and the three dense layers of every layer are adapted; the pooler's dense is not
+    for layer in range(2):
+        for sub in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                    "intermediate.dense", "output.dense"):
+            assert f"{layer}.{sub}" in adapted, sorted(adapted)
+    assert not any("pooler" in a for a in adapted)
+    saved = model.peft_config["default"].modules_to_save
+    assert "bert.pooler" in saved and "classifier" in saved and len(saved) == len(set(saved))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("pooler" in n and "modules_to_save" in n for n in trainable)  # the nested pooler is trained
+    groups = param_groups(model, cfg.train)
+    head = [g for g in groups if g["lr"] == 0.05]
+    assert head and sum(p.numel() for g in head for p in g["params"]) > 0
+    assert {g["lr"] for g in groups} == {0.05, 0.001}
+    assert head_modules(model.base_model.model) == ["bert.pooler", "classifier"]
+
+
+def test_bert_family_trains_and_predicts(tiny_project, tmp_path):
+    bert = _tiny_bert(tmp_path / "bert", tiny_project)
+    cfg = tiny_config(tiny_project, f"model.backbone={bert}", "train.max_steps=3", "train.head_lr=0.01")
+    m = train_fold(cfg, 1, tmp_path / "run")
+    assert m["steps"] == 3 and np.isfinite(m["val_log_loss"])
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run/fold_1/adapter_model.safetensors"))
+    assert any("pooler" in k for k in saved) and any("lora_A" in k and "intermediate" in k for k in saved)
+    df = predict_fold(tmp_path / "run", 1, tiny_project / "test.csv")
+    assert np.isfinite(df.iloc[:, 1:].to_numpy()).all()
+
+
+def test_packaged_backbone_names(tmp_path):
+    from kagglekit.config import load_config
+    from kagglekit.errors import KKError
+    from kagglekit.modeling import check_backbone
+
+    cfg = load_config(None, ["model.backbone=pkg:kagglekit/presets"])
+    assert cfg.model.backbone.endswith("kagglekit/presets") and cfg.model.backbone.startswith("/")
+    cfg = load_config(None, ["model.backbone=pkg:no_such_package_kk/model"])
+    with pytest.raises(KKError, match="package no_such_package_kk is not installed .*pip install --no-deps no-such-package-kk"):
+        check_backbone(cfg.model.backbone)
