@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,11 @@ def _logistic_oof(x_ab, x_ba, y, fold_of, seed: int) -> np.ndarray:
     for k in np.unique(fold_of):
         tr, va = fold_of != k, fold_of == k
         xt, yt = _swap_aug(x_ab[tr], x_ba[tr], y[tr])
-        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=3, max_iter=2000, random_state=seed))
-        model.fit(xt, yt)
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0], cv=3, max_iter=2000,
+                                                                     scoring="neg_log_loss", random_state=seed))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's announcements of changing defaults
+            model.fit(xt, yt)
         classes = list(model.classes_)
 
         def full(p, classes=classes):

@@ -334,6 +334,8 @@ def kernel_cmd(
     folds: str = typer.Option("all", "--folds", help="Folds to package: all, or e.g. 0,2,4."),
     wheel: list[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for the OOF labels that fit weights/temperature (default: the run's data.train)."),
+    machine_shape: str = typer.Option("NvidiaTeslaT4", "--machine-shape", help="GPU written to kernel-metadata.json: NvidiaTeslaT4 (2 x T4), NvidiaL4, NvidiaTeslaT4Highmem."),
+    pin_deps: bool = typer.Option(False, "--pin-deps", help="Bundle the transformers/peft/tokenizers/accelerate wheels the run was trained with."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
     test: Path | None = typer.Option(None, "--test", help="With --dry-run: test.csv to use (default: synthetic)."),
@@ -354,7 +356,8 @@ def kernel_cmd(
     else:
         if not run:
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
-        K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train)
+        K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train,
+                       machine_shape=machine_shape, pin_deps=pin_deps)
 
 
 def main() -> None:

@@ -39,9 +39,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8, device=None, autocast_dtype=None,
-                 progress=None, task=None, sort: bool = True, pad_to: int | None = None) -> np.ndarray:
+                 progress=None, task=None, sort: bool = True, pad_to: int | None = None, counts: dict | None = None) -> np.ndarray:
     """Logits (n, 3) for token sequences, in input order.
 
+    Rows whose half-precision logits are not finite (fp16 overflow, a known DeBERTa-v3 issue on
+    T4) are recomputed in fp32, so one bad row never sinks a submission; their number is added to
+    ``counts["fp32_rows"]``. Rows still not finite in fp32 stay NaN for the caller to report.
     ``sort=False`` and ``pad_to`` exist for the benchmarks' baselines (file order,
     fixed padding); kagglekit itself always sorts and pads per batch.
     """
@@ -60,8 +63,14 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id, pad_to)
             ids, mask = ids.to(device), mask.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            out[idx] = logits.float().cpu().numpy()
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            bad = ~torch.isfinite(logits).all(dim=1)
+            if autocast_dtype is not None and bool(bad.any()):
+                with torch.autocast(device.type, enabled=False):
+                    logits[bad] = model(input_ids=ids[bad], attention_mask=mask[bad]).logits.float()
+                if counts is not None:
+                    counts["fp32_rows"] = counts.get("fp32_rows", 0) + int(bad.sum())
+            out[idx] = logits.cpu().numpy()
             if progress is not None:
                 progress.advance(task, len(idx))
     model.train(was_training)
@@ -91,14 +100,20 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
     pad_id = formatter.tokenizer.pad_token_id
     total = len(seqs_ab) * (2 if tta else 1)
     task = progress.add_task(description, total=total, status="") if progress is not None else None
-    p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, task))
+    counts = {"fp32_rows": 0}
+    p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts))
     p_ba = None
     if tta:
         seqs_ba, _ = formatter.sequences(enc, swap=True)
-        p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, task))[:, SWAP]
+        p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts))[:, SWAP]
         probs = (p_ab + p_ba) / 2.0
     else:
         probs = p_ab
     if progress is not None and remove_task:
         progress.remove_task(task)
-    return {"probs": probs, "probs_ab": p_ab, "probs_ba": p_ba, "stats": stats}
+    if counts["fp32_rows"]:
+        from .ui import warn
+
+        warn(f"{description}: {counts['fp32_rows']} sequence(s) overflowed in {str(autocast_dtype).replace('torch.', '')} "
+             "and were recomputed in fp32")
+    return {"probs": probs, "probs_ab": p_ab, "probs_ba": p_ba, "stats": stats, "fp32_rows": counts["fp32_rows"]}

@@ -52,20 +52,30 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def native_bf16(device) -> bool:
+    """Whether the GPU computes bf16 in hardware (compute capability 8.0+: A100, L4, H100...).
+
+    Not ``torch.cuda.is_bf16_supported()``: it answers True on a T4 (7.5), where bf16 runs through
+    slow emulation; there fp16 is the right choice."""
+    import torch
+
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def device_and_dtype(precision: str = "auto", device: str | None = None):
-    """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it, else fp16 (T4, P100)."""
+    """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it natively, else fp16 (T4)."""
     import torch
 
     use_cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
     if use_cuda:
         device = torch.device(device or "cuda")
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if native_bf16(device) else "fp16"
     else:
         device = torch.device("cpu")
         if precision == "auto":
             precision = "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
         precision = "fp16"  # a config trained on bf16 hardware, predicting on a T4
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return device, dtype

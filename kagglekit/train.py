@@ -648,6 +648,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
     from .data import LABEL_COLUMNS
     from .io import write_csv, write_json
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
+    from .versions import library_versions
 
     if "probs" not in s.best:
         raise KKError(f"fold {s.fold}: the validation log loss was never finite; nothing to keep")
@@ -676,6 +677,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),
         "truncation": {"train": inputs.trunc.summary(), "val": s.best["stats"].summary()},
         "device": str(s.device),
+        "versions": library_versions(),
     }
     write_json(out / "metrics.json", metrics)
     shutil.rmtree(s.ckpt_dir, ignore_errors=True)

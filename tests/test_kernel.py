@@ -45,6 +45,7 @@ def test_notebook_and_metadata(kernel_dir):
         "kernel_type": "notebook",
         "is_private": True,
         "enable_gpu": True,
+        "machine_shape": "NvidiaTeslaT4",
         "enable_internet": False,
         "dataset_sources": ["alice/tiny-test-artifacts", "alice/tiny-test-wheels"],
         "competition_sources": ["llm-classification-finetuning"],
@@ -150,3 +151,131 @@ def test_errors_are_one_line(kernel_dir, tiny_run, tiny_project, tmp_path):
     assert r.exit_code == 1 and "missing column prompt" in r.stderr and "Traceback" not in r.output
     r = run_cli("kernel", "--run", tiny_run, "--name", "Tiny Test", "--user", "bob", "--out", kernel_dir)
     assert r.exit_code == 1 and "--force" in r.stderr
+
+
+def test_each_gpu_has_its_own_queue_and_never_two_folds():
+    """Two fake devices, folds of uneven cost: never two folds at once on one device, both busy."""
+    import threading
+    import time
+
+    from kagglekit.kernel.offline import run_per_device
+
+    running = {"cuda:0": 0, "cuda:1": 0}
+    peak = {"cuda:0": 0, "cuda:1": 0}
+    seen = []
+    lock = threading.Lock()
+    costs = [0.3, 0.01, 0.01, 0.01, 0.2]
+
+    def fold(i, device):
+        with lock:
+            running[device] += 1
+            peak[device] = max(peak[device], running[device])
+            seen.append((i, device))
+        time.sleep(costs[i])
+        with lock:
+            running[device] -= 1
+        return i * 10
+
+    assert run_per_device(5, ["cuda:0", "cuda:1"], fold) == [0, 10, 20, 30, 40]
+    assert peak == {"cuda:0": 1, "cuda:1": 1}
+    assert {i: d for i, d in seen} == {0: "cuda:0", 1: "cuda:1", 2: "cuda:0", 3: "cuda:1", 4: "cuda:0"}
+
+
+def test_unsupported_gpu_is_one_line(monkeypatch):
+    import torch
+
+    from kagglekit.kernel.offline import check_gpus_usable
+
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla P100-PCIE-16GB")
+    with pytest.raises(KKError, match=r"sm_60\) is not supported .*NvidiaTeslaT4"):
+        check_gpus_usable()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
+    check_gpus_usable()
+
+
+@pytest.mark.parametrize("layout", ["classic", "competitions", "datasets"])
+def test_competition_wins_over_a_decoy_dataset_with_the_same_files(tmp_path, monkeypatch, layout):
+    root = tmp_path / "kaggle"
+    comp = {"classic": "input/llm-classification-finetuning", "competitions": "input/competitions/llm-classification-finetuning",
+            "datasets": "input/competitions/llm-classification-finetuning"}[layout]
+    decoy = {"classic": "input/aaa-decoy", "competitions": "input/aaa-decoy", "datasets": "input/datasets/bob/aaa-decoy"}[layout]
+    for d in (comp, decoy):
+        (root / d).mkdir(parents=True)
+        for f in ("test.csv", "sample_submission.csv"):
+            (root / d / f).write_text("x")
+    for d, f in (("input/a", "kk_manifest.json"), ("input/w", "kk_wheels.json")):
+        (root / d).mkdir(parents=True)
+        (root / d / f).write_text("x")
+    from kagglekit.kernel.notebook import make_notebook
+
+    cell = make_notebook("x").cells[1].source
+    monkeypatch.setenv("KAGGLE_ROOT", str(root))
+    ns: dict = {}
+    exec(cell, ns)
+    assert ns["COMPETITION"] == root / comp
+    # two candidates and neither is the competition: a clear error listing both
+    import shutil
+
+    shutil.rmtree(root / comp)
+    (root / "input" / "zzz-decoy2").mkdir()
+    for f in ("test.csv", "sample_submission.csv"):
+        (root / "input" / "zzz-decoy2" / f).write_text("x")
+    with pytest.raises(RuntimeError, match="2 folders .* hold test.csv"):
+        exec(cell, {})
+
+
+def test_backbone_lookup_follows_the_recorded_name(tmp_path):
+    from kagglekit.kernel.offline import check_source_handle, find_backbone
+
+    inp = tmp_path / "input"
+    for d in ("datasets/alice/deberta-models/deberta-base", "datasets/alice/deberta-models/deberta-v3-base",
+              "models/google/gemma-2/transformers/gemma-2-9b/1"):
+        (inp / d).mkdir(parents=True)
+        (inp / d / "config.json").write_text("{}")
+    got = find_backbone(inp, "alice/deberta-models", "microsoft/deberta-v3-base")
+    assert got == inp / "datasets/alice/deberta-models/deberta-v3-base"  # not the alphabetically first deberta-base
+    with pytest.raises(KKError, match="2 model folders could be"):
+        find_backbone(inp, "alice/deberta-models", None)
+    assert find_backbone(inp, "google/gemma-2/transformers/gemma-2-9b/1", "google/gemma-2-9b") == \
+        inp / "models/google/gemma-2/transformers/gemma-2-9b/1"
+    with pytest.raises(KKError, match="not attached"):
+        find_backbone(inp, "carol/nothing", "x")
+    assert check_source_handle("google/gemma-2/transformers/gemma-2-9b/1")
+    for bad in ("gemma-2", "google/gemma-2/transformers", "google/gemma-2/transformers/9b/latest"):
+        with pytest.raises(KKError, match="owner/model/framework/variation/version"):
+            check_source_handle(bad)
+
+
+def test_quantized_run_needs_bitsandbytes_in_the_kernel(tiny_project, tmp_path, monkeypatch):
+    """Kaggle's image has no bitsandbytes: the wheel travels with the kernel, or the build refuses in one line."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import tiny_config
+    from kagglekit.train import train_fold
+
+    run = tmp_path / "q4"
+    train_fold(tiny_config(tiny_project, "model.quantization=4bit", "train.max_steps=1"), 0, run)
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no download possible: the refusal names what to attach
+    with pytest.raises(KKError, match="no bitsandbytes.*--wheel bitsandbytes-"):
+        build_kernel([run], "q4-kernel", tmp_path / "k1", folds="0")
+    assert not (tmp_path / "k1").exists()
+    fake = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    fake.write_bytes(b"PK")
+    out = build_kernel([run], "q4-kernel", tmp_path / "k2", folds="0", extra_wheels=[fake])
+    wheels = json.loads((out / "datasets/q4-kernel-wheels/kk_wheels.json").read_text())["wheels"]
+    assert fake.name in wheels
+    manifest = json.loads((out / "datasets/q4-kernel-artifacts/kk_manifest.json").read_text())
+    versions = manifest["runs"][0]["versions"]
+    assert manifest["runs"][0]["quantization"] == "4bit" and versions["transformers"] and versions["torch"]
+
+
+def test_version_mismatch_is_warned(capsys):
+    from kagglekit.versions import library_versions, major_mismatches
+
+    here = library_versions()
+    old = dict(here, transformers="4.57.6")
+    assert major_mismatches(here, here) == []
+    assert major_mismatches(old, here) == [f"transformers 4.57.6 (trained) vs {here['transformers']} (here)"]

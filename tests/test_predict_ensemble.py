@@ -222,3 +222,34 @@ def test_demo_completes(tmp_path):
     # the demo also packaged the kernel and dry-ran it offline
     assert (tmp_path / "demo" / "kernels" / "kagglekit-demo" / "kernel" / "kagglekit-demo.ipynb").exists()
     _check(tmp_path / "demo" / "kernels" / "dry-run" / "kaggle" / "working" / "submission.csv", tmp_path / "demo" / "data" / "test.csv")
+
+
+def test_rows_that_overflow_in_half_precision_are_recomputed_in_fp32():
+    """A stub model whose fp16 logits are inf for some rows: those rows come back finite (fp32), counted."""
+    import torch
+
+    from kagglekit.inference import infer_logits
+
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, input_ids, attention_mask):
+            logits = input_ids[:, :1].float() * self.w
+            if torch.is_autocast_enabled("cpu"):
+                logits = torch.where(input_ids[:, :1] == 7, torch.full_like(logits, float("inf")), logits)
+            return Out(logits)
+
+    seqs = [[1, 2], [7, 1, 1], [3], [7], [5, 5, 5, 5]]
+    counts = {}
+    out = infer_logits(Stub(), seqs, 0, batch_size=2, device=torch.device("cpu"), autocast_dtype=torch.float16, counts=counts)
+    assert np.isfinite(out).all() and counts["fp32_rows"] == 2
+    np.testing.assert_allclose(out[:, 0], [1, 7, 3, 7, 5])
+    plain = infer_logits(Stub(), seqs, 0, batch_size=2, device=torch.device("cpu"), autocast_dtype=None, counts=(c := {}))
+    np.testing.assert_allclose(plain, out)
+    assert not c  # nothing recomputed in fp32 without half precision

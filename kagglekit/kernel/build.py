@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from .common import COMPETITION, FOLD_FILES, MANIFEST, WHEELS_SENTINEL
+from .common import COMPETITION, FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
 from .notebook import make_notebook
 
 # --- who pushes ---------------------------------------------------------------------------------------------------
@@ -74,9 +74,19 @@ def _copy_fold(src: Path, dst: Path) -> None:
 
 def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
                  folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True,
-                 train_path=None) -> Path:
-    """Write the notebook and its two datasets; returns ``kernels/<name>``."""
+                 train_path=None, machine_shape: str = "NvidiaTeslaT4", pin_deps: bool = False) -> Path:
+    """Write the notebook and its two datasets; returns ``kernels/<name>``.
+
+    ``machine_shape`` is written explicitly: a GPU kernel pushed without it may get a P100, on which
+    Kaggle's current torch (CUDA 12.8 builds, no sm_60 kernels) fails at the first CUDA call."""
     import nbformat
+
+    if backbone_source:
+        from .offline import check_source_handle
+
+        check_source_handle(backbone_source)
+    if machine_shape not in MACHINE_SHAPES:
+        raise KKError(f"--machine-shape must be one of {', '.join(MACHINE_SHAPES)} (got {machine_shape!r})")
 
     from ..data import load_train
     from ..ensemble import calibrate, common_oof, load_run_oof
@@ -124,7 +134,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         for r, fl in run_folds:
             rname = r.name if r.name not in used else f"{r.name}-{len(used)}"  # two runs named alike stay apart
             used.add(rname)
-            entry = {"name": rname, "folds": []}
+            entry = {"name": rname, "folds": [], "versions": trained_versions(fl[0][1]),
+                     "quantization": fold_config(fl[0][1]).model.quantization}
             for k, path in fl:
                 cfg = fold_config(path)
                 backbone = cfg.model.backbone
@@ -151,6 +162,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             if not Path(w).exists():
                 raise KKError(f"--wheel {w} does not exist")
             shutil.copy2(w, whl / Path(w).name)
+        bundle_dependencies(manifest, whl, pin_deps)
         write_json(whl / WHEELS_SENTINEL, {"kagglekit": wheel.name, "wheels": sorted(p.name for p in whl.glob("*.whl"))})
         write_json(whl / "dataset-metadata.json", _dataset_metadata(user, f"{slug}-wheels", f"{slug} wheels"))
 
@@ -167,6 +179,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             "kernel_type": "notebook",
             "is_private": True,
             "enable_gpu": True,
+            "machine_shape": machine_shape,
             "enable_internet": False,  # explicit: the kaggle CLI's own default is true
             "dataset_sources": [f"{user}/{slug}-artifacts", f"{user}/{slug}-wheels"],
             "competition_sources": [COMPETITION],
@@ -181,3 +194,59 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     return out
 
 
+
+
+# --- what Kaggle's image lacks travels with the kernel --------------------------------------------------------------
+
+# Kaggle's image (docker-python, 2026-08): Python 3.12, x86-64 manylinux; no bitsandbytes.
+KAGGLE_PYTHON = "3.12"
+KAGGLE_PLATFORMS = ("manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+PINNABLE = ("transformers", "peft", "tokenizers", "accelerate")
+
+
+def trained_versions(fold_path: Path) -> dict:
+    """The library versions a fold was trained with (metrics.json), else this environment's."""
+    from ..versions import library_versions
+
+    try:
+        recorded = json.loads((Path(fold_path) / "metrics.json").read_text()).get("versions")
+    except (OSError, ValueError):
+        recorded = None
+    return recorded or library_versions()
+
+
+def download_wheels(specs: list[str], dest: Path) -> None:
+    """Wheels for Kaggle's Python and platform (not this machine's), without their dependencies."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version",
+           KAGGLE_PYTHON, "--implementation", "cp", "-d", str(dest)]
+    for p in KAGGLE_PLATFORMS:
+        cmd += ["--platform", p]
+    proc = subprocess.run(cmd + specs, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["pip download failed"]
+        raise OSError(last[0])
+
+
+def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
+    """bitsandbytes for quantized runs (Kaggle's image has none), and with ``pin_deps`` the exact
+    transformers/peft/tokenizers/accelerate the runs were trained with: the notebook installs them
+    ahead of the image's own before anything imports them."""
+    have = {p.name.split("-")[0].lower().replace("_", "-") for p in whl.glob("*.whl")}
+    quantized = [e["name"] for e in manifest["runs"] if e.get("quantization", "none") != "none"]
+    if quantized and "bitsandbytes" not in have:
+        version = next((e["versions"].get("bitsandbytes") for e in manifest["runs"] if e["versions"].get("bitsandbytes")), None)
+        spec = f"bitsandbytes=={version}" if version else "bitsandbytes"
+        try:
+            download_wheels([spec], whl)
+        except OSError as e:
+            raise KKError(f"run {quantized[0]} is quantized and Kaggle's image has no bitsandbytes; downloading a wheel for "
+                          f"Python {KAGGLE_PYTHON} failed ({e}): attach one with --wheel bitsandbytes-<version>-py3-none-"
+                          f"manylinux_2_24_x86_64.whl (pip download --no-deps --only-binary=:all: --python-version "
+                          f"{KAGGLE_PYTHON} --platform manylinux_2_24_x86_64 {spec})") from None
+    if pin_deps:
+        versions = manifest["runs"][0]["versions"]
+        specs = [f"{name}=={versions[name]}" for name in PINNABLE if versions.get(name) and name not in have]
+        try:
+            download_wheels(specs, whl)
+        except OSError as e:
+            raise KKError(f"--pin-deps: downloading {' '.join(specs)} for Python {KAGGLE_PYTHON} failed ({e})") from None

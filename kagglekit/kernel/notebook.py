@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import COMPETITION
+
 NOTEBOOK_INTRO = """# {slug}: kagglekit offline inference
 
 Built by `kk kernel` (kagglekit {version}). Runs with the internet off: installs kagglekit from the attached
@@ -16,19 +18,33 @@ ROOT = Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))  # the dry run points this
 INPUT, WORK = ROOT / "input", ROOT / "working"
 T0 = time.time()
 
-def find(name, must_have=None, max_depth=6):
-    """First folder under /kaggle/input holding `name` (and `must_have`), whatever the mount layout."""
+def find_all(name, must_have=None, max_depth=7):
+    """Every folder under /kaggle/input holding `name` (and `must_have`), whatever the mount layout."""
+    hits = []
     for dirpath, dirnames, filenames in os.walk(INPUT, followlinks=True):
         if dirpath[len(str(INPUT)):].count(os.sep) >= max_depth:
             dirnames[:] = []
         dirnames.sort()
         if name in filenames and (must_have is None or must_have in filenames):
-            return Path(dirpath)
-    raise FileNotFoundError(f"no {name} under {INPUT}: is the dataset attached?")
+            hits.append(Path(dirpath))
+    return hits
+
+def find(name, must_have=None, prefer=None):
+    """The one folder holding `name`; with several, the one under the `prefer` slug; else one clear error."""
+    hits = find_all(name, must_have)
+    if not hits:
+        raise FileNotFoundError(f"no {name} under {INPUT}: is the dataset attached?")
+    if len(hits) > 1 and prefer:
+        preferred = [h for h in hits if prefer in h.relative_to(INPUT).parts]
+        hits = preferred or hits
+    if len(hits) > 1:
+        raise RuntimeError(f"{len(hits)} folders under {INPUT} hold {name}: " + ", ".join(map(str, hits)) + "; detach all but one")
+    return hits[0]
 
 WHEELS = find("kk_wheels.json")
 ARTIFACTS = find("kk_manifest.json")
-COMPETITION = find("test.csv", must_have="sample_submission.csv")
+# The competition's own folder, not an attached dataset that happens to carry a test.csv too.
+COMPETITION = find("test.csv", must_have="sample_submission.csv", prefer="{competition}")
 print("wheels:", WHEELS, "\\nartifacts:", ARTIFACTS, "\\ncompetition:", COMPETITION)'''
 
 CELL_INSTALL = '''# Offline install: no index, only the attached wheels. Kaggle's image already has torch, transformers, peft.
@@ -57,7 +73,7 @@ def make_notebook(slug: str):
     from .. import __version__
 
     nb = new_notebook(
-        cells=[new_markdown_cell(NOTEBOOK_INTRO.format(slug=slug, version=__version__)), new_code_cell(CELL_FIND),
+        cells=[new_markdown_cell(NOTEBOOK_INTRO.format(slug=slug, version=__version__)), new_code_cell(CELL_FIND.replace("{competition}", COMPETITION)),
                new_code_cell(CELL_INSTALL), new_code_cell(CELL_RUN), new_code_cell(CELL_DONE)],
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                   "language_info": {"name": "python"}},
