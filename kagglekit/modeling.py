@@ -128,13 +128,54 @@ def _quantization_config(kind: str, compute_dtype):
     )
 
 
-def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None):
-    """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone``."""
+# Inference keeps fp32 master weights (autocast does the half precision, and a row that overflows in
+# fp16 can be recomputed in fp32) while they are small; above this, weights load in the inference dtype
+# so that a model of several billion parameters fits a 15 GB T4.
+FP32_INFERENCE_MAX_BYTES = 2 * 1024**3
+
+
+def count_parameters(name_or_path: str) -> int | None:
+    """Parameters of a backbone from its config alone (instantiated on the meta device: no weights
+    read, no memory used); None when its config cannot be read here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        conf = AutoConfig.from_pretrained(name_or_path)
+        conf.num_labels = 3
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(conf)
+    except (OSError, ValueError, KeyError):
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def inference_weight_dtype(model_cfg, device, autocast_dtype):
+    """fp32 unless the model is too big for fp32 weights on a GPU; then the autocast dtype."""
+    if device is None or device.type != "cuda" or autocast_dtype is None or model_cfg.quantization != "none":
+        return None
+    n = count_parameters(model_cfg.backbone)
+    return autocast_dtype if n is not None and 4 * n > FP32_INFERENCE_MAX_BYTES else None
+
+
+def estimate_inference_bytes(params: int, quantization: str, precision_bytes: int = 2) -> int:
+    """GPU memory a fold model needs for inference: weights in their precision (4-bit NF4 with double
+    quantization ~0.55 bytes a parameter, 8-bit ~1.1, half 2, fp32 4) plus 1.5 GB for activations,
+    the CUDA context and the allocator's slack."""
+    per = {"4bit": 0.55, "8bit": 1.1}.get(quantization, precision_bytes)
+    return int(params * per + 1.5 * 1024**3)
+
+
+def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None):
+    """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone``; ``weight_dtype``
+    loads the weights in that dtype (inference of big models) instead of fp32."""
     from transformers import AutoModelForSequenceClassification
 
     check_backbone(model_cfg.backbone)
     qconf = _quantization_config(model_cfg.quantization, autocast_dtype)
     kwargs = {"num_labels": 3}
+    if weight_dtype is not None and qconf is None:
+        kwargs["dtype"] = weight_dtype
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device.index if device is not None and device.type == "cuda" else "cpu"}
@@ -145,7 +186,7 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None):
     model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling in decoders needs it
     if qconf is None and device is not None:
         model.to(device)
-    if qconf is None:
+    if qconf is None and weight_dtype is None:
         model.float()  # master weights in fp32; autocast does the mixed precision
     return model
 
@@ -236,7 +277,7 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
         from peft import PeftModel
 
         model_cfg = cfg.model.model_copy(update={"backbone": backbone or cfg.model.backbone})
-        base = load_backbone(model_cfg, tokenizer, device, autocast_dtype)
+        base = load_backbone(model_cfg, tokenizer, device, autocast_dtype, inference_weight_dtype(model_cfg, device, autocast_dtype))
         model = PeftModel.from_pretrained(base, str(fold_dir))
         if cfg.model.quantization == "none":
             model = model.merge_and_unload()  # plain weights: no LoRA overhead at inference

@@ -122,3 +122,23 @@ def test_fp16_on_t4_never_emulated_bf16(monkeypatch, capability, asked, expected
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     device, dtype = device_and_dtype(asked, "cuda:0")
     assert device.type == "cuda" and (dtype is None if expected is None else str(dtype) == f"torch.{expected}")
+
+
+def test_big_models_load_for_inference_in_half_precision(tiny_project, tmp_path):
+    """fp32 master weights while they are small (fp32 recompute of overflowing rows stays possible);
+    a model whose fp32 weights exceed 2 GB loads in the inference dtype, or it could not fit a T4."""
+    import torch
+    from transformers import LlamaConfig
+
+    from kagglekit.config import load_config
+    from kagglekit.modeling import inference_weight_dtype
+
+    big = tmp_path / "big"
+    LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                vocab_size=32000).save_pretrained(big)
+    cuda = torch.device("cuda:0")
+    big_cfg = load_config(None, [f"model.backbone={big}"]).model
+    small_cfg = load_config(None, [f"model.backbone={tiny_project / 'deberta'}"]).model
+    assert inference_weight_dtype(big_cfg, cuda, torch.float16) == torch.float16
+    assert inference_weight_dtype(small_cfg, cuda, torch.float16) is None
+    assert inference_weight_dtype(big_cfg, torch.device("cpu"), None) is None

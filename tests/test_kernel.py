@@ -74,6 +74,12 @@ def test_dry_run_offline_on_the_real_test_file(kernel_dir, shared_arena):
     sample = pd.read_csv(shared_arena / "sample_submission.csv", dtype={"id": str})
     assert list(sub.columns) == list(sample.columns) and sub["id"].tolist() == sample["id"].tolist()
     assert res["passes_per_row"] == 6 and res["estimate_hidden_h"] > 0
+    est = res["model_estimate"]  # from the model's size and the test's tokens, not from this CPU's speed
+    assert est is not None and est["runs"][0]["passes"] == 6 and est["runs"][0]["mean_tokens"] > 10
+    # 2 x params x tokens x passes x 25,000 rows, plus attention: the FLOPs follow the formula, not a timing
+    r = est["runs"][0]
+    assert est["tflop"] >= 2 * r["params"] * r["mean_tokens"] * 6 * 25_000 / 1e12
+    assert 0 < est["hours"] < 1 and "T4" in est["assumption"]
 
 
 def test_dry_run_synthetic_fallback_is_offline(kernel_dir):
@@ -279,3 +285,30 @@ def test_version_mismatch_is_warned(capsys):
     old = dict(here, transformers="4.57.6")
     assert major_mismatches(here, here) == []
     assert major_mismatches(old, here) == [f"transformers 4.57.6 (trained) vs {here['transformers']} (here)"]
+
+
+def test_a_model_too_big_for_a_t4_is_refused(tmp_path, monkeypatch):
+    """Memory is estimated from the config alone (meta device): a 9B-parameter Gemma-2 in half precision
+    does not fit one T4; in 4-bit it does."""
+    from transformers import Gemma2Config
+
+    from kagglekit import modeling
+    from kagglekit.kernel.build import check_fits_t4
+
+    big = tmp_path / "gemma-2-9b"
+    Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=256, vocab_size=256000).save_pretrained(big)
+    params = modeling.count_parameters(str(big))
+    assert 8.5e9 < params < 9.5e9
+    assert modeling.estimate_inference_bytes(params, "none") > 15 * 1024**3
+    assert modeling.estimate_inference_bytes(params, "4bit") < 14 * 1024**3
+
+    def fake_run(quant):
+        fold = tmp_path / f"run-{quant}" / "fold_0"
+        fold.mkdir(parents=True)
+        (fold / "config.yaml").write_text(f"model:\n  backbone: {big}\n  quantization: {quant}\n")
+        return (fold.parent, [(0, fold)])
+
+    with pytest.raises(KKError, match=r"9\.\dB parameters.*needs ~1\d\.\d GB on one T4.*model.quantization: 4bit"):
+        check_fits_t4([fake_run("none")])
+    check_fits_t4([fake_run("4bit")])

@@ -124,6 +124,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             w, temperature, _ = calibrate(oofs, y)
             weights = w.tolist()
 
+    check_fits_t4(run_folds)
+
     with atomic_dir(out) as tmp:
         art = tmp / "datasets" / f"{slug}-artifacts"
         whl = tmp / "datasets" / f"{slug}-wheels"
@@ -250,3 +252,26 @@ def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
             download_wheels(specs, whl)
         except OSError as e:
             raise KKError(f"--pin-deps: downloading {' '.join(specs)} for Python {KAGGLE_PYTHON} failed ({e})") from None
+
+
+T4_BYTES = int(14.5 * 1024**3)  # a T4's 15 GB less what the CUDA context keeps
+
+
+def check_fits_t4(run_folds) -> None:
+    """Refuse, in one line with the fix, a kernel whose largest fold model cannot fit one T4."""
+    from ..modeling import FP32_INFERENCE_MAX_BYTES, count_parameters, estimate_inference_bytes
+    from ..predict import fold_config
+
+    for r, fl in run_folds:
+        cfg = fold_config(fl[0][1])
+        if not Path(cfg.model.backbone).expanduser().is_dir():
+            continue  # attached from Kaggle: its size is not known here
+        params = count_parameters(cfg.model.backbone)
+        if params is None:
+            continue
+        precision = 4 if 4 * params <= FP32_INFERENCE_MAX_BYTES else 2
+        need = estimate_inference_bytes(params, cfg.model.quantization, precision)
+        if need > T4_BYTES:
+            raise KKError(f"run {r}: its backbone ({params / 1e9:.1f}B parameters, {cfg.model.quantization if cfg.model.quantization != 'none' else f'{precision * 8}-bit weights'}) "
+                          f"needs ~{need / 1024**3:.1f} GB on one T4 ({T4_BYTES / 1024**3:.1f} GB usable): "
+                          "train it with model.quantization: 4bit (or 8bit)")

@@ -100,6 +100,7 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv")
 
     report = _report_from_outputs(nb)
+    model_estimate = flops_estimate(kernel_dir, test_df)
     per_row_pass = report.get("seconds_per_row_pass", wall / max(1, len(test_df)))
     passes = report.get("passes", 2)
     # Fixed costs (start-up, install, model loading) + per-row prediction cost scaled to the hidden test set.
@@ -107,30 +108,91 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     estimate_h = (fixed_s + per_row_pass * HIDDEN_TEST_ROWS * passes / gpu_factor) / 3600
     result = {"submission": str(sub_path), "rows": len(sub), "wall_s": round(wall, 1), "network": network,
               "inference_s": report.get("seconds"), "passes_per_row": passes, "estimate_hidden_h": estimate_h,
-              "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor, "work_dir": str(tmp)}
+              "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor, "work_dir": str(tmp),
+              "model_estimate": model_estimate}
     console.print(table(
         f"dry run of {kernel_dir}",
         ["check", "value"],
         [["network", network], ["notebook wall time (s)", f"{wall:.1f}"], ["submission rows", len(sub)],
          ["prediction (s per row and pass)", f"{per_row_pass:.4f}"],
          ["format vs sample_submission", "ok"], ["fold x TTA passes per row", passes],
-         [f"estimate for {HIDDEN_TEST_ROWS:,} rows (h)", f"{estimate_h:.2f} (x1/{gpu_factor:g} GPU factor; limit {KAGGLE_LIMIT_H:g} h)"],
+         [f"estimate for {HIDDEN_TEST_ROWS:,} rows from FLOPs (h)", _describe_model_estimate(model_estimate)],
+         [f"measured here, scaled to {HIDDEN_TEST_ROWS:,} rows (h)", f"{estimate_h:.2f} (x1/{gpu_factor:g} GPU factor; limit {KAGGLE_LIMIT_H:g} h)"],
          ["fits Kaggle's limit", "yes" if result["fits_9h"] else "NO"]],
     ))
     return result
 
 
 def _report_from_outputs(nb) -> dict:
-    """The JSON run_offline's cell printed, parsed back."""
+    """The JSON run_offline's cell printed (its last stdout object), parsed back."""
     for cell in nb.cells:
         if cell.cell_type == "code" and "run_offline" in cell.source:
-            for o in cell.get("outputs", []):
-                if o.get("output_type") == "stream" and o.get("name") == "stdout":
-                    try:
-                        return json.loads(o["text"])
-                    except ValueError:
-                        continue
+            text = "".join(o.get("text", "") for o in cell.get("outputs", [])
+                           if o.get("output_type") == "stream" and o.get("name") == "stdout")
+            start = text.rfind("\n{\n") + 1 if "\n{\n" in text else text.find("{")
+            if start >= 0:
+                try:
+                    return json.loads(text[start:])
+                except ValueError:
+                    pass
     return {}
+
+
+# The assumption the FLOPs estimate rests on, stated once: a T4 does 65 dense fp16 TFLOP/s at peak;
+# encoder inference with length-sorted batches reaches about a third of it; Kaggle gives two T4s,
+# each predicting its own folds.
+T4_PEAK_TFLOPS = 65.0
+T4_UTILISATION = 0.35
+KAGGLE_GPUS = 2
+
+
+def flops_estimate(kernel_dir: Path, test_df) -> dict | None:
+    """Hours for the hidden test from the models' size and the test's token count: 2 x (non-embedding
+    parameters) FLOPs per token plus attention (4 x layers x length x hidden), times the rows' tokens
+    under each fold's formatter, times folds and TTA passes, over the T4 throughput assumed above.
+    None where a backbone is not in the artifacts (attached from Kaggle: its config is not here)."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..formatting import Formatter
+    from ..predict import fold_config
+
+    art = next((d for d in (kernel_dir / "datasets").iterdir() if (d / "kk_manifest.json").exists()), None)
+    if art is None:
+        return None
+    manifest = json.loads((art / "kk_manifest.json").read_text())
+    total_flops, runs = 0.0, []
+    for entry in manifest["runs"]:
+        if "path" not in entry.get("backbone", {}):
+            return None
+        fold = art / entry["name"] / f"fold_{entry['folds'][0]}"
+        cfg = fold_config(fold)
+        mconf = AutoConfig.from_pretrained(art / entry["backbone"]["path"])
+        mconf.num_labels = 3
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(mconf)
+        embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
+        params = sum(p.numel() for p in model.parameters()) - embed
+        fmt = Formatter.from_config(AutoTokenizer.from_pretrained(fold), cfg.model)
+        seqs, _ = fmt.sequences(fmt.encode_rows(test_df))
+        lengths = np.array([len(x) for x in seqs], dtype=np.float64)
+        layers = getattr(mconf, "num_hidden_layers", 0)
+        hidden = getattr(mconf, "hidden_size", 0)
+        per_row = float(np.mean(2 * params * lengths + 4 * layers * hidden * lengths**2))
+        passes = len(entry["folds"]) * (2 if cfg.predict.tta else 1)
+        total_flops += per_row * HIDDEN_TEST_ROWS * passes
+        runs.append({"run": entry["name"], "params": int(params), "mean_tokens": float(lengths.mean()),
+                     "passes": passes})
+    hours = total_flops / (T4_PEAK_TFLOPS * 1e12 * T4_UTILISATION * KAGGLE_GPUS) / 3600
+    return {"hours": hours, "tflop": total_flops / 1e12, "runs": runs,
+            "assumption": f"{KAGGLE_GPUS} x T4 at {T4_UTILISATION:.0%} of {T4_PEAK_TFLOPS:g} fp16 TFLOP/s"}
+
+
+def _describe_model_estimate(est: dict | None) -> str:
+    if est is None:
+        return "unknown (a backbone attached from Kaggle: its size is not known here)"
+    return f"{est['hours']:.2f} ({est['tflop']:,.0f} TFLOP; {est['assumption']}; model loading not included)"
 
 
 # --- pushing ------------------------------------------------------------------------------------------------------
