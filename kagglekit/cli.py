@@ -339,6 +339,7 @@ def kernel_cmd(
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
     test: Path | None = typer.Option(None, "--test", help="With --dry-run: test.csv to use (default: synthetic)."),
+    python: str | None = typer.Option(None, "--python", help="With --dry-run: run the notebook under this Python (e.g. a venv with Kaggle's package versions)."),
     gpu_factor: float = typer.Option(1.0, "--gpu-factor", help="With --dry-run: how many times faster Kaggle's GPU is than this machine, for the 25k-row estimate."),
     push: Path | None = typer.Option(None, "--push", help="Push this built kernel and its datasets with the kaggle CLI."),
 ):
@@ -350,7 +351,7 @@ def kernel_cmd(
     from . import kernel as K
 
     if dry_run is not None:
-        K.dry_run(dry_run, test, gpu_factor=gpu_factor)
+        K.dry_run(dry_run, test, gpu_factor=gpu_factor, python=python)
     elif push is not None:
         K.push(push)
     else:

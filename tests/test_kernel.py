@@ -312,3 +312,44 @@ def test_a_model_too_big_for_a_t4_is_refused(tmp_path, monkeypatch):
     with pytest.raises(KKError, match=r"9\.\dB parameters.*needs ~1\d\.\d GB on one T4.*model.quantization: 4bit"):
         check_fits_t4([fake_run("none")])
     check_fits_t4([fake_run("4bit")])
+
+
+# Kaggle's image (docker-python, 2026-08) as far as this machine can reproduce it: its transformers, peft,
+# tokenizers, accelerate, pandas and numpy exactly. Nearest used: Python 3.11 (this machine's; the image
+# has 3.12) and torch 2.13.0 CPU (the build on this disk; the image has 2.10/2.11 for CUDA 12.8).
+KAGGLE_PINS = ["transformers==5.0.0", "peft==0.19.1", "tokenizers==0.22.2", "accelerate==1.13.0", "pandas==2.2.2",
+               "numpy==2.0.2", "pydantic>=2.12,<2.13", "pyyaml==6.0.3", "rich", "scipy", "scikit-learn", "safetensors",
+               "sentencepiece", "ipykernel"]
+
+
+@pytest.mark.slow
+def test_dry_run_under_kaggles_package_versions(kernel_dir, tmp_path_factory):
+    """The kernel, installed the way the notebook installs it (--no-index --no-deps from the wheels
+    dataset), runs under Kaggle's library versions in a venv of its own, offline."""
+    import subprocess
+    import sys
+    import venv
+
+    env_dir = os.environ.get("KK_KAGGLE_VENV") or str(tmp_path_factory.mktemp("kaggle-venv") / "venv")
+    py = os.path.join(env_dir, "bin", "python")
+    if not os.path.exists(py):
+        venv.create(env_dir, with_pip=True)
+        pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for args in (["torch==2.13.0"], KAGGLE_PINS):
+            r = subprocess.run(pip + args, capture_output=True, text=True, timeout=1200)
+            if r.returncode != 0:
+                pytest.fail(f"cannot build the Kaggle-versions venv: {(r.stderr or r.stdout)[-1500:]}")
+    versions = subprocess.run([py, "-c", "import transformers, peft, tokenizers; print(transformers.__version__, peft.__version__, "
+                                         "tokenizers.__version__)"], capture_output=True, text=True, check=True).stdout.split()
+    assert versions == ["5.0.0", "0.19.1", "0.22.2"]
+    assert "kagglekit" not in subprocess.run([py, "-m", "pip", "list"], capture_output=True, text=True).stdout
+    res = dry_run(kernel_dir, python=py)
+    assert res["rows"] == 50 and sys.executable != py
+    sub = pd.read_csv(res["submission"])
+    assert list(sub.columns) == ["id", "winner_model_a", "winner_model_b", "winner_tie"]
+    assert (sub.iloc[:, 1:].sum(axis=1) - 1).abs().max() < 1e-6
+
+
+def test_dry_run_python_without_ipykernel(kernel_dir, tmp_path):
+    with pytest.raises(KKError, match="--python .*not a Python with ipykernel"):
+        dry_run(kernel_dir, python=str(tmp_path / "no-python"))

@@ -14,9 +14,10 @@ from ..errors import KKError
 from .common import COMPETITION, HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H
 
 
-def _offline_kernelspec(tmp: Path, env: dict) -> str:
-    """A Jupyter kernel started inside a new network namespace (`unshare -n`) when the system allows it."""
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+def _offline_kernelspec(tmp: Path, env: dict, python: str | None = None) -> str:
+    """A Jupyter kernel started inside a new network namespace (`unshare -n`) when the system allows it,
+    under ``python`` (another interpreter, e.g. a venv with Kaggle's package versions) or this one."""
+    argv = [python or sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     isolated = False
     if shutil.which("unshare"):
         probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
@@ -29,8 +30,20 @@ def _offline_kernelspec(tmp: Path, env: dict) -> str:
     return "isolated" if isolated else "proxies only"
 
 
-def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 1.0, keep: str | None = None) -> dict:
-    """Run the kernel as Kaggle would, offline, in a fake /kaggle tree; check the submission it writes."""
+def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 1.0, keep: str | None = None,
+            python: str | None = None) -> dict:
+    """Run the kernel as Kaggle would, offline, in a fake /kaggle tree; check the submission it writes.
+
+    ``python``: the interpreter the notebook runs under (default: this one); a venv holding Kaggle's
+    image versions (transformers, peft, tokenizers...) tests the kernel against them. It needs ipykernel."""
+    if python is not None:
+        try:
+            probe = subprocess.run([python, "-c", "import ipykernel"], capture_output=True, text=True)
+        except OSError as e:
+            raise KKError(f"--python {python}: not a Python with ipykernel installed ({e.strerror})") from None
+        if probe.returncode != 0:
+            raise KKError(f"--python {python}: not a Python with ipykernel installed "
+                          f"({(probe.stderr.strip().splitlines() or ['cannot run it'])[-1]})")
     import tempfile
 
     import nbformat
@@ -74,7 +87,7 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     env = {"KAGGLE_ROOT": str(root), "KK_SITE": str(tmp / "site"), "KK_QUIET": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "PYTHONNOUSERSITE": "1"}
-    network = _offline_kernelspec(tmp, env)
+    network = _offline_kernelspec(tmp, env, python)
     old_path = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = str(tmp / "jupyter") + (os.pathsep + old_path if old_path else "")
     nb = nbformat.read(str(nb_path), as_version=4)
