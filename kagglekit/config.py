@@ -57,6 +57,10 @@ class ModelConfig(_Section):
         "auto", description="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (non-reentrant, works with peft).")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="Encoders: cls = the architecture's [CLS] pooler; mean = masked mean of the last hidden states "
+        "(what sentence-transformers models such as MiniLM were trained for). Decoders always pool the last token.",
+    )
 
     @field_validator("backbone")
     @classmethod

@@ -33,6 +33,7 @@ DEFAULT_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+DECODER_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi3")
 # Heads that must be trained and saved in full: the classifier, and DeBERTa's
 # pooler, which a pretrained checkpoint does not contain (peft's default leaves it random).
 HEAD_MODULES = ("classifier", "score", "pooler", "pre_classifier")
@@ -184,6 +185,7 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
     except (OSError, ValueError) as e:
         raise KKError(f"cannot load model.backbone {model_cfg.backbone!r}: {str(e).splitlines()[0]}") from None
     model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling in decoders needs it
+    apply_pooling(model, getattr(model_cfg, "pooling", "cls"))
     if qconf is None and device is not None:
         model.to(device)
     if qconf is None and weight_dtype is None:
@@ -291,3 +293,64 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
         raise KKError(f"{fold_dir} has no adapter_config.json or config.json: not a trained fold")
     model.eval()
     return model, tokenizer
+
+
+# --- pooling -------------------------------------------------------------------------------------------------------
+
+_SEQUENCE_HEADS = ("roberta", "xlm-roberta", "camembert", "electra")  # classifier reads features[:, 0] itself
+_MEAN_POOLER = None
+
+
+def _mean_pooler_class():
+    """MeanPooler, built on first use (torch loads lazily)."""
+    global _MEAN_POOLER
+    if _MEAN_POOLER is None:
+        import torch
+
+        class MeanPooler(torch.nn.Module):
+            """Feeds the wrapped [CLS] pooler (or head) the attention-masked mean of the last hidden states in
+            place of the first token: a sentence-transformers encoder such as all-MiniLM-L6-v2 was trained
+            to be read by its mean, not by [CLS]. The wrapped module's weights stay as they were loaded."""
+
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+                self.mask = None  # set by the model's forward pre-hook on every call
+
+            def forward(self, hidden_states, *args, **kwargs):
+                mask = self.mask
+                if mask is None or mask.shape[:2] != hidden_states.shape[:2]:
+                    mask = hidden_states.new_ones(hidden_states.shape[:2])
+                m = mask.unsqueeze(-1).to(hidden_states.dtype)
+                mean = (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
+                return self.inner(mean.unsqueeze(1), *args, **kwargs)
+
+        _MEAN_POOLER = MeanPooler
+    return _MEAN_POOLER
+
+
+def apply_pooling(model, pooling: str) -> None:
+    """``model.pooling``: ``cls`` keeps the architecture's own pooling ([CLS] for encoders, the last
+    token for decoders); ``mean`` reads encoders by the masked mean of their last hidden states."""
+    if pooling != "mean":
+        return
+    if model.config.model_type in DECODER_TYPES:
+        raise KKError(f"model.pooling=mean is for encoders; {model.config.model_type} pools its last token (use cls)")
+    modules = dict(model.named_modules())
+    target = next((n for n in modules if n.split(".")[-1] == "pooler" and modules[n] is not None), None)
+    if target is None and model.config.model_type in _SEQUENCE_HEADS:
+        target = "classifier"
+    if target is None:
+        raise KKError(f"model.pooling=mean: no pooler to replace in {model.config.model_type}")
+    parent_name, _, attr = target.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    pooler_cls = _mean_pooler_class()
+    setattr(parent, attr, pooler_cls(getattr(parent, attr)))
+
+    def capture_mask(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        for m in module.modules():
+            if isinstance(m, pooler_cls):
+                m.mask = mask
+
+    model.register_forward_pre_hook(capture_mask, with_kwargs=True)

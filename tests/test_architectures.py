@@ -142,3 +142,44 @@ def test_big_models_load_for_inference_in_half_precision(tiny_project, tmp_path)
     assert inference_weight_dtype(big_cfg, cuda, torch.float16) == torch.float16
     assert inference_weight_dtype(small_cfg, cuda, torch.float16) is None
     assert inference_weight_dtype(big_cfg, torch.device("cpu"), None) is None
+
+
+def test_mean_pooling_reads_the_masked_mean(tiny_project, tmp_path):
+    """model.pooling=mean: padding does not change a row's logits, and the trained fold reloads the same way."""
+    import torch
+
+    from kagglekit.errors import KKError
+    from kagglekit.modeling import build_model, load_tokenizer
+
+    bert = _tiny_bert(tmp_path / "bert", tiny_project)
+    cfg = tiny_config(tiny_project, f"model.backbone={bert}", "model.pooling=mean")
+    tok = load_tokenizer(str(bert))
+    model = build_model(cfg, tok, torch.device("cpu")).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    padded = torch.tensor([[2, 10, 11, 12, 3, 0, 0, 0], [2, 13, 3, 0, 0, 0, 0, 0]])
+    mask = (padded != 0).long()
+    with torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        both = model(input_ids=padded, attention_mask=mask).logits
+    torch.testing.assert_close(alone[0], both[0], atol=1e-5, rtol=1e-5)
+    # cls pooling reads only the first token: a different function of the same weights
+    cls_model = build_model(tiny_config(tiny_project, f"model.backbone={bert}"), tok, torch.device("cpu")).eval()
+    with torch.no_grad():
+        assert not torch.allclose(cls_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, alone)
+    m = train_fold(tiny_config(tiny_project, f"model.backbone={bert}", "model.pooling=mean", "train.max_steps=2"), 2, tmp_path / "run")
+    oof = json.loads((tmp_path / "run/fold_2/metrics.json").read_text())["val_log_loss"]
+    df = predict_fold(tmp_path / "run", 2, tiny_project / "test.csv")
+    assert np.isfinite(df.iloc[:, 1:].to_numpy()).all() and m["val_log_loss"] == oof
+    # the saved fold reloads with its trained mean-pooled head: it reproduces its own OOF predictions
+    import pandas as pd
+
+    from kagglekit.data import load_train
+    from kagglekit.predict import FoldModel
+
+    train_df, _ = load_train(tiny_project / "train.csv")
+    saved = pd.read_csv(tmp_path / "run/fold_2/oof.csv", dtype={"id": str})
+    val = train_df.set_index("id").loc[saved["id"]].reset_index()
+    again = FoldModel(tmp_path / "run/fold_2").predict(val)["probs"]
+    np.testing.assert_allclose(again, saved.iloc[:, 1:].to_numpy(), atol=1e-5)
+    with pytest.raises(KKError, match="pooling=mean is for encoders"):
+        train_fold(tiny_config(tiny_project, "model.pooling=mean", "train.max_steps=1", arch="llama"), 0, tmp_path / "dec")
