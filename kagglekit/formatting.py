@@ -116,6 +116,17 @@ class Formatter:
         b = model_cfg.budget
         return cls(tokenizer, model_cfg.max_length, model_cfg.truncation, (b.prompt, b.response_a, b.response_b))
 
+    def signature(self) -> str:
+        """Identifies what this formatter produces: the tokenizer's full definition and the settings.
+        Two folds with equal signatures turn the same rows into the same token ids."""
+        import hashlib
+
+        tok = self.tokenizer
+        core = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
+        h = hashlib.sha256(core.encode())
+        h.update(repr((type(tok).__name__, self.max_length, self.truncation, self.shares)).encode())
+        return h.hexdigest()
+
     def _tok(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

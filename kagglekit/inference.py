@@ -87,16 +87,24 @@ def tta_average(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
 
 
 def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, device=None, autocast_dtype=None,
-                  progress=None, description: str = "predict", remove_task: bool = False) -> dict:
+                  progress=None, description: str = "predict", remove_task: bool = False, cache: dict | None = None) -> dict:
     """Probabilities for a frame of parsed rows (see :func:`kagglekit.data.load_arena`).
 
     Returns ``probs`` (TTA-averaged when ``tta``), ``probs_ab`` (the given order),
     ``probs_ba`` (swapped, mapped back; None without TTA) and truncation stats.
     The two orders run as separate passes with identical batch layouts, which keeps
-    TTA exactly swap-equivariant.
+    TTA exactly swap-equivariant. ``cache``: a dict shared by the folds of an ensemble; folds with the
+    same tokenizer and formatting settings then tokenize the rows once, not once per fold.
     """
-    enc = formatter.encode_rows(df)
-    seqs_ab, stats = formatter.sequences(enc, swap=False)
+    key = (formatter.signature(), id(df), len(df)) if cache is not None else None
+    if key is not None and key in cache:
+        seqs_ab, seqs_ba, stats = cache[key]
+    else:
+        enc = formatter.encode_rows(df)
+        seqs_ab, stats = formatter.sequences(enc, swap=False)
+        seqs_ba = formatter.sequences(enc, swap=True)[0] if tta else None
+        if key is not None:
+            cache[key] = (seqs_ab, seqs_ba, stats)
     pad_id = formatter.tokenizer.pad_token_id
     total = len(seqs_ab) * (2 if tta else 1)
     task = progress.add_task(description, total=total, status="") if progress is not None else None
@@ -104,7 +112,8 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
     p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts))
     p_ba = None
     if tta:
-        seqs_ba, _ = formatter.sequences(enc, swap=True)
+        if seqs_ba is None:  # cached by a no-TTA caller
+            seqs_ba = formatter.sequences(formatter.encode_rows(df), swap=True)[0]
         p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts))[:, SWAP]
         probs = (p_ab + p_ba) / 2.0
     else:

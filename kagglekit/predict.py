@@ -100,11 +100,12 @@ class FoldModel:
         self.model, self.tokenizer = load_trained(self.path, self.cfg, self.device, self.dtype, backbone)
         self.formatter = Formatter.from_config(self.tokenizer, self.cfg.model)
 
-    def predict(self, df, tta: bool = True, batch_size: int | None = None, progress=None, description="predict") -> dict:
+    def predict(self, df, tta: bool = True, batch_size: int | None = None, progress=None, description="predict",
+                cache: dict | None = None) -> dict:
         from .inference import predict_pairs
 
         return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
-                             self.device, self.dtype, progress, description)
+                             self.device, self.dtype, progress, description, cache=cache)
 
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: int | None = None, force: bool = False,

@@ -253,3 +253,27 @@ def test_rows_that_overflow_in_half_precision_are_recomputed_in_fp32():
     plain = infer_logits(Stub(), seqs, 0, batch_size=2, device=torch.device("cpu"), autocast_dtype=None, counts=(c := {}))
     np.testing.assert_allclose(plain, out)
     assert not c  # nothing recomputed in fp32 without half precision
+
+
+def test_folds_sharing_a_tokenizer_tokenize_the_test_set_once(tiny_run, tiny_project, monkeypatch):
+    from kagglekit.data import load_test
+    from kagglekit.formatting import Formatter
+    from kagglekit.predict import FoldModel
+
+    df, _ = load_test(tiny_project / "test.csv")
+    models = [FoldModel(tiny_run / f"fold_{k}") for k in range(3)]
+    assert len({m.formatter.signature() for m in models}) == 1
+    calls = {"n": 0}
+    real = Formatter.encode_rows
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Formatter, "encode_rows", counting)
+    cache: dict = {}
+    cached = [m.predict(df, cache=cache)["probs"] for m in models]
+    assert calls["n"] == 1
+    fresh = [m.predict(df)["probs"] for m in models]
+    for a, b in zip(cached, fresh):
+        np.testing.assert_array_equal(a, b)

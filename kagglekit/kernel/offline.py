@@ -80,13 +80,14 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     if n_gpu:
         check_gpus_usable()
     timings = []
+    token_cache: dict = {}  # folds that share a tokenizer tokenize the test set once
 
     def predict(job_index: int, device: str):
         r, path, backbone = jobs[job_index]
         t = time.time()
         fm = FoldModel(path, backbone, device=device)
         t_load = time.time() - t
-        res = fm.predict(test_df, tta=tta)
+        res = fm.predict(test_df, tta=tta, cache=token_cache)
         probs = res["probs"]
         timings.append({"fold": str(path.relative_to(artifacts)), "load_s": t_load, "predict_s": time.time() - t - t_load,
                         "fp32_rows": res.get("fp32_rows", 0),
