@@ -68,8 +68,8 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(res.x)
 
 
-def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean"):
-    """(weights, temperature, calibrated OOF): each step kept only if it lowers the OOF log loss."""
+def _fit_calibration(oofs: list[np.ndarray], y: np.ndarray, method: str) -> tuple[np.ndarray, float]:
+    """Weights, then a temperature, fitted on these rows; each kept only if it lowers their log loss."""
     weights = np.ones(len(oofs)) / len(oofs)
     calibrated = combine(oofs, weights, method)
     w = fit_weights(oofs, y, method)
@@ -77,14 +77,57 @@ def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean"):
     if log_loss(cand, y) < log_loss(calibrated, y):
         weights, calibrated = w, cand
     t = fit_temperature(calibrated, y)
-    cand = apply_temperature(calibrated, t)
-    if log_loss(cand, y) < log_loss(calibrated, y):
-        return weights, t, cand
-    return weights, 1.0, calibrated
+    if log_loss(apply_temperature(calibrated, t), y) >= log_loss(calibrated, y):
+        t = 1.0
+    return weights, t
 
 
-def common_oof(preds: list, labels_by_id: dict) -> tuple[list[np.ndarray], np.ndarray]:
-    """The runs' OOF arrays on the ids they all cover (sorted), and those ids' labels."""
+def _apply_calibration(oofs, weights, t, method) -> np.ndarray:
+    return apply_temperature(combine(oofs, weights, method), t)
+
+
+def crossfit_folds(n: int, folds=None, k: int = 5, seed: int = 0) -> np.ndarray:
+    """The folds cross-fitting uses: the rows' training folds when known, else k seeded random parts."""
+    if folds is not None and len(np.unique(folds)) > 1:
+        return np.asarray(folds)
+    return np.random.default_rng(seed).permutation(n) % k
+
+
+def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean", folds=None, seed: int = 0):
+    """(weights, temperature, calibrated OOF, report): a calibration that generalises, or none.
+
+    Fitting weights and a temperature on the OOF rows and judging them on the same rows always looks
+    good. So it is cross-fitted: for each fold, fit on the other folds' OOF and apply to this one; the
+    calibration (refitted on all rows) is kept only if the cross-fitted log loss beats the uncalibrated
+    one, and by more than the standard error of the per-fold gains. ``report`` holds the uncalibrated,
+    in-sample and cross-fitted log losses and the verdict.
+    """
+    base = combine(oofs, method=method)
+    base_loss = log_loss(base, y)
+    weights, t = _fit_calibration(oofs, y, method)
+    in_sample = log_loss(_apply_calibration(oofs, weights, t, method), y)
+    parts = crossfit_folds(len(y), folds, seed=seed)
+    crossed = np.zeros_like(base)
+    gains = []
+    for k in np.unique(parts):
+        tr, va = parts != k, parts == k
+        wk, tk = _fit_calibration([o[tr] for o in oofs], y[tr], method)
+        crossed[va] = _apply_calibration([o[va] for o in oofs], wk, tk, method)
+        gains.append(log_loss(base[va], y[va]) - log_loss(crossed[va], y[va]))
+    cross_loss = log_loss(crossed, y)
+    gains = np.asarray(gains)
+    se = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else 0.0
+    keep = cross_loss < base_loss and float(gains.mean()) > se
+    report = {"uncalibrated": base_loss, "in_sample": in_sample, "cross_fitted": cross_loss, "folds": int(len(gains)),
+              "mean_gain": float(gains.mean()), "gain_se": se, "kept": bool(keep)}
+    if keep:
+        return weights, t, _apply_calibration(oofs, weights, t, method), report
+    return np.ones(len(oofs)) / len(oofs), 1.0, base, report
+
+
+def common_oof(preds: list, labels_by_id: dict, with_folds: bool = False):
+    """The runs' OOF arrays on the ids they all cover (sorted), and those ids' labels
+    (and, ``with_folds``, the first run's fold of each row: what cross-fitting splits by)."""
     common = set(preds[0].oof_ids)
     for rp in preds[1:]:
         common &= set(rp.oof_ids)
@@ -93,7 +136,12 @@ def common_oof(preds: list, labels_by_id: dict) -> tuple[list[np.ndarray], np.nd
     for rp in preds:
         pos = {i: n for n, i in enumerate(rp.oof_ids)}
         oofs.append(rp.oof[[pos[i] for i in order]])
-    return oofs, np.array([labels_by_id[i] for i in order], dtype=int)
+    y = np.array([labels_by_id[i] for i in order], dtype=int)
+    if not with_folds:
+        return oofs, y
+    pos = {i: n for n, i in enumerate(preds[0].oof_ids)}
+    folds = preds[0].oof_folds[[pos[i] for i in order]] if preds[0].oof_folds is not None else None
+    return oofs, y, folds
 
 
 @dataclass
@@ -105,6 +153,7 @@ class RunPredictions:
     oof_no_tta: np.ndarray
     per_fold: list[dict] = field(default_factory=list)
     test: np.ndarray | None = None
+    oof_folds: np.ndarray | None = None  # the fold each OOF row was validated in
 
 
 def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None) -> RunPredictions:
@@ -130,7 +179,9 @@ def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None)
     all_ids = np.concatenate(ids)
     if len(set(all_ids)) != len(all_ids):
         raise KKError(f"{run_dir}: an id appears in the OOF of two folds (were the folds changed between trainings?)")
-    return RunPredictions(Path(run_dir), fold_ids, all_ids, np.concatenate(oof), np.concatenate(oof_nt), per_fold)
+    row_folds = np.concatenate([np.full(len(i), k) for i, k in zip(ids, fold_ids)])
+    return RunPredictions(Path(run_dir), fold_ids, all_ids, np.concatenate(oof), np.concatenate(oof_nt), per_fold,
+                          oof_folds=row_folds)
 
 
 def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: str, tta: bool, force: bool,
@@ -243,7 +294,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     preds = [load_run_oof(r, folds, labels_by_id, skipped) for r in runs]
 
     # OOF ids common to every run: runs trained on other folds still compare on the same rows.
-    oofs, y = common_oof(preds, labels_by_id)
+    oofs, y, oof_folds = common_oof(preds, labels_by_id, with_folds=True)
     if len(y) == 0:
         raise KKError("the runs' out-of-fold ids do not overlap; were they trained on the same train file?")
     if any(len(y) != len(rp.oof_ids) for rp in preds):
@@ -251,7 +302,11 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
 
     base = combine(oofs, method=method)
     before = log_loss(base, y)
-    weights, temperature, calibrated = calibrate(oofs, y, method) if fit else (np.ones(len(oofs)) / len(oofs), 1.0, base)
+    cal = None
+    if fit:
+        weights, temperature, calibrated, cal = calibrate(oofs, y, method, oof_folds)
+    else:
+        weights, temperature, calibrated = np.ones(len(oofs)) / len(oofs), 1.0, base
     after = log_loss(calibrated, y)
 
     test_df, report = load_test(test_path)
@@ -270,10 +325,15 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     rows.append(["ensemble", "all", len(y), "", before, accuracy(base, y)])
     rows.append(["ensemble (calibrated)", "all", len(y), "", after, accuracy(calibrated, y)])
     console.print(table("out-of-fold log loss", ["run", "fold", "rows", "no TTA", "TTA", "accuracy"], rows))
+    if cal is not None:
+        console.print(table("calibration (weights + temperature)", ["judged on", "log loss"],
+                            [["uncalibrated", cal["uncalibrated"]], ["the rows it was fitted on (in-sample)", cal["in_sample"]],
+                             [f"held-out folds (cross-fitted, {cal['folds']} folds)", cal["cross_fitted"]],
+                             ["verdict", "kept" if cal["kept"] else "not kept: it does not generalise"]]))
     console.print(
         f"weights {', '.join(f'{w:.3f}' for w in weights)}; temperature {temperature:.3f}; "
         f"OOF {before:.4f} -> {after:.4f}; wrote {path} ({len(test_ids)} rows)",
         highlight=False,
     )
-    return {"submission": path, "oof_before": before, "oof_after": after, "weights": weights.tolist(),
+    return {"submission": path, "oof_before": before, "oof_after": after, "weights": weights.tolist(), "calibration": cal,
             "temperature": temperature, "test_probs": final, "test_ids": test_ids, "per_run": preds}

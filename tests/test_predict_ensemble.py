@@ -277,3 +277,24 @@ def test_folds_sharing_a_tokenizer_tokenize_the_test_set_once(tiny_run, tiny_pro
     fresh = [m.predict(df)["probs"] for m in models]
     for a, b in zip(cached, fresh):
         np.testing.assert_array_equal(a, b)
+
+
+def test_calibration_is_kept_only_if_it_generalises(real_oof):
+    """On the real LLM's OOF (log loss 0.9488) a temperature fitted in-sample looks better on the rows it was
+    fitted on, yet does not generalise to held-out folds: cross-fitting refuses it. On an overconfident
+    version of the same predictions it generalises, and is kept."""
+    from kagglekit.ensemble import calibrate
+
+    p, y = real_oof
+    w, t, cal, rep = calibrate([p], y)
+    assert rep["in_sample"] < rep["uncalibrated"]  # the in-sample rule would accept it
+    assert rep["folds"] == 5 and rep["mean_gain"] <= rep["gain_se"]
+    assert not rep["kept"] and t == 1.0 and np.allclose(cal, p / p.sum(1, keepdims=True))
+    sharp = apply_temperature(p, 0.5)
+    w, t, cal, rep = calibrate([sharp], y)
+    assert rep["kept"] and 1.7 < t < 2.3
+    assert rep["cross_fitted"] < rep["uncalibrated"] - 0.01 and log_loss(cal, y) == pytest.approx(rep["in_sample"])
+    # two runs: the weights are cross-fitted too; folds given by the caller are the ones used
+    folds = np.arange(len(y)) % 3
+    w, t, cal, rep = calibrate([p, np.full_like(p, 1 / 3)], y, folds=folds)
+    assert rep["folds"] == 3 and rep["kept"] and w[0] > 0.8

@@ -119,9 +119,9 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         train_df = None
     if fit and train_df is not None:
         labels = dict(zip(train_df["id"], train_df["label"]))
-        oofs, y = common_oof([load_run_oof(r, folds, labels) for r in runs], labels)
+        oofs, y, oof_folds = common_oof([load_run_oof(r, folds, labels) for r in runs], labels, with_folds=True)
         if len(y):
-            w, temperature, _ = calibrate(oofs, y)
+            w, temperature, _, _ = calibrate(oofs, y, folds=oof_folds)
             weights = w.tolist()
 
     check_fits_t4(run_folds)
