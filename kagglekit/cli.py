@@ -232,6 +232,7 @@ def ensemble_cmd(
     sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     bad_rows: str | None = typer.Option(None, "--bad-rows", help="Bad rows of the train file (OOF labels): error, skip or repair (default: the run's data.bad_rows)."),
+    oof_out: Path | None = typer.Option(None, "--oof-out", help="Also write the calibrated OOF ensemble (id + probabilities): a teacher's soft labels for data.soft_labels."),
     force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
 ):
     """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv.
@@ -242,7 +243,7 @@ def ensemble_cmd(
 
     ensemble(run, test, out, folds=folds, method=method, fit=fit, tta=tta, force=force,
              sample_submission=sample_submission, train_path=train, backbone=backbone,
-             bad_rows=_bad_rows(bad_rows) if bad_rows else None)
+             bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out)
 
 
 @command("predict-one")
@@ -271,6 +272,51 @@ def predict_one_cmd(
 
     res = Predictor.from_run(run, folds).predict_one(turns(prompt), turns(response_a), turns(response_b))
     console.print(table("prediction", ["column", "probability"], [[k, v] for k, v in res.items()]))
+
+
+@command("merge")
+def merge_cmd(
+    run: Path = typer.Option(..., "--run", help="Run folder whose fold adapters to merge."),
+    out: Path | None = typer.Option(None, "--out", help="The merged run's folder (default: <run>-merged)."),
+    method: str = typer.Option("factors", "--method", help="factors (average lora_A and lora_B) or delta (exact: average each fold's B A, merged into the base weights)."),
+    folds: str = typer.Option("all", "--folds", help="Folds to merge: all, or e.g. 0,2,4."),
+    unload: bool = typer.Option(False, "--unload", help="With factors: fold the averaged adapter into a plain model (faster inference)."),
+    test: Path | None = typer.Option(None, "--test", help="Compare the merged model with the fold ensemble on these rows: distance and speed-up."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing merged run."),
+):
+    """Merge a run's fold LoRA adapters into one model: a run of its own for kk predict / ensemble / kernel.
+
+    Example: kk merge --run runs/deberta-v3-base --method delta --test data/test.csv
+    """
+    from .merge import compare_with_folds, merge_run
+    from .ui import console, info, table
+
+    path = merge_run(run, out or run.with_name(f"{run.name}-merged"), folds, method, unload, force)
+    info(f"wrote {path} (a one-fold run: kk ensemble --run {path})")
+    if test is not None:
+        c = compare_with_folds(run, path, test, folds)
+        console.print(table(f"merged ({method}) vs the fold ensemble on {c['rows']} rows of {test}", ["measure", "value"],
+                            [["mean |p_merged - p_folds|", c["mean_abs_diff"]], ["max |p_merged - p_folds|", c["max_abs_diff"]],
+                             ["KL(folds || merged)", c["kl_ensemble_to_merged"]], ["same argmax", c["argmax_agreement"]],
+                             ["fold ensemble (s)", c["folds_s"]], ["merged (s)", c["merged_s"]],
+                             ["speed-up", f"{c['speedup']:.2f}x"]], floats="{:.5f}"))
+
+
+@command("report")
+def report_cmd(
+    run: list[Path] = typer.Option(..., "--run", help="Run folder (repeat to compare runs)."),
+    out: Path = typer.Option(Path("reports/report.html"), "--out", help="The HTML file to write (self-contained, viewable offline)."),
+    train: Path | None = typer.Option(None, "--train", help="Train file for the OOF labels (default: the run's data.train)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing report."),
+):
+    """One HTML page: per-fold table, learning curves, reliability diagram, confusion matrix, truncation, ensemble weights.
+
+    Example: kk report --run runs/deberta-v3-base --out reports/deberta.html
+    """
+    from .report import build_report
+    from .ui import info
+
+    info(f"wrote {build_report(run, out, train, force)}")
 
 
 @command("demo")

@@ -33,9 +33,19 @@ class DataConfig(_Section):
     soft_labels: str | None = Field(
         None, description="Optional CSV id,winner_model_a,winner_model_b,winner_tie of teacher probabilities (distillation)."
     )
+    extra: list[ExtraData] = Field(
+        default_factory=list,
+        description="Pseudo-labelled rows added to every fold's training rows (never validated on): "
+        "[{path: extra.csv, soft_labels: extra_soft.csv}], soft labels from kk ensemble --test extra.csv --out extra_soft.csv.",
+    )
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="Rows with broken cells or labels: stop with an error, or skip them and report the count."
     )
+
+
+class ExtraData(_Section):
+    path: str = Field(..., description="CSV of extra rows in test.csv format (id, prompt, response_a, response_b).")
+    soft_labels: str = Field(..., description="CSV id,winner_model_a,winner_model_b,winner_tie: a teacher's probabilities for those rows.")
 
 
 class BudgetConfig(_Section):
@@ -51,6 +61,8 @@ class ModelConfig(_Section):
         "head_tail",
         description="How a field over its budget is cut: keep head and tail, keep the end (last turns), or keep the start.",
     )
+    max_turns: int = Field(0, ge=0, description="Keep only the last N turns of each field (0 = all): the last turns decide a "
+                           "multi-turn comparison, and earlier turns are often the same in A and B.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Token budget shares; unused share flows to the others.")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Load the backbone with bitsandbytes (QLoRA).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -272,7 +272,7 @@ def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
 
 def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all", method: str = "mean",
              fit: bool = True, tta: bool = True, force: bool = False, sample_submission=None, train_path=None,
-             backbone: str | None = None, bad_rows: str | None = None) -> dict:
+             backbone: str | None = None, bad_rows: str | None = None, oof_out=None) -> dict:
     """Average folds (and runs), calibrate on OOF, write the submission; returns a report."""
     from .data import load_test, load_train
     from .predict import fold_config
@@ -308,6 +308,15 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     else:
         weights, temperature, calibrated = np.ones(len(oofs)) / len(oofs), 1.0, base
     after = log_loss(calibrated, y)
+    if oof_out is not None:
+        # The calibrated OOF ensemble: a teacher's soft labels for every training row (distillation).
+        import pandas as pd
+
+        from .io import protect_existing, write_csv
+
+        protect_existing(oof_out, force, "OOF soft labels")
+        ids = sorted(set.intersection(*[set(rp.oof_ids) for rp in preds]))
+        write_csv(oof_out, pd.DataFrame({"id": ids, **{c: calibrated[:, j] for j, c in enumerate(PROB_COLUMNS)}}))
 
     test_df, report = load_test(test_path)
     report.print_warnings()

@@ -95,8 +95,9 @@ class EncodedRows:
 class Formatter:
     """Builds model inputs for one tokenizer and one ``ModelConfig``."""
 
-    def __init__(self, tokenizer, max_length: int, truncation: str = "head_tail", shares=(0.2, 0.4, 0.4)):
+    def __init__(self, tokenizer, max_length: int, truncation: str = "head_tail", shares=(0.2, 0.4, 0.4), max_turns: int = 0):
         self.tokenizer = tokenizer
+        self.max_turns = int(max_turns)
         self.max_length = int(max_length)
         self.truncation = truncation
         self.shares = [float(s) for s in shares]
@@ -114,7 +115,8 @@ class Formatter:
     @classmethod
     def from_config(cls, tokenizer, model_cfg) -> Formatter:
         b = model_cfg.budget
-        return cls(tokenizer, model_cfg.max_length, model_cfg.truncation, (b.prompt, b.response_a, b.response_b))
+        return cls(tokenizer, model_cfg.max_length, model_cfg.truncation, (b.prompt, b.response_a, b.response_b),
+                   getattr(model_cfg, "max_turns", 0))
 
     def signature(self) -> str:
         """Identifies what this formatter produces: the tokenizer's full definition and the settings.
@@ -124,7 +126,7 @@ class Formatter:
         tok = self.tokenizer
         core = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
         h = hashlib.sha256(core.encode())
-        h.update(repr((type(tok).__name__, self.max_length, self.truncation, self.shares)).encode())
+        h.update(repr((type(tok).__name__, self.max_length, self.truncation, self.shares, self.max_turns)).encode())
         return h.hexdigest()
 
     def _tok(self, text: str) -> list[int]:
@@ -138,7 +140,9 @@ class Formatter:
         """
         out = {}
         for field in FIELDS:
-            texts = [TURN_SEP.join(turns) for turns in df[field]]
+            # max_turns keeps the last N turns of a conversation (they decide; earlier turns are often
+            # identical between A and B): the same N for the prompt and both responses.
+            texts = [TURN_SEP.join(turns[-self.max_turns :] if self.max_turns else turns) for turns in df[field]]
             arrays = []
             for start in range(0, len(texts), chunk):
                 ids = self.tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]

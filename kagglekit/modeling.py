@@ -6,6 +6,7 @@ CLI stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -262,7 +263,11 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out_dir))
     try:
-        model.save_pretrained(tmp)
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp)  # adapter + heads, named as the pooling-wrapped model loads them
+        else:
+            with unwrapped_pooling(model):  # a full model is saved with the architecture's own names
+                model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
@@ -288,6 +293,7 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
 
         model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=3)
         model.config.pad_token_id = tokenizer.pad_token_id
+        apply_pooling(model, cfg.model.pooling)
         model.to(device)
     else:
         raise KKError(f"{fold_dir} has no adapter_config.json or config.json: not a trained fold")
@@ -354,3 +360,21 @@ def apply_pooling(model, pooling: str) -> None:
                 m.mask = mask
 
     model.register_forward_pre_hook(capture_mask, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def unwrapped_pooling(model):
+    """The architecture's own pooler in place of MeanPooler while the block runs (saving a full model)."""
+    swapped = []
+    if _MEAN_POOLER is not None:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, _MEAN_POOLER):
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, attr, module.inner)
+                swapped.append((parent, attr, module))
+    try:
+        yield model
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)

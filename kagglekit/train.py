@@ -286,6 +286,7 @@ class FoldInputs:
     units: list[list[int]]  # what plan_batches shuffles: one sequence, or both orders of a pair
     trunc: object  # TruncationStats of the training rows
     batch_size: int
+    n_extra: int = 0  # pseudo-labelled rows among the training rows (data.extra)
 
     @property
     def lengths(self) -> list[int]:
@@ -294,14 +295,25 @@ class FoldInputs:
 
 def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
     """Rows of the fold, tokenized once through the shared formatter, swap-augmented."""
+    import pandas as pd
+
+    from .data import TEXT_COLUMNS, load_test
+
     tc = cfg.train
     train_df, val_df = load_fold_frames(cfg, fold)
-    enc = fmt.encode_rows(train_df)
-    seqs, trunc = fmt.sequences(enc, swap=False)
     if cfg.data.soft_labels:
         targets = load_soft_labels(cfg.data.soft_labels, train_df["id"])
     else:
         targets = np.eye(3)[train_df["label"].to_numpy()]
+    # Pseudo-labelled extra rows join the training rows only: they are never in a validation fold.
+    rows = train_df
+    for extra in cfg.data.extra:
+        edf, report = load_test(extra.path)
+        report.print_warnings()
+        rows = pd.concat([rows[["id", *TEXT_COLUMNS]], edf[["id", *TEXT_COLUMNS]]], ignore_index=True)
+        targets = np.concatenate([targets, load_soft_labels(extra.soft_labels, edf["id"])])
+    enc = fmt.encode_rows(rows)
+    seqs, trunc = fmt.sequences(enc, swap=False)
     n = len(seqs)
     units = [[i] for i in range(n)]
     if tc.swap_augment:
@@ -312,7 +324,7 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
         targets = np.concatenate([targets, targets[:, SWAP]])
         units = [[i, i + n] for i in range(n)] if tc.swap_same_batch else [[i] for i in range(2 * n)]
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
-    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size)
+    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df))
 
 
 # --- the session: model, optimizer and the state the loop changes ----------------------------------------------------
@@ -672,6 +684,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         "epochs_run": round(state.step / s.steps_per_epoch, 3),
         "stopped_early": state.stopped_early,
         "n_train": int(len(inputs.train_df)),
+        "n_extra": int(inputs.n_extra),
         "n_val": int(len(val_df)),
         "wall_time_s": round(wall, 2),
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),

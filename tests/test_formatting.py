@@ -107,3 +107,26 @@ def test_max_length_too_small_is_an_error(tokenizer):
     with pytest.raises(KKError, match=f"max_length={overhead + 2} leaves no room"):
         Formatter(tokenizer, overhead + 2)
     assert Formatter(tokenizer, overhead + 3).budget == 3
+
+
+def test_max_turns_keeps_the_last_turns():
+    import tempfile
+
+    import pandas as pd
+
+    from kagglekit.formatting import Formatter
+    from kagglekit.tiny import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as d:
+        build_tiny_model(d, "deberta-v2", vocab_size=300)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(d)
+    df = pd.DataFrame({"prompt": [["first question", "second question"]], "response_a": [["old answer", "new answer"]],
+                       "response_b": [["old answer", "other answer"]]})
+    full = Formatter(tok, 128).format_text(*df.iloc[0])
+    last = Formatter(tok, 128, max_turns=1)
+    text = tok.decode(last.assemble(last.encode_rows(df), 0)[0].tolist())
+    assert "first" in full and "old" in full
+    assert "first" not in text and "old" not in text and "second" in text and "new" in text and "other" in text
+    assert Formatter(tok, 128).signature() != last.signature()
