@@ -69,9 +69,10 @@ class ModelConfig(_Section):
         "auto", description="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (non-reentrant, works with peft).")
-    pooling: Literal["cls", "mean"] = Field(
+    pooling: Literal["cls", "mean", "pair"] = Field(
         "cls", description="Encoders: cls = the architecture's [CLS] pooler; mean = masked mean of the last hidden states "
-        "(what sentence-transformers models such as MiniLM were trained for). Decoders always pool the last token.",
+        "(what sentence-transformers models such as MiniLM were trained for); pair = mean of A's tokens minus mean of B's "
+        "(and its absolute value), antisymmetric under the A/B swap like the label. Decoders always pool the last token.",
     )
 
     @field_validator("backbone")

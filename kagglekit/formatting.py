@@ -172,6 +172,20 @@ class Formatter:
             totals = [(p, b, a) for p, a, b in totals]
         return seqs, TruncationStats(np.array(kept, dtype=np.int64).reshape(-1, 3), np.array(totals, dtype=np.int64).reshape(-1, 3))
 
+    def segments(self, stats: TruncationStats) -> list[np.ndarray]:
+        """Per sequence (in ``stats``' order): 1 on the first response's tokens, 2 on the second's, 0
+        elsewhere (special tokens, headers, the prompt). What ``model.pooling: pair`` reads."""
+        hp, ha, hb = (len(h) for h in self.headers)
+        out = []
+        for kp, k1, k2 in stats.kept:
+            start_a = len(self.prefix) + hp + int(kp) + ha
+            start_b = start_a + int(k1) + hb
+            seg = np.zeros(start_b + int(k2) + len(self.end) + len(self.suffix), dtype=np.int8)
+            seg[start_a : start_a + int(k1)] = 1
+            seg[start_b : start_b + int(k2)] = 2
+            out.append(seg)
+        return out
+
     def format_text(self, prompt, a, b) -> str:
         """The decoded sequence of one pair, to see what the model sees."""
         import pandas as pd

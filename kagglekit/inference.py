@@ -19,6 +19,16 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def pad_segments(segs, width: int):
+    """Segment ids (see Formatter.segments) padded like pad_batch pads the tokens."""
+    import torch
+
+    out = torch.zeros((len(segs), width), dtype=torch.long)
+    for r, s in enumerate(segs):
+        out[r, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+    return out
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, pad_to: int | None = None):
     import torch
 
@@ -39,7 +49,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8, device=None, autocast_dtype=None,
-                 progress=None, task=None, sort: bool = True, pad_to: int | None = None, counts: dict | None = None) -> np.ndarray:
+                 progress=None, task=None, sort: bool = True, pad_to: int | None = None, counts: dict | None = None,
+                 segs: list | None = None) -> np.ndarray:
     """Logits (n, 3) for token sequences, in input order.
 
     Rows whose half-precision logits are not finite (fp16 overflow, a known DeBERTa-v3 issue on
@@ -62,10 +73,13 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
         for idx in batches:
             ids, mask = pad_batch([seqs[i] for i in idx], pad_id, pad_to)
             ids, mask = ids.to(device), mask.to(device)
+            seg = pad_segments([segs[i] for i in idx], ids.shape[1]).to(device) if segs is not None else None
+            set_segments(model, seg)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()
             bad = ~torch.isfinite(logits).all(dim=1)
             if autocast_dtype is not None and bool(bad.any()):
+                set_segments(model, seg[bad] if seg is not None else None)
                 with torch.autocast(device.type, enabled=False):
                     logits[bad] = model(input_ids=ids[bad], attention_mask=mask[bad]).logits.float()
                 if counts is not None:
@@ -98,23 +112,28 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
     """
     key = (formatter.signature(), id(df), len(df)) if cache is not None else None
     if key is not None and key in cache:
-        seqs_ab, seqs_ba, stats = cache[key]
+        seqs_ab, seqs_ba, stats, stats_ba = cache[key]
     else:
         enc = formatter.encode_rows(df)
         seqs_ab, stats = formatter.sequences(enc, swap=False)
-        seqs_ba = formatter.sequences(enc, swap=True)[0] if tta else None
+        seqs_ba, stats_ba = formatter.sequences(enc, swap=True) if tta else (None, None)
         if key is not None:
-            cache[key] = (seqs_ab, seqs_ba, stats)
+            cache[key] = (seqs_ab, seqs_ba, stats, stats_ba)
+    pair = uses_segments(model)
+    segs_ab = formatter.segments(stats) if pair else None
     pad_id = formatter.tokenizer.pad_token_id
     total = len(seqs_ab) * (2 if tta else 1)
     task = progress.add_task(description, total=total, status="") if progress is not None else None
     counts = {"fp32_rows": 0}
-    p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts))
+    p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts,
+                                segs=segs_ab))
     p_ba = None
     if tta:
         if seqs_ba is None:  # cached by a no-TTA caller
-            seqs_ba = formatter.sequences(formatter.encode_rows(df), swap=True)[0]
-        p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts))[:, SWAP]
+            seqs_ba, stats_ba = formatter.sequences(formatter.encode_rows(df), swap=True)
+        segs_ba = formatter.segments(stats_ba) if pair else None
+        p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts,
+                                    segs=segs_ba))[:, SWAP]
         probs = (p_ab + p_ba) / 2.0
     else:
         probs = p_ab
@@ -126,3 +145,17 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
         warn(f"{description}: {counts['fp32_rows']} sequence(s) overflowed in {str(autocast_dtype).replace('torch.', '')} "
              "and were recomputed in fp32")
     return {"probs": probs, "probs_ab": p_ab, "probs_ba": p_ba, "stats": stats, "fp32_rows": counts["fp32_rows"]}
+
+
+def uses_segments(model) -> bool:
+    """Whether the model pools by segment (model.pooling: pair) and so needs segment ids."""
+    from .modeling import segment_poolers
+
+    return bool(segment_poolers(model))
+
+
+def set_segments(model, seg) -> None:
+    from .modeling import segment_poolers
+
+    for m in segment_poolers(model):
+        m.segments = seg

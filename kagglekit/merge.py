@@ -77,7 +77,7 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
     import torch
 
     from .io import atomic_dir, write_json, write_text
-    from .modeling import load_backbone, load_tokenizer, quiet_libraries, save_model, unwrapped_pooling
+    from .modeling import load_backbone, load_tokenizer, quiet_libraries, save_model
     from .predict import fold_config, trained_folds
 
     quiet_libraries()
@@ -123,8 +123,7 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
                     continue
                 name = _base_param(key[len(PREFIX) :].rsplit(".", 1)[0], params, key.rsplit(".", 1)[1])
                 params[name].data.copy_(value.to(params[name].dtype))
-            with unwrapped_pooling(model):
-                save_model(model, tokenizer, dst)
+            save_model(model, tokenizer, dst)
             del model
         merged_cfg = cfg.model_copy(update={"name": f"{cfg.name}-merged"})
         write_text(dst / "config.yaml", merged_cfg.to_yaml())

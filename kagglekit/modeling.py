@@ -263,11 +263,8 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out_dir))
     try:
-        if hasattr(model, "peft_config"):
-            model.save_pretrained(tmp)  # adapter + heads, named as the pooling-wrapped model loads them
-        else:
-            with unwrapped_pooling(model):  # a full model is saved with the architecture's own names
-                model.save_pretrained(tmp)
+        # Saved as it is, pooling wrappers included: load_trained applies the same pooling before the weights.
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
@@ -293,7 +290,14 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
 
         model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=3)
         model.config.pad_token_id = tokenizer.pad_token_id
-        apply_pooling(model, cfg.model.pooling)
+        if cfg.model.pooling != "cls":
+            # The pooling wrapper's weights (and the pooler under it) are saved under the wrapper's names:
+            # wrap first, then load them.
+            from safetensors.torch import load_file
+
+            apply_pooling(model, cfg.model.pooling)
+            for f in sorted(fold_dir.glob("model*.safetensors")):
+                model.load_state_dict(load_file(str(f)), strict=False)
         model.to(device)
     else:
         raise KKError(f"{fold_dir} has no adapter_config.json or config.json: not a trained fold")
@@ -335,21 +339,72 @@ def _mean_pooler_class():
     return _MEAN_POOLER
 
 
+_PAIR_POOLER = None
+
+
+def _pair_pooler_class():
+    """PairPooler, built on first use (torch loads lazily)."""
+    global _PAIR_POOLER
+    if _PAIR_POOLER is None:
+        import torch
+
+        class PairPooler(torch.nn.Module):
+            """Reads the two responses apart: a = mean of the first response's tokens, b = the second's;
+            the wrapped pooler gets mix([a - b, |a - b|]). ``a - b`` flips sign when A and B are exchanged,
+            as the label does, and ``|a - b|`` does not, as a tie does not. ``mix`` starts as [I | 0]
+            (the wrapped pooler first sees a - b) and is trained with the head."""
+
+            def __init__(self, inner, hidden: int):
+                super().__init__()
+                self.inner = inner
+                self.mix = torch.nn.Linear(2 * hidden, hidden)
+                with torch.no_grad():
+                    self.mix.weight.zero_()
+                    self.mix.weight[:, :hidden] = torch.eye(hidden)
+                    self.mix.bias.zero_()
+                self.segments = None  # set before every forward by kagglekit.inference.set_segments
+
+            def forward(self, hidden_states, *args, **kwargs):
+                seg = self.segments
+                if seg is None or seg.shape[:2] != hidden_states.shape[:2]:
+                    raise KKError("model.pooling=pair needs segment ids for every batch (kagglekit passes them)")
+
+                def mean(k):
+                    m = (seg == k).unsqueeze(-1).to(hidden_states.dtype)
+                    return (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+                d = mean(1) - mean(2)
+                mixed = self.mix(torch.cat([d, d.abs()], dim=-1))
+                return self.inner(mixed.unsqueeze(1), *args, **kwargs)
+
+        _PAIR_POOLER = PairPooler
+    return _PAIR_POOLER
+
+
+def segment_poolers(model) -> list:
+    if _PAIR_POOLER is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, _PAIR_POOLER)]
+
+
 def apply_pooling(model, pooling: str) -> None:
     """``model.pooling``: ``cls`` keeps the architecture's own pooling ([CLS] for encoders, the last
     token for decoders); ``mean`` reads encoders by the masked mean of their last hidden states."""
-    if pooling != "mean":
+    if pooling not in ("mean", "pair"):
         return
     if model.config.model_type in DECODER_TYPES:
-        raise KKError(f"model.pooling=mean is for encoders; {model.config.model_type} pools its last token (use cls)")
+        raise KKError(f"model.pooling={pooling} is for encoders; {model.config.model_type} pools its last token (use cls)")
     modules = dict(model.named_modules())
     target = next((n for n in modules if n.split(".")[-1] == "pooler" and modules[n] is not None), None)
     if target is None and model.config.model_type in _SEQUENCE_HEADS:
         target = "classifier"
     if target is None:
-        raise KKError(f"model.pooling=mean: no pooler to replace in {model.config.model_type}")
+        raise KKError(f"model.pooling={pooling}: no pooler to replace in {model.config.model_type}")
     parent_name, _, attr = target.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if pooling == "pair":
+        setattr(parent, attr, _pair_pooler_class()(getattr(parent, attr), model.config.hidden_size))
+        return
     pooler_cls = _mean_pooler_class()
     setattr(parent, attr, pooler_cls(getattr(parent, attr)))
 

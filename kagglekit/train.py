@@ -287,6 +287,7 @@ class FoldInputs:
     trunc: object  # TruncationStats of the training rows
     batch_size: int
     n_extra: int = 0  # pseudo-labelled rows among the training rows (data.extra)
+    segs: list | None = None  # per sequence: 1 on the first response, 2 on the second (model.pooling: pair)
 
     @property
     def lengths(self) -> list[int]:
@@ -314,17 +315,20 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
         targets = np.concatenate([targets, load_soft_labels(extra.soft_labels, edf["id"])])
     enc = fmt.encode_rows(rows)
     seqs, trunc = fmt.sequences(enc, swap=False)
+    segs = fmt.segments(trunc) if cfg.model.pooling == "pair" else None
     n = len(seqs)
     units = [[i] for i in range(n)]
     if tc.swap_augment:
         # Each pair again with A and B exchanged and the label mapped (A<->B, tie stays):
         # the model cannot learn a position bias, and the data doubles for free.
-        seqs_ba, _ = fmt.sequences(enc, swap=True)
+        seqs_ba, trunc_ba = fmt.sequences(enc, swap=True)
         seqs = seqs + seqs_ba
+        if segs is not None:
+            segs = segs + fmt.segments(trunc_ba)
         targets = np.concatenate([targets, targets[:, SWAP]])
         units = [[i, i + n] for i in range(n)] if tc.swap_same_batch else [[i] for i in range(2 * n)]
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
-    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df))
+    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df), segs=segs)
 
 
 # --- the session: model, optimizer and the state the loop changes ----------------------------------------------------
@@ -566,7 +570,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     import torch
     import torch.nn.functional as F
 
-    from .inference import pad_batch
+    from .inference import pad_batch, pad_segments, set_segments
     from .ui import progress
 
     tc, state, model = s.cfg.train, s.state, s.ddp_model
@@ -592,6 +596,8 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     batch = plan[state.micro]
                     ids, mask = pad_batch([inputs.seqs[i] for i in batch], s.tokenizer.pad_token_id)
                     ids, mask = ids.to(device), mask.to(device)
+                    if inputs.segs is not None:
+                        set_segments(s.model, pad_segments([inputs.segs[i] for i in batch], ids.shape[1]).to(device))
                     # DDP averages gradients across ranks once per optimizer step, not per micro-batch.
                     defer_sync = s.world > 1 and state.micro - group_start + 1 < len(group)
                     with _no_sync(model, defer_sync), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

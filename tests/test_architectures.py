@@ -183,3 +183,71 @@ def test_mean_pooling_reads_the_masked_mean(tiny_project, tmp_path):
     np.testing.assert_allclose(again, saved.iloc[:, 1:].to_numpy(), atol=1e-5)
     with pytest.raises(KKError, match="pooling=mean is for encoders"):
         train_fold(tiny_config(tiny_project, "model.pooling=mean", "train.max_steps=1", arch="llama"), 0, tmp_path / "dec")
+
+
+def test_segments_mark_the_two_responses(tiny_project):
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from kagglekit.formatting import Formatter
+
+    tok = AutoTokenizer.from_pretrained(tiny_project / "deberta")
+    df = pd.DataFrame({"prompt": [["question here"]], "response_a": [["alpha alpha alpha"]], "response_b": [["beta"]]})
+    f = Formatter(tok, 64)
+    enc = f.encode_rows(df)
+    for swap in (False, True):
+        seqs, stats = f.sequences(enc, swap=swap)
+        seg = f.segments(stats)[0]
+        assert len(seg) == len(seqs[0])
+        first = tok.decode(seqs[0][seg == 1].tolist())
+        second = tok.decode(seqs[0][seg == 2].tolist())
+        assert (first, second) == (("beta", "alpha alpha alpha") if swap else ("alpha alpha alpha", "beta"))
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_pair_pooling_is_swap_antisymmetric_and_reloads(tiny_project, tmp_path, lora):
+    """model.pooling=pair: the pooled vector is a - b of the two responses' mean tokens (so it negates when
+    A and B are exchanged); the trained fold (LoRA or full) reloads its pooler and reproduces its OOF."""
+    import pandas as pd
+    import torch
+
+    from kagglekit.data import load_train
+    from kagglekit.formatting import Formatter
+    from kagglekit.inference import predict_pairs
+    from kagglekit.modeling import build_model, load_tokenizer
+    from kagglekit.predict import FoldModel
+
+    bert = _tiny_bert(tmp_path / "bert", tiny_project)
+    cfg = tiny_config(tiny_project, f"model.backbone={bert}", "model.pooling=pair", f"lora.enabled={lora}")
+    tok = load_tokenizer(str(bert))
+    model = build_model(cfg, tok, torch.device("cpu")).eval()
+    train_df, _ = load_train(tiny_project / "train.csv")
+    res = predict_pairs(model, Formatter.from_config(tok, cfg.model), train_df.head(12), 4, True, torch.device("cpu"))
+    assert np.isfinite(res["probs"]).all()
+    # the pooler's input for a pair and for its swap: exact negatives in the a - b half, equal in |a - b|
+    from kagglekit.inference import pad_batch, pad_segments, set_segments
+    from kagglekit.modeling import segment_poolers
+
+    fmt = Formatter.from_config(tok, cfg.model)
+    enc = fmt.encode_rows(train_df.head(2))
+    seen = []
+    hooks = [p.mix.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach())) for p in segment_poolers(model)]
+    for swap in (False, True):
+        seqs, stats = fmt.sequences(enc, swap=swap)
+        ids, mask = pad_batch(seqs, tok.pad_token_id)
+        set_segments(model, pad_segments(fmt.segments(stats), ids.shape[1]))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 2  # one active pooler (peft's trained copy), called once per order
+    h = seen[0].shape[1] // 2
+    assert not torch.allclose(seen[0][:, :h], seen[1][:, :h])  # the model reads which response is which ...
+    torch.testing.assert_close(seen[0][:, h:], seen[0][:, :h].abs())  # ... and |a - b| beside it
+    m = train_fold(tiny_config(tiny_project, f"model.backbone={bert}", "model.pooling=pair", f"lora.enabled={lora}",
+                               "train.max_steps=3", "train.head_lr=0.01"), 1, tmp_path / "run")
+    assert np.isfinite(m["val_log_loss"])
+    saved = pd.read_csv(tmp_path / "run/fold_1/oof.csv", dtype={"id": str})
+    val = train_df.set_index("id").loc[saved["id"]].reset_index()
+    again = FoldModel(tmp_path / "run/fold_1").predict(val)["probs"]
+    np.testing.assert_allclose(again, saved.iloc[:, 1:].to_numpy(), atol=1e-5)
