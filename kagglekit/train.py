@@ -178,8 +178,8 @@ def claim_fold(out: Path, force: bool, resume: bool, main: bool = True):
     from .io import check_writable, file_lock
 
     retrain = out.with_name(f"{out.name}.retrain")
-    if not main:  # DDP ranks > 0 write nothing; rank 0 has made the folder choice before the barrier
-        yield retrain if force and retrain.exists() else out
+    if not main:  # DDP ranks > 0 write nothing; they take the folder rank 0 takes, by the same rule
+        yield retrain if force and out.exists() and any(out.iterdir()) else out
         return
     check_writable(out.parent, "run folder")
     with file_lock(out.with_name(f".{out.name}.lock"), f"fold folder {out}"):

@@ -33,9 +33,10 @@ def test_minilm_learns_real_preferences(tmp_path):
     cfg = load_config(REPO / "configs" / "minilm-cpu.yaml", [f"data.train={tmp_path / 'train.csv'}",
                                                             f"data.folds={tmp_path / 'folds.csv'}", *OVERRIDES])
     m = train_fold(cfg, 0, tmp_path / "run")
-    # The class prior of the validation rows themselves (an oracle prior, slightly optimistic) is the bar.
+    # The bar: the class prior of the held-out rows themselves (an oracle prior, a little better than any
+    # prior fitted on the training rows), beaten by a margin. What the same data gives against stronger
+    # baselines (length-only, a frozen-embedding probe) is in benchmarks/RESULTS.md (bench_quality.py).
     assert m["val_log_loss"] < m["prior_log_loss"] - MARGIN, m
-    assert m["val_accuracy"] > 0.55, m
 
 
 LIMIT = 600  # 700 rows with the arena ones: ~470 training pairs, ~230 held out
