@@ -6,7 +6,6 @@ CLI stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -415,21 +414,3 @@ def apply_pooling(model, pooling: str) -> None:
                 m.mask = mask
 
     model.register_forward_pre_hook(capture_mask, with_kwargs=True)
-
-
-@contextlib.contextmanager
-def unwrapped_pooling(model):
-    """The architecture's own pooler in place of MeanPooler while the block runs (saving a full model)."""
-    swapped = []
-    if _MEAN_POOLER is not None:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, _MEAN_POOLER):
-                parent_name, _, attr = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, attr, module.inner)
-                swapped.append((parent, attr, module))
-    try:
-        yield model
-    finally:
-        for parent, attr, module in swapped:
-            setattr(parent, attr, module)

@@ -125,6 +125,19 @@ def test_concurrent_submission_writers_keep_every_file(tmp_path):
     assert len(contents) == 7 and len(set(contents)) == 7  # and every writer's file too
 
 
+def _interrupt_on_call(fn, n: int):
+    """``fn``, except that its n-th call raises KeyboardInterrupt (Ctrl-C at that exact point)."""
+    calls = {"n": 0}
+
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return fn(*a, **k)
+
+    return wrapped
+
+
 # --- 4./6. exact resume after Ctrl-C mid-step, after SIGTERM; time-based checkpoints ---------------------------------
 
 def test_resume_after_ctrl_c_in_the_middle_of_an_optimizer_step_is_exact(tiny_project, tmp_path, monkeypatch):
@@ -133,15 +146,8 @@ def test_resume_after_ctrl_c_in_the_middle_of_an_optimizer_step_is_exact(tiny_pr
     cfg = tiny_config(tiny_project, "train.epochs=2", "train.grad_accum=2", "train.batch_size=8", "lora.dropout=0.3")
     full = train_fold(cfg, 1, tmp_path / "full")
     real = inference.pad_batch
-    calls = {"n": 0}
-
-    def pad_then_interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # the 2nd micro-batch of step 3: the 1st one has drawn its dropout masks
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(inference, "pad_batch", pad_then_interrupt)
+    # the 2nd micro-batch of step 3: the 1st one has drawn its dropout masks
+    monkeypatch.setattr(inference, "pad_batch", _interrupt_on_call(real, 6))
     with pytest.raises(Interrupted):
         train_fold(cfg, 1, tmp_path / "cut")
     monkeypatch.setattr(inference, "pad_batch", real)
@@ -181,15 +187,7 @@ def test_ctrl_c_during_an_evaluation_keeps_the_step_and_its_log_row(tiny_project
     cfg = tiny_config(tiny_project, "train.epochs=2", "train.eval_every=3")
     full = train_fold(cfg, 0, tmp_path / "full")
     real = train.evaluate
-    calls = {"n": 0}
-
-    def evaluate_then_interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(train, "evaluate", evaluate_then_interrupt)
+    monkeypatch.setattr(train, "evaluate", _interrupt_on_call(real, 2))
     with pytest.raises(Interrupted):
         train_fold(cfg, 0, tmp_path / "cut")
     monkeypatch.setattr(train, "evaluate", real)
