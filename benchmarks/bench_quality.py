@@ -161,7 +161,7 @@ def main() -> None:
     fold_of = folds.set_index("id").loc[df["id"], "fold"].to_numpy()
     y = df["label"].to_numpy()
     cfg = load_config(args.config, [*args.set, f"data.train={work / 'train.csv'}", f"data.folds={work / 'folds.csv'}"])
-    train_folds = sorted(set(fold_of)) if args.folds == "all" else [int(f) for f in args.folds.split(",")]
+    train_folds = sorted(int(f) for f in set(fold_of)) if args.folds == "all" else [int(f) for f in args.folds.split(",")]
     sel = np.isin(fold_of, train_folds)
     print(f"{len(df)} rows ({int((df['id'].str.startswith('hh')).sum())} HH-RLHF, rest arena), {args.k} folds; "
           f"kagglekit folds {train_folds}; work dir {work}", flush=True)

@@ -99,6 +99,13 @@ def resolve_packaged(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
+def _token_budget(v):
+    """'auto', 0 or a positive integer; anything else gets one message instead of pydantic's union errors."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return v
+    raise ValueError("must be 'auto', 0 (batches of rows) or a positive token budget")
+
+
 class LoraConfig(_Section):
     enabled: bool = Field(True, description="Train LoRA adapters; false fine-tunes every weight.")
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
@@ -128,6 +135,19 @@ class TrainConfig(_Section):
     swap_augment: bool = Field(True, description="Add every training row again with A and B exchanged (label mapped).")
     swap_same_batch: bool = Field(False, description="Put both orders of a pair in the same micro-batch.")
     eval_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when evaluating/predicting.")
+    max_tokens: int | Literal["auto"] = Field(
+        0, description="Size training micro-batches by padded tokens (rows x longest row <= this) instead of "
+        "train.batch_size rows; 'auto' measures one batch and fills 80% of the GPU's free memory (rows on CPU); 0 = rows.",
+    )
+    packing: bool = Field(
+        False, description="Decoder LLMs: concatenate each micro-batch's rows into one padding-free sequence with "
+        "per-row position ids (varlen attention); the last token of each row is pooled. Not for encoders (DeBERTa).",
+    )
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _budget(cls, v):
+        return _token_budget(v)
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit); for smoke runs.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     checkpoint_minutes: float = Field(
@@ -138,6 +158,16 @@ class TrainConfig(_Section):
 class PredictConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass at inference.")
     tta: bool = Field(True, description="Average (A,B) with the mapped-back (B,A) prediction.")
+    max_tokens: int | Literal["auto"] = Field(
+        "auto", description="Inference batches (kk predict, evaluation, the kernel) by padded tokens: rows x longest row "
+        "<= this. 'auto' measures one batch and fills 80% of the GPU's free memory (batches of predict.batch_size / "
+        "train.eval_batch_size rows on CPU); 0 = always rows.",
+    )
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _budget(cls, v):
+        return _token_budget(v)
 
 
 class TuneParam(_Section):

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .batching import auto_max_tokens, length_sorted_batches  # noqa: F401  (length_sorted_batches: public here too)
+
 SWAP = [1, 0, 2]  # (A, B, tie) of a swapped pair -> the original order
-
-
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of indices, longest first (an out-of-memory shows up at once), ties by index."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def pad_segments(segs, width: int):
@@ -50,21 +46,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8, device=None, autocast_dtype=None,
                  progress=None, task=None, sort: bool = True, pad_to: int | None = None, counts: dict | None = None,
-                 segs: list | None = None) -> np.ndarray:
+                 segs: list | None = None, max_tokens: int | str | None = None) -> np.ndarray:
     """Logits (n, 3) for token sequences, in input order.
 
     Rows whose half-precision logits are not finite (fp16 overflow, a known DeBERTa-v3 issue on
     T4) are recomputed in fp32, so one bad row never sinks a submission; their number is added to
     ``counts["fp32_rows"]``. Rows still not finite in fp32 stay NaN for the caller to report.
     ``sort=False`` and ``pad_to`` exist for the benchmarks' baselines (file order,
-    fixed padding); kagglekit itself always sorts and pads per batch.
+    fixed padding); kagglekit itself always sorts and pads per batch. ``max_tokens``: batches by a token
+    budget (rows x longest <= budget) instead of ``batch_size`` rows; ``"auto"`` measures one batch on a GPU
+    and fills 80% of its free memory (rows on CPU).
     """
     import torch
 
     device = device or next(model.parameters()).device
     out = np.zeros((len(seqs), 3), dtype=np.float32)
+    if max_tokens == "auto" and seqs:
+        max_tokens = inference_budget(model, seqs, pad_id, device, autocast_dtype, segs)
     if sort:
-        batches = length_sorted_batches([len(s) for s in seqs], batch_size)
+        batches = length_sorted_batches([len(s) for s in seqs], batch_size, max_tokens or None)
     else:
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
     was_training = model.training
@@ -91,6 +91,29 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     return out
 
 
+def inference_budget(model, seqs, pad_id: int, device, autocast_dtype=None, segs=None) -> int | None:
+    """``predict.max_tokens: auto``: the token budget measured with a forward pass of the longest sequence
+    (cached on the model per length); None on CPU."""
+    import torch
+
+    longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
+    width = len(seqs[longest])
+    cache = model.__dict__.setdefault("_kk_max_tokens", {})
+    if width not in cache:
+        def probe(rows, length):
+            ids, mask = pad_batch([seqs[longest]] * rows, pad_id)
+            if segs is not None:
+                set_segments(model, pad_segments([segs[longest]] * rows, length).to(device))
+            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+
+        was_training = model.training
+        model.eval()
+        cache[width] = auto_max_tokens(probe, width, device)
+        model.train(was_training)
+    return cache[width]
+
+
 def tta_average(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
     """Average a prediction with its swapped prediction mapped back.
 
@@ -101,7 +124,8 @@ def tta_average(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
 
 
 def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, device=None, autocast_dtype=None,
-                  progress=None, description: str = "predict", remove_task: bool = False, cache: dict | None = None) -> dict:
+                  progress=None, description: str = "predict", remove_task: bool = False, cache: dict | None = None,
+                  max_tokens: int | str | None = None) -> dict:
     """Probabilities for a frame of parsed rows (see :func:`kagglekit.data.load_arena`).
 
     Returns ``probs`` (TTA-averaged when ``tta``), ``probs_ab`` (the given order),
@@ -109,6 +133,7 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
     The two orders run as separate passes with identical batch layouts, which keeps
     TTA exactly swap-equivariant. ``cache``: a dict shared by the folds of an ensemble; folds with the
     same tokenizer and formatting settings then tokenize the rows once, not once per fold.
+    ``max_tokens``: see :func:`infer_logits` (``predict.max_tokens``).
     """
     key = (formatter.signature(), id(df), len(df)) if cache is not None else None
     if key is not None and key in cache:
@@ -126,14 +151,14 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
     task = progress.add_task(description, total=total, status="") if progress is not None else None
     counts = {"fp32_rows": 0}
     p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts,
-                                segs=segs_ab))
+                                segs=segs_ab, max_tokens=max_tokens))
     p_ba = None
     if tta:
         if seqs_ba is None:  # cached by a no-TTA caller
             seqs_ba, stats_ba = formatter.sequences(formatter.encode_rows(df), swap=True)
         segs_ba = formatter.segments(stats_ba) if pair else None
         p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts,
-                                    segs=segs_ba))[:, SWAP]
+                                    segs=segs_ba, max_tokens=max_tokens))[:, SWAP]
         probs = (p_ab + p_ba) / 2.0
     else:
         probs = p_ab

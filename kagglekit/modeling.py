@@ -414,3 +414,44 @@ def apply_pooling(model, pooling: str) -> None:
                 m.mask = mask
 
     model.register_forward_pre_hook(capture_mask, with_kwargs=True)
+
+
+# --- padding-free (packed) training for decoders -----------------------------------------------------------------------
+
+
+def check_packing(model) -> None:
+    """``train.packing`` needs a decoder whose attention reads sequence boundaries from ``position_ids``."""
+    model_type = _classifier(model).config.model_type
+    if model_type not in DECODER_TYPES:
+        raise KKError(f"train.packing: {model_type} is an encoder with no per-sequence position_ids path "
+                      "(packing is for decoder LLMs: llama, mistral, qwen2, gemma2...); set train.packing=false")
+
+
+def _classifier(model):
+    """The transformers *ForSequenceClassification inside DDP and peft wrappers."""
+    m = getattr(model, "module", model)  # DDP
+    if hasattr(m, "get_base_model"):  # peft
+        m = m.get_base_model()
+    return m
+
+
+def packed_logits(model, seqs, device):
+    """Logits (len(seqs), 3) of sequences run as ONE padding-free row.
+
+    The rows are concatenated and ``position_ids`` restart at 0 for each; with no attention mask,
+    transformers builds a block-diagonal causal mask from the restarts (SDPA/eager) or passes the
+    sequence boundaries to varlen kernels (flash attention), so no token attends across rows. The head
+    reads each row's last token, which is what the padded path pools. LoRA layers live inside the
+    backbone, so calling it directly trains them as usual.
+    """
+    import torch
+
+    cls = _classifier(model)
+    backbone = getattr(cls, cls.base_model_prefix)
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])[None].to(device)
+    pos = torch.cat([torch.arange(n) for n in lengths.tolist()])[None].to(device)
+    # use_cache=False: with a cache, transformers does not look for packed sequences in position_ids.
+    hidden = backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state  # (1, total tokens, hidden)
+    last = (torch.cumsum(lengths, 0) - 1).to(device)
+    return cls.score(hidden[0, last])

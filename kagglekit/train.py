@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batching import plan_batches  # noqa: F401  (part of this module's API: the benchmarks use it)
 from .config import Config
 from .errors import KKError
 
@@ -107,34 +108,6 @@ def load_soft_labels(path: str, ids) -> np.ndarray:
     if bad.any():
         raise KKError(f"{p}: soft labels of id {list(ids)[int(bad.argmax())]} are not probabilities summing to 1")
     return probs
-
-
-def plan_batches(lengths: list[int], units: list[list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Length-grouped micro-batches for one epoch, reproducible from (seed, epoch).
-
-    Units (one sequence, or a pair of both A/B orders kept together) are shuffled,
-    cut into chunks of ~32 batches, sorted by length inside a chunk (so a batch
-    pads little), packed into micro-batches, and the batches shuffled again (so
-    the model does not see lengths in order).
-    """
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(units))
-    unit_len = [max(lengths[i] for i in u) for u in units]
-    per_unit = max(1, len(units[0]))
-    chunk = max(1, batch_size * 32 // per_unit)
-    batches: list[list[int]] = []
-    for start in range(0, len(perm), chunk):
-        part = sorted(perm[start : start + chunk].tolist(), key=lambda u: (-unit_len[u], u))
-        cur: list[int] = []
-        for u in part:
-            if cur and len(cur) + len(units[u]) > batch_size:
-                batches.append(cur)
-                cur = []
-            cur.extend(units[u])
-        if cur:
-            batches.append(cur)
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
 
 
 def param_groups(model, tc) -> list[dict]:
@@ -359,6 +332,7 @@ class Session:
     total_steps: int = 0
     rng: object = None  # torch RNG state at the start of the current optimizer step
     last_checkpoint: float = 0.0
+    max_tokens: int = 0  # token budget of a micro-batch (train.max_tokens resolved); 0 = train.batch_size rows
 
     @property
     def main(self) -> bool:
@@ -394,7 +368,7 @@ def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
 
 
 def epoch_plan(s: Session, inputs: FoldInputs, epoch: int) -> list[list[int]]:
-    plan = plan_batches(inputs.lengths, inputs.units, inputs.batch_size, s.cfg.seed, epoch)
+    plan = plan_batches(inputs.lengths, inputs.units, inputs.batch_size, s.cfg.seed, epoch, s.max_tokens, s.cfg.train.packing)
     if s.world > 1:  # every rank the same number of micro-batches, or DDP would wait forever
         plan = plan[s.rank : len(plan) - len(plan) % s.world : s.world]
     return plan
@@ -411,6 +385,14 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
     s.model = build_model(s.cfg, s.tokenizer, s.device, s.amp_dtype)
     s.model.train()
     s.ddp_model = s.model
+    if s.cfg.train.packing:
+        from .modeling import check_packing
+
+        check_packing(s.model)
+        if s.world > 1:
+            raise KKError("train.packing runs on one process (it calls the backbone directly, which DDP would not sync); "
+                          "set train.packing=false for multi-GPU training")
+    s.max_tokens = resolve_train_budget(s, inputs)
     if s.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -434,6 +416,65 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
 
             console.print(f"resuming fold {s.fold} at step {s.state.step} (epoch {s.state.epoch + 1})")
     s.rng = _rng_state()
+
+
+def forward_logits(s: Session, seqs, segs=None):
+    """One micro-batch's logits: padded to its longest row, or (train.packing) one padding-free row."""
+    import torch
+
+    from .inference import pad_batch, pad_segments, set_segments
+
+    with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+        if s.cfg.train.packing:
+            from .modeling import packed_logits
+
+            return packed_logits(s.model, seqs, s.device)
+        ids, mask = pad_batch(seqs, s.tokenizer.pad_token_id)
+        if segs is not None:
+            set_segments(s.model, pad_segments(segs, ids.shape[1]).to(s.device))
+        return s.ddp_model(input_ids=ids.to(s.device), attention_mask=mask.to(s.device)).logits
+
+
+def resolve_train_budget(s: Session, inputs: FoldInputs) -> int:
+    """``train.max_tokens`` as a number. ``auto`` runs one forward and backward pass of the longest training
+    row on the GPU and fills 80% of the free memory (0, i.e. rows, on CPU). The number is saved with the
+    checkpoint folder, so --resume replays the same batches even if free memory changed."""
+    import json
+
+    import torch
+
+    from .batching import auto_max_tokens
+
+    budget = s.cfg.train.max_tokens
+    if budget != "auto":
+        return int(budget)
+    saved = s.ckpt_dir / "batching.json"
+    if s.resume and saved.is_file():
+        return int(json.loads(saved.read_text())["max_tokens"])
+    longest = max(range(len(inputs.seqs)), key=lambda i: len(inputs.seqs[i]))
+
+    def probe(rows, length):
+        logits = forward_logits(s, [inputs.seqs[longest]] * rows,
+                                [inputs.segs[longest]] * rows if inputs.segs is not None else None)
+        logits.float().sum().backward()
+        s.model.zero_grad(set_to_none=True)
+
+    with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):  # the probe's dropout draws nothing
+        budget = auto_max_tokens(probe, len(inputs.seqs[longest]), s.device) or 0
+    if s.world > 1:  # every rank plans the same batches: the smallest budget wins
+        import torch.distributed as dist
+
+        t = torch.tensor([budget], device=s.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        budget = int(t.item())
+    if s.main:
+        from .io import write_json
+        from .ui import console
+
+        s.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_json(saved, {"max_tokens": budget})
+        console.print(f"train.max_tokens auto: {budget or 'rows (CPU)'}")
+    return budget
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------------
@@ -520,7 +561,7 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     if s.main:
         val_df = inputs.val_df
         res = predict_pairs(s.model, s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
-                            f"fold {s.fold} eval", remove_task=True)
+                            f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens)
         loss = log_loss(res["probs"], val_df["label"].to_numpy())
         if loss < state.best_loss:
             state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
@@ -570,7 +611,6 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     import torch
     import torch.nn.functional as F
 
-    from .inference import pad_batch, pad_segments, set_segments
     from .ui import progress
 
     tc, state, model = s.cfg.train, s.state, s.ddp_model
@@ -594,14 +634,11 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     group = plan[group_start : group_start + tc.grad_accum]
                     n_group = sum(len(b) for b in group)  # sequences in this optimizer step
                     batch = plan[state.micro]
-                    ids, mask = pad_batch([inputs.seqs[i] for i in batch], s.tokenizer.pad_token_id)
-                    ids, mask = ids.to(device), mask.to(device)
-                    if inputs.segs is not None:
-                        set_segments(s.model, pad_segments([inputs.segs[i] for i in batch], ids.shape[1]).to(device))
                     # DDP averages gradients across ranks once per optimizer step, not per micro-batch.
                     defer_sync = s.world > 1 and state.micro - group_start + 1 < len(group)
-                    with _no_sync(model, defer_sync), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = model(input_ids=ids, attention_mask=mask).logits
+                    with _no_sync(model, defer_sync):
+                        logits = forward_logits(s, [inputs.seqs[i] for i in batch],
+                                                [inputs.segs[i] for i in batch] if inputs.segs is not None else None)
                     # Soft or hard targets alike: cross-entropy against a distribution, normalised per sequence.
                     loss = F.cross_entropy(logits.float(), targets[batch].to(device), label_smoothing=tc.label_smoothing, reduction="sum")
                     if not torch.isfinite(loss):

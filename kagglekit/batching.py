@@ -1,0 +1,133 @@
+"""How sequences are grouped into batches, for training and for inference.
+
+Padding is wasted work: a batch costs ``rows x its longest row`` tokens, whatever its rows' real
+lengths. Everything here is plain numpy (no torch import), so the benchmarks can simulate the
+competition's full length distribution in a second.
+
+- :func:`plan_batches` (training): length-grouped micro-batches that still shuffle every epoch.
+  Units are shuffled, cut into chunks, sorted by length inside a chunk and packed; the chunk grows
+  (doubling) until the epoch's padding efficiency reaches ``target``, so big data is not stuck with a
+  chunk tuned for small data. The batches are then shuffled again.
+- :func:`length_sorted_batches` (inference): one global sort, longest first.
+- Both take ``max_tokens``: batches sized by a token budget (rows x longest <= budget) instead of a
+  row count, so a batch of long rows cannot run out of memory while a batch of short rows leaves the
+  GPU idle. :func:`auto_max_tokens` picks the budget from the GPU's free memory by measuring one batch.
+- ``packed=True`` (``train.packing``): rows are concatenated without padding, so batches need no
+  sorting; the budget counts real tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TARGET_EFFICIENCY = 0.98
+FIRST_CHUNK_BATCHES = 32  # the smallest chunk, in batches: small data keeps this much shuffling
+
+
+def padding_efficiency(lengths, batches, packed: bool = False) -> float:
+    """Real tokens / computed tokens (rows x longest row, summed over batches); 1.0 when packed."""
+    real = sum(int(lengths[i]) for b in batches for i in b)
+    if packed:
+        return 1.0 if real else 0.0
+    padded = sum(len(b) * max(int(lengths[i]) for i in b) for b in batches if b)
+    return real / padded if padded else 0.0
+
+
+def _pack(order, units, unit_len, batch_size: int, max_tokens: int, packed: bool) -> list[list[int]]:
+    """Consecutive units of ``order`` into batches: at most ``batch_size`` rows, or (with a budget) at most
+    ``max_tokens`` computed tokens: rows x longest (padded) or the sum of lengths (packed)."""
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    width = total = 0
+    for u in order:
+        rows, n = len(units[u]), int(unit_len[u])
+        if cur:
+            if max_tokens:
+                cost = total + rows * n if packed else (len(cur) + rows) * max(width, n)
+                full = cost > max_tokens
+            else:
+                full = len(cur) + rows > batch_size
+            if full:
+                batches.append(cur)
+                cur, width, total = [], 0, 0
+        cur.extend(units[u])
+        width, total = max(width, n), total + rows * n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def plan_batches(lengths, units: list[list[int]], batch_size: int, seed: int, epoch: int, max_tokens: int = 0,
+                 packed: bool = False, target: float = TARGET_EFFICIENCY) -> list[list[int]]:
+    """Micro-batches (lists of sequence indices) for one epoch, reproducible from (seed, epoch).
+
+    ``units``: what is kept together (one sequence, or both A/B orders of a pair). The chunk that is
+    sorted by length starts at 32 batches' worth of units and doubles until the padding efficiency
+    reaches ``target`` or the chunk is the whole epoch: small data keeps the most randomness, large
+    data gets the padding it needs (a fixed chunk pads more as the data grows). Which units share a
+    batch changes every epoch (the chunks are a fresh random split); the batch order is shuffled.
+    ``max_tokens``: size batches by a token budget instead of ``batch_size`` rows.
+    ``packed``: rows are concatenated, not padded, so no sorting at all: the budget counts real tokens.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(units))
+    unit_len = np.array([max(int(lengths[i]) for i in u) for u in units], dtype=np.int64)
+    if packed:
+        batches = _pack(perm.tolist(), units, unit_len, batch_size, max_tokens, packed=True)
+    else:
+        per_unit = max(1, len(units[0])) if units else 1
+        rows_per_batch = batch_size
+        if max_tokens and len(unit_len):
+            rows_per_batch = max(1, max_tokens // max(1, int(np.median(unit_len))))
+        chunk = max(1, rows_per_batch * FIRST_CHUNK_BATCHES // per_unit)
+        while True:
+            # Sort each chunk longest first (ties by unit index, so the plan is reproducible).
+            chunk_id = np.arange(len(perm)) // chunk
+            order = perm[np.lexsort((perm, -unit_len[perm], chunk_id))].tolist()
+            batches = _pack(order, units, unit_len, batch_size, max_tokens, packed=False)
+            if chunk >= len(perm) or padding_efficiency(lengths, batches) >= target:
+                break
+            chunk *= 2
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def length_sorted_batches(lengths, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Inference batches of indices, longest first (an out-of-memory shows up at once), ties by index;
+    ``batch_size`` rows each, or with ``max_tokens`` as many rows as fit rows x longest <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not max_tokens:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    unit_len = np.asarray(lengths, dtype=np.int64)
+    return _pack(order, [[i] for i in range(len(lengths))], unit_len, batch_size, int(max_tokens), packed=False)
+
+
+def budget_from_probe(peak_bytes: int, probe_tokens: int, free_bytes: int, longest: int, fraction: float = 0.8,
+                      multiple: int = 256) -> int:
+    """The token budget that fills ``fraction`` of ``free_bytes``, given that a probe batch of ``probe_tokens``
+    padded tokens (at the longest length: the most memory per token) raised peak memory by ``peak_bytes``.
+    Never below one longest row; rounded down to ``multiple``."""
+    per_token = max(1.0, peak_bytes / max(1, probe_tokens))
+    budget = int(fraction * free_bytes / per_token)
+    budget -= budget % multiple
+    return max(int(longest), budget)
+
+
+def auto_max_tokens(run_probe, longest: int, device, fraction: float = 0.8, probe_rows: int = 2) -> int | None:
+    """A token budget from the device's free memory, or None on CPU (batches of rows there: host memory is
+    not the limit that matters). ``run_probe(rows, length)`` runs one batch as the real work will (forward,
+    or forward and backward); its peak memory per token, measured, sets the budget."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    import torch
+
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run_probe(probe_rows, longest)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return budget_from_probe(peak, probe_rows * longest, free, longest, fraction)
