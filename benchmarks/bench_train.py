@@ -1,19 +1,28 @@
-"""Training speed and memory, naive vs kagglekit, side by side:
+"""Training speed against what competitors actually use, side by side, on the same token ids:
 
-  naive:     shuffled rows, every sequence padded to max_length
-  kagglekit: length-grouped micro-batches (kagglekit.train.plan_batches), dynamic padding
+  hf-trainer  transformers.Trainer: train_sampling_strategy=group_by_length, DataCollatorWithPadding, eval off
+  bare-loop   a plain PyTorch loop over pre-built, pre-padded batches of kagglekit's plan (the upper bound:
+              no data handling at all inside the timed loop)
+  kagglekit   kagglekit.train.fit itself (evaluation and checkpoints stubbed out), batches from plan_batches
+  naive       (optional) shuffled rows, every sequence padded to max_length: the seed notebook
 
-Both run the same model (LoRA via kagglekit.modeling.build_model) and the same step: forward,
-cross-entropy, backward, AdamW. Each mode runs in its own process so peak memory is its own.
+Every contender runs the same model (LoRA r on kagglekit's targets, heads trained), AdamW, cosine schedule,
+grad clipping, batch size and sequences, in its own process (peak memory is its own), for `--rounds`
+interleaved rounds; the table shows the median and min-max of samples/s, the padding efficiency of the
+batches it ran (real tokens / rows x longest), and peak memory (RSS on CPU, allocated on GPU). The first
+optimizer step of each run is a warm-up and is not timed.
 
-Model FLOPs per sample (stated formula): 2*N*T forward for the N non-embedding weights over T tokens,
-plus attention 2*2*L*T^2*d forward, times 3 (DeBERTa's disentangled attention: content + c2p + p2c);
-backward costs 2x forward for full fine-tuning, 1x for LoRA (no weight gradients of frozen layers):
-  FLOPs = (1 + b) * (2*N*T + 12*L*d*T^2),  b = 1 (LoRA) or 2 (full)
-MFU = achieved FLOPs/s / device peak (H100/H200 bf16 dense: 989 TFLOP/s; CPU: pass --peak-tflops).
+Data: `--data real` is the shared real rows formatted by kagglekit (tiny tokenizer) in both A/B orders;
+`--data sim --rows 57477` draws sequences whose lengths follow the real distribution, at the competition's
+full size, and `--steps K` times K steps of each contender's own full-size epoch (its batches are in
+random order, so K steps are a fair sample of the epoch).
 
-    python benchmarks/bench_train.py --steps 3                           # tiny model on CPU
-    python benchmarks/bench_train.py --arch deberta-v3-base --max-length 1280 --batch-size 16 --precision bf16
+Model FLOPs per sample (stated formula): FLOPs = (1 + b) * (2*N*T + 12*L*d*T^2), b = 1 (LoRA) or 2 (full),
+for N non-embedding weights, T tokens, L layers, width d; MFU = useful FLOPs/s / device peak.
+
+    python benchmarks/bench_train.py                                     # tiny model, the real rows, CPU
+    python benchmarks/bench_train.py --data sim --rows 57477 --steps 12  # full-size lengths
+    python benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows 2000 --steps 20 --precision bf16
 """
 
 from __future__ import annotations
@@ -27,7 +36,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import build_model, device_info, dump_json, md_table, random_sequences, real_lengths, record
+from _common import (
+    bench_sequences,
+    build_model,
+    device_info,
+    dump_json,
+    md_table,
+    median_range,
+    peak_memory_gib,
+    record,
+    tiny_tokenizer,
+)
+
+CONTENDERS = ("hf-trainer", "bare-loop", "kagglekit")
 
 
 def flops_per_sample(model, tokens: float, tokens_sq: float, lora: bool) -> float:
@@ -37,88 +58,179 @@ def flops_per_sample(model, tokens: float, tokens_sq: float, lora: bool) -> floa
     return (1 + (1 if lora else 2)) * (2 * n * tokens + attn)
 
 
-def child(args) -> dict:
-    """One mode in this process: returns samples/s, tokens/s, FLOPs/sample, peak memory."""
-    import resource
+def _wrap(base, args, cfg):
+    if args.full:
+        for p in base.parameters():
+            p.requires_grad_(True)
+        return base
+    from peft import LoraConfig, TaskType, get_peft_model
 
+    from kagglekit.modeling import head_modules, lora_targets
+
+    return get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                           target_modules=lora_targets(base, cfg.lora),
+                                           modules_to_save=[m for m in head_modules(base) if m not in ("classifier", "score")] or None))
+
+
+def child(args) -> dict:
+    """One contender in this process: samples/s, real tokens/s, padding efficiency, peak memory."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
+    from kagglekit.batching import padding_efficiency, plan_batches
     from kagglekit.config import load_config
-    from kagglekit.inference import pad_batch
     from kagglekit.modeling import device_and_dtype
-    from kagglekit.train import plan_batches
 
     torch.manual_seed(0)
     device, dtype = device_and_dtype(args.precision)
-    with tempfile.TemporaryDirectory() as tmp:
-        base, pad_id, vocab = build_model(args.arch, Path(tmp))
-    cfg = load_config(None, [f"lora.r={args.lora_r}", f"lora.enabled={str(not args.full).lower()}",
-                             f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}"])
+    work = Path(args.workdir)
+    base, pad_id, vocab = build_model(args.arch, work)
+    seqs, source = bench_sequences(args.data, args.max_length, vocab, work, args.rows, args.repeat)
+    n = len(seqs)
+    labels = np.random.default_rng(0).integers(0, 3, n)
+    cfg = load_config(None, [f"lora.r={args.lora_r}", "lora.dropout=0", f"lora.enabled={str(not args.full).lower()}",
+                             f"train.batch_size={args.batch_size}", "train.grad_accum=1", "train.epochs=1", "train.lr=1e-4",
+                             f"train.max_steps={args.steps + 1 if args.steps else 0}", "train.label_smoothing=0",
+                             "train.checkpoint_minutes=0", "train.patience=0", "train.swap_augment=false", "train.warmup_ratio=0.1",
+                             f"model.max_length={args.max_length}", f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}"])
     base.to(device)
     if args.grad_ckpt:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.full:
-        model = base
-    else:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        from kagglekit.modeling import head_modules, lora_targets
-
-        model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                                 target_modules=lora_targets(base, cfg.lora), modules_to_save=head_modules(base)))
+    model = _wrap(base, args, cfg)
     model.train()
-    n_rows = args.batch_size * (args.steps + 1)
-    lengths, source = real_lengths(n_rows, args.max_length, seed=1)
-    seqs = random_sequences(lengths, vocab, seed=1)
-    labels = torch.tensor(np.random.default_rng(0).integers(0, 3, n_rows))
-    if args.mode == "naive":
-        order = np.random.default_rng(0).permutation(n_rows)
-        batches = [order[i:i + args.batch_size].tolist() for i in range(0, n_rows, args.batch_size)]
-        pad_to = args.max_length
-    else:
-        batches = plan_batches(list(lengths), [[i] for i in range(n_rows)], args.batch_size, 0, 0)
-        pad_to = None
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    lengths = [len(s) for s in seqs]
+    plan = plan_batches(lengths, [[i] for i in range(n)], args.batch_size, 0, 0)
+    ran: list[list[int]] = []  # the batches timed (after the warm-up step)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step(b):
-        ids, mask = pad_batch([seqs[i] for i in b], pad_id, pad_to)
-        ids, mask = ids.to(device), mask.to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits.float(), labels[b].to(device))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return int(mask.sum()), ids.shape[1]
+    if args.mode == "hf-trainer":
+        from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
-    step(batches[0])  # warm-up (kernels, allocator)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    samples = real_tokens = 0
-    flops = 0.0
-    for b in batches[1:args.steps + 1]:
-        toks, width = step(b)
-        samples += len(b)
-        real_tokens += toks
-        # FLOPs the model actually computes on the padded batch (padding is work too).
-        flops += len(b) * flops_per_sample(model, width, width * width, not args.full)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    useful = sum(flops_per_sample(model, len(seqs[i]), len(seqs[i]) ** 2, not args.full) for b in batches[1:args.steps + 1] for i in b)
-    return {"mode": args.mode, "samples_s": samples / wall, "tokens_s": real_tokens / wall, "peak_gib": peak,
-            "flops_s": flops / wall, "useful_flops_s": useful / wall, "flops_per_sample": useful / samples, "source": source}
+        tok = tiny_tokenizer(work)
+        tok.pad_token_id = pad_id
+        collate = DataCollatorWithPadding(tok)
+        batches_seen: list[list[int]] = []
+
+        class DS(torch.utils.data.Dataset):
+            def __len__(self):
+                return n
+
+            def __getitem__(self, i):
+                return {"input_ids": seqs[i], "attention_mask": [1] * len(seqs[i]), "labels": int(labels[i]), "idx": i}
+
+        def collator(features):
+            batches_seen.append([f.pop("idx") for f in features])
+            return collate(features)
+
+        class Clock(TrainerCallback):
+            t0 = None
+
+            def on_step_end(self, a, state, control, **kw):
+                if state.global_step == 1:
+                    sync()
+                    Clock.t0, Clock.first = time.perf_counter(), len(batches_seen)
+
+        targs = TrainingArguments(
+            output_dir=str(work / "hf"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
+            max_steps=args.steps + 1 if args.steps else -1, train_sampling_strategy="group_by_length", learning_rate=1e-4,
+            lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.01, max_grad_norm=1.0, logging_strategy="no",
+            save_strategy="no", eval_strategy="no", report_to="none", use_cpu=device.type != "cuda", seed=0,
+            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, remove_unused_columns=False, disable_tqdm=True,
+            dataloader_num_workers=0, gradient_checkpointing=False,
+        )
+        Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collator, callbacks=[Clock()]).train()
+        sync()
+        wall = time.perf_counter() - Clock.t0
+        ran = batches_seen[Clock.first:]
+    elif args.mode == "kagglekit":
+        import kagglekit.train as train_mod
+        from kagglekit.train import FoldInputs, Session, _lr_scheduler, _rng_state, param_groups
+
+        train_mod.evaluate = lambda s, inputs, bar=None: 1.0  # speed of the loop, not of validation
+        train_mod.save_checkpoint = lambda s: None
+        tc = cfg.train
+        s = Session(cfg, 0, work / "kk", device, dtype, type("Tok", (), {"pad_token_id": pad_id})(), None)
+        s.model = s.ddp_model = model
+        s.optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
+        inputs = FoldInputs(None, None, seqs, np.eye(3)[labels], [[i] for i in range(n)], None, args.batch_size)
+        s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))
+        s.total_steps = min(s.steps_per_epoch, tc.max_steps) if tc.max_steps else s.steps_per_epoch
+        s.scheduler = _lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
+        s.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        s.rng = _rng_state()
+        mark = {}
+
+        def on_step(step):
+            if step == 1:
+                sync()
+                mark["t0"], mark["samples"] = time.perf_counter(), s.state.samples
+
+        train_mod.fit(s, inputs, on_step=on_step)
+        sync()
+        wall = time.perf_counter() - mark["t0"]
+        ran = train_mod.epoch_plan(s, inputs, 0)[1:s.total_steps]
+    else:  # bare-loop (kagglekit's batches, padded before the clock starts) or naive (fixed padding, file order)
+        import torch.nn.functional as F
+
+        from kagglekit.inference import pad_batch
+        from kagglekit.train import _lr_scheduler, param_groups
+
+        if args.mode == "naive":
+            order = np.random.default_rng(0).permutation(n)
+            plan = [order[i:i + args.batch_size].tolist() for i in range(0, n, args.batch_size)]
+        steps = min(len(plan), args.steps + 1) if args.steps else len(plan)
+        plan = plan[:steps]
+        pad_to = args.max_length if args.mode == "naive" else None
+        ready = [(*(t.to(device) for t in pad_batch([seqs[i] for i in b], pad_id, pad_to)), torch.as_tensor(labels[b]).to(device))
+                 for b in plan]
+        opt = torch.optim.AdamW(param_groups(model, cfg.train), lr=1e-4)
+        sched = _lr_scheduler(opt, "cosine", int(0.1 * steps), steps)
+        params = [p for p in model.parameters() if p.requires_grad]
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        for k, (ids, mask, y) in enumerate(ready):
+            if k == 1:
+                sync()
+                t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = F.cross_entropy(logits.float(), y)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        wall = time.perf_counter() - t0
+        ran = plan[1:]
+    samples = sum(len(b) for b in ran)
+    real_tokens = sum(lengths[i] for b in ran for i in b)
+    eff = real_tokens / (samples * args.max_length) if args.mode == "naive" else padding_efficiency(lengths, ran)
+    lora = not args.full
+    useful = sum(flops_per_sample(model, lengths[i], lengths[i] ** 2, lora) for b in ran for i in b)
+    return {"mode": args.mode, "samples_s": samples / wall, "tokens_s": real_tokens / wall, "efficiency": eff,
+            "peak_gib": peak_memory_gib(device), "useful_flops_s": useful / wall, "samples": samples, "source": source}
 
 
-def main(argv=None) -> dict:
+def run_child(base_cmd: list[str], mode: str, workdir: str) -> dict:
+    proc = subprocess.run(base_cmd + ["--mode", mode, "--workdir", workdir], capture_output=True, text=True,
+                          env=dict(os.environ, KK_QUIET="1"))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("KKBENCH ")]
+    if proc.returncode != 0 or not line:
+        raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][len("KKBENCH "):])
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="tiny", choices=["tiny", "deberta-v3-base"])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--data", default="real", choices=["real", "sim"], help="the real rows, or simulated lengths (--rows)")
+    ap.add_argument("--rows", type=int, default=0, help="--data sim: rows (x 2 orders); 57477 = the competition")
+    ap.add_argument("--repeat", type=int, default=1, help="--data real: the rows this many times (scaling)")
+    ap.add_argument("--steps", type=int, default=0, help="timed optimizer steps (0 = the whole epoch)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median, min-max)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}, naive")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1280)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
@@ -126,9 +238,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    ap.add_argument("--mode", choices=["naive", "kagglekit"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=[*CONTENDERS, "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
     if args.mode:  # child process
         dump_json(child(args))
         return {}
@@ -138,35 +256,40 @@ def main(argv=None) -> dict:
 
     kind, name, peak = device_info()
     peak = args.peak_tflops or peak
-    res = {}
-    base_cmd = [sys.executable, str(Path(__file__).resolve())] + [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--record"]
-    for mode in ("naive", "kagglekit"):
-        proc = subprocess.run(base_cmd + ["--mode", mode], capture_output=True, text=True, env=dict(os.environ, KK_QUIET="1"))
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("KKBENCH ")]
-        if proc.returncode != 0 or not line:
-            raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-        res[mode] = json.loads(line[-1][len("KKBENCH "):])
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    base_cmd = [sys.executable, str(Path(__file__).resolve())] + [a for a in argv if a != "--record"]
+    res: dict[str, list[dict]] = {c: [] for c in contenders}
+    with tempfile.TemporaryDirectory() as work:
+        tiny_tokenizer(Path(work))  # built once, shared by the children
+        for _ in range(args.rounds):
+            for c in contenders:  # interleaved: a slow minute on a shared machine hits every contender alike
+                res[c].append(run_child(base_cmd, c, work))
+    import numpy as np
+
+    med = {c: float(np.median([r["samples_s"] for r in rs])) for c, rs in res.items()}
     rows = []
-    for mode, r in res.items():
-        mfu = f"{100 * r['useful_flops_s'] / (peak * 1e12):.1f}%" if peak else "n/a"
-        rows.append([mode, f"{r['samples_s']:.2f}", f"{r['tokens_s']:.0f}", f"{r['flops_per_sample'] / 1e9:.1f}",
-                     f"{r['useful_flops_s'] / 1e12:.3f}", mfu, f"{r['peak_gib']:.2f}"])
+    for c, rs in res.items():
+        mfu = f"{100 * np.median([r['useful_flops_s'] for r in rs]) / (peak * 1e12):.1f}%" if peak else "n/a"
+        rows.append([c, median_range([r["samples_s"] for r in rs]), f"{np.median([r['tokens_s'] for r in rs]):.0f}",
+                     f"{rs[0]['efficiency']:.3f}", mfu, f"{max(r['peak_gib'] for r in rs):.2f}", str(rs[0]["samples"])])
     setting = (f"{args.arch}, {'full' if args.full else f'LoRA r={args.lora_r}'}, batch {args.batch_size}, max_length {args.max_length}, "
-               f"{args.precision}{', grad ckpt' if args.grad_ckpt else ''}, {args.steps} steps, lengths: {res['naive']['source']}")
+               f"{args.precision}{', grad ckpt' if args.grad_ckpt else ''}, "
+               f"{f'{args.steps} timed steps' if args.steps else 'one epoch'}, {args.rounds} interleaved rounds; "
+               f"data: {next(iter(res.values()))[0]['source']}")
+    cols = ["contender", "samples/s median (min-max)", "real tokens/s", "padding efficiency", "MFU",
+            f"peak {'GPU' if kind == 'cuda' else 'RSS'} GiB", "timed samples"]
     table = Table(title=f"training: {setting}\n{name}")
-    cols = ["mode", "samples/s", "real tokens/s", "GFLOPs/sample", "useful TFLOP/s", "MFU", f"peak {'GPU' if kind == 'cuda' else 'RSS'} GiB"]
     for c in cols:
         table.add_column(c)
     for r in rows:
         table.add_row(*r)
     Console().print(table)
-    ratio = res["kagglekit"]["samples_s"] / res["naive"]["samples_s"]
-    line = f"ratio: kagglekit/naive samples/s = {ratio:.2f}x; peak memory kagglekit/naive = {res['kagglekit']['peak_gib'] / res['naive']['peak_gib']:.2f}x"
+    ratios = [f"kagglekit/{c} = {med['kagglekit'] / med[c]:.2f}x" for c in contenders if c != "kagglekit" and "kagglekit" in med]
+    line = "samples/s ratios: " + ", ".join(ratios) if ratios else "one contender"
     print(line)
     if args.record:
-        record("bench_train", "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]), name,
-               f"{setting}\n\n" + md_table(cols, rows), line)
-    return {"ratio": ratio, **res}
+        record("bench_train", "python benchmarks/bench_train.py " + " ".join(argv), name, f"{setting}\n\n" + md_table(cols, rows), line)
+    return {"median": med, "results": res}
 
 
 if __name__ == "__main__":

@@ -1,28 +1,50 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue: benchmarks on an H100 when the device tool lends one).
-# One script, about 10 minutes on an H100: DeBERTa-v3-base architecture (random weights) at 1280 tokens,
-# LoRA r=16, bf16, batch 8/16/32 with and without gradient checkpointing; then fp16 inference.
-# Every run appends its table to benchmarks/RESULTS.md (and $OUT/RESULTS.md when $OUT is set).
+# The prepared GPU check: one script, about 8 minutes on an H100/H200, every table appended to
+# benchmarks/RESULTS.md (and copied to $OUT/RESULTS.md when $OUT is set, as the device tool collects it).
+#   1. DeBERTa-v3-base architecture (random weights), LoRA r16, 1,280 tokens, lengths of the real rows:
+#      kagglekit's training loop in bf16 and in fp16 (as on a T4), with and without gradient checkpointing
+#      (samples/s, MFU, peak memory), and the Hugging Face Trainer beside it in bf16.
+#   2. Inference: kagglekit's path (the one the kernel runs) vs Trainer.predict, the bare sorted loop and
+#      fixed padding, fp16; flashdeberta too when its wheel is given.
+#   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
+#      samples/s padded and packed (train.packing), inference with max_tokens auto, peak memory.
+# Wheels the GPU image lacks (bitsandbytes, flashdeberta + einops) are installed from $WHEELS (default: wheels/)
+# with --no-index when present: `make gpu-wheels` downloads them here, and the device tool carries the folder.
 #   bash benchmarks/gpu_check.sh            # on the GPU
-#   bash benchmarks/gpu_check.sh --smoke    # the same commands at toy size, on CPU, to keep it from rotting
+#   bash benchmarks/gpu_check.sh --smoke    # the same commands at toy size on CPU (the test suite runs this)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
+WHEELS=${WHEELS:-wheels}
 if [ "${1:-}" = "--smoke" ]; then
-  LEN=64; STEPS=2; BATCHES="1"; N=8; IB=4; PREC=fp32; REC=""
+  LEN=64; ROWS=24; STEPS=2; ROUNDS=1; IB=4; TRAIN_PRECS="fp32"; IPREC=fp32; REC=""
+  LLM="--layers 2 --scale 64 --quantization none --steps 2 --max-length 64 --infer-rows 8"
 else
-  LEN=1280; STEPS=10; BATCHES="8 16 32"; N=512; IB=32; PREC=bf16; REC="--record"
+  LEN=1280; ROWS=400; STEPS=12; ROUNDS=1; IB=32; TRAIN_PRECS="bf16 fp16"; IPREC=fp16; REC="--record"
+  LLM="--steps 4 --batch-size 4"
+  if [ -d "$WHEELS" ]; then
+    $PY -m pip install -q --no-index --find-links "$WHEELS" bitsandbytes flashdeberta einops 2>&1 | tail -2 || true
+  fi
 fi
 export PYTHONUNBUFFERED=1 KK_QUIET=1
 status=0
-for b in $BATCHES; do
+step() { echo "== $*"; "$@" || { echo "FAILED: $*"; status=1; }; }
+for prec in $TRAIN_PRECS; do
   for ck in "" "--grad-ckpt"; do
-    $PY benchmarks/bench_train.py --arch deberta-v3-base --max-length $LEN --precision $PREC --lora-r 16 \
-        --batch-size $b --steps $STEPS $ck $REC || status=1
+    step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROWS --steps $STEPS --rounds $ROUNDS \
+        --max-length $LEN --precision $prec --batch-size 8 --contenders kagglekit $ck $REC
   done
 done
-IPREC=$([ "$PREC" = bf16 ] && echo fp16 || echo "$PREC")
-$PY benchmarks/bench_infer.py --arch deberta-v3-base --max-length $LEN --precision $IPREC --n $N --batch-size $IB $REC || status=1
+step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROWS --steps $STEPS --rounds $ROUNDS \
+    --max-length $LEN --precision ${TRAIN_PRECS%% *} --batch-size 8 --contenders kagglekit,hf-trainer $REC
+step $PY benchmarks/bench_infer.py --arch deberta-v3-base --data sim --rows $ROWS --max-length $LEN --precision $IPREC \
+    --batch-size $IB --rounds $ROUNDS $REC
+if $PY -c "import bitsandbytes" 2>/dev/null || [ "${1:-}" = "--smoke" ]; then
+  step $PY benchmarks/bench_llm.py $LLM $REC
+else
+  echo "bitsandbytes is not installed: the Gemma-2-9B QLoRA rows are missing (put its wheel in $WHEELS/)"
+  [ -n "$REC" ] && printf '\n### bench_llm: %s\n\nnot run: no bitsandbytes wheel on the GPU machine\n' "$(date '+%Y-%m-%d %H:%M')" >> benchmarks/RESULTS.md
+fi
 [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status
