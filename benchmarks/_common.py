@@ -106,9 +106,10 @@ def real_lengths(n: int, max_length: int, seed: int = 0) -> tuple[np.ndarray, st
     return np.clip(q, 24, max_length).astype(int), "synthetic (lognormal with the real quantiles)"
 
 
-def random_sequences(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
+def random_sequences(lengths, vocab: int, seed: int = 0) -> list:
+    """Random token ids, one int32 array per length (a full-size epoch as Python lists would take gigabytes)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(5, vocab, size=int(n)).tolist() for n in lengths]
+    return [rng.integers(5, vocab, size=int(n), dtype=np.int32) for n in lengths]
 
 
 def record(title: str, command: str, device: str, table_md: str, ratio_line: str) -> None:

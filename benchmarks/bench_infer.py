@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
 
         tok = tiny_tokenizer(work)
         tok.pad_token_id = pad_id
-        ds = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in seqs]
+        ds = [{"input_ids": list(map(int, s)), "attention_mask": [1] * len(s)} for s in seqs]
         targs = TrainingArguments(output_dir=str(work / "hf"), per_device_eval_batch_size=args.batch_size, report_to="none",
                                   use_cpu=device.type != "cuda", bf16_full_eval=False, fp16_full_eval=False,
                                   bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, disable_tqdm=True,

@@ -116,7 +116,7 @@ def child(args) -> dict:
                 return n
 
             def __getitem__(self, i):
-                return {"input_ids": seqs[i], "attention_mask": [1] * len(seqs[i]), "labels": int(labels[i]), "idx": i}
+                return {"input_ids": list(map(int, seqs[i])), "attention_mask": [1] * len(seqs[i]), "labels": int(labels[i]), "idx": i}
 
         def collator(features):
             batches_seen.append([f.pop("idx") for f in features])
