@@ -44,8 +44,7 @@ def write_model(path: Path, layers: int, scale: int, device) -> Path:
         torch.set_default_dtype(default)
     model.save_pretrained(path)
     del model
-    vocab = {f"t{i}": i for i in range(dims["vocab_size"])}
-    vocab["<pad>"] = 0
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, dims["vocab_size"])}}  # one name per id: pad is id 0
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")), pad_token="<pad>")
     tok.save_pretrained(path)
     return path
