@@ -5,6 +5,9 @@
               no data handling at all inside the timed loop)
   kagglekit   kagglekit.train.fit itself (evaluation and checkpoints stubbed out), batches from plan_batches
   naive       (optional) shuffled rows, every sequence padded to max_length: the seed notebook
+  bare-hf     (optional) the same bare loop over the HF Trainer's batches (transformers' LengthGroupedSampler):
+              batching alone, for `--data sim --steps K` where K steps of the Trainer itself would be the
+              longest batches of one mega-batch (it sorts each mega-batch longest first), not a sample of its epoch
 
 Every contender runs the same model (LoRA r on kagglekit's targets, heads trained), AdamW, cosine schedule,
 grad clipping, batch size and sequences, in its own process (peak memory is its own), for `--rounds`
@@ -21,7 +24,7 @@ Model FLOPs per sample (stated formula): FLOPs = (1 + b) * (2*N*T + 12*L*d*T^2),
 for N non-embedding weights, T tokens, L layers, width d; MFU = useful FLOPs/s / device peak.
 
     python benchmarks/bench_train.py                                     # tiny model, the real rows, CPU
-    python benchmarks/bench_train.py --data sim --rows 57477 --steps 12  # full-size lengths
+    python benchmarks/bench_train.py --data sim --rows 57477 --steps 24 --contenders bare-hf,bare-loop,kagglekit
     python benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows 2000 --steps 20 --precision bf16
 """
 
@@ -77,7 +80,7 @@ def child(args) -> dict:
     import numpy as np
     import torch
 
-    from kagglekit.batching import padding_efficiency, plan_batches
+    from kagglekit.batching import plan_batches
     from kagglekit.config import load_config
     from kagglekit.modeling import device_and_dtype
 
@@ -99,8 +102,7 @@ def child(args) -> dict:
     model = _wrap(base, args, cfg)
     model.train()
     lengths = [len(s) for s in seqs]
-    plan = plan_batches(lengths, [[i] for i in range(n)], args.batch_size, 0, 0)
-    ran: list[list[int]] = []  # the batches timed (after the warm-up step)
+    ran_lengths: list[list[int]] = []  # per timed batch (after the warm-up step): each row's real length
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if args.mode == "hf-trainer":
@@ -109,7 +111,12 @@ def child(args) -> dict:
         tok = tiny_tokenizer(work)
         tok.pad_token_id = pad_id
         collate = DataCollatorWithPadding(tok)
-        batches_seen: list[list[int]] = []
+        forwards: list[list[int]] = []  # per forward pass: the real length of each row
+
+        def count(module, a, kw):  # what the model computes, whatever the data loader prefetches
+            forwards.append(kw["attention_mask"].sum(1).tolist())
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
 
         class DS(torch.utils.data.Dataset):
             def __len__(self):
@@ -119,7 +126,8 @@ def child(args) -> dict:
                 return {"input_ids": list(map(int, seqs[i])), "attention_mask": [1] * len(seqs[i]), "labels": int(labels[i]), "idx": i}
 
         def collator(features):
-            batches_seen.append([f.pop("idx") for f in features])
+            for f in features:
+                f.pop("idx")
             return collate(features)
 
         class Clock(TrainerCallback):
@@ -128,7 +136,7 @@ def child(args) -> dict:
             def on_step_end(self, a, state, control, **kw):
                 if state.global_step == 1:
                     sync()
-                    Clock.t0, Clock.first = time.perf_counter(), len(batches_seen)
+                    Clock.t0 = time.perf_counter()
 
         targs = TrainingArguments(
             output_dir=str(work / "hf"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
@@ -141,7 +149,7 @@ def child(args) -> dict:
         Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collator, callbacks=[Clock()]).train()
         sync()
         wall = time.perf_counter() - Clock.t0
-        ran = batches_seen[Clock.first:]
+        ran_lengths = forwards[1:]  # the first step is the warm-up
     elif args.mode == "kagglekit":
         import kagglekit.train as train_mod
         from kagglekit.train import FoldInputs, Session, _lr_scheduler, _rng_state, param_groups
@@ -169,16 +177,27 @@ def child(args) -> dict:
         sync()
         wall = time.perf_counter() - mark["t0"]
         ran = train_mod.epoch_plan(s, inputs, 0)[1:s.total_steps]
-    else:  # bare-loop (kagglekit's batches, padded before the clock starts) or naive (fixed padding, file order)
+        ran_lengths = [[lengths[i] for i in b] for b in ran]
+    else:  # bare-loop / bare-hf (batches padded before the clock starts) or naive (fixed padding, file order)
         import torch.nn.functional as F
 
         from kagglekit.inference import pad_batch
         from kagglekit.train import _lr_scheduler, param_groups
 
+        plan = plan_batches(lengths, [[i] for i in range(n)], args.batch_size, cfg.seed, 0)  # exactly kagglekit's epoch
         if args.mode == "naive":
             order = np.random.default_rng(0).permutation(n)
             plan = [order[i:i + args.batch_size].tolist() for i in range(0, n, args.batch_size)]
+        if args.mode == "bare-hf":  # the HF Trainer's batches (its own LengthGroupedSampler), through the same bare loop
+            from bench_padding import hf_batches
+
+            plan = hf_batches(lengths, args.batch_size, cfg.seed)
         steps = min(len(plan), args.steps + 1) if args.steps else len(plan)
+        if args.steps and args.mode == "bare-hf":
+            # HF orders each mega-batch longest first, so its first K steps are not a fair sample of its epoch:
+            # K batches drawn uniformly from the whole epoch are (kagglekit's plan is shuffled already).
+            pick = np.random.default_rng(1).choice(len(plan), size=steps, replace=False)
+            plan = [plan[i] for i in pick]
         plan = plan[:steps]
         pad_to = args.max_length if args.mode == "naive" else None
         ready = [(*(t.to(device) for t in pad_batch([seqs[i] for i in b], pad_id, pad_to)), torch.as_tensor(labels[b]).to(device))
@@ -203,12 +222,13 @@ def child(args) -> dict:
             opt.zero_grad(set_to_none=True)
         sync()
         wall = time.perf_counter() - t0
-        ran = plan[1:]
-    samples = sum(len(b) for b in ran)
-    real_tokens = sum(lengths[i] for b in ran for i in b)
-    eff = real_tokens / (samples * args.max_length) if args.mode == "naive" else padding_efficiency(lengths, ran)
+        ran_lengths = [[lengths[i] for i in b] for b in plan[1:]]
+    samples = sum(len(b) for b in ran_lengths)
+    real_tokens = sum(sum(b) for b in ran_lengths)
+    computed = sum(len(b) * (args.max_length if args.mode == "naive" else max(b)) for b in ran_lengths)
+    eff = real_tokens / computed
     lora = not args.full
-    useful = sum(flops_per_sample(model, lengths[i], lengths[i] ** 2, lora) for b in ran for i in b)
+    useful = sum(flops_per_sample(model, n, n**2, lora) for b in ran_lengths for n in b)
     return {"mode": args.mode, "samples_s": samples / wall, "tokens_s": real_tokens / wall, "efficiency": eff,
             "peak_gib": peak_memory_gib(device), "useful_flops_s": useful / wall, "samples": samples, "source": source}
 
@@ -230,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=1, help="--data real: the rows this many times (scaling)")
     ap.add_argument("--steps", type=int, default=0, help="timed optimizer steps (0 = the whole epoch)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median, min-max)")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}, naive")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}, naive, bare-hf")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1280)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
@@ -238,7 +258,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    ap.add_argument("--mode", choices=[*CONTENDERS, "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=[*CONTENDERS, "naive", "bare-hf"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     return ap
