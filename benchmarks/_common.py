@@ -143,5 +143,58 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def sync(device) -> None:
+    """Wait for the GPU before reading a clock (no-op on CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def print_table(title: str, columns, rows) -> None:
+    """One Rich table to the terminal (md_table writes the same rows for RESULTS.md)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*map(str, r))
+    Console().print(table)
+
+
+def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path):
+    """kagglekit.train.fit itself on ``seqs`` (evaluation and checkpoints stubbed out: the loop's speed, not
+    validation's), with ``model`` already built. Returns (session, inputs, seconds after the first optimizer
+    step, samples after it): the first step is the warm-up."""
+    import torch
+
+    import kagglekit.train as train_mod
+
+    train_mod.evaluate = lambda s, inputs, bar=None: 1.0
+    train_mod.save_checkpoint = lambda s: None
+    tc = cfg.train
+    s = train_mod.Session(cfg, 0, work / "kk", device, dtype, type("Tok", (), {"pad_token_id": pad_id})(), None)
+    s.model = s.ddp_model = model
+    s.optimizer = torch.optim.AdamW(train_mod.param_groups(model, tc), lr=tc.lr)
+    inputs = train_mod.FoldInputs(None, None, seqs, np.eye(3)[labels], [[i] for i in range(len(seqs))], None, tc.batch_size)
+    s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))
+    s.total_steps = min(s.steps_per_epoch, tc.max_steps) if tc.max_steps else s.steps_per_epoch
+    s.scheduler = train_mod._lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
+    s.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    s.rng = train_mod._rng_state()
+    mark = {}
+
+    def on_step(step):
+        if step == 1:
+            sync(device)
+            mark["t0"], mark["samples"] = time.perf_counter(), s.state.samples
+
+    train_mod.fit(s, inputs, on_step=on_step)
+    sync(device)
+    return s, inputs, time.perf_counter() - mark["t0"], s.state.samples - mark["samples"]
+
+
 def dump_json(obj) -> None:
     print("KKBENCH " + json.dumps(obj))

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import bench_sequences, build_model, device_info, md_table, median_range, record, tiny_tokenizer
+from _common import bench_sequences, build_model, device_info, md_table, median_range, print_table, record, sync, tiny_tokenizer
 
 VARIANTS = ("fixed padding", "Trainer.predict", "bare sorted loop", "kagglekit", "kagglekit max_tokens")
 # Added when the flashdeberta package imports (GPU only: it needs triton): kagglekit's batches through its model.
@@ -48,8 +48,6 @@ def main(argv=None) -> dict:
 
     import numpy as np
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
     from kagglekit.inference import infer_logits, length_sorted_batches, pad_batch
 
@@ -62,7 +60,6 @@ def main(argv=None) -> dict:
     model, pad_id, vocab = build_model(args.arch, work)
     model.to(device).eval()
     seqs, source = bench_sequences(args.data, args.max_length, vocab, work, args.rows, args.repeat)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     flash = None
     if device.type == "cuda" and args.arch == "deberta-v3-base":
@@ -113,10 +110,10 @@ def main(argv=None) -> dict:
     logits: dict[str, np.ndarray] = {}
     for _ in range(args.rounds):
         for v in variants:  # interleaved rounds
-            sync()
+            sync(device)
             t = time.perf_counter()
             logits[v] = np.asarray(run[v]())
-            sync()
+            sync(device)
             speed[v].append(len(seqs) / (time.perf_counter() - t))
     med = {v: float(np.median(s)) for v, s in speed.items()}
     ref = logits[variants[0]]
@@ -124,12 +121,7 @@ def main(argv=None) -> dict:
     setting = (f"{args.arch}, {len(seqs)} sequences ({source}), max_length {args.max_length}, batch {args.batch_size}, "
                f"{str(dtype or 'fp32').replace('torch.', '')}, {args.rounds} interleaved rounds")
     cols = ["variant", "sequences/s median (min-max)", f"vs {variants[0]}", f"max logit diff vs {variants[0]}"]
-    table = Table(title=f"inference: {setting}\n{name}")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
+    print_table(f"inference: {setting}\n{name}", cols, rows)
     ratios = [f"kagglekit/{v} = {med['kagglekit'] / med[v]:.2f}x" for v in variants if v != "kagglekit" and "kagglekit" in med]
     line = "sequences/s ratios: " + ", ".join(ratios)
     print(line)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import device_info, md_table, peak_memory_gib, random_sequences, real_lengths, record
+from _common import device_info, md_table, peak_memory_gib, print_table, random_sequences, real_lengths, record, sync, timed_fit
 
 GEMMA2_9B = dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=256, vocab_size=256000, sliding_window=4096, max_position_embeddings=8192)
@@ -66,7 +66,6 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    import kagglekit.train as train_mod
     from kagglekit.config import load_config
     from kagglekit.inference import infer_logits
     from kagglekit.modeling import build_model, device_and_dtype, load_tokenizer, quiet_libraries
@@ -78,6 +77,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     path = write_model(work / "gemma2", args.layers, args.scale, device)
     t_write = time.perf_counter() - t
+    vocab = 2048 if args.scale > 1 else GEMMA2_9B["vocab_size"]  # what write_model gave the model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rows = []
@@ -95,60 +95,30 @@ def main(argv=None) -> dict:
         t_load = time.perf_counter() - t
         n = args.batch_size * (args.steps + 2)
         lengths, source = real_lengths(n, args.max_length, seed=3)
-        seqs = random_sequences(lengths, model.config.vocab_size if hasattr(model.config, "vocab_size") else 2048, seed=3)
         labels = np.random.default_rng(0).integers(0, 3, n)
-        train_mod.evaluate = lambda s, inputs, bar=None: 1.0
-        train_mod.save_checkpoint = lambda s: None
-        s = train_mod.Session(cfg, 0, work / "kk", device, dtype, tok, None)
-        s.model = s.ddp_model = model
-        inputs = train_mod.FoldInputs(None, None, seqs, np.eye(3)[labels], [[i] for i in range(n)], None, args.batch_size)
-        s.optimizer = torch.optim.AdamW(train_mod.param_groups(model, cfg.train), lr=1e-4)
-        s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))
-        s.total_steps = min(s.steps_per_epoch, args.steps + 1)
-        s.scheduler = train_mod._lr_scheduler(s.optimizer, "cosine", 0, s.total_steps)
-        s.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        s.rng = train_mod._rng_state()
-        mark = {}
-
-        def on_step(step, s=s, mark=mark):
-            if step == 1:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                mark["t0"], mark["n"] = time.perf_counter(), s.state.samples
-
-        train_mod.fit(s, inputs, on_step=on_step)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        train_sps = (s.state.samples - mark["n"]) / (time.perf_counter() - mark["t0"])
+        _, _, wall, samples = timed_fit(cfg, model, random_sequences(lengths, vocab, seed=3), labels, device, dtype,
+                                        tok.pad_token_id, work)
+        train_sps = samples / wall
         train_peak = peak_memory_gib(device)
         infer_sps = float("nan")
         if not packing:
-            iseqs = random_sequences(real_lengths(args.infer_rows, args.max_length, seed=4)[0], 2048 if args.scale > 1 else 256000, seed=4)
+            iseqs = random_sequences(real_lengths(args.infer_rows, args.max_length, seed=4)[0], vocab, seed=4)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
             infer_logits(model, iseqs, tok.pad_token_id, 8, device, dtype, max_tokens="auto")
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             infer_sps = len(iseqs) / (time.perf_counter() - t)
         rows.append(["packed" if packing else "padded", f"{train_sps:.2f}", f"{train_peak:.1f}",
                      f"{infer_sps:.1f}" if infer_sps == infer_sps else "-", f"{t_load:.0f}"])
-        del model, s
+        del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     setting = (f"Gemma-2-9B architecture{' (' + str(args.layers) + ' layers, width /' + str(args.scale) + ')' if args.scale > 1 or args.layers != 42 else ''}, "
                f"random weights, {args.quantization} + LoRA r16, grad ckpt, batch {args.batch_size}, max_length {args.max_length}, "
                f"lengths {source}; model written in {t_write:.0f} s")
     cols = ["training", "train samples/s", "peak GiB (train)", "inference seq/s (max_tokens auto)", "load s"]
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{setting}\n{name}")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
+    print_table(f"{setting}\n{name}", cols, rows)
     line = f"packed/padded training samples/s = {float(rows[1][1]) / max(float(rows[0][1]), 1e-9):.2f}x"
     print(line)
     if args.record:

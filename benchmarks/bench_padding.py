@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import bench_sequences, md_table, real_lengths, record
+from _common import bench_sequences, md_table, print_table, real_lengths, record
 
 
 def hf_batches(lengths, batch_size: int, seed: int) -> list[list[int]]:
@@ -80,15 +80,7 @@ def main(argv=None) -> dict:
             eff["token budget (B x max_length)"].append(
                 padding_efficiency(lengths, plan_batches(lengths, units, B, seed, 0, max_tokens=B * L)))
         rows.append([len(lengths), source] + [f"{np.mean(v):.3f}" for v in eff.values()])
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"padding efficiency of a training epoch: batch {B}, max_length {L}, mean of {args.seeds} epochs")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*map(str, r))
-    Console().print(table)
+    print_table(f"padding efficiency of a training epoch: batch {B}, max_length {L}, mean of {args.seeds} epochs", cols, rows)
     worst = min(float(r[2]) for r in rows)
     line = f"kagglekit's lowest efficiency over these sizes: {worst:.3f} (target 0.98)"
     print(line)

@@ -19,7 +19,7 @@ from pathlib import Path
 import bench_infer
 import bench_train
 
-from _common import bench_sequences, device_info, md_table, record, tiny_tokenizer
+from _common import bench_sequences, device_info, md_table, print_table, record, tiny_tokenizer
 
 
 def main(argv=None) -> dict:
@@ -58,15 +58,7 @@ def main(argv=None) -> dict:
     rows = [[f"{o['rows']}x", o["max_length"], o["sequences"], o["tokens"], f"{o['train_s']:.1f}", f"{o['infer_s']:.1f}",
              f"{o['tokens'] / base['tokens']:.2f}", f"{o['train_s'] / base['train_s']:.2f}", f"{o['infer_s'] / base['infer_s']:.2f}"]
             for o in out]
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"scaling: tiny model, batch {args.batch_size}, {args.data} data\n{name}")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*map(str, r))
-    Console().print(table)
+    print_table(f"scaling: tiny model, batch {args.batch_size}, {args.data} data\n{name}", cols, rows)
     big = max(out, key=lambda o: o["rows"])
     line = (f"{big['rows']}x rows: training {big['train_s'] / base['train_s']:.2f}x and inference "
             f"{big['infer_s'] / base['infer_s']:.2f}x the 1x time (linear = {big['rows']:.2f}x)")

@@ -47,7 +47,10 @@ from _common import (
     md_table,
     median_range,
     peak_memory_gib,
+    print_table,
     record,
+    sync,
+    timed_fit,
     tiny_tokenizer,
 )
 
@@ -103,7 +106,6 @@ def child(args) -> dict:
     model.train()
     lengths = [len(s) for s in seqs]
     ran_lengths: list[list[int]] = []  # per timed batch (after the warm-up step): each row's real length
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if args.mode == "hf-trainer":
         from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
@@ -135,7 +137,7 @@ def child(args) -> dict:
 
             def on_step_end(self, a, state, control, **kw):
                 if state.global_step == 1:
-                    sync()
+                    sync(device)
                     Clock.t0 = time.perf_counter()
 
         targs = TrainingArguments(
@@ -147,37 +149,14 @@ def child(args) -> dict:
             dataloader_num_workers=0, gradient_checkpointing=False,
         )
         Trainer(model=model, args=targs, train_dataset=DS(), data_collator=collator, callbacks=[Clock()]).train()
-        sync()
+        sync(device)
         wall = time.perf_counter() - Clock.t0
         ran_lengths = forwards[1:]  # the first step is the warm-up
     elif args.mode == "kagglekit":
         import kagglekit.train as train_mod
-        from kagglekit.train import FoldInputs, Session, _lr_scheduler, _rng_state, param_groups
 
-        train_mod.evaluate = lambda s, inputs, bar=None: 1.0  # speed of the loop, not of validation
-        train_mod.save_checkpoint = lambda s: None
-        tc = cfg.train
-        s = Session(cfg, 0, work / "kk", device, dtype, type("Tok", (), {"pad_token_id": pad_id})(), None)
-        s.model = s.ddp_model = model
-        s.optimizer = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
-        inputs = FoldInputs(None, None, seqs, np.eye(3)[labels], [[i] for i in range(n)], None, args.batch_size)
-        s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))
-        s.total_steps = min(s.steps_per_epoch, tc.max_steps) if tc.max_steps else s.steps_per_epoch
-        s.scheduler = _lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
-        s.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        s.rng = _rng_state()
-        mark = {}
-
-        def on_step(step):
-            if step == 1:
-                sync()
-                mark["t0"], mark["samples"] = time.perf_counter(), s.state.samples
-
-        train_mod.fit(s, inputs, on_step=on_step)
-        sync()
-        wall = time.perf_counter() - mark["t0"]
-        ran = train_mod.epoch_plan(s, inputs, 0)[1:s.total_steps]
-        ran_lengths = [[lengths[i] for i in b] for b in ran]
+        s, inputs, wall, _ = timed_fit(cfg, model, seqs, labels, device, dtype, pad_id, work)
+        ran_lengths = [[lengths[i] for i in b] for b in train_mod.epoch_plan(s, inputs, 0)[1:s.total_steps]]
     else:  # bare-loop / bare-hf (batches padded before the clock starts) or naive (fixed padding, file order)
         import torch.nn.functional as F
 
@@ -208,7 +187,7 @@ def child(args) -> dict:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         for k, (ids, mask, y) in enumerate(ready):
             if k == 1:
-                sync()
+                sync(device)
                 t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(input_ids=ids, attention_mask=mask).logits
@@ -220,7 +199,7 @@ def child(args) -> dict:
             scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        sync()
+        sync(device)
         wall = time.perf_counter() - t0
         ran_lengths = [[lengths[i] for i in b] for b in plan[1:]]
     samples = sum(len(b) for b in ran_lengths)
@@ -271,9 +250,6 @@ def main(argv=None) -> dict:
         dump_json(child(args))
         return {}
 
-    from rich.console import Console
-    from rich.table import Table
-
     kind, name, peak = device_info()
     peak = args.peak_tflops or peak
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
@@ -298,12 +274,7 @@ def main(argv=None) -> dict:
                f"data: {next(iter(res.values()))[0]['source']}")
     cols = ["contender", "samples/s median (min-max)", "real tokens/s", "padding efficiency", "MFU",
             f"peak {'GPU' if kind == 'cuda' else 'RSS'} GiB", "timed samples"]
-    table = Table(title=f"training: {setting}\n{name}")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
+    print_table(f"training: {setting}\n{name}", cols, rows)
     ratios = [f"kagglekit/{c} = {med['kagglekit'] / med[c]:.2f}x" for c in contenders if c != "kagglekit" and "kagglekit" in med]
     line = "samples/s ratios: " + ", ".join(ratios) if ratios else "one contender"
     print(line)

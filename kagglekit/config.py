@@ -14,10 +14,10 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -106,6 +106,9 @@ def _token_budget(v):
     raise ValueError("must be 'auto', 0 (batches of rows) or a positive token budget")
 
 
+TokenBudget = Annotated[int | Literal["auto"], BeforeValidator(_token_budget)]  # train.max_tokens, predict.max_tokens
+
+
 class LoraConfig(_Section):
     enabled: bool = Field(True, description="Train LoRA adapters; false fine-tunes every weight.")
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
@@ -135,7 +138,7 @@ class TrainConfig(_Section):
     swap_augment: bool = Field(True, description="Add every training row again with A and B exchanged (label mapped).")
     swap_same_batch: bool = Field(False, description="Put both orders of a pair in the same micro-batch.")
     eval_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when evaluating/predicting.")
-    max_tokens: int | Literal["auto"] = Field(
+    max_tokens: TokenBudget = Field(
         0, description="Size training micro-batches by padded tokens (rows x longest row <= this) instead of "
         "train.batch_size rows; 'auto' measures one batch and fills 80% of the GPU's free memory (rows on CPU); 0 = rows.",
     )
@@ -143,11 +146,6 @@ class TrainConfig(_Section):
         False, description="Decoder LLMs: concatenate each micro-batch's rows into one padding-free sequence with "
         "per-row position ids (varlen attention); the last token of each row is pooled. Not for encoders (DeBERTa).",
     )
-
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _budget(cls, v):
-        return _token_budget(v)
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit); for smoke runs.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
     checkpoint_minutes: float = Field(
@@ -158,16 +156,11 @@ class TrainConfig(_Section):
 class PredictConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass at inference.")
     tta: bool = Field(True, description="Average (A,B) with the mapped-back (B,A) prediction.")
-    max_tokens: int | Literal["auto"] = Field(
+    max_tokens: TokenBudget = Field(
         "auto", description="Inference batches (kk predict, evaluation, the kernel) by padded tokens: rows x longest row "
         "<= this. 'auto' measures one batch and fills 80% of the GPU's free memory (batches of predict.batch_size / "
         "train.eval_batch_size rows on CPU); 0 = always rows.",
     )
-
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _budget(cls, v):
-        return _token_budget(v)
 
 
 class TuneParam(_Section):

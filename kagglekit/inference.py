@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batching import auto_max_tokens, length_sorted_batches  # noqa: F401  (length_sorted_batches: public here too)
+from .batching import auto_max_tokens, length_sorted_batches
 
 SWAP = [1, 0, 2]  # (A, B, tie) of a swapped pair -> the original order
 

@@ -106,7 +106,7 @@ class FoldModel:
 
         return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
                              self.device, self.dtype, progress, description, cache=cache,
-                             max_tokens=getattr(self.cfg.predict, "max_tokens", "auto"))
+                             max_tokens=self.cfg.predict.max_tokens)
 
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: int | None = None, force: bool = False,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import plan_batches  # noqa: F401  (part of this module's API: the benchmarks use it)
+from .batching import plan_batches
 from .config import Config
 from .errors import KKError
 
