@@ -188,6 +188,10 @@ class TuneParam(_Section):
 
 class Config(_Section):
     name: str = Field("experiment", min_length=1, description="Experiment name; the default run folder is runs/<name>.")
+    task: Literal["lmsys"] = Field(
+        "lmsys", description="The competition: columns, classes, A/B swap and metric (kagglekit/task.py). "
+        "lmsys = LLM Classification Finetuning (A/B/tie, log loss).",
+    )
     seed: int = Field(42, description="Seed for folds, shuffling, initialisation and dropout.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data lives.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone and input formatting.")
