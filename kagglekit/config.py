@@ -121,9 +121,12 @@ def _token_budget(v):
 TokenBudget = Annotated[int | Literal["auto"], BeforeValidator(_token_budget)]  # train.max_tokens, predict.max_tokens
 
 
+MAX_LORA_RANK = 1024  # lora.r, and the r of an adapter_config.json that kagglekit loads
+
+
 class LoraConfig(_Section):
     enabled: bool = Field(True, description="Train LoRA adapters; false fine-tunes every weight.")
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    r: int = Field(16, ge=1, le=MAX_LORA_RANK, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | None = Field(

@@ -22,7 +22,20 @@ def _optuna():
     import optuna
 
     optuna.logging.set_verbosity(logging.WARNING)
+    trial_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _OneLineFailures) for f in trial_log.filters):
+        trial_log.addFilter(_OneLineFailures())
     return optuna
+
+
+class _OneLineFailures:
+    """Optuna logs a trial that raised with the full traceback, then 'Trial N failed with value None.'.
+    kk tune reports each such failure in one line itself (a KKError: its message; Ctrl-C or SIGTERM:
+    'interrupted'; anything else is raised again by Optuna), so both records are dropped; Optuna's other
+    lines (a trial that returned NaN...) stay."""
+
+    def filter(self, record) -> bool:
+        return not record.exc_info and not record.getMessage().endswith("failed with value None.")
 
 
 def make_pruner(name: str):
@@ -116,21 +129,31 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
 
     from .train import Interrupted, train_fold
 
+    mine: list[int] = []  # the trials this worker ran
+
     def objective(trial):
-        params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
-        tcfg = trial_config(cfg, params, f"trial_{trial.number}")
-
-        def report(step: int, val_loss: float) -> None:
-            trial.report(val_loss, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val log loss {val_loss:.4f} at step {step}")
-
+        mine.append(trial.number)
         try:
+            params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
+            tcfg = trial_config(cfg, params, f"trial_{trial.number}")
+
+            def report(step: int, val_loss: float) -> None:
+                trial.report(val_loss, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"val log loss {val_loss:.4f} at step {step}")
+
             metrics = train_fold(tcfg, fold, root / f"trial_{trial.number}", on_eval=report)
         except Interrupted:
             # Ctrl-C/SIGTERM stops the worker: Optuna marks the trial failed and re-raises a
             # KeyboardInterrupt (never caught by catch=), and the CLI exits 130.
             raise KeyboardInterrupt from None
+        except KKError as e:
+            # A bad value from the search space (lora.r: 0), a bad file...: the trial fails in one line
+            # (Optuna's traceback is filtered out) and the study goes on with the next one.
+            from .ui import warn
+
+            warn(f"trial {trial.number} failed: {e}")
+            raise
         return metrics["val_log_loss"]
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(KKError,), gc_after_trial=True)
@@ -142,6 +165,9 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             if best is None or d.name != f"trial_{best.number}":
                 shutil.rmtree(d, ignore_errors=True)
     print_trials(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    if mine and all(states.get(n) == optuna.trial.TrialState.FAIL for n in mine):
+        raise KKError(f"all {len(mine)} trial(s) of this run failed (see the lines above)")
     return study
 
 

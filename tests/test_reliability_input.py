@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_cli, tiny_config
+from conftest import REPO, run_cli
 from kagglekit.errors import KKError
 
 
@@ -137,3 +137,321 @@ def test_a_token_budget_of_1e22_is_refused(key):
     r = run_cli("config", "--set", f"{key}={10**22}")
     _one_error_line(r, key, "token budget up to")
     assert run_cli("config", "--set", f"{key}=65536").exit_code == 0
+
+
+# --- 13. damaged .safetensors files ---------------------------------------------------------------------------------
+
+def _damage(path) -> None:
+    """A header whose length points past the end of the file: what a cut-off or overwritten file looks like."""
+    path.write_bytes((10**6).to_bytes(8, "little") + b'{"x": garbage')
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A private copy of the trained 3-fold run, without cached test predictions."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for f in run.glob("fold_*/test.*"):
+        f.unlink()
+    return run
+
+
+def test_a_damaged_backbone_file_is_one_line(tiny_project, tmp_path):
+    bad = tmp_path / "backbone"
+    shutil.copytree(tiny_project / "deberta", bad)
+    _damage(bad / "model.safetensors")
+    r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--run", tmp_path / "run",
+                "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
+                "--set", f"model.backbone={bad}", "--set", "model.max_length=96", "--set", "train.max_steps=1")
+    _one_error_line(r, bad / "model.safetensors", "not a readable .safetensors file")
+
+
+def test_a_damaged_adapter_file_is_one_line(run_copy, tiny_project, tmp_path):
+    _damage(run_copy / "fold_1" / "adapter_model.safetensors")
+    r = run_cli("predict", "--run", run_copy, "--fold", "1", "--test", tiny_project / "test.csv")
+    _one_error_line(r, run_copy / "fold_1" / "adapter_model.safetensors", "not a readable .safetensors file")
+    r = run_cli("merge", "--run", run_copy, "--out", tmp_path / "merged")
+    _one_error_line(r, run_copy / "fold_1" / "adapter_model.safetensors")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_load_safetensors_names_the_file(tmp_path):
+    from kagglekit.io import load_safetensors
+
+    _damage(tmp_path / "w.safetensors")
+    with pytest.raises(KKError, match=f"{tmp_path / 'w.safetensors'}: not a readable .safetensors file"):
+        load_safetensors(tmp_path / "w.safetensors")
+
+
+# --- 14. hostile adapter_config.json ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, needle", [
+    ("{not json", "not valid JSON"),
+    ([1, 2], "not a JSON object"),
+    ({"r": 100_000}, "r must be an integer from 1 to 1024"),
+    ({"r": 10**9}, "r must be an integer from 1 to 1024"),
+    ({"r": 4}, "r is 4 but adapter_model.safetensors holds rank 8"),
+    ({"lora_alpha": "abc"}, "lora_alpha must be a positive number"),
+    ({"peft_type": "PREFIX_TUNING"}, "peft_type must be LORA"),
+    ({"target_modules": ["no_such_proj"]}, "target_modules ['no_such_proj'] matches no module"),
+])
+def test_a_hostile_adapter_config_is_one_line(run_copy, tiny_project, change, needle):
+    path = run_copy / "fold_0" / "adapter_config.json"
+    if isinstance(change, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    else:
+        path.write_text(change if isinstance(change, str) else json.dumps(change))
+    r = run_cli("predict", "--run", run_copy, "--fold", "0", "--test", tiny_project / "test.csv")
+    _one_error_line(r, path, needle)
+
+
+def test_merge_checks_adapter_configs_first(run_copy, tmp_path):
+    path = run_copy / "fold_2" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "r": 10**9}))
+    _one_error_line(run_cli("merge", "--run", run_copy, "--out", tmp_path / "m"), path, "r must be")
+
+
+def test_an_r_that_does_not_fit_the_layers_is_refused(tmp_path):
+    import torch
+
+    from kagglekit.adapters import read_adapter_config
+    from kagglekit.io import save_safetensors
+
+    key = "base_model.model.encoder.layer.0.attention.query_proj"
+    r = 96  # the layer is 64 -> 64 features: a rank above 64 cannot be
+    save_safetensors({f"{key}.lora_A.weight": torch.zeros(r, 64), f"{key}.lora_B.weight": torch.zeros(64, r)},
+                     tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": r, "lora_alpha": 16}))
+    with pytest.raises(KKError, match=r"adapter_config.json: r 96 does not fit encoder.layer.0.attention.query_proj \(64 -> 64"):
+        read_adapter_config(tmp_path)
+
+
+# --- 17. disk full while writing .safetensors ---------------------------------------------------------------------
+
+@pytest.fixture
+def safetensors_disk_full(monkeypatch):
+    """Every safetensors write (transformers', peft's, kagglekit's) fails as it does on a full disk."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full)
+
+
+def test_tiny_model_on_a_full_disk_leaves_no_folder(tmp_path, safetensors_disk_full):
+    out = tmp_path / "models" / "tiny"
+    r = run_cli("tiny-model", out, "--vocab-size", "300")
+    _one_error_line(r, f"{out}: No space left on device")
+    assert not out.exists() and not list(out.parent.iterdir())  # no half folder, no temporary one
+
+
+def test_train_and_merge_on_a_full_disk_are_one_line(tiny_run, tiny_project, tmp_path, safetensors_disk_full):
+    r = run_cli("merge", "--run", tiny_run, "--out", tmp_path / "merged")
+    _one_error_line(r, f"{tmp_path / 'merged'}: No space left on device")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+    r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--run", tmp_path / "run",
+                "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
+                "--set", f"model.backbone={tiny_project / 'deberta'}", "--set", "model.max_length=96",
+                "--set", "train.max_steps=1", "--set", "train.eval_every=1")
+    _one_error_line(r, tmp_path / "run" / "fold_0", "No space left on device")
+
+
+# --- 18. disk full and read-only folders name the output ----------------------------------------------------------
+
+@pytest.fixture
+def no_space(monkeypatch):
+    """Writes of CSV/text files whose name holds the armed target fail as on a full disk: no file name
+    in the error, as the OS reports it from write()."""
+    targets = []
+
+    def arm(target: str):
+        targets[:] = [target]
+
+    real_csv, real_text = pd.DataFrame.to_csv, type(REPO).write_text
+
+    def to_csv(self, path=None, *a, **k):
+        if path is not None and any(t in str(path) for t in targets):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_csv(self, path, *a, **k)
+
+    def write_text(self, *a, **k):
+        if any(t in str(self) for t in targets):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_text(self, *a, **k)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    monkeypatch.setattr(type(REPO), "write_text", write_text)
+    return arm
+
+
+def test_a_full_disk_names_the_output(synth_train, run_copy, tiny_project, tmp_path, no_space):
+    no_space(".out.csv.")
+    _one_error_line(run_cli("synth", "--n", "20", "--out", tmp_path / "out.csv"), f"{tmp_path / 'out.csv'}: No space left on device")
+    _one_error_line(run_cli("make-folds", "--train", synth_train, "--out", tmp_path / "out.csv"),
+                    f"{tmp_path / 'out.csv'}: No space left on device")
+    no_space(".sub.csv.")
+    _one_error_line(run_cli("ensemble", "--run", run_copy, "--folds", "0", "--test", tiny_project / "test.csv",
+                            "--out", tmp_path / "sub.csv"), f"{tmp_path / 'sub.csv'}: No space left on device")
+    no_space(".test.csv.")
+    _one_error_line(run_cli("predict", "--run", run_copy, "--fold", "0", "--test", tiny_project / "test.csv", "--force"),
+                    f"{run_copy / 'fold_0' / 'test.csv'}: No space left on device")
+    no_space(".r.html.")
+    _one_error_line(run_cli("report", "--run", run_copy, "--out", tmp_path / "r.html"), f"{tmp_path / 'r.html'}: No space left on device")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_read_only_folder_names_the_output_not_the_temporary_file(synth_train, tmp_path, monkeypatch):
+    import tempfile
+
+    def read_only(*a, dir=None, prefix="", suffix="", **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f"{prefix}x1y2z3{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    err = _one_error_line(run_cli("synth", "--n", "20", "--out", tmp_path / "out.csv"), f"{tmp_path / 'out.csv'}: Read-only file system")
+    assert "x1y2z3" not in err
+    _one_error_line(run_cli("tiny-model", tmp_path / "tiny", "--vocab-size", "300"), f"{tmp_path / 'tiny'}: Read-only file system")
+
+
+@pytest.fixture
+def tiny_mounts(tmp_path):
+    """A 64 KiB tmpfs (a disk that fills) and a read-only one, for real OS errors; needs root, skipped otherwise."""
+    import subprocess
+
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    mounted = []
+    for path, opts in ((full, "size=64k"), (ro, "ro,size=64k")):
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                                               capture_output=True).returncode != 0:
+            for p in mounted:
+                subprocess.run(["umount", "-l", str(p)], capture_output=True)
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(path)
+    yield full, ro
+    for p in mounted:
+        subprocess.run(["umount", "-l", str(p)], capture_output=True)
+
+
+def test_real_full_and_read_only_disks(tiny_mounts):
+    full, ro = tiny_mounts
+    _one_error_line(run_cli("synth", "--n", "2000", "--out", full / "train.csv"), f"{full / 'train.csv'}: No space left on device")
+    _one_error_line(run_cli("tiny-model", full / "tiny", "--vocab-size", "300"), f"{full / 'tiny'}: No space left on device")
+    assert sorted(p.name for p in full.iterdir()) == []  # no half folder, no temporary file
+    _one_error_line(run_cli("synth", "--n", "20", "--out", ro / "train.csv"), f"{ro / 'train.csv'}: Read-only file system")
+
+
+# --- 19. kk tune: one line per failed trial, no tracebacks --------------------------------------------------------
+
+@pytest.fixture
+def optuna_records():
+    import logging
+
+    pytest.importorskip("optuna")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("optuna")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_tune_trials_with_invalid_values_fail_in_one_line(tiny_project, tmp_path, optuna_records):
+    r = run_cli("tune", "--config", REPO / "configs/tiny.yaml", "--n-trials", "2", "--storage", f"sqlite:///{tmp_path / 't.db'}",
+                "--study", "s", "--runs", tmp_path, "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
+                "--set", "tune.lora.r={choices: [0]}")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    failed = [ln for ln in r.stderr.splitlines() if "failed: config error" in ln]
+    assert len(failed) == 2 and all("lora.r: Input should be greater than or equal to 1" in ln for ln in failed)
+    assert r.stderr.splitlines()[-1] == "error: all 2 trial(s) of this run failed (see the lines above)"
+    assert not [rec for rec in optuna_records if rec.exc_info]
+
+
+def test_tune_ctrl_c_logs_no_traceback(tiny_project, tmp_path, optuna_records, monkeypatch):
+    import kagglekit.train as train
+
+    def interrupted(*a, **k):
+        raise train.Interrupted("interrupted at step 1 of fold 0")
+
+    monkeypatch.setattr(train, "train_fold", interrupted)
+    r = run_cli("tune", "--config", REPO / "configs/tiny.yaml", "--n-trials", "3", "--storage", f"sqlite:///{tmp_path / 't.db'}",
+                "--study", "s", "--runs", tmp_path, "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv")
+    assert r.exit_code == 130
+    assert not [rec for rec in optuna_records if rec.exc_info or "failed" in rec.getMessage()]
+
+
+# --- 23. a binary or empty sample submission ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\xff\xfe", "cannot be read as CSV"),
+    (b"id,winner_model_a,winner_model_b,winner_tie\n", "has a header but no rows"),
+    (b"id,a,b\n1,2,3\n", "differ from the submission's"),
+])
+def test_a_bad_sample_submission_is_refused_before_predicting(run_copy, tiny_project, tmp_path, content, needle):
+    sample = tmp_path / "sample.csv"
+    sample.write_bytes(content)
+    r = run_cli("ensemble", "--run", run_copy, "--test", tiny_project / "test.csv", "--out", tmp_path / "s.csv",
+                "--sample-submission", sample)
+    _one_error_line(r, sample, needle)
+    assert not list(run_copy.glob("fold_*/test.csv"))  # nothing was predicted
+
+
+# --- 24. .safetensors outputs get the normal file mode ------------------------------------------------------------
+
+def _normal():
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _modes(folder):
+    return {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+
+
+def test_weights_get_the_normal_file_mode(tiny_run, tmp_path):
+    from kagglekit.kernel.build import _copy_fold
+    from kagglekit.merge import merge_run
+    from kagglekit.tiny import build_tiny_model
+
+    normal = _normal()
+    build_tiny_model(tmp_path / "tiny", vocab_size=300)
+    assert set(_modes(tmp_path / "tiny").values()) == {normal}
+    assert _modes(tiny_run / "fold_0")["adapter_model.safetensors"] == normal  # a trained fold
+    for method in ("factors", "delta"):
+        merged = merge_run(tiny_run, tmp_path / method, method=method)
+        assert set(_modes(merged / "fold_0").values()) == {normal}, method
+    src = tmp_path / "old_fold"
+    shutil.copytree(tiny_run / "fold_0", src)
+    os.chmod(src / "adapter_model.safetensors", 0o600)  # a fold trained before this fix
+    _copy_fold(src, tmp_path / "kernel_fold")
+    assert set(_modes(tmp_path / "kernel_fold").values()) == {normal}
+
+
+# --- 25. duplicate column names -----------------------------------------------------------------------------------
+
+def test_duplicate_columns_are_refused_in_every_reader(synth_train, tmp_path):
+    from kagglekit.data import load_train, read_probs
+    from kagglekit.folds import load_folds
+
+    df = pd.read_csv(synth_train, dtype=str)
+    dup = tmp_path / "train.csv"
+    df.insert(0, "prompt_", df["response_b"])
+    df.rename(columns={"prompt_": "prompt"}).to_csv(dup, index=False)  # a decoy prompt column first
+    with pytest.raises(KKError, match=f"{dup}: column 'prompt' appears more than once"):
+        load_train(dup)
+    _one_error_line(run_cli("make-folds", "--train", dup, "--out", tmp_path / "f.csv"), dup, "'prompt' appears more than once")
+
+    folds = tmp_path / "folds.csv"
+    folds.write_text("id,id,fold\ndecoy1,a,0\ndecoy2,b,1\n")  # keyed by the decoy, silently, before
+    with pytest.raises(KKError, match=f"{folds}: column 'id' appears more than once"):
+        load_folds(folds)
+
+    probs = tmp_path / "oof.csv"
+    probs.write_text("id,winner_model_a,winner_model_b,winner_tie,winner_tie\nx,0.2,0.3,0.5,0.1\n")
+    with pytest.raises(KKError, match=f"{probs}: column 'winner_tie' appears more than once"):
+        read_probs(probs)
