@@ -328,7 +328,8 @@ class _NoAliasLoader(yaml.SafeLoader):
     A config never needs them."""
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
+        if self.check_event(yaml.AliasEvent) and self.peek_event().anchor in self.anchors:
+            # (an undefined alias stays PyYAML's error: --set data.train=*.csv is still the text as given)
             event = self.peek_event()
             raise _AliasRefused(event.anchor, event.start_mark.line + 1)
         return super().compose_node(parent, index)

@@ -208,7 +208,6 @@ def finalize_probs(probs: np.ndarray) -> np.ndarray:
 
 def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = "error") -> None:
     """The format Kaggle scores: exact header, every test id once in order, rows summing to 1, no NaN."""
-
     if list(sub.columns) != ["id", *PROB_COLUMNS]:
         raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(PROB_COLUMNS)}")
     if len(sub) != len(test_ids) or (sub["id"].astype(str).to_numpy() != np.asarray(test_ids, dtype=str)).any():

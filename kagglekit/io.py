@@ -251,11 +251,8 @@ def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
     """safetensors' own errors (a damaged header, a full disk while writing) as one line naming ``path``
     (for a folder, the damaged file in it): an OSError when the cause is the OS (the CLI prints
     'PATH: No space left on device'), else KKError."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        yield
-        return
+    from safetensors import SafetensorError
+
     try:
         yield
     except SafetensorError as e:

@@ -272,7 +272,8 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
-            normal_mode(f)  # safetensors writes its files 0600
+            if f.is_file():
+                normal_mode(f)  # safetensors writes its files 0600
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

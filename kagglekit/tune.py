@@ -129,24 +129,29 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
 
     from .train import Interrupted, train_fold
 
-    mine: list[int] = []  # the trials this worker ran
+    def run_trial(trial):
+        params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
+        tcfg = trial_config(cfg, params, f"trial_{trial.number}")
 
-    def objective(trial):
-        mine.append(trial.number)
+        def report(step: int, val_loss: float) -> None:
+            trial.report(val_loss, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val log loss {val_loss:.4f} at step {step}")
+
         try:
-            params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
-            tcfg = trial_config(cfg, params, f"trial_{trial.number}")
-
-            def report(step: int, val_loss: float) -> None:
-                trial.report(val_loss, step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"val log loss {val_loss:.4f} at step {step}")
-
             metrics = train_fold(tcfg, fold, root / f"trial_{trial.number}", on_eval=report)
         except Interrupted:
             # Ctrl-C/SIGTERM stops the worker: Optuna marks the trial failed and re-raises a
             # KeyboardInterrupt (never caught by catch=), and the CLI exits 130.
             raise KeyboardInterrupt from None
+        return metrics["val_log_loss"]
+
+    mine: list[int] = []  # the trials this worker ran
+
+    def objective(trial):
+        mine.append(trial.number)
+        try:
+            return run_trial(trial)
         except KKError as e:
             # A bad value from the search space (lora.r: 0), a bad file...: the trial fails in one line
             # (Optuna's traceback is filtered out) and the study goes on with the next one.
@@ -154,7 +159,6 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
 
             warn(f"trial {trial.number} failed: {e}")
             raise
-        return metrics["val_log_loss"]
 
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(KKError,), gc_after_trial=True)
     if keep_best_only:

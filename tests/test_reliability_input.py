@@ -48,8 +48,10 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, tiny_project):
     _one_error_line(r, str(p), "aliases")
     assert not (tmp_path / "run").exists()
     # --set values go through the same reader
-    r = run_cli("config", "--set", "tune.lora.r={choices: &x [8, 16]}", "--set", "tune.lora.alpha={choices: *x}")
-    _one_error_line(r, "--set tune.lora.alpha", "aliases")
+    r = run_cli("config", "--set", "tune.lora.r={choices: [&x [8, 8, 8], [*x, *x, *x]]}")
+    _one_error_line(r, "--set tune.lora.r", "aliases (*x)")
+    r = run_cli("config", "--set", "data.train=*.csv")  # an undefined alias is still the text as given
+    assert r.exit_code == 0 and "train: '*.csv'" in r.stdout
     # and absurd nesting is one line, not a RecursionError
     deep = "[" * 5000 + "]" * 5000
     (tmp_path / "deep.yaml").write_text(f"name: x\nseed: {deep}\n")
