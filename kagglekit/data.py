@@ -138,6 +138,21 @@ def parse_turns(cell: str, bad_rows: BadRows = "error") -> tuple[list[str], dict
     return turns, stats
 
 
+def check_unique_header(path: str | os.PathLike) -> None:
+    """Refuse a CSV whose header names a column twice: pandas would rename the second ``id`` to ``id.1``
+    and silently read the first, whichever of the two was meant. A header that cannot be read is left
+    to the reader that follows (it names the file)."""
+    try:
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, IndexError):
+        return
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise KKError(f"{path}: column {name!r} appears more than once in the header")
+        seen.add(name)
+
+
 def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
     if not path.exists():
         raise KKError(f"{path} does not exist")
@@ -145,6 +160,7 @@ def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
         raise KKError(f"{path} is a folder, expected a {what} CSV file")
     if path.stat().st_size == 0:
         raise KKError(f"{path} is empty")
+    check_unique_header(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
@@ -243,6 +259,7 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
     path = Path(path)
     if not path.exists():
         raise KKError(f"{what} file {path} does not exist")
+    check_unique_header(path)
     try:
         df = pd.read_csv(path, dtype={"id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:

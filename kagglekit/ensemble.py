@@ -208,8 +208,6 @@ def finalize_probs(probs: np.ndarray) -> np.ndarray:
 
 def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = "error") -> None:
     """The format Kaggle scores: exact header, every test id once in order, rows summing to 1, no NaN."""
-    import pandas as pd
-
     if list(sub.columns) != ["id", *PROB_COLUMNS]:
         raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(PROB_COLUMNS)}")
     if len(sub) != len(test_ids) or (sub["id"].astype(str).to_numpy() != np.asarray(test_ids, dtype=str)).any():
@@ -220,9 +218,7 @@ def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = 
     if np.abs(p.sum(1) - 1).max() > 1e-6 or (p <= 0).any() or (p >= 1).any():
         raise KKError("submission rows must be probabilities strictly between 0 and 1 summing to 1")
     if sample_submission is not None:
-        sample = pd.read_csv(sample_submission, dtype={"id": str})
-        if list(sample.columns) != list(sub.columns):
-            raise KKError(f"{sample_submission}: columns {list(sample.columns)} differ from the submission's")
+        sample = read_sample_submission(sample_submission)
         if set(sample["id"]) != set(sub["id"].astype(str)):
             if ids_mismatch == "warn":
                 # On Kaggle's rerun the hidden test.csv is what is scored; a stale sample must not abort it.
@@ -231,6 +227,28 @@ def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = 
                 warn(f"{sample_submission}: ids differ from the test file's; following the test file")
             else:
                 raise KKError(f"{sample_submission}: ids differ from the test file's")
+
+
+def read_sample_submission(path):
+    """Kaggle's sample_submission.csv, checked: a readable CSV with the submission's columns and at least one row."""
+    import pandas as pd
+
+    from .data import check_unique_header
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise KKError(f"sample submission {path} is empty")
+    check_unique_header(path)
+    try:
+        sample = pd.read_csv(path, dtype={"id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise KKError(f"sample submission {path}: cannot be read as CSV ({str(e).splitlines()[0][:120]})") from None
+    expected = ["id", *PROB_COLUMNS]
+    if list(sample.columns) != expected:
+        raise KKError(f"sample submission {path}: columns {list(sample.columns)[:6]} differ from the submission's ({','.join(expected)})")
+    if len(sample) == 0:
+        raise KKError(f"sample submission {path} has a header but no rows")
+    return sample
 
 
 def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, sample_submission=None,
@@ -264,6 +282,8 @@ def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
             raise KKError(f"{what} {p} does not exist")
         if not p.is_file():
             raise KKError(f"{what} {p} is a folder, expected a CSV file")
+    if sample_submission is not None:
+        read_sample_submission(sample_submission)  # a binary or empty file is refused before any prediction
     out = Path(out)
     if out.is_dir():
         raise KKError(f"--out {out} is a folder; give a file name such as {out / 'submission.csv'}")

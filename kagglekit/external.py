@@ -91,10 +91,11 @@ def preference_set(hh_path: str | os.PathLike, arena_paths=(), seed: int = 0, li
     """HH-RLHF pairs plus real arena train files (raw cells kept) as one train frame, shuffled."""
     import pandas as pd
 
-    from .data import TRAIN_COLUMNS
+    from .data import TRAIN_COLUMNS, check_unique_header
 
     frames = [read_hh_rlhf(hh_path, seed=seed, limit=limit)]
     for p in arena_paths:
+        check_unique_header(p)
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
         missing = [c for c in TRAIN_COLUMNS if c not in df.columns]
         if missing:
