@@ -380,7 +380,10 @@ def kernel_cmd(
     folds: str = typer.Option("all", "--folds", help="Folds to package: all, or e.g. 0,2,4."),
     wheel: list[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for the OOF labels that fit weights/temperature (default: the run's data.train)."),
-    machine_shape: str = typer.Option("NvidiaTeslaT4", "--machine-shape", help="GPU written to kernel-metadata.json: NvidiaTeslaT4 (2 x T4), NvidiaL4, NvidiaTeslaT4Highmem."),
+    machine_shape: str = typer.Option("NvidiaTeslaT4", "--machine-shape", help="GPU written to kernel-metadata.json: NvidiaTeslaT4 (2 x T4), NvidiaL4, NvidiaTeslaT4Highmem (a P100 is refused: Kaggle's torch has no kernels for it)."),
+    time_budget_h: float | None = typer.Option(None, "--time-budget-h", help="The notebook's time budget in hours (default: the runs' predict.time_budget_h): the swapped-order TTA pass runs only as far as it allows. With --dry-run: this run's budget (a small one shows the one-order fallback)."),
+    plan: bool = typer.Option(False, "--plan", help="With --run: print the plan (per run: one fold per GPU, split over both, or refused; rows x folds x passes -> hours against the budget) and stop."),
+    rows: Path | None = typer.Option(None, "--rows", help="With --run: a CSV whose rows' token counts the estimate uses (default: the run's data.test, else data.train)."),
     pin_deps: bool = typer.Option(False, "--pin-deps", help="Bundle the transformers/peft/tokenizers/accelerate wheels the run was trained with."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
@@ -391,20 +394,22 @@ def kernel_cmd(
 ):
     """Package inference as an offline Kaggle notebook; dry-run it locally with the network off; push it.
 
-    Example: kk kernel --run runs/deberta-v3-base --name deberta-v3-5fold
-    Then:    kk kernel --dry-run kernels/deberta-v3-5fold --test data/test.csv
+    Example: kk kernel --run runs/gemma2-9b --name gemma2-5fold --plan   (placement and hours, nothing written)
+    Then:    kk kernel --run runs/gemma2-9b --name gemma2-5fold --backbone-source google/gemma-2/transformers/gemma-2-9b/1
+    Then:    kk kernel --dry-run kernels/gemma2-5fold --test data/test.csv
     """
     from . import kernel as K
 
     if dry_run is not None:
-        K.dry_run(dry_run, test, gpu_factor=gpu_factor, python=python)
+        K.dry_run(dry_run, test, gpu_factor=gpu_factor, python=python, time_budget_h=time_budget_h)
     elif push is not None:
         K.push(push)
     else:
         if not run:
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
         K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train,
-                       machine_shape=machine_shape, pin_deps=pin_deps)
+                       machine_shape=machine_shape, pin_deps=pin_deps, time_budget_h=time_budget_h, plan_only=plan,
+                       rows_for_estimate=rows)
 
 
 def main() -> None:
