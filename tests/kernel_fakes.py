@@ -65,7 +65,7 @@ def make_artifacts(art: Path, runs: list[tuple[str, Path, Path]], temperature: f
 def simulate_cuda(monkeypatch, n: int = 2, capability=(7, 5), free_bytes: int = int(14.6 * 1024**3)) -> dict:
     """Kaggle's 2 x T4 as far as the kernel asks: device count, capability, free memory, arch list; plus
     a fake ``torch.cuda.device`` context and ``empty_cache`` that record which device was current.
-    Returns the record: ``{"empty_cache": [device index, ...]}``."""
+    Returns the record: ``{"empty_cache": [device index, ...], "empty_cache_threads": [(thread, index), ...]}``."""
     import contextlib
     import threading
 
@@ -91,5 +91,10 @@ def simulate_cuda(monkeypatch, n: int = 2, capability=(7, 5), free_bytes: int = 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (free_bytes, 15 * 1024**3))
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: getattr(current, "i", 0))
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen["empty_cache"].append(getattr(current, "i", 0)))
+    def empty_cache():
+        seen["empty_cache"].append(getattr(current, "i", 0))
+        seen["empty_cache_threads"].append((threading.get_ident(), getattr(current, "i", 0)))
+
+    seen["empty_cache_threads"] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     return seen

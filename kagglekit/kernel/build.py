@@ -293,7 +293,7 @@ def kernel_plan(run_folds, backbone_source, machine_shape: str, budget_h: float,
     from ..task import get_task
     from ..tta import second_pass_share, tta_mode
     from .common import HIDDEN_TEST_ROWS
-    from .plan import MACHINES, place, run_hours, sample_lengths
+    from .plan import MACHINES, adapter_bytes, place, run_hours, sample_lengths
 
     gpus, gpu_bytes = MACHINES[machine_shape]
     rows = []
@@ -307,7 +307,7 @@ def kernel_plan(run_folds, backbone_source, machine_shape: str, budget_h: float,
         if conf is None:
             row["note"] = f"{cfg.model.backbone} is attached from Kaggle: the notebook places it from its config there"
         else:
-            pl = place(conf, cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes)
+            pl = place(conf, cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes, adapter_bytes(p for _, p in fl))
             lengths = sample_lengths(path, cfg, rows_for_estimate) or [cfg.model.max_length]
             row.update(placement=pl, tokens=float(np.mean(lengths)))
             if pl.kind != "refused":

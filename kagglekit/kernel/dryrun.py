@@ -255,7 +255,17 @@ def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT
     from ..predict import fold_config
     from ..task import get_task
     from ..tta import second_pass_share
-    from .plan import MACHINES, T4_FP16_UTILISATION, T4_PEAK_TFLOPS, THROUGHPUT, flops_per_row, place, run_hours, sample_lengths
+    from .plan import (
+        MACHINES,
+        T4_FP16_UTILISATION,
+        T4_PEAK_TFLOPS,
+        THROUGHPUT,
+        adapter_bytes,
+        flops_per_row,
+        place,
+        run_hours,
+        sample_lengths,
+    )
 
     art = next((d for d in (kernel_dir / "datasets").iterdir() if (d / "kk_manifest.json").exists()), None)
     if art is None:
@@ -268,7 +278,8 @@ def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT
             return None
         fold = art / entry["name"] / f"fold_{entry['folds'][0]}"
         cfg = fold_config(fold)
-        pl = place(art / entry["backbone"]["path"], cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes)
+        pl = place(art / entry["backbone"]["path"], cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes,
+                   adapter_bytes(art / entry["name"] / f"fold_{k}" for k in entry["folds"]))
         if pl.kind == "refused":
             return None
         lengths = sample_lengths(fold, cfg, test_df, n=len(test_df))

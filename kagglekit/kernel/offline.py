@@ -84,7 +84,7 @@ def detect_devices(devices=None) -> tuple[list[str], int]:
 
 
 def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=None, tta=None, started: float | None = None,
-                budget_h: float | None = None, devices=None, clock=time.time) -> dict:
+                budget_h: float | None = None, devices=None, clock=time.time, group_factory=None) -> dict:
     """Predict ``test_csv`` with every fold in the artifacts dataset and write the submission, in budgeted
     passes (kagglekit.kernel.passes): the (A,B) pass of every fold first and a complete submission at its
     end, then the (B,A) pass as far as ``budget_h`` (default: the kernel's predict.time_budget_h) allows.
@@ -92,7 +92,8 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     Before anything loads, each run's model is placed on the GPUs this notebook really has, from its
     backbone's config (bundled or attached): one fold per GPU, one model split over both, or one line
     naming the fix. ``tta``: overrides each run's predict.tta; ``started``: when the notebook started
-    (its budget counts from there); ``devices``: worker devices instead of the detected GPUs (tests).
+    (its budget counts from there); ``devices``: worker devices instead of the detected GPUs; ``clock`` and
+    ``group_factory`` (unit -> loaded model): replaced by tests.
     """
     import numpy as np
 
@@ -103,7 +104,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     from ..tta import tta_mode, uncertain_rows
     from ..ui import info
     from .passes import PASSES_JSON, Budget, Job, Passes, plan_second_pass
-    from .plan import place
+    from .plan import adapter_bytes, place
 
     t0 = clock()
     artifacts = Path(artifacts)
@@ -127,13 +128,14 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
         placement = None
         if n_gpu:
             # The attached backbone is checked here too: kk kernel could not see its size.
-            placement = place(backbone, cfg.model.quantization, n_gpu, gpu_bytes, get_task(cfg.task).n_classes)
+            placement = place(backbone, cfg.model.quantization, n_gpu, gpu_bytes, get_task(cfg.task).n_classes,
+                              adapter_bytes(folds))
             if placement.kind == "refused":
                 raise KKError(f"run {entry['name']} does not fit this machine's GPUs: {placement.reason}")
         runs.append({"name": entry["name"], "backbone": backbone, "folds": folds, "mode": mode,
                      "share": float(entry.get("tta_share", cfg.predict.tta_share)), "placement": placement,
                      "jobs": [Job(r, f, f"{entry['name']}/{f.name}") for f in folds]})
-    units = make_units(runs, workers)
+    units = make_units(runs, workers, n)
     plan_lines = [{"run": x["name"], "folds": len(x["folds"]), "tta": x["mode"], "tta_share": x["share"],
                    "placement": x["placement"].describe() if x["placement"] else f"{workers[0]}"} for x in runs]
     for line in plan_lines:
@@ -146,18 +148,19 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
         state["events"] = list(passes.events)
         write_json(passes_path, state)
 
-    passes = Passes(units, workers, test_df, budget, log=info, record=record)
+    passes = Passes(units, workers, test_df, budget, log=info, record=record, group_factory=group_factory)
     try:
         passes.run_pass(1)
-        done = [j for x in runs for j in x["jobs"] if j in passes.probs_ab]
-        path = _write_ensemble(manifest, runs, passes, test_df, out, sample_submission, second=False)
+        first_probs = passes.first_pass()
+        done = [j for x in runs for j in x["jobs"] if j in first_probs]
+        path = _write_ensemble(manifest, runs, first_probs, {}, test_df, out, sample_submission)
         state["passes"].append({"pass": 1, "order": "A,B", "status": "done", "rows": n, "folds": len(done),
                                 "skipped_folds": [j.name for j in passes.skipped], "at_h": round(budget.elapsed() / 3600, 4)})
         state["submission_from"] = "pass 1"
         info(f"pass 1 done: {path} written from {len(done)} fold(s), one order (A,B), at {budget.elapsed() / 3600:.2f} h")
         record()
 
-        first = {r: _fold_mean([passes.probs_ab[j] for j in x["jobs"] if j in passes.probs_ab]) for r, x in enumerate(runs)}
+        first = {r: _fold_mean([first_probs[j] for j in x["jobs"] if j in first_probs]) for r, x in enumerate(runs)}
         wanted = {r: (np.arange(n) if x["mode"] == "full" else uncertain_rows(first[r], x["share"]) if x["mode"] == "uncertain"
                       else np.zeros(0, np.int64)) for r, x in enumerate(runs)}
         rows2, decision = plan_second_pass(passes, wanted, first)
@@ -167,7 +170,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
             complete = passes.run_pass(2, rows2)
             entry2["status"] = "done" if complete else "stopped"
             if complete:
-                path = _write_ensemble(manifest, runs, passes, test_df, out, sample_submission, second=True)
+                path = _write_ensemble(manifest, runs, first_probs, passes.second_pass(), test_df, out, sample_submission)
                 state["submission_from"] = "pass 2"
                 info(f"pass 2 done: {path} replaced by the TTA ensemble at {budget.elapsed() / 3600:.2f} h")
         else:
@@ -178,23 +181,27 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     finally:
         passes.free_all()
 
-    jobs_done = [j for x in runs for j in x["jobs"] if j in passes.probs_ab]
+    first_probs = passes.first_pass()
+    jobs_done = [j for x in runs for j in x["jobs"] if j in first_probs]
     predict_s = sum(t.get("pass1_s", 0) + t.get("pass2_s", 0) for t in passes.timing.values()) / len(workers)
-    rows_run = n * len(jobs_done) + sum(len(v[0]) for v in passes.probs_ba.values()) if state["submission_from"] == "pass 2" \
-        else n * len(jobs_done)
+    rows_run = n * len(jobs_done) + (sum(len(v[0]) for v in passes.second_pass().values())
+                                     if state["submission_from"] == "pass 2" else 0)
     planned = sum(len(x["jobs"]) * (1 + {"full": 1.0, "none": 0.0}.get(x["mode"], x["share"])) for x in runs)
     return {"submission": str(Path(out)), "rows": n, "folds": len(jobs_done), "passes": round(planned, 4),
             "passes_run": round(rows_run / max(n, 1), 4), "submission_from": state["submission_from"],
             "devices": workers, "seconds": round(clock() - t0, 2),
             "load_s": round(sum(u.load_s or 0 for u in units) / len(workers), 2),
             "seconds_per_row_pass": predict_s / max(1, rows_run), "passes_json": str(passes_path),
-            "timings": [{"fold": j.name, **passes.timing.get(j, {})} for j in jobs_done]}
+            "timings": [{"fold": j.name, **t} for (j, _), t in passes.timing.items()]}
 
 
-def make_units(runs: list, workers: list) -> list:
+def make_units(runs: list, workers: list, n_rows: int) -> list:
     """Loaded-model units (kagglekit.kernel.passes.Unit). Folds of any run sharing a backbone (and its
-    quantization, precision, pooling) form a group: on one GPU per fold, its folds are dealt round-robin
-    to the GPUs and each GPU loads the group's base once; split over the GPUs, the group is one unit."""
+    quantization, precision, pooling) form a group. A group that fits one GPU is loaded once on every GPU,
+    each predicting every fold on its share of the rows (row i on GPU i mod n: the same mix of lengths on
+    each); a group split over the GPUs is one unit over every row."""
+    import numpy as np
+
     from ..adapters import group_key
     from .passes import Unit
     from .plan import device_map_for
@@ -205,18 +212,15 @@ def make_units(runs: list, workers: list) -> list:
         for job in x["jobs"]:
             key = (split, group_key(job.fold, x["backbone"]))
             groups.setdefault(key, {"jobs": [], "run": x})["jobs"].append(job)
-    units, turn = [], 0
+    units = []
     for (split, _), g in groups.items():
         x = g["run"]
         if split:
             units.append(Unit(g["jobs"], x["backbone"], "cuda:0", None, device_map_for(x["placement"])))
             continue
-        dealt: dict = {}
-        for job in g["jobs"]:
-            dealt.setdefault(turn % len(workers), []).append(job)
-            turn += 1
-        for w, jobs in sorted(dealt.items()):
-            units.append(Unit(jobs, x["backbone"], workers[w], w))
+        for w, device in enumerate(workers):
+            shard = None if len(workers) == 1 else np.arange(w, n_rows, len(workers))
+            units.append(Unit(g["jobs"], x["backbone"], device, w, shard=shard))
     return units
 
 
@@ -227,9 +231,10 @@ def _fold_mean(probs: list):
     return np.mean(probs, axis=0)
 
 
-def _write_ensemble(manifest: dict, runs: list, passes, test_df, out, sample_submission, second: bool) -> Path:
-    """Folds (pass 2 merged in where it ran) -> runs -> the weighted, calibrated ensemble -> submission.csv,
-    checked and written atomically."""
+def _write_ensemble(manifest: dict, runs: list, first: dict, second: dict, test_df, out, sample_submission) -> Path:
+    """Folds (``first``: job -> (A,B) probabilities; ``second``: job -> (rows, (B,A) mapped back), merged
+    where it ran) -> runs -> the weighted, calibrated ensemble -> submission.csv, checked and written
+    atomically."""
     import numpy as np
 
     from ..ensemble import apply_temperature, combine, finalize_probs, write_submission
@@ -239,10 +244,9 @@ def _write_ensemble(manifest: dict, runs: list, passes, test_df, out, sample_sub
     for x in runs:
         folds = []
         for j in x["jobs"]:
-            if j not in passes.probs_ab:
-                continue
-            rows, p_ba = passes.probs_ba.get(j, (None, None)) if second else (None, None)
-            folds.append(merge_passes(passes.probs_ab[j], p_ba, rows))
+            if j in first:
+                rows, p_ba = second.get(j, (None, None))
+                folds.append(merge_passes(first[j], p_ba, rows))
         per_run.append(combine(folds, method=manifest.get("method", "mean")))
     final = finalize_probs(apply_temperature(combine(per_run, manifest["weights"]), manifest["temperature"]))
     if not np.isfinite(final).all():

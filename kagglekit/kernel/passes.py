@@ -15,10 +15,12 @@ an estimate made elsewhere:
 ``kk_passes.json`` beside the submission records the plan, the measured speed and which passes ran.
 
 Models: folds (of any run) sharing a backbone, quantization and precision form a group that loads its
-base once per GPU and switches adapters (:class:`kagglekit.adapters.FoldGroup`); the folds of groups that
-fit one GPU are spread over the GPUs, one thread per GPU; a group split over both GPUs runs its folds
-one after another. Between groups a GPU's memory is freed on that GPU only; the last group of a pass
-stays loaded for the next pass, which visits the groups in reverse order.
+base once per GPU and switches adapters (:class:`kagglekit.adapters.FoldGroup`). A group that fits one
+GPU is loaded on every GPU, one thread each, and the rows are dealt between them (row i to GPU i mod n:
+both get the same mix of lengths), so two GPUs finish together whatever the number of folds; a group
+split over both GPUs runs its folds one after another on all rows. Between groups a GPU's memory is
+freed on that GPU only; the last group of a pass stays loaded for the next pass, which visits the groups
+in reverse order.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ WRITE_RESERVE_S = 120.0
 HARD_LIMIT_S = KAGGLE_LIMIT_H * 3600 - 15 * 60
 # A second pass over less than this share of the rows is not worth reloading models for.
 MIN_SECOND_SHARE = 0.02
+# Pass 2 is planned to fill this share of the time left: the pass-1 speed is a measurement, not a promise.
+PLAN_SLACK = 0.9
 # Rows after which a GPU reports its measured speed (its "first batches").
 MEASURE_ROWS = 64
 
@@ -56,14 +60,19 @@ class Job:
 @dataclass(eq=False)
 class Unit:
     """Folds served by one loaded model (a :class:`FoldGroup`), and where it runs: a worker (one GPU, or
-    the CPU) or, with ``device_map``, all GPUs (split)."""
+    the CPU) on its ``shard`` of the rows, or, with ``device_map``, all GPUs (split) on every row."""
 
     jobs: list
     backbone: str
     device: str
     worker: int | None = None  # None: split over all GPUs (runs on the main thread)
     device_map: dict | None = None
+    shard: object = None  # row indices this unit predicts (None: every row)
     load_s: float | None = None  # measured on its first load
+
+    @property
+    def slot(self):
+        return self.worker if self.worker is not None else "split"
 
 
 @dataclass
@@ -126,30 +135,72 @@ class Passes:
     record: object = None
     group_factory: object = None  # (unit) -> FoldGroup; tests replace it
     cache: dict = field(default_factory=dict)
-    probs_ab: dict = field(default_factory=dict)  # Job -> (n, classes)
-    probs_ba: dict = field(default_factory=dict)  # Job -> (rows, probabilities mapped back)
-    timing: dict = field(default_factory=dict)  # Job -> {"pass1_s": .., "rows": ..}
+    parts1: dict = field(default_factory=dict)  # (Job, Unit) -> probabilities of the unit's rows, (A,B)
+    parts2: dict = field(default_factory=dict)  # (Job, Unit) -> (rows, probabilities mapped back), (B,A)
+    timing: dict = field(default_factory=dict)  # (Job, Unit) -> {"pass1_s", "rows", "pass2_s"}
     skipped: list = field(default_factory=list)  # Jobs pass 1 could not afford
     events: list = field(default_factory=list)
-    rates: dict = field(default_factory=dict)  # worker -> rows/s measured on its first batches
+    rates: dict = field(default_factory=dict)  # slot -> rows/s measured on its first batches
 
     def __post_init__(self):
-        self._resident: dict = {}  # worker (or "split") -> (unit, group)
+        self._resident: dict = {}  # slot -> (unit, group)
         self._lock = threading.Lock()
+
+    # --- results ------------------------------------------------------------------------------------------------
+
+    def jobs(self) -> list:
+        seen, out = set(), []
+        for u in self.units:
+            for j in u.jobs:
+                if id(j) not in seen:
+                    seen.add(id(j))
+                    out.append(j)
+        return out
+
+    def _rows(self, unit: Unit):
+        return np.arange(len(self.test_df)) if unit.shard is None else np.asarray(unit.shard, dtype=np.int64)
+
+    def first_pass(self) -> dict:
+        """Job -> its (A,B) probabilities of every row, for the folds whose every shard completed."""
+        out = {}
+        for job in self.jobs():
+            units = [u for u in self.units if job in u.jobs]
+            if job in self.skipped or any((job, u) not in self.parts1 for u in units):
+                continue
+            p = None
+            for u in units:
+                part = self.parts1[(job, u)]
+                if p is None:
+                    p = np.full((len(self.test_df), part.shape[1]), np.nan)
+                p[self._rows(u)] = part
+            out[job] = p
+        return out
+
+    def second_pass(self) -> dict:
+        """Job -> (rows, (B,A) probabilities mapped back) of the folds pass 2 ran on."""
+        by_job: dict = {}
+        for (job, _), (rows, p) in self.parts2.items():
+            by_job.setdefault(job, []).append((rows, p))
+        out = {}
+        for job, parts in by_job.items():
+            rows = np.concatenate([r for r, _ in parts])
+            order = np.argsort(rows, kind="stable")
+            out[job] = (rows[order], np.concatenate([p for _, p in parts])[order])
+        return out
 
     # --- loading ------------------------------------------------------------------------------------------------
 
-    def _group(self, unit: Unit, slot):
-        """The loaded model of ``unit``: the one still resident in ``slot``, else freed + loaded."""
-        held = self._resident.get(slot)
+    def _group(self, unit: Unit):
+        """The loaded model of ``unit``: the one still resident in its slot, else freed + loaded."""
+        held = self._resident.get(unit.slot)
         if held is not None and held[0] is unit:
             return held[1]
-        self._free(slot)
+        self._free(unit.slot)
         t = self.budget.clock()
         group = (self.group_factory or _default_group)(unit)
         if unit.load_s is None:
             unit.load_s = self.budget.clock() - t
-        self._resident[slot] = (unit, group)
+        self._resident[unit.slot] = (unit, group)
         return group
 
     def _free(self, slot) -> None:
@@ -171,18 +222,19 @@ class Passes:
         order = self.units if number == 1 else list(reversed(self.units))
         per_worker = {w: [u for u in order if u.worker == w] for w in range(len(self.workers))}
         split = [u for u in order if u.worker is None]
+        done = self.first_pass() if swap else {}
         stop = threading.Event()
 
         def work(w: int):
             for unit in per_worker[w]:
-                if stop.is_set() or not self._run_unit(unit, w, swap, rows_by_run, stop):
+                if stop.is_set() or not self._run_unit(unit, swap, rows_by_run, done, stop):
                     return
 
         # A split model needs every GPU: on pass 1 the per-GPU groups go first, on pass 2 (reversed) the
         # split groups go first, so the group loaded last stays loaded across the two passes.
         for stage in ("workers", "split") if number == 1 else ("split", "workers"):
             if stage == "workers" and any(per_worker.values()):
-                if any(u.worker is None for u in self.units):
+                if split:
                     self._free("split")
                 if len(self.workers) == 1:
                     work(0)
@@ -195,25 +247,33 @@ class Passes:
                 for w in range(len(self.workers)):
                     self._free(w)
                 for unit in split:
-                    if stop.is_set() or not self._run_unit(unit, "split", swap, rows_by_run, stop):
+                    if stop.is_set() or not self._run_unit(unit, swap, rows_by_run, done, stop):
                         break
         return not stop.is_set()
 
-    def _run_unit(self, unit: Unit, slot, swap: bool, rows_by_run, stop) -> bool:
-        worker_device = unit.device
-        todo = [j for j in unit.jobs if j not in self.skipped]
+    def _unit_rows(self, job: Job, unit: Unit, swap: bool, rows_by_run) -> np.ndarray | None:
+        """The rows ``unit`` predicts for ``job``: its shard (pass 1), its share of the run's pass-2 rows."""
+        if not swap:
+            return None if unit.shard is None else self._rows(unit)
+        wanted = np.asarray(rows_by_run.get(job.run, ()), dtype=np.int64)
+        return wanted if unit.shard is None else np.intersect1d(wanted, self._rows(unit))
+
+    def _run_unit(self, unit: Unit, swap: bool, rows_by_run, done: dict, stop) -> bool:
+        todo = [j for j in unit.jobs if j not in self.skipped and (not swap or j in done)]
         if swap:
-            todo = [j for j in todo if len(rows_by_run.get(j.run, ())) and j in self.probs_ab]
+            todo = [j for j in todo if len(self._unit_rows(j, unit, True, rows_by_run))]
         if not todo:
             return True
-        group = self._group(unit, slot)
+        group = self._group(unit)
         n = len(self.test_df)
         for job in todo:
             if stop.is_set():
                 return False
-            rows = rows_by_run.get(job.run) if swap else None
+            if job in self.skipped:  # another GPU could not afford its shard of this fold
+                continue
+            rows = self._unit_rows(job, unit, swap, rows_by_run)
             count = n if rows is None else len(rows)
-            if not self._affordable(job, unit, slot, count, swap):
+            if not self._affordable(job, unit, count, swap):
                 if swap:
                     stop.set()
                     self.log(f"pass 2 stopped before {job.name}: it would end past the {self.budget.hours:g} h budget; "
@@ -224,71 +284,71 @@ class Passes:
                 self.log(f"pass 1: {job.name} SKIPPED, it would end past Kaggle's {KAGGLE_LIMIT_H:g} h limit "
                          f"(the submission has the other folds)")
                 continue
-            meter = Meter(self.budget.clock, None if slot in self.rates else
-                          (lambda r, s=slot, d=worker_device: self._measured(s, d, r)), min(MEASURE_ROWS, count))
+            first = None if unit.slot in self.rates else (lambda r, u=unit: self._measured(u, r))
+            meter = Meter(self.budget.clock, first, min(MEASURE_ROWS, count))
             t = self.budget.clock()
             meter.start()
             p = group.predict(job.fold, self.test_df, swap=swap, rows=rows, progress=meter, cache=self.cache)
             seconds = self.budget.clock() - t
             with self._lock:
                 if swap:
-                    self.probs_ba[job] = (np.asarray(rows, dtype=np.int64), p)
-                    self.timing.setdefault(job, {})["pass2_s"] = seconds
+                    self.parts2[(job, unit)] = (rows, p)
+                    self.timing.setdefault((job, unit), {})["pass2_s"] = seconds
                 else:
-                    self.probs_ab[job] = p
-                    self.timing[job] = {"pass1_s": seconds, "rows": n, "device": worker_device}
-            self.log(f"pass {2 if swap else 1} ({'B,A' if swap else 'A,B'}): {job.name} on {worker_device}: {count} rows "
+                    self.parts1[(job, unit)] = p
+                    self.timing[(job, unit)] = {"pass1_s": seconds, "rows": count, "device": unit.device}
+            self.log(f"pass {2 if swap else 1} ({'B,A' if swap else 'A,B'}): {job.name} on {unit.device}: {count} rows "
                      f"in {seconds:.1f} s ({count / max(seconds, 1e-9):.1f} rows/s)")
         return True
 
-    def _measured(self, slot, device, rate: float) -> None:
+    def _measured(self, unit: Unit, rate: float) -> None:
         """First batches done on a GPU: its speed, and what pass 1 will take on it at that speed."""
         with self._lock:
-            self.rates[slot] = rate
-        n = len(self.test_df)
-        jobs = sum(len(u.jobs) for u in self.units if (u.worker if u.worker is not None else "split") == slot)
-        hours = jobs * n / rate / 3600
-        self.log(f"{device}: {rate:.1f} rows/s on its first batches: pass 1 ~{hours:.2f} h on it "
+            self.rates[unit.slot] = rate
+        rows = sum(len(self._rows(u)) * len(u.jobs) for u in self.units if u.slot == unit.slot)
+        hours = rows / rate / 3600
+        self.log(f"{unit.device}: {rate:.1f} rows/s on its first batches: pass 1 ~{hours:.2f} h on it "
                  f"({self.budget.elapsed() / 3600:.2f} h used of the {self.budget.hours:g} h budget)")
-        self.events.append({"event": "measured", "worker": str(slot), "device": device, "rows_per_s": rate,
+        self.events.append({"event": "measured", "worker": str(unit.slot), "device": unit.device, "rows_per_s": rate,
                             "pass1_projected_h": hours})
         if self.record is not None:
             self.record()
 
-    def _affordable(self, job: Job, unit: Unit, slot, count: int, swap: bool) -> bool:
+    def _affordable(self, job: Job, unit: Unit, count: int, swap: bool) -> bool:
         """Pass 2: the fold must end inside the budget (less the reserve to write). Pass 1: inside Kaggle's
         limit, and never refused for a run's first fold."""
-        rate = self._rate(job, slot)
+        rate = self._rate(job, unit)
         if rate is None:
             return True
         need = count / rate
         if swap:
             return need <= self.budget.left() - WRITE_RESERVE_S
         with self._lock:
-            has_fold = any(j.run == job.run for j in self.probs_ab)
+            has_fold = any(j.run == job.run and u.slot == unit.slot for j, u in self.parts1)
         return not has_fold or need <= self.budget.hard_left() - WRITE_RESERVE_S
 
-    def _rate(self, job: Job, slot) -> float | None:
-        t = self.timing.get(job)
+    def _rate(self, job: Job, unit: Unit) -> float | None:
+        t = self.timing.get((job, unit))
         if t and t.get("pass1_s"):
             return t["rows"] / t["pass1_s"]
-        return self.rates.get(slot)
+        return self.rates.get(unit.slot)
 
     # --- pass 2's plan ------------------------------------------------------------------------------------------
 
     def second_pass_cost(self, rows_by_run: dict, share: float = 1.0) -> float:
         """Seconds pass 2 would take over ``share`` of ``rows_by_run`` at each fold's pass-1 speed, plus
         reloading every group but the resident ones: the GPU threads in parallel, split groups after them."""
+        done = self.first_pass()
         per_slot: dict = {}
         for unit in self.units:
-            slot = unit.worker if unit.worker is not None else "split"
-            jobs = [j for j in unit.jobs if j in self.probs_ab and len(rows_by_run.get(j.run, ()))]
-            if not jobs:
+            counts = {j: len(self._unit_rows(j, unit, True, rows_by_run)) for j in unit.jobs if j in done}
+            counts = {j: c for j, c in counts.items() if c}
+            if not counts:
                 continue
-            held = self._resident.get(slot)
+            held = self._resident.get(unit.slot)
             reload = 0.0 if held is not None and held[0] is unit else (unit.load_s or 0.0)
-            work = sum(share * len(rows_by_run[j.run]) / (self._rate(j, slot) or float("inf")) for j in jobs)
-            per_slot[slot] = per_slot.get(slot, 0.0) + reload + work
+            work = sum(share * c / (self._rate(j, unit) or float("inf")) for j, c in counts.items())
+            per_slot[unit.slot] = per_slot.get(unit.slot, 0.0) + reload + work
         workers = max((v for k, v in per_slot.items() if k != "split"), default=0.0)
         return workers + per_slot.get("split", 0.0)
 
@@ -309,19 +369,27 @@ def plan_second_pass(passes: Passes, wanted: dict, first_probs: dict) -> tuple[d
     total = sum(len(r) for r in wanted.values())
     if total == 0:
         return {}, "not asked for (predict.tta: false)"
-    available = passes.budget.left() - WRITE_RESERVE_S
+    left = passes.budget.left() - WRITE_RESERVE_S
+    available = left * PLAN_SLACK
     cost = passes.second_pass_cost(wanted)
-    hours = f"{max(available, 0) / 3600:.2f} h left of the {passes.budget.hours:g} h budget"
+    hours = f"{max(left, 0) / 3600:.2f} h left of the {passes.budget.hours:g} h budget"
     if cost <= available:
         return wanted, f"on {total} rows (all runs): ~{cost / 3600:.2f} h, {hours}"
     lo, hi = 0.0, 1.0  # the largest share that fits (cost grows with the share)
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if passes.second_pass_cost(wanted, mid) <= available else (lo, mid)
-    if lo < MIN_SECOND_SHARE:
+
+    def cut_to(share):
+        cut = {r: rows[uncertain_rows(first_probs[r][rows], share)] for r, rows in wanted.items()}
+        return {r: rows for r, rows in cut.items() if len(rows)}
+
+    cut = cut_to(lo)
+    while lo >= MIN_SECOND_SHARE and passes.second_pass_cost(cut) > available:  # the chosen rows' real split
+        lo *= 0.95
+        cut = cut_to(lo)
+    if lo < MIN_SECOND_SHARE or not cut:
         return {}, (f"SKIPPED: it needs ~{cost / 3600:.2f} h, {hours}; the submission stays the one-order (A,B) "
                     "pass")
-    cut = {r: rows[uncertain_rows(first_probs[r][rows], lo)] for r, rows in wanted.items()}
-    cut = {r: rows for r, rows in cut.items() if len(rows)}
     return cut, (f"CUT to the {sum(len(r) for r in cut.values())} least confident of {total} rows ({lo:.0%}): all of "
                  f"it needs ~{cost / 3600:.2f} h, {hours}")

@@ -6,7 +6,8 @@ has, before it loads anything). It imports nothing from the build, dry-run or pu
 
 Placement, per run, computed on the meta device from the backbone's config (no weights read):
 
-- ``per_gpu``: the model fits one GPU: one fold model per GPU, both GPUs busy;
+- ``per_gpu``: the model fits one GPU: a copy on each GPU (base once, the folds' adapters beside it),
+  each predicting its half of the rows: both GPUs busy whatever the number of folds;
 - ``split``: it fits only across all GPUs: ONE model over both T4s (accelerate's device map with
   ``max_memory``), folds one after another;
 - ``refused``: it does not fit even split; the reason names the fix (``model.quantization: 4bit``).
@@ -17,7 +18,6 @@ sustained throughput for this work at the run's precision (:data:`THROUGHPUT`, e
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +76,7 @@ class Placement:
         params = f"{self.params / 1e9:.1f}B" if self.params >= 1e9 else f"{self.params / 1e6:.1f}M"
         size = f"{params} params, {self.weights} ~{_bytes(self.weight_bytes)}"
         if self.kind == "per_gpu":
-            return f"one fold per GPU ({size}; {_bytes(self.gpu_bytes)} a GPU)"
+            return f"a copy per GPU, rows split ({size}; {_bytes(self.gpu_bytes)} a GPU)"
         if self.kind == "split":
             return f"split over {len(self.devices_used)} GPUs, folds in turn ({size})"
         if self.kind == "refused":
@@ -138,8 +138,20 @@ def _param_dtypes(model, weights: str) -> dict:
     return out
 
 
-def place(config_or_path, quantization: str, gpus: int, gpu_bytes: int, num_labels: int) -> Placement:
-    """Where a model goes on ``gpus`` GPUs of ``gpu_bytes`` usable bytes each (see the module docstring)."""
+def adapter_bytes(fold_paths) -> int:
+    """Memory of the folds' adapters and saved heads, all loaded beside one base (their files' size: peft
+    keeps them in the dtype they were saved in, fp32 after training)."""
+    total = 0
+    for f in fold_paths:
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            if (Path(f) / name).exists():
+                total += (Path(f) / name).stat().st_size
+    return total
+
+
+def place(config_or_path, quantization: str, gpus: int, gpu_bytes: int, num_labels: int, extra_bytes: int = 0) -> Placement:
+    """Where a model goes on ``gpus`` GPUs of ``gpu_bytes`` usable bytes each (see the module docstring);
+    ``extra_bytes``: what loads beside it on every GPU (the folds' adapters, :func:`adapter_bytes`)."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import compute_module_sizes
 
@@ -155,7 +167,7 @@ def place(config_or_path, quantization: str, gpus: int, gpu_bytes: int, num_labe
     if gpus == 0:
         pl.kind = "cpu"
         return pl
-    room = gpu_bytes - ACTIVATION_RESERVE
+    room = gpu_bytes - ACTIVATION_RESERVE - extra_bytes
     if total <= room:
         pl.devices_used = [0]
         return pl
@@ -177,17 +189,18 @@ def place(config_or_path, quantization: str, gpus: int, gpu_bytes: int, num_labe
             return pl
     pl.kind = "refused"
     fits = f"{gpus} x {gpu_bytes / GIB:.1f} GiB GPU{'s' if gpus > 1 else ''}"
-    fix = _lighter_fix(config_or_path, quantization, gpus, gpu_bytes, num_labels)
-    pl.reason = (f"{params / 1e9:.1f}B parameters in {weights} need ~{total / GIB:.1f} GiB of weights plus "
+    fix = _lighter_fix(config_or_path, quantization, gpus, gpu_bytes, num_labels, extra_bytes)
+    extra = f" and {_bytes(extra_bytes)} of adapters" if extra_bytes else ""
+    pl.reason = (f"{params / 1e9:.1f}B parameters in {weights} need ~{total / GIB:.1f} GiB of weights{extra} plus "
                  f"{ACTIVATION_RESERVE / GIB:.1f} GiB a GPU for activations: more than {fits} hold; {fix}")
     return pl
 
 
-def _lighter_fix(config_or_path, quantization: str, gpus: int, gpu_bytes: int, num_labels: int) -> str:
+def _lighter_fix(config_or_path, quantization: str, gpus: int, gpu_bytes: int, num_labels: int, extra_bytes: int) -> str:
     """The lightest quantization that makes the model fit, as the fix to name."""
     order = ["none", "8bit", "4bit"]
     for q in order[order.index(quantization if quantization in order else "none") + 1:]:
-        if place(config_or_path, q, gpus, gpu_bytes, num_labels).kind != "refused":
+        if place(config_or_path, q, gpus, gpu_bytes, num_labels, extra_bytes).kind != "refused":
             return f"train it with model.quantization: {q}"
     return "use a smaller backbone (it does not fit even in 4-bit)"
 
@@ -223,16 +236,13 @@ def t4_flops_per_s(weights: str) -> float:
 def run_hours(placement: Placement, lengths, rows: int, folds: int, second_share: float) -> dict:
     """Hours for one run: ``rows`` x ``folds`` x (1 + ``second_share``) passes on Kaggle's GPUs.
 
-    One fold per GPU runs ceil(folds / GPUs) folds one after another on each; a split model uses its
-    GPUs one after another (a pipeline of one batch), so it runs at one GPU's speed."""
+    A copy per GPU splits the rows between the GPUs; a split model uses its GPUs one after another (a
+    pipeline of one batch), so it runs at one GPU's speed."""
     per_fold_pass = rows * flops_per_row(placement, lengths) / t4_flops_per_s(placement.weights) / 3600
-    if placement.kind == "per_gpu":
-        waves = math.ceil(folds / max(1, placement.gpus))
-    else:
-        waves = folds
-    first = per_fold_pass * waves
+    parallel = max(1, placement.gpus) if placement.kind == "per_gpu" else 1
+    first = per_fold_pass * folds / parallel
     return {"pass1_h": first, "pass2_h": first * second_share, "total_h": first * (1 + second_share),
-            "passes": 1 + second_share, "waves": waves}
+            "passes": 1 + second_share, "gpus_busy": parallel}
 
 
 def sample_lengths(fold_path: Path, cfg, rows_source=None, n: int = 2000, seed: int = 0):
