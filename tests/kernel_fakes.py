@@ -57,8 +57,8 @@ def make_artifacts(art: Path, runs: list[tuple[str, Path, Path]], temperature: f
                 if (Path(run) / f"fold_{k}" / f).exists():
                     shutil.copy2(Path(run) / f"fold_{k}" / f, dst / f)
         entries.append({"name": name, "folds": folds, "backbone": {"path": copied[str(backbone)]}, "versions": {}})
-    (art / MANIFEST).write_text(json.dumps({"runs": entries, "weights": [1.0] * len(entries), "temperature": temperature,
-                                            "method": "mean", **manifest}))
+    manifest = {"weights": [1.0] * len(entries), **{k: v for k, v in manifest.items() if v is not None}}
+    (art / MANIFEST).write_text(json.dumps({"runs": entries, "temperature": temperature, "method": "mean", **manifest}))
     return art
 
 
@@ -93,7 +93,7 @@ def simulate_cuda(monkeypatch, n: int = 2, capability=(7, 5), free_bytes: int = 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: getattr(current, "i", 0))
     def empty_cache():
         seen["empty_cache"].append(getattr(current, "i", 0))
-        seen["empty_cache_threads"].append((threading.get_ident(), getattr(current, "i", 0)))
+        seen["empty_cache_threads"].append((threading.current_thread().name, getattr(current, "i", 0)))
 
     seen["empty_cache_threads"] = []
     monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)

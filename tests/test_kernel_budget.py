@@ -55,7 +55,7 @@ class FakeGroup:
             self.clock.advance(min(8, len(rows) - i) * self.spr * (self.slow2 if swap else 1.0))
             progress.advance(None, min(8, len(rows) - i))
         self.calls.append({"fold": fold.name, "run": fold.parent.name, "swap": swap, "rows": rows, "device": self.unit.device,
-                           "thread": threading.get_ident(), "start": start, "end": self.clock()})
+                           "thread": threading.current_thread().name, "start": start, "end": self.clock()})
         p_ab, p_ba = self.truth[(fold.parent.name, fold.name)]
         return (p_ba if swap else p_ab)[rows]
 
@@ -71,14 +71,17 @@ def fake_kernel(tiny_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
     run = make_fake_run(tiny_project, root / "runs" / "r", (0, 1, 2), "llama")
     art = make_artifacts(root / "art", [("r", run, tiny_project / "llama")])
+    deb = make_fake_run(tiny_project, root / "runs" / "d", (0, 1), "deberta")
+    two = make_artifacts(root / "art2", [("r", run, tiny_project / "llama"), ("d", deb, tiny_project / "deberta")],
+                         weights=None)
     n = len(load_test(tiny_project / "test.csv")[0])
     rng = np.random.default_rng(0)
-    truth = {("r", f"fold_{k}"): (rng.dirichlet([1, 1, 1], n), rng.dirichlet([1, 1, 1], n)) for k in range(3)}
-    return {"art": art, "truth": truth, "n": n, "test": tiny_project / "test.csv", "run": run}
+    truth = {(r, f"fold_{k}"): (rng.dirichlet([1, 1, 1], n), rng.dirichlet([1, 1, 1], n)) for r in "rd" for k in range(3)}
+    return {"art": art, "two_groups": two, "truth": truth, "n": n, "test": tiny_project / "test.csv", "run": run}
 
 
 def _run(fake_kernel, tmp_path, budget_s, seconds_per_row=1.0, slow2=1.0, devices=("cuda:0", "cuda:1"), tta=None,
-         monkeypatch=None, release=None):
+         monkeypatch=None, release=None, art=None):
     from kagglekit import ensemble
     from kagglekit.kernel.offline import run_offline
 
@@ -91,7 +94,7 @@ def _run(fake_kernel, tmp_path, budget_s, seconds_per_row=1.0, slow2=1.0, device
 
     monkeypatch.setattr(ensemble, "write_submission", spy_write)
     out = tmp_path / "working" / "submission.csv"
-    rep = run_offline(fake_kernel["art"], fake_kernel["test"], out, devices=list(devices), clock=clock,
+    rep = run_offline(art or fake_kernel["art"], fake_kernel["test"], out, devices=list(devices), clock=clock,
                       budget_h=budget_s / 3600, tta=tta,
                       group_factory=lambda unit: FakeGroup(unit, clock, fake_kernel["truth"], seconds_per_row, calls, slow2, release))
     log = json.loads((tmp_path / "working" / "kk_passes.json").read_text())
@@ -166,27 +169,29 @@ def test_a_second_pass_slower_than_measured_stops_and_the_first_submission_stays
 
 def test_folds_that_would_cross_kaggles_limit_are_dropped_never_a_runs_first(fake_kernel, tmp_path, monkeypatch):
     """Each fold takes 3 h a GPU: fold 2 would end past 9 h less the margin: skipped, the submission holds
-    folds 0 and 1, and pass 2 has no time left."""
+    folds 0 and 1, and pass 2 has no time left in a 6.1 h budget."""
     spr = 3 * 3600 / (fake_kernel["n"] / 2)
-    rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=8 * 3600, seconds_per_row=spr, monkeypatch=monkeypatch)
+    rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=6.1 * 3600, seconds_per_row=spr, monkeypatch=monkeypatch)
     assert log["passes"][0]["skipped_folds"] == ["r/fold_2"] and log["passes"][0]["folds"] == 2
     assert log["passes"][1]["status"] == "skipped"
     assert np.allclose(sub.iloc[:, 1:].to_numpy(), _ensemble(fake_kernel, folds=(0, 1)), atol=1e-9)
 
 
 def test_each_gpu_works_alone_and_frees_memory_on_its_own_device(fake_kernel, tmp_path, monkeypatch):
-    """Two GPU threads: never two predictions at once on one device; when a model is released, empty_cache
-    runs on the releasing thread's own GPU."""
+    """Two GPU threads, two groups (two backbones) on each: each thread works on its own GPU only; when it
+    releases one group's model for the next, empty_cache runs on its own GPU."""
     from kagglekit.adapters import release
 
     seen = simulate_cuda(monkeypatch)
-    rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=8 * 3600, monkeypatch=monkeypatch, release=release)
+    rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=8 * 3600, monkeypatch=monkeypatch, release=release,
+                                         art=fake_kernel["two_groups"])
     by_thread = {}
     for c in calls:
         by_thread.setdefault(c["thread"], set()).add(c["device"])
-    assert all(len(d) == 1 for d in by_thread.values()) and len(by_thread) == 2  # one thread per GPU
-    device_of = {t: int(next(iter(d))[-1]) for t, d in by_thread.items()}
-    assert seen["empty_cache_threads"] and all(device_of.get(t, i) == i for t, i in seen["empty_cache_threads"])
+    assert by_thread == {"kk-worker-0": {"cuda:0"}, "kk-worker-1": {"cuda:1"}}  # one thread per GPU, each its own
+    worker_frees = [(t, i) for t, i in seen["empty_cache_threads"] if t.startswith("kk-worker-")]
+    assert {t for t, _ in worker_frees} == {"kk-worker-0", "kk-worker-1"}
+    assert all(int(t[-1]) == i for t, i in worker_frees), worker_frees
 
 
 def test_uncertain_runs_the_second_pass_on_exactly_the_chosen_rows(fake_kernel, tiny_project, tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
 from kernel_fakes import make_artifacts, make_fake_run, simulate_cuda
 
+from conftest import run_cli
 from kagglekit.errors import KKError
 
 # Real Gemma-2 dimensions (google/gemma-2-9b and gemma-2-27b config.json).

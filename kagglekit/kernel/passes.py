@@ -239,10 +239,7 @@ class Passes:
                 if len(self.workers) == 1:
                     work(0)
                 else:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    with ThreadPoolExecutor(len(self.workers)) as pool:
-                        list(pool.map(work, range(len(self.workers))))
+                    _in_threads(work, len(self.workers))
             elif stage == "split" and split:
                 for w in range(len(self.workers)):
                     self._free(w)
@@ -351,6 +348,26 @@ class Passes:
             per_slot[unit.slot] = per_slot.get(unit.slot, 0.0) + reload + work
         workers = max((v for k, v in per_slot.items() if k != "split"), default=0.0)
         return workers + per_slot.get("split", 0.0)
+
+
+def _in_threads(fn, n: int) -> None:
+    """``fn(0) .. fn(n - 1)``, each in a thread of its own (one per GPU, never two GPUs' work in one thread, as a
+    pool could do with a short task); the first exception is raised once all have ended."""
+    errors: list = []
+
+    def run(i):
+        try:
+            fn(i)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"kk-worker-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def _default_group(unit: Unit):
