@@ -202,6 +202,7 @@ def predict_cmd(
     fold: int = typer.Option(..., "--fold", help="Fold to predict with."),
     test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation (average (A,B) and mapped-back (B,A))."),
+    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on the fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     force: bool = typer.Option(False, "--force", help="Predict again even if fold_K/test.csv is up to date."),
@@ -213,7 +214,8 @@ def predict_cmd(
     from .predict import PROB_COLUMNS, predict_fold
     from .ui import console, table
 
-    df = predict_fold(run, fold, test, tta=tta, batch_size=batch_size, force=force, backbone=backbone)
+    df = predict_fold(run, fold, test, tta="uncertain" if tta and tta_uncertain else tta, batch_size=batch_size, force=force,
+                      backbone=backbone)
     means = df[list(PROB_COLUMNS)].mean()
     console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
                         [[c, float(means[c])] for c in PROB_COLUMNS]))
@@ -228,6 +230,7 @@ def ensemble_cmd(
     method: str = typer.Option("mean", "--method", help="mean (arithmetic) or geo (geometric, log-space)."),
     fit: bool = typer.Option(True, "--fit/--no-fit", help="Fit run weights and a temperature on OOF (kept only if OOF improves)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
+    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on each fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
     sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
@@ -241,7 +244,7 @@ def ensemble_cmd(
     """
     from .ensemble import ensemble
 
-    ensemble(run, test, out, folds=folds, method=method, fit=fit, tta=tta, force=force,
+    ensemble(run, test, out, folds=folds, method=method, fit=fit, tta="uncertain" if tta and tta_uncertain else tta, force=force,
              sample_submission=sample_submission, train_path=train, backbone=backbone,
              bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out)
 
