@@ -158,7 +158,7 @@ class PredictConfig(_Section):
     tta: bool | Literal["uncertain"] = Field(
         True, description="Swap test-time augmentation. true: average (A,B) with the mapped-back (B,A) prediction on "
         "every row; false: (A,B) only; uncertain: the (B,A) pass only on the predict.tta_share least confident rows of "
-        "the (A,B) pass (the WSDM Cup 1st place's trick: most of TTA's gain for a fraction of its cost).",
+        "the (A,B) pass (the WSDM Cup 1st place's trick; what it gives up against full TTA: benchmarks/bench_tta.py).",
     )
     tta_share: float = Field(
         0.3, gt=0, le=1, description="With tta: uncertain, the share of rows (lowest top probability after the (A,B) "

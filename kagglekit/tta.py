@@ -3,8 +3,8 @@
 ``predict.tta`` is ``true`` (every row is predicted as (A,B) and as (B,A), the two averaged),
 ``false`` ((A,B) only) or ``uncertain``: the (B,A) pass runs only on the ``predict.tta_share``
 rows whose (A,B) prediction is least confident (lowest top probability), the trick the WSDM Cup's
-1st place used to keep most of TTA's gain at a fraction of its cost. A row without the second
-pass keeps its (A,B) prediction.
+1st place used to spend the second pass where it can change most (what it gives up against full TTA
+on your runs: ``benchmarks/bench_tta.py``). A row without the second pass keeps its (A,B) prediction.
 
 One definition for every caller: ``kk predict`` / ``kk ensemble`` (through
 :func:`kagglekit.inference.predict_pairs`), the Kaggle kernel's passes and ``benchmarks/bench_tta.py``.
