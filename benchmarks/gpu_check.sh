@@ -8,6 +8,8 @@
 #      fixed padding, fp16; flashdeberta too when its wheel is given.
 #   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
 #      samples/s padded and packed (train.packing), inference with max_tokens auto, peak memory.
+#   4. Inference of the Gemma-2-9B width in fp16, 8-bit and 4-bit (bench_quant.py): the throughput ratios the
+#      kernel's time estimate assumes (kagglekit/kernel/plan.py THROUGHPUT), measured.
 # Wheels the GPU image lacks (bitsandbytes, flashdeberta + einops) are installed from $WHEELS (default: wheels/)
 # with --no-index when present: `make gpu-wheels` downloads them here, and the device tool carries the folder.
 #   bash benchmarks/gpu_check.sh            # on the GPU
@@ -46,5 +48,6 @@ else
   echo "bitsandbytes is not installed: the Gemma-2-9B QLoRA rows are missing (put its wheel in $WHEELS/)"
   [ -n "$REC" ] && printf '\n### bench_llm: %s\n\nnot run: no bitsandbytes wheel on the GPU machine\n' "$(date '+%Y-%m-%d %H:%M')" >> benchmarks/RESULTS.md
 fi
+[ "${1:-}" = "--smoke" ] || step $PY benchmarks/bench_quant.py $REC  # fp16/8-bit/4-bit ratios vs the kernel plan's factors (CPU smoke: tests/test_benchmarks.py)
 [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

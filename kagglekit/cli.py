@@ -202,6 +202,7 @@ def predict_cmd(
     fold: int = typer.Option(..., "--fold", help="Fold to predict with."),
     test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation (average (A,B) and mapped-back (B,A))."),
+    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on the fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     force: bool = typer.Option(False, "--force", help="Predict again even if fold_K/test.csv is up to date."),
@@ -213,7 +214,8 @@ def predict_cmd(
     from .predict import PROB_COLUMNS, predict_fold
     from .ui import console, table
 
-    df = predict_fold(run, fold, test, tta=tta, batch_size=batch_size, force=force, backbone=backbone)
+    df = predict_fold(run, fold, test, tta="uncertain" if tta and tta_uncertain else tta, batch_size=batch_size, force=force,
+                      backbone=backbone)
     means = df[list(PROB_COLUMNS)].mean()
     console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
                         [[c, float(means[c])] for c in PROB_COLUMNS]))
@@ -228,6 +230,7 @@ def ensemble_cmd(
     method: str = typer.Option("mean", "--method", help="mean (arithmetic) or geo (geometric, log-space)."),
     fit: bool = typer.Option(True, "--fit/--no-fit", help="Fit run weights and a temperature on OOF (kept only if OOF improves)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
+    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on each fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
     sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
@@ -241,7 +244,7 @@ def ensemble_cmd(
     """
     from .ensemble import ensemble
 
-    ensemble(run, test, out, folds=folds, method=method, fit=fit, tta=tta, force=force,
+    ensemble(run, test, out, folds=folds, method=method, fit=fit, tta="uncertain" if tta and tta_uncertain else tta, force=force,
              sample_submission=sample_submission, train_path=train, backbone=backbone,
              bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out)
 
@@ -380,7 +383,10 @@ def kernel_cmd(
     folds: str = typer.Option("all", "--folds", help="Folds to package: all, or e.g. 0,2,4."),
     wheel: list[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for the OOF labels that fit weights/temperature (default: the run's data.train)."),
-    machine_shape: str = typer.Option("NvidiaTeslaT4", "--machine-shape", help="GPU written to kernel-metadata.json: NvidiaTeslaT4 (2 x T4), NvidiaL4, NvidiaTeslaT4Highmem."),
+    machine_shape: str = typer.Option("NvidiaTeslaT4", "--machine-shape", help="GPU written to kernel-metadata.json: NvidiaTeslaT4 (2 x T4), NvidiaL4, NvidiaTeslaT4Highmem (a P100 is refused: Kaggle's torch has no kernels for it)."),
+    time_budget_h: float | None = typer.Option(None, "--time-budget-h", help="The notebook's time budget in hours (default: the runs' predict.time_budget_h): the swapped-order TTA pass runs only as far as it allows. With --dry-run: this run's budget (a small one shows the one-order fallback)."),
+    plan: bool = typer.Option(False, "--plan", help="With --run: print the plan (per run: one fold per GPU, split over both, or refused; rows x folds x passes -> hours against the budget) and stop."),
+    rows: Path | None = typer.Option(None, "--rows", help="With --run: a CSV whose rows' token counts the estimate uses (default: the run's data.test, else data.train)."),
     pin_deps: bool = typer.Option(False, "--pin-deps", help="Bundle the transformers/peft/tokenizers/accelerate wheels the run was trained with."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
@@ -391,20 +397,22 @@ def kernel_cmd(
 ):
     """Package inference as an offline Kaggle notebook; dry-run it locally with the network off; push it.
 
-    Example: kk kernel --run runs/deberta-v3-base --name deberta-v3-5fold
-    Then:    kk kernel --dry-run kernels/deberta-v3-5fold --test data/test.csv
+    Example: kk kernel --run runs/gemma2-9b --name gemma2-5fold --plan   (placement and hours, nothing written)
+    Then:    kk kernel --run runs/gemma2-9b --name gemma2-5fold --backbone-source google/gemma-2/transformers/gemma-2-9b/1
+    Then:    kk kernel --dry-run kernels/gemma2-5fold --test data/test.csv
     """
     from . import kernel as K
 
     if dry_run is not None:
-        K.dry_run(dry_run, test, gpu_factor=gpu_factor, python=python)
+        K.dry_run(dry_run, test, gpu_factor=gpu_factor, python=python, time_budget_h=time_budget_h)
     elif push is not None:
         K.push(push)
     else:
         if not run:
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
         K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train,
-                       machine_shape=machine_shape, pin_deps=pin_deps)
+                       machine_shape=machine_shape, pin_deps=pin_deps, time_budget_h=time_budget_h, plan_only=plan,
+                       rows_for_estimate=rows)
 
 
 def main() -> None:

@@ -170,7 +170,20 @@ class TrainConfig(_Section):
 
 class PredictConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass at inference.")
-    tta: bool = Field(True, description="Average (A,B) with the mapped-back (B,A) prediction.")
+    tta: bool | Literal["uncertain"] = Field(
+        True, description="Swap test-time augmentation. true: average (A,B) with the mapped-back (B,A) prediction on "
+        "every row; false: (A,B) only; uncertain: the (B,A) pass only on the predict.tta_share least confident rows of "
+        "the (A,B) pass (the WSDM Cup 1st place's trick; what it gives up against full TTA: benchmarks/bench_tta.py).",
+    )
+    tta_share: float = Field(
+        0.3, gt=0, le=1, description="With tta: uncertain, the share of rows (lowest top probability after the (A,B) "
+        "pass) that also get the (B,A) pass.",
+    )
+    time_budget_h: float = Field(
+        8.0, gt=0, le=24, description="The Kaggle kernel's time budget in hours (Kaggle stops a notebook at 9 h and "
+        "scores nothing then). The kernel writes a complete one-order submission first, then runs the swapped-order "
+        "pass only as far as the measured speed says it ends inside this budget (kk kernel --plan shows the estimate).",
+    )
     max_tokens: TokenBudget = Field(
         "auto", description="Inference batches (kk predict, evaluation, the kernel) by padded tokens: rows x longest row "
         "<= this. 'auto' measures one batch and fills 80% of the GPU's free memory (batches of predict.batch_size / "

@@ -167,9 +167,10 @@ def estimate_inference_bytes(params: int, quantization: str, precision_bytes: in
     return int(params * per + 1.5 * 1024**3)
 
 
-def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None):
+def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None, device_map=None):
     """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone``; ``weight_dtype``
-    loads the weights in that dtype (inference of big models) instead of fp32."""
+    loads the weights in that dtype (inference of big models) instead of fp32. ``device_map``: one model
+    over several GPUs (``{module: gpu index}``, the kernel's split plan) instead of ``device``."""
     from transformers import AutoModelForSequenceClassification
 
     check_backbone(model_cfg.backbone)
@@ -180,6 +181,8 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device.index if device is not None and device.type == "cuda" else "cpu"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     from .io import safetensors_errors
 
     try:
@@ -189,7 +192,7 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
         raise KKError(f"cannot load model.backbone {model_cfg.backbone!r}: {str(e).splitlines()[0]}") from None
     model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling in decoders needs it
     apply_pooling(model, getattr(model_cfg, "pooling", "cls"))
-    if qconf is None and device is not None:
+    if qconf is None and device is not None and device_map is None:
         model.to(device)
     if qconf is None and weight_dtype is None:
         model.float()  # master weights in fp32; autocast does the mixed precision

@@ -100,16 +100,18 @@ class FoldModel:
         self.model, self.tokenizer = load_trained(self.path, self.cfg, self.device, self.dtype, backbone)
         self.formatter = Formatter.from_config(self.tokenizer, self.cfg.model)
 
-    def predict(self, df, tta: bool = True, batch_size: int | None = None, progress=None, description="predict",
+    def predict(self, df, tta: bool | str = True, batch_size: int | None = None, progress=None, description="predict",
                 cache: dict | None = None) -> dict:
+        """``tta``: True, False or "uncertain" (the swapped order on the fold's predict.tta_share least
+        confident rows, kagglekit.tta)."""
         from .inference import predict_pairs
 
         return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
                              self.device, self.dtype, progress, description, cache=cache,
-                             max_tokens=self.cfg.predict.max_tokens)
+                             max_tokens=self.cfg.predict.max_tokens, tta_share=self.cfg.predict.tta_share)
 
 
-def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: int | None = None, force: bool = False,
+def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_size: int | None = None, force: bool = False,
                  backbone: str | None = None, test_df=None):
     """Test probabilities of one fold as a frame ``id, winner_model_a, winner_model_b, winner_tie``.
 
@@ -127,6 +129,8 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
         raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists() else f"{test_path} is a folder, expected test.csv")
     sha = file_sha256(test_path)
     meta_path, out_path = path / "test.json", path / "test.csv"
+    if tta == "uncertain":  # the cache must tell the share apart too
+        tta = f"uncertain:{fold_config(path).predict.tta_share:g}"
     if not force:
         cached = _cached_prediction(out_path, meta_path, sha, tta)
         if cached is not None:
@@ -138,7 +142,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
             report.print_warnings()
         fm = FoldModel(path, backbone)
         with progress() as bar:
-            res = fm.predict(test_df, tta, batch_size, bar, f"fold {k}")
+            res = fm.predict(test_df, "uncertain" if str(tta).startswith("uncertain") else tta, batch_size, bar, f"fold {k}")
         probs = res["probs"]
         if not np.isfinite(probs).all():
             raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
@@ -152,7 +156,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
     return out
 
 
-def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta: bool):
+def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta):
     """The cached fold prediction when it was made from this test file with this TTA setting, else None."""
     import pandas as pd
 

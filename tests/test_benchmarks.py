@@ -49,6 +49,14 @@ def test_bench_startup_smoke():
     assert "kk --help: best" in r.stdout and "ratio:" in r.stdout
 
 
+def test_bench_quant_smoke():
+    """fp32 measured on CPU; the 8-bit/4-bit rows say they need CUDA and show the plan's factors."""
+    r = _run(sys.executable, BENCH / "bench_quant.py", "--smoke", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped (needs CUDA and bitsandbytes)" in r.stdout and "kernel plan's factor" in r.stdout
+    assert "quantized/fp16 inference seq/s: not measured" in r.stdout
+
+
 def test_gpu_check_script_smoke():
     """The prepared GPU script at toy size on CPU: the real DeBERTa-v3-base architecture, one step each."""
     r = _run("bash", BENCH / "gpu_check.sh", "--smoke", timeout=900)

@@ -9,7 +9,8 @@ NOTEBOOK_INTRO = """# {slug}: kagglekit offline inference
 Built by `kk kernel` (kagglekit {version}). Runs with the internet off: installs kagglekit from the attached
 wheels dataset, loads every fold's adapter from the artifacts dataset, predicts `test.csv` with A/B swap
 test-time augmentation and length-sorted batches (fp16 on T4, both GPUs when there are two), and writes
-`/kaggle/working/submission.csv`."""
+`/kaggle/working/submission.csv`: the one-order pass of every fold first, then the swapped-order pass as far
+as the time budget ({budget_h:g} h) allows (`/kaggle/working/kk_passes.json` says which passes ran)."""
 
 CELL_FIND = '''import os, sys, json, time, subprocess
 from pathlib import Path
@@ -57,8 +58,10 @@ print("kagglekit", kagglekit.__version__)'''
 
 CELL_RUN = '''from kagglekit.kernel.offline import run_offline
 
+# Budgeted passes: (A,B) for every fold and a complete submission first, then (B,A) as far as the time
+# budget allows (counted from the first cell, T0); kk_passes.json says which passes ran.
 report = run_offline(ARTIFACTS, COMPETITION / "test.csv", WORK / "submission.csv",
-                     sample_submission=COMPETITION / "sample_submission.csv", input_root=INPUT)
+                     sample_submission=COMPETITION / "sample_submission.csv", input_root=INPUT, started=T0)
 print(json.dumps({k: v for k, v in report.items() if k != "timings"}, indent=1))'''
 
 CELL_DONE = '''import pandas as pd
@@ -67,13 +70,13 @@ print(sub.shape, "in", round(time.time() - T0, 1), "s")
 sub.head()'''
 
 
-def make_notebook(slug: str):
+def make_notebook(slug: str, budget_h: float = 8.0):
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
     from .. import __version__
 
     nb = new_notebook(
-        cells=[new_markdown_cell(NOTEBOOK_INTRO.format(slug=slug, version=__version__)), new_code_cell(CELL_FIND.replace("{competition}", COMPETITION)),
+        cells=[new_markdown_cell(NOTEBOOK_INTRO.format(slug=slug, version=__version__, budget_h=budget_h)), new_code_cell(CELL_FIND.replace("{competition}", COMPETITION)),
                new_code_cell(CELL_INSTALL), new_code_cell(CELL_RUN), new_code_cell(CELL_DONE)],
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                   "language_info": {"name": "python"}},
