@@ -74,8 +74,10 @@ def _copy_fold(src: Path, dst: Path) -> None:
 
 def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
                  folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True,
-                 train_path=None, machine_shape: str = "NvidiaTeslaT4", pin_deps: bool = False) -> Path:
-    """Write the notebook and its two datasets; returns ``kernels/<name>``.
+                 train_path=None, machine_shape: str = "NvidiaTeslaT4", pin_deps: bool = False,
+                 overrides: list[str] | None = None) -> Path:
+    """Write the notebook and its two datasets; returns ``kernels/<name>``. ``overrides``: ``--set predict.*``
+    inference settings, written into the kernel's copy of each fold's config.yaml (the run's stay as trained).
 
     ``machine_shape`` is written explicitly: a GPU kernel pushed without it may get a P100, on which
     Kaggle's current torch (CUDA 12.8 builds, no sm_60 kernels) fails at the first CUDA call."""
@@ -88,9 +90,11 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     if machine_shape not in MACHINE_SHAPES:
         raise KKError(f"--machine-shape must be one of {', '.join(MACHINE_SHAPES)} (got {machine_shape!r})")
 
+    from ..config import apply_predict_overrides
     from ..data import load_train
     from ..ensemble import calibrate, common_oof, load_run_oof
-    from ..io import atomic_dir, write_json
+    from ..io import atomic_dir, write_json, write_text
+    from ..modeling import fold_base_weights
     from ..predict import fold_config, trained_folds, warn_missing_folds
     from ..ui import info
 
@@ -110,6 +114,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     # Weights and temperature are fitted on the runs' OOF now, so the kernel needs no labels.
     weights, temperature = [1.0] * len(runs), 1.0
     first_cfg = fold_config(run_folds[0][1][0][1])
+    apply_predict_overrides(first_cfg, overrides, "kk kernel")  # a bad --set fails before anything is built
     try:
         train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
     except KKError as e:
@@ -124,23 +129,24 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             w, temperature, _, _ = calibrate(oofs, y, folds=oof_folds)
             weights = w.tolist()
 
-    check_fits_t4(run_folds)
+    check_fits_t4(run_folds, overrides)
 
     with atomic_dir(out) as tmp:
         art = tmp / "datasets" / f"{slug}-artifacts"
         whl = tmp / "datasets" / f"{slug}-wheels"
         manifest = {"name": slug, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
-                    "backbone_source": backbone_source, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    "backbone_source": backbone_source, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "predict": list(overrides or [])}
         copied_backbones: dict[str, str] = {}
         used: set[str] = set()
         for r, fl in run_folds:
             rname = r.name if r.name not in used else f"{r.name}-{len(used)}"  # two runs named alike stay apart
             used.add(rname)
             entry = {"name": rname, "folds": [], "versions": trained_versions(fl[0][1]),
-                     "quantization": fold_config(fl[0][1]).model.quantization}
+                     "quantization": apply_predict_overrides(fold_config(fl[0][1]), overrides).inference_model().quantization}
             for k, path in fl:
-                cfg = fold_config(path)
-                backbone = cfg.model.backbone
+                cfg = apply_predict_overrides(fold_config(path), overrides)
+                backbone = fold_base_weights(path, cfg.model)  # model.init_from's full weights when the fold started there
                 if Path(backbone).expanduser().is_dir():
                     src = str(Path(backbone).expanduser().resolve())
                     if src not in copied_backbones:
@@ -154,6 +160,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
                     raise KKError(f"{path}: backbone {backbone!r} is not a local folder and Kaggle kernels run offline; "
                                   "pass --backbone-source <owner>/<slug> of a Kaggle dataset or model holding it")
                 _copy_fold(path, art / rname / f"fold_{k}")
+                if overrides:  # the kernel predicts with these settings; the run's own config.yaml is untouched
+                    write_text(art / rname / f"fold_{k}" / "config.yaml", cfg.to_yaml())
                 entry["folds"].append(k)
             manifest["runs"].append(entry)
         write_json(art / MANIFEST, manifest)
@@ -257,13 +265,16 @@ def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
 T4_BYTES = int(14.5 * 1024**3)  # a T4's 15 GB less what the CUDA context keeps
 
 
-def check_fits_t4(run_folds) -> None:
-    """Refuse, in one line with the fix, a kernel whose largest fold model cannot fit one T4."""
+def check_fits_t4(run_folds, overrides: list[str] | None = None) -> None:
+    """Refuse, in one line with the fix, a kernel whose largest fold model cannot fit one T4 (at the inference
+    settings: ``predict.quantization`` where set)."""
+    from ..config import apply_predict_overrides
     from ..modeling import FP32_INFERENCE_MAX_BYTES, count_parameters, estimate_inference_bytes
     from ..predict import fold_config
 
     for r, fl in run_folds:
-        cfg = fold_config(fl[0][1])
+        cfg = apply_predict_overrides(fold_config(fl[0][1]), overrides)
+        cfg = cfg.model_copy(update={"model": cfg.inference_model()})
         if not Path(cfg.model.backbone).expanduser().is_dir():
             continue  # attached from Kaggle: its size is not known here
         params = count_parameters(cfg.model.backbone)
@@ -274,4 +285,4 @@ def check_fits_t4(run_folds) -> None:
         if need > T4_BYTES:
             raise KKError(f"run {r}: its backbone ({params / 1e9:.1f}B parameters, {cfg.model.quantization if cfg.model.quantization != 'none' else f'{precision * 8}-bit weights'}) "
                           f"needs ~{need / 1024**3:.1f} GB on one T4 ({T4_BYTES / 1024**3:.1f} GB usable): "
-                          "train it with model.quantization: 4bit (or 8bit)")
+                          "train it with model.quantization: 4bit (or 8bit), or predict it quantized: --set predict.quantization=8bit")

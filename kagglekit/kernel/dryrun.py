@@ -187,7 +187,7 @@ def flops_estimate(kernel_dir: Path, test_df) -> dict | None:
             model = AutoModelForSequenceClassification.from_config(mconf)
         embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
         params = sum(p.numel() for p in model.parameters()) - embed
-        fmt = Formatter.from_config(AutoTokenizer.from_pretrained(fold), cfg.model)
+        fmt = Formatter.from_config(AutoTokenizer.from_pretrained(fold), cfg.inference_model())  # predict.max_length
         seqs, _ = fmt.sequences(fmt.encode_rows(test_df))
         lengths = np.array([len(x) for x in seqs], dtype=np.float64)
         layers = getattr(mconf, "num_hidden_layers", 0)
