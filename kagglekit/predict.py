@@ -181,9 +181,9 @@ def cache_key(sha: str, tta: bool, cfg) -> dict:
 
 def cache_paths(fold_path: Path, cfg) -> tuple[Path, Path]:
     """(csv, json) of the prediction cache for these inference settings: ``test.csv/.json`` at the fold's own
-    settings, ``test.<key>.csv/.json`` at others (the key a hash of the settings), so both can be kept."""
+    (its config.yaml's), ``test.<key>.csv/.json`` at others (the key a hash of the settings), so both can be kept."""
     settings = inference_settings(cfg)
-    if settings == {"max_length": cfg.model.max_length, "quantization": cfg.model.quantization, "precision": cfg.model.precision}:
+    if settings == inference_settings(fold_config(fold_path)):
         return fold_path / "test.csv", fold_path / "test.json"
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return fold_path / f"test.{key}.csv", fold_path / f"test.{key}.json"
