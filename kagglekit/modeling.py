@@ -244,10 +244,12 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
         kwargs["device_map"] = {"": device.index if device is not None and device.type == "cuda" else "cpu"}
     what = "model.backbone" if source == model_cfg.backbone else "model.init_from"
     try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        result = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise KKError(f"cannot load {what} {source!r}: {str(e).splitlines()[0]}") from None
-    mismatched = loading.get("mismatched_keys") or []
+    model, loading = result if isinstance(result, tuple) else (result, {})
+    # (name, checkpoint shape, model shape) triples; a dict here (transformers 5.24), an object in some releases
+    mismatched = (loading.get("mismatched_keys") if isinstance(loading, dict) else getattr(loading, "mismatched_keys", None)) or []
     if mismatched and report_mismatch:
         report_reinitialised(source, mismatched)
     model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling in decoders needs it

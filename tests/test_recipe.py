@@ -251,3 +251,22 @@ def test_init_from_an_earlier_runs_same_fold(tiny_project, tmp_path, capsys):
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.stderr.strip().splitlines() == [f"error: model.init_from {tmp_path}: neither a trained fold "
                                              "(adapter_config.json) nor a checkpoint (config.json)"]
+
+
+# --- the per-round layout through training -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_rounds_layout_trains_and_reports_its_truncation(tiny_project, tmp_path):
+    """model.layout=rounds through kk train: metrics.json's truncation report covers the rounds kept; validation is
+    formatted at predict.max_length (as the test rows will be)."""
+    from kagglekit.train import start_session
+
+    cfg = tiny_config(tiny_project, "model.layout=rounds", "model.max_length=48", "train.max_steps=1",
+                      "model.instruction=which is better")
+    m = train_fold(cfg, 0, tmp_path / "run")
+    for part in ("train", "val"):
+        rounds = m["truncation"][part]["rounds"]
+        assert 0 < rounds["share_rows_with_dropped_rounds"] < 1 and 0 < rounds["retention"] < 1 and rounds["mean_rounds"] > 1
+    assert "rounds" not in train_fold(tiny_config(tiny_project, "train.max_steps=1"), 0, tmp_path / "blocks")["truncation"]["val"]
+    s = start_session(tiny_config(tiny_project, "predict.max_length=128"), 0, tmp_path / "session", False)
+    assert (s.fmt.max_length, s.eval_fmt.max_length) == (96, 128)
