@@ -164,10 +164,10 @@ def print_table(title: str, columns, rows) -> None:
     Console().print(table)
 
 
-def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path):
+def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, max_tokens: int = 0):
     """kagglekit.train.fit itself on ``seqs`` (evaluation and checkpoints stubbed out: the loop's speed, not
     validation's), with ``model`` already built. Returns (session, inputs, seconds after the first optimizer
-    step, samples after it): the first step is the warm-up."""
+    step, samples after it): the first step is the warm-up. ``max_tokens``: token-budget micro-batches."""
     import torch
 
     import kagglekit.train as train_mod
@@ -177,6 +177,7 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path):
     tc = cfg.train
     s = train_mod.Session(cfg, 0, work / "kk", device, dtype, type("Tok", (), {"pad_token_id": pad_id})(), None)
     s.model = s.ddp_model = model
+    s.max_tokens = max_tokens
     s.optimizer = torch.optim.AdamW(train_mod.param_groups(model, tc), lr=tc.lr)
     inputs = train_mod.FoldInputs(None, None, seqs, np.eye(3)[labels], [[i] for i in range(len(seqs))], None, tc.batch_size)
     s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))

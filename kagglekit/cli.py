@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a config key, e.g. --set train.lr=1e-4 (repeatable; values are YAML scalars)."
+PREDICT_SET_HELP = ("Inference setting for this prediction only, e.g. --set predict.max_length=8192 --set predict.quantization=8bit "
+                    "(predict.* keys only; the folds' config.yaml stays as trained; repeatable).")
 CONFIG_HELP = "YAML config file (see configs/)."
 DEFAULT_CONFIG = "configs/deberta-v3-base.yaml"
 
@@ -206,16 +208,18 @@ def predict_cmd(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     force: bool = typer.Option(False, "--force", help="Predict again even if fold_K/test.csv is up to date."),
+    set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
 ):
-    """One fold's test probabilities -> runs/<experiment>/fold_K/test.csv.
+    """One fold's test probabilities -> runs/<experiment>/fold_K/test.csv (test.<key>.csv at other --set settings).
 
     Example: kk predict --run runs/deberta-v3-base --fold 0 --test data/test.csv
+    At 8-bit and 8192 tokens: kk predict --run runs/gemma2-9b-qlora --fold 0 --set predict.quantization=8bit --set predict.max_length=8192
     """
     from .predict import PROB_COLUMNS, predict_fold
     from .ui import console, table
 
     df = predict_fold(run, fold, test, tta="uncertain" if tta and tta_uncertain else tta, batch_size=batch_size, force=force,
-                      backbone=backbone)
+                      backbone=backbone, overrides=set_)
     means = df[list(PROB_COLUMNS)].mean()
     console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
                         [[c, float(means[c])] for c in PROB_COLUMNS]))
@@ -237,16 +241,18 @@ def ensemble_cmd(
     bad_rows: str | None = typer.Option(None, "--bad-rows", help="Bad rows of the train file (OOF labels): error, skip or repair (default: the run's data.bad_rows)."),
     oof_out: Path | None = typer.Option(None, "--oof-out", help="Also write the calibrated OOF ensemble (id + probabilities): a teacher's soft labels for data.soft_labels."),
     force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
+    set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
 ):
     """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv.
 
     Example: kk ensemble --run runs/deberta-v3-base --test data/test.csv --out submissions/submission.csv
+    At 8-bit: kk ensemble --run runs/gemma2-9b-qlora --test data/test.csv --set predict.quantization=8bit
     """
     from .ensemble import ensemble
 
     ensemble(run, test, out, folds=folds, method=method, fit=fit, tta="uncertain" if tta and tta_uncertain else tta, force=force,
              sample_submission=sample_submission, train_path=train, backbone=backbone,
-             bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out)
+             bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out, overrides=set_)
 
 
 @command("predict-one")
@@ -394,12 +400,14 @@ def kernel_cmd(
     python: str | None = typer.Option(None, "--python", help="With --dry-run: run the notebook under this Python (e.g. a venv with Kaggle's package versions)."),
     gpu_factor: float = typer.Option(1.0, "--gpu-factor", help="With --dry-run: how many times faster Kaggle's GPU is than this machine, for the 25k-row estimate."),
     push: Path | None = typer.Option(None, "--push", help="Push this built kernel and its datasets with the kaggle CLI."),
+    set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP + " Written into the kernel's copy of each fold's config."),
 ):
     """Package inference as an offline Kaggle notebook; dry-run it locally with the network off; push it.
 
-    Example: kk kernel --run runs/gemma2-9b --name gemma2-5fold --plan   (placement and hours, nothing written)
-    Then:    kk kernel --run runs/gemma2-9b --name gemma2-5fold --backbone-source google/gemma-2/transformers/gemma-2-9b/1
+    Example: kk kernel --run runs/gemma2-9b-qlora --name gemma2-5fold --set predict.quantization=8bit --plan   (placement and hours)
+    Then:    kk kernel --run runs/gemma2-9b-qlora --name gemma2-5fold --set predict.quantization=8bit --backbone-source google/gemma-2/transformers/gemma-2-9b/1
     Then:    kk kernel --dry-run kernels/gemma2-5fold --test data/test.csv
+    Fast baseline: kk kernel --run runs/deberta-v3-base --name deberta-v3-5fold
     """
     from . import kernel as K
 
@@ -412,7 +420,7 @@ def kernel_cmd(
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
         K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train,
                        machine_shape=machine_shape, pin_deps=pin_deps, time_budget_h=time_budget_h, plan_only=plan,
-                       rows_for_estimate=rows)
+                       rows_for_estimate=rows, overrides=set_)
 
 
 def main() -> None:

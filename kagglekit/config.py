@@ -82,11 +82,36 @@ class ModelConfig(_Section):
         "(what sentence-transformers models such as MiniLM were trained for); pair = mean of A's tokens minus mean of B's "
         "(and its absolute value), antisymmetric under the A/B swap like the label. Decoders always pool the last token.",
     )
+    layout: Literal["blocks", "rounds"] = Field(
+        "blocks", description="blocks = every prompt turn, then all of A's turns, then all of B's; rounds = each turn's "
+        "prompt, A and B together, round after round (the LMSYS 2nd-4th places'); over the budget, whole earliest rounds "
+        "are dropped first and only the last round is cut (by model.truncation) when it alone is too long.",
+    )
+    instruction: str | None = Field(
+        None, description="A judge instruction placed before the pair (decoder LLMs), e.g. 'Which response answers the "
+        "user better?'; null = none.",
+    )
+    chat_template: bool = Field(
+        False, description="Wrap the instruction and the pair as one user message of the tokenizer's chat template, "
+        "ending with the assistant's turn, when the tokenizer has one (instruct LLMs; ignored otherwise). Default false: "
+        "folds trained without it keep their format; the LLM presets say what they use.",
+    )
+    init_from: str | None = Field(
+        None, description="Start each fold from an earlier run's same fold (a path with {fold}, e.g. "
+        "runs/stage2/fold_{fold}: its LoRA adapter and heads, or its full weights) or from any sequence-classification "
+        "checkpoint (e.g. a 1-logit reward model); a head of another size is re-initialised, saying so. null = model.backbone.",
+    )
 
     @field_validator("backbone")
     @classmethod
     def _packaged_backbone(cls, v: str) -> str:
         return resolve_packaged(v)
+
+    @model_validator(mode="after")
+    def _pair_needs_blocks(self):
+        if self.pooling == "pair" and self.layout == "rounds":
+            raise ValueError("pooling=pair reads one block per response: use layout=blocks with it")
+        return self
 
 
 def resolve_packaged(name: str) -> str:
@@ -189,6 +214,17 @@ class PredictConfig(_Section):
         "<= this. 'auto' measures one batch and fills 80% of the GPU's free memory (batches of predict.batch_size / "
         "train.eval_batch_size rows on CPU); 0 = always rows.",
     )
+    max_length: int | None = Field(
+        None, ge=16, le=131072, description="Tokens per sequence at inference (kk predict / ensemble / kernel, and the "
+        "validation that gives the OOF predictions), truncated by the same rules; null = model.max_length. The LMSYS "
+        "winners trained at 1-2k tokens and predicted at 2-8k.",
+    )
+    quantization: Literal["none", "8bit", "4bit"] | None = Field(
+        None, description="Load the backbone for inference this way (e.g. 8bit for a fold trained at 4bit); null = as trained.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
+        None, description="Inference precision; null = as trained (model.precision).",
+    )
 
 
 class TuneParam(_Section):
@@ -245,6 +281,12 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.dump(self.model_dump(mode="json"), Dumper=_PlainDumper, sort_keys=False)
+
+    def inference_model(self) -> ModelConfig:
+        """The model section inference uses: ``predict.max_length/quantization/precision`` where set, else as trained."""
+        p = self.predict
+        update = {k: getattr(p, k) for k in INFERENCE_KEYS if getattr(p, k) is not None}
+        return self.model.model_copy(update=update)
 
     def get(self, dotted: str) -> Any:
         obj: Any = self
@@ -396,6 +438,24 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             node = nxt
         node[parts[-1]] = value
     return raw
+
+
+# predict.* keys that replace the model.* key of the same name at inference (Config.inference_model).
+INFERENCE_KEYS = ("max_length", "quantization", "precision")
+
+
+def apply_predict_overrides(cfg: Config, overrides: list[str] | None, command: str = "kk predict") -> Config:
+    """A trained fold's config with ``--set predict.*`` overrides applied; any other key is refused in one line
+    (a fold's training settings are what its weights were trained with). The fold's config.yaml is not touched."""
+    if not overrides:
+        return cfg
+    for item in overrides:
+        parts, _ = parse_override(item)
+        if parts[0] != "predict" or len(parts) < 2:
+            raise ConfigError(f"--set {item}: {command} takes only predict.* keys (e.g. predict.max_length=8192, "
+                              "predict.quantization=8bit); the fold's other settings are fixed by its training")
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    return config_from_dict(raw, "--set")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:

@@ -60,7 +60,7 @@ def group_key(fold_path, backbone: str) -> tuple:
     fold_path = Path(fold_path)
     if not (fold_path / "adapter_config.json").exists():
         return ("full", str(fold_path.resolve()))
-    m = fold_config(fold_path).model
+    m = fold_config(fold_path).inference_model()  # predict.quantization/precision where set
     return ("adapter", str(Path(backbone).expanduser().resolve()) if Path(backbone).expanduser().exists() else backbone,
             m.quantization, m.precision, m.pooling)
 
@@ -76,19 +76,23 @@ class FoldGroup:
     def __init__(self, fold_paths, backbone: str | None = None, device: str | None = None, device_map: dict | None = None,
                  precision: str | None = None):
         from .formatting import Formatter
-        from .modeling import device_and_dtype, inference_weight_dtype, load_backbone, load_tokenizer, quiet_libraries
+        from .adapters import check_adapter_fits, read_adapter_config
+        from .io import safetensors_errors
+        from .modeling import device_and_dtype, fold_base_weights, inference_weight_dtype, load_backbone, load_tokenizer, quiet_libraries
         from .predict import fold_config
 
         quiet_libraries()
         self.folds = [Path(p) for p in fold_paths]
         if not self.folds:
             raise KKError("a fold group needs at least one fold")
+        # The model section inference uses (predict.max_length/quantization/precision where set: issue 20).
         self.cfgs = {p: fold_config(p) for p in self.folds}
-        cfg0 = self.cfgs[self.folds[0]]
-        self.backbone = backbone or cfg0.model.backbone
+        self.models = {p: c.inference_model() for p, c in self.cfgs.items()}
+        cfg0, m0 = self.cfgs[self.folds[0]], self.models[self.folds[0]]
+        self.backbone = backbone or fold_base_weights(self.folds[0], m0)
         if device_map:  # inputs go to the first GPU of a split model; accelerate's hooks move activations on
             device = f"cuda:{min(v for v in device_map.values() if isinstance(v, int))}"
-        self.device, self.dtype = device_and_dtype(precision or cfg0.model.precision, device)
+        self.device, self.dtype = device_and_dtype(precision or m0.precision, device)
         self.device_map = device_map
         self.names: dict[Path, str] = {}
         self.formatters = {}
@@ -99,27 +103,35 @@ class FoldGroup:
             if adapters[0]:
                 from peft import PeftModel
 
+                adapter_cfgs = {p: read_adapter_config(p) for p in self.folds}  # a hostile r never allocates
                 tokenizer = load_tokenizer(str(self.folds[0]))
-                model_cfg = cfg0.model.model_copy(update={"backbone": self.backbone})
+                model_cfg = m0.model_copy(update={"backbone": self.backbone, "init_from": None})
+                # A head of another size in the base checkpoint is expected: each adapter carries its trained head.
                 base = load_backbone(model_cfg, tokenizer, self.device, self.dtype,
-                                     inference_weight_dtype(model_cfg, self.device, self.dtype), device_map=device_map)
+                                     inference_weight_dtype(model_cfg, self.device, self.dtype), report_mismatch=False,
+                                     device_map=device_map)
+                for p in self.folds:
+                    check_adapter_fits(p, adapter_cfgs[p], base)
                 first = adapter_name(self.folds[0])
-                model = PeftModel.from_pretrained(base, str(self.folds[0]), adapter_name=first)
+                with safetensors_errors(self.folds[0] / "adapter_model.safetensors"):
+                    model = PeftModel.from_pretrained(base, str(self.folds[0]), adapter_name=first)
                 self.names[self.folds[0]] = first
                 for p in self.folds[1:]:
-                    model.load_adapter(str(p), adapter_name=adapter_name(p))
+                    with safetensors_errors(p / "adapter_model.safetensors"):
+                        model.load_adapter(str(p), adapter_name=adapter_name(p))
                     self.names[p] = adapter_name(p)
-                if len(self.folds) == 1 and cfg0.model.quantization == "none" and not device_map:
+                if len(self.folds) == 1 and m0.quantization == "none" and not device_map:
                     model = model.merge_and_unload()  # one fold: plain weights, no LoRA overhead
                     self.names = {}
             else:
                 from .modeling import load_trained
 
-                model, _ = load_trained(self.folds[0], cfg0, self.device, self.dtype, self.backbone)
+                model, _ = load_trained(self.folds[0], cfg0.model_copy(update={"model": m0}), self.device, self.dtype,
+                                        backbone)
         model.eval()
         self.model = model
         for p in self.folds:
-            self.formatters[p] = Formatter.from_config(load_tokenizer(str(p)), self.cfgs[p].model)
+            self.formatters[p] = Formatter.from_config(load_tokenizer(str(p)), self.models[p])  # at the inference length
         self.active = None
 
     def use(self, fold_path) -> None:

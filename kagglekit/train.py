@@ -333,6 +333,7 @@ class Session:
     rng: object = None  # torch RNG state at the start of the current optimizer step
     last_checkpoint: float = 0.0
     max_tokens: int = 0  # token budget of a micro-batch (train.max_tokens resolved); 0 = train.batch_size rows
+    eval_fmt: object = None  # the validation's formatter: predict.max_length, as the test rows will be formatted
 
     @property
     def main(self) -> bool:
@@ -357,14 +358,31 @@ def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
     rank, world, local_rank = distributed()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    cfg = resolve_init_from(cfg, fold)
     check_backbone(cfg.model.backbone)  # fail before the data is read
     device, amp_dtype = device_and_dtype(cfg.model.precision, f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else None)
     tokenizer = load_tokenizer(cfg.model.backbone)
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
         write_text(work / "config.yaml", cfg.to_yaml())
-    return Session(cfg, fold, work, device, amp_dtype, tokenizer, Formatter.from_config(tokenizer, cfg.model),
-                   rank=rank, world=world, resume=resume)
+    fmt = Formatter.from_config(tokenizer, cfg.model)
+    # Validation formats rows as inference will (predict.max_length), so the OOF predictions that ensemble weights and
+    # temperatures are fitted on match the test predictions.
+    eval_model = cfg.model.model_copy(update={"max_length": cfg.inference_model().max_length})
+    eval_fmt = fmt if eval_model.max_length == cfg.model.max_length else Formatter.from_config(tokenizer, eval_model)
+    return Session(cfg, fold, work, device, amp_dtype, tokenizer, fmt, rank=rank, world=world, resume=resume, eval_fmt=eval_fmt)
+
+
+def resolve_init_from(cfg: Config, fold: int) -> Config:
+    """``model.init_from`` with ``{fold}`` filled in (runs/stage2/fold_{fold} -> runs/stage2/fold_3), checked to exist
+    before any data is read; the fold's config.yaml records the resolved path."""
+    from .modeling import init_source
+
+    if not cfg.model.init_from:
+        return cfg
+    model = cfg.model.model_copy(update={"init_from": cfg.model.init_from.replace("{fold}", str(fold))})
+    init_source(model)  # one clear line if it does not exist or is neither a fold nor a checkpoint
+    return cfg.model_copy(update={"model": model})
 
 
 def epoch_plan(s: Session, inputs: FoldInputs, epoch: int) -> list[list[int]]:
@@ -501,6 +519,9 @@ def save_checkpoint(s: Session) -> None:
         best["stats_total"] = torch.from_numpy(s.best["stats"].total)
         if s.best["stats"].char_cut is not None:
             best["stats_char_cut"] = torch.from_numpy(s.best["stats"].char_cut)
+        if s.best["stats"].rounds_kept is not None:  # model.layout: rounds
+            best["stats_rounds_kept"] = torch.from_numpy(s.best["stats"].rounds_kept)
+            best["stats_rounds_total"] = torch.from_numpy(s.best["stats"].rounds_total)
     s.ckpt_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(s.ckpt_dir / "state.pt") as tmp:
         torch.save(
@@ -543,8 +564,9 @@ def load_checkpoint(s: Session) -> None:
         best = ck["best"]
         s.best = {k: v.numpy() for k, v in best.items() if not k.startswith("stats_")}
         if "stats_kept" in best:
-            cut = best["stats_char_cut"].numpy() if "stats_char_cut" in best else None
-            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy(), cut)
+            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy(),
+                                              *(best[k].numpy() if k in best else None
+                                                for k in ("stats_char_cut", "stats_rounds_kept", "stats_rounds_total")))
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise KKError(f"{path}: not a usable kagglekit checkpoint ({first[:200]}); start over with --force") from None
@@ -563,7 +585,7 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     state, loss = s.state, None
     if s.main:
         val_df = inputs.val_df
-        res = predict_pairs(s.model, s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
+        res = predict_pairs(s.model, s.eval_fmt or s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
                             f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens)
         loss = log_loss(res["probs"], val_df["label"].to_numpy())
         if loss < state.best_loss:
@@ -706,6 +728,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
     from .data import LABEL_COLUMNS
     from .io import write_csv, write_json
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
+    from .modeling import init_record
     from .versions import library_versions
 
     if "probs" not in s.best:
@@ -737,6 +760,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         "truncation": {"train": inputs.trunc.summary(), "val": s.best["stats"].summary()},
         "device": str(s.device),
         "versions": library_versions(),
+        "init_from": init_record(s.cfg.model),
     }
     write_json(out / "metrics.json", metrics)
     shutil.rmtree(s.ckpt_dir, ignore_errors=True)

@@ -64,3 +64,5 @@ def test_gpu_check_script_smoke():
     assert "FAILED" not in r.stdout, r.stdout[-3000:]
     assert r.stdout.count("samples/s ratios:") == 1 and r.stdout.count("one contender") == 2  # 2 kagglekit-only runs + 1 vs HF
     assert "kagglekit/Trainer.predict =" in r.stdout and "packed/padded training samples/s" in r.stdout
+    # the Gemma-2 preset: trained at 4-bit, its adapter predicting at 8-bit
+    assert "preset gemma2-9b-qlora: training" in r.stdout and "tokens/s at 4bit" in r.stdout and "tokens/s at 8bit" in r.stdout

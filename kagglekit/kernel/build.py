@@ -132,8 +132,10 @@ def check_machine_shape(machine_shape: str) -> str:
 def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
                  folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True,
                  train_path=None, machine_shape: str = "NvidiaTeslaT4", pin_deps: bool = False,
-                 time_budget_h: float | None = None, plan_only: bool = False, rows_for_estimate=None) -> Path | None:
-    """Write the notebook and its two datasets; returns ``kernels/<name>``.
+                 time_budget_h: float | None = None, plan_only: bool = False, rows_for_estimate=None,
+                 overrides: list[str] | None = None) -> Path | None:
+    """Write the notebook and its two datasets; returns ``kernels/<name>``. ``overrides``: ``--set predict.*``
+    inference settings, written into the kernel's copy of each fold's config.yaml (the run's stay as trained).
 
     First the plan is printed (per run: one fold per GPU, split over both, or refused with the fix; rows
     x folds x passes -> hours against the time budget); ``plan_only`` stops there (``kk kernel --plan``).
@@ -150,9 +152,11 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     check_machine_shape(machine_shape)
     wheels = [check_wheel(w) for w in extra_wheels or []]  # checked before any long work
 
+    from ..config import apply_predict_overrides
     from ..data import load_train
     from ..ensemble import calibrate, common_oof, load_run_oof
-    from ..io import atomic_dir, write_json
+    from ..io import atomic_dir, write_json, write_text
+    from ..modeling import fold_base_weights
     from ..predict import fold_config, trained_folds, warn_missing_folds
     from ..ui import info
 
@@ -168,11 +172,14 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     if folds in (None, "all"):
         for r, found in run_folds:
             warn_missing_folds(r, [k for k, _ in found])
-    budget_h = float(time_budget_h or min(fold_config(fl[0][1]).predict.time_budget_h for _, fl in run_folds))
+    first_cfg = fold_config(run_folds[0][1][0][1])
+    apply_predict_overrides(first_cfg, overrides, "kk kernel")  # a bad --set fails before anything is built
+    budget_h = float(time_budget_h or min(apply_predict_overrides(fold_config(fl[0][1]), overrides).predict.time_budget_h
+                                          for _, fl in run_folds))
     if not 0 < budget_h <= 24:
         raise KKError(f"--time-budget-h must be in (0, 24] hours (got {budget_h:g})")
 
-    plan = kernel_plan(run_folds, backbone_source, machine_shape, budget_h, rows_for_estimate)
+    plan = kernel_plan(run_folds, backbone_source, machine_shape, budget_h, rows_for_estimate, overrides)
     print_plan(plan, machine_shape, budget_h)
     for row in plan:
         if row["placement"] is not None and row["placement"].kind == "refused":
@@ -182,7 +189,6 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
 
     # Weights and temperature are fitted on the runs' OOF now, so the kernel needs no labels.
     weights, temperature = [1.0] * len(runs), 1.0
-    first_cfg = fold_config(run_folds[0][1][0][1])
     try:
         train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
     except KKError as e:
@@ -202,18 +208,19 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         whl = tmp / "datasets" / f"{slug}-wheels"
         manifest = {"name": slug, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
                     "backbone_source": backbone_source, "time_budget_h": budget_h,
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S"), "predict": list(overrides or [])}
         copied_backbones: dict[str, str] = {}
         used: set[str] = set()
         for r, fl in run_folds:
             rname = r.name if r.name not in used else f"{r.name}-{len(used)}"  # two runs named alike stay apart
             used.add(rname)
-            cfg0 = fold_config(fl[0][1])
+            cfg0 = apply_predict_overrides(fold_config(fl[0][1]), overrides)
             entry = {"name": rname, "folds": [], "versions": trained_versions(fl[0][1]),
-                     "quantization": cfg0.model.quantization, "tta": cfg0.predict.tta, "tta_share": cfg0.predict.tta_share}
+                     "quantization": cfg0.inference_model().quantization, "tta": cfg0.predict.tta,
+                     "tta_share": cfg0.predict.tta_share}
             for k, path in fl:
-                cfg = fold_config(path)
-                backbone = cfg.model.backbone
+                cfg = apply_predict_overrides(fold_config(path), overrides)
+                backbone = fold_base_weights(path, cfg.model)  # model.init_from's full weights when the fold started there
                 if Path(backbone).expanduser().is_dir():
                     src = str(Path(backbone).expanduser().resolve())
                     if src not in copied_backbones:
@@ -227,6 +234,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
                     raise KKError(f"{path}: backbone {backbone!r} is not a local folder and Kaggle kernels run offline; "
                                   "pass --backbone-source <owner>/<slug> of a Kaggle dataset or model holding it")
                 _copy_fold(path, art / rname / f"fold_{k}")
+                if overrides:  # the kernel predicts with these settings; the run's own config.yaml is untouched
+                    write_text(art / rname / f"fold_{k}" / "config.yaml", cfg.to_yaml())
                 entry["folds"].append(k)
             manifest["runs"].append(entry)
         write_json(art / MANIFEST, manifest)
@@ -284,11 +293,15 @@ def _backbone_config(backbone: str):
         return None
 
 
-def kernel_plan(run_folds, backbone_source, machine_shape: str, budget_h: float, rows_for_estimate=None) -> list[dict]:
+def kernel_plan(run_folds, backbone_source, machine_shape: str, budget_h: float, rows_for_estimate=None,
+                overrides: list[str] | None = None) -> list[dict]:
     """Per run: where its model goes on the machine's GPUs (kagglekit.kernel.plan.place) and the hours of
-    its passes over the hidden test rows (kagglekit.kernel.plan.run_hours)."""
+    its passes over the hidden test rows (kagglekit.kernel.plan.run_hours), at the inference settings
+    (``--set predict.*``: predict.quantization/max_length where set)."""
     import numpy as np
 
+    from ..config import apply_predict_overrides
+    from ..modeling import fold_base_weights
     from ..predict import fold_config
     from ..task import get_task
     from ..tta import second_pass_share, tta_mode
@@ -299,13 +312,15 @@ def kernel_plan(run_folds, backbone_source, machine_shape: str, budget_h: float,
     rows = []
     for r, fl in run_folds:
         path = fl[0][1]
-        cfg = fold_config(path)
+        cfg = apply_predict_overrides(fold_config(path), overrides)
+        cfg = cfg.model_copy(update={"model": cfg.inference_model()})
         share = second_pass_share(cfg.predict.tta, cfg.predict.tta_share)
         row = {"run": r.name, "path": str(r), "folds": len(fl), "tta": tta_mode(cfg.predict.tta), "share": share,
                "quantization": cfg.model.quantization, "placement": None, "tokens": None, "hours": None}
-        conf = _backbone_config(cfg.model.backbone)
+        backbone = fold_base_weights(path, cfg.model)
+        conf = _backbone_config(backbone)
         if conf is None:
-            row["note"] = f"{cfg.model.backbone} is attached from Kaggle: the notebook places it from its config there"
+            row["note"] = f"{backbone} is attached from Kaggle: the notebook places it from its config there"
         else:
             pl = place(conf, cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes, adapter_bytes(p for _, p in fl))
             lengths = sample_lengths(path, cfg, rows_for_estimate) or [cfg.model.max_length]

@@ -278,6 +278,7 @@ def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT
             return None
         fold = art / entry["name"] / f"fold_{entry['folds'][0]}"
         cfg = fold_config(fold)
+        cfg = cfg.model_copy(update={"model": cfg.inference_model()})  # predict.quantization/max_length where set
         pl = place(art / entry["backbone"]["path"], cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes,
                    adapter_bytes(art / entry["name"] / f"fold_{k}" for k in entry["folds"]))
         if pl.kind == "refused":
