@@ -75,8 +75,8 @@ class FoldGroup:
 
     def __init__(self, fold_paths, backbone: str | None = None, device: str | None = None, device_map: dict | None = None,
                  precision: str | None = None):
-        from .formatting import Formatter
         from .adapters import check_adapter_fits, read_adapter_config
+        from .formatting import Formatter
         from .io import safetensors_errors
         from .modeling import device_and_dtype, fold_base_weights, inference_weight_dtype, load_backbone, load_tokenizer, quiet_libraries
         from .predict import fold_config
