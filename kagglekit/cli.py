@@ -31,7 +31,7 @@ DEFAULT_CONFIG = "configs/deberta-v3-base.yaml"
 data_app = typer.Typer(
     name="data",
     help="Extra training data: the public preference sets in the competition's format, deduplicated.\n\n"
-    "Example: kk data import arena clean_battle_conv.json --out data/train_extra.csv",
+    "Example: kk data import arena data/arena_conversations.parquet --out data/train_extra.csv",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
@@ -309,7 +309,7 @@ def data_import_cmd(
 ):
     """A public preference set in the competition's train format, deduplicated against train and test; a table of what was dropped and why.
 
-    Example: kk data import arena clean_battle_conv.json --out data/train_extra.csv --train data/train.csv --test data/test.csv
+    Example: kk data import arena data/arena_conversations.parquet --out data/train_extra.csv --train data/train.csv --test data/test.csv
     Then:    kk train --fold all --config configs/deberta-v3-base.yaml --set "data.extra=[{path: data/train_extra.csv}]"
     """
     from .importers import import_data
