@@ -266,6 +266,7 @@ def distill_labels_cmd(
     folds: Path = typer.Option(Path("folds/folds.csv"), "--folds", help="The folds file the teachers were trained with (and the student will be)."),
     out: Path = typer.Option(..., "--out", help="Folder for fold_K.csv (one per fold) and teacher_labels.json."),
     extra: list[Path] = typer.Option([], "--extra", help="Also label these rows (test or train format) in every fold's file: pseudo-labelled data.extra."),
+    fold: str = typer.Option("all", "--fold", help="Folds to label: all, or e.g. 0,2 (as the teachers' folds finish)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override each teacher's predict.batch_size."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the teachers' backbone from here instead of the path in their config.yaml."),
@@ -276,22 +277,24 @@ def distill_labels_cmd(
 
     The teachers' fold-K models never saw fold K's validation rows, so a student trained on fold K's file keeps an
     honest fold-K score (an OOF file from kk ensemble --oof-out does not). They are the teachers' predictions on
-    their own training rows, more confident than OOF ones: soften them with train.distill.temperature > 1.
+    their own training rows, usually more confident than OOF ones: soften them with train.distill.temperature > 1.
 
     Example: kk distill-labels --teacher runs/teacher --train data/train.csv --folds folds/folds.csv --out data/teacher_labels
     Then:    kk train --fold all --config configs/student.yaml     (data.soft_labels: data/teacher_labels/fold_{fold}.csv)
     """
     from .distill import teacher_labels
+    from .predict import parse_fold_list
     from .ui import console, info, table
 
     rows = teacher_labels(teacher, train, folds, out, weight, extra, tta=tta, batch_size=batch_size, backbone=backbone,
-                          bad_rows=_bad_rows(bad_rows), force=force)
+                          bad_rows=_bad_rows(bad_rows), force=force, only_folds=None if fold == "all" else parse_fold_list(fold))
     console.print(table(f"teacher labels in {out} ({len(teacher)} teacher(s))",
                         ["fold", "rows", "extra", "loss: own train rows", "loss: OOF", "max p: train", "max p: OOF"],
                         [[r["fold"], r["rows"], r["extra"], r["in_sample_log_loss"], r["oof_log_loss"], r["in_sample_confidence"],
                           r["oof_confidence"]] for r in rows]))
     info("log loss and mean top probability of the teachers on their own training rows (the labels) and on their OOF "
-         "rows: in-sample predictions are sharper than OOF ones, and train.distill.temperature > 1 softens them. "
+         "rows: in-sample predictions are usually sharper than OOF ones (a model that fits its training rows), and "
+         "train.distill.temperature > 1 softens them. "
          f"Student: --set data.soft_labels={out}/fold_{{fold}}.csv")
 
 

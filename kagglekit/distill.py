@@ -8,8 +8,9 @@ labels learns from fold K's labels, and its fold-K validation score is optimisti
 ``kk distill-labels`` therefore writes one file per fold, as the LMSYS 1st place did: fold K's file
 holds the teachers' predictions for fold K's *training* rows, made by the teachers' fold-K models only,
 which never saw fold K's validation rows. Those are the teachers' in-sample predictions on their own
-training rows: sharper (more confident) than their OOF predictions, which is why the loss has a
-temperature (``train.distill.temperature`` > 1 softens them). Several teachers are averaged in logit
+training rows: for a teacher that fits its training rows, sharper (more confident) than its OOF
+predictions, which is why the loss has a temperature (``train.distill.temperature`` > 1 softens them;
+the command's table shows both log losses and mean top probabilities, so how much is visible). Several teachers are averaged in logit
 space: the weighted mean of their log-probabilities, then a softmax.
 
 The student's loss, per training row (``train.distill``: weight w, temperature T)::
@@ -169,10 +170,11 @@ def _extra_frames(paths, train_ids: set):
 
 def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extra=(), tta: bool = True,
                    batch_size: int | None = None, backbone: str | None = None, bad_rows: str = "error",
-                   force: bool = False, task_name: str = "lmsys") -> list[dict]:
-    """Write ``out_dir/fold_K.csv`` for every fold K of ``folds_path``: the teachers' fold-K models' probabilities
-    (swap TTA, averaged over teachers in logit space with ``weights``) for fold K's training rows and the
-    ``extra`` rows. Returns a row per fold for the report (in-sample vs OOF log loss of the teacher blend)."""
+                   force: bool = False, task_name: str = "lmsys", only_folds=None) -> list[dict]:
+    """Write ``out_dir/fold_K.csv`` for every fold K of ``folds_path`` (or those in ``only_folds``): the teachers'
+    fold-K models' probabilities (swap TTA, averaged over teachers in logit space with ``weights``) for fold K's
+    training rows and the ``extra`` rows. Returns a row per fold for the report (in-sample vs OOF log loss of the
+    teacher blend)."""
     import pandas as pd
 
     from .data import load_train
@@ -194,6 +196,11 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     folds = load_folds(folds_path, df["id"])
     folds = folds[folds["id"].isin(set(df["id"]))]
     fold_ids = sorted(int(f) for f in folds["fold"].unique())
+    if only_folds is not None:
+        unknown = sorted(set(only_folds) - set(fold_ids))
+        if unknown:
+            raise KKError(f"fold {unknown[0]} is not in {folds_path} (folds: {', '.join(map(str, fold_ids))})")
+        fold_ids = sorted(set(only_folds))
     paths = _check_teacher_folds(teachers, folds, fold_ids, folds_path)   # before any long work
     extra_df = _extra_frames(extra, set(df["id"]))
     out_dir = Path(out_dir)

@@ -190,7 +190,7 @@ def test_distill_labels_fold_k_comes_from_the_fold_k_teachers_only(tiny_project,
                 "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv", "--extra", tmp_path / "extra.csv",
                 "--out", tmp_path / "labels")
     assert r.exit_code == 0, r.output
-    assert "in-sample predictions are sharper" in r.output and "teacher labels in" in r.output
+    assert "in-sample predictions are usually sharper" in r.output and "teacher labels in" in r.output
     assert sorted(FakeFoldModel.calls) == [(t, k) for t in (1, 2) for k in (0, 1, 2)]  # each fold model once
     for k in (0, 1, 2):
         got = pd.read_csv(tmp_path / "labels" / f"fold_{k}.csv", dtype={"id": str})
@@ -229,6 +229,12 @@ def test_distill_labels_refuses_a_teacher_that_trained_on_the_fold(tiny_project,
     r = run_cli("distill-labels", "--teacher", good, "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
                 "--extra", tiny_project / "train.csv", "--out", tmp_path / "out")
     assert r.exit_code == 1 and "is also a train id" in r.output
+    args = ["distill-labels", "--teacher", good, "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv"]
+    r = run_cli(*args, "--fold", "5", "--out", tmp_path / "out")
+    assert r.exit_code == 1 and "fold 5 is not in" in r.output
+    r = run_cli(*args, "--fold", "1", "--out", tmp_path / "one")  # one fold, as the teachers' folds finish
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "one").glob("fold_*.csv")) == ["fold_1.csv"]
 
 
 # --- data.extra: hard or soft, and never a train row or a validation prompt -----------------------------------------
@@ -335,11 +341,10 @@ def test_student_on_per_fold_teacher_labels_reaches_the_teacher(tmp_path):
     def cfg(*extra):
         return load_config(REPO / "configs" / "tiny.yaml", [*base, *extra])
 
-    teacher = {k: train_fold(cfg(), k, tmp_path / "teacher") for k in (0, 1, 2)}
-    rows = teacher_labels([tmp_path / "teacher"], tmp_path / "train.csv", tmp_path / "folds.csv", tmp_path / "labels",
-                          extra=[tmp_path / "extra.csv"])
-    # in-sample labels are sharper than the same teacher's OOF predictions: what the temperature is for
-    assert all(r["in_sample_log_loss"] < r["oof_log_loss"] for r in rows), rows
+    teacher = {0: train_fold(cfg(), 0, tmp_path / "teacher")}  # fold 0's labels need the teacher's fold 0 only
+    (row,) = teacher_labels([tmp_path / "teacher"], tmp_path / "train.csv", tmp_path / "folds.csv", tmp_path / "labels",
+                            extra=[tmp_path / "extra.csv"], only_folds=[0])
+    assert row["fold"] == 0 and row["extra"] == 120 and not (tmp_path / "labels" / "fold_1.csv").exists()
     soft = f"data.soft_labels={tmp_path}/labels/fold_{{fold}}.csv"
     student = train_fold(cfg(soft, "train.distill.weight=0.5", "train.distill.temperature=2"), 0, tmp_path / "student")
     assert student["val_log_loss"] < student["prior_log_loss"] - 0.1, student
