@@ -199,3 +199,15 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, 
 
 def dump_json(obj) -> None:
     print("KKBENCH " + json.dumps(obj))
+
+
+def bootstrap_ci(stat, samples, n: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(statistic, lower, upper): a percentile bootstrap interval of ``stat(*samples)``, each sample's rows resampled
+    independently. For a paired comparison pass the per-row differences (``stat=np.mean``): pairing removes the
+    rows' shared difficulty from the interval."""
+    rng = np.random.default_rng(seed)
+    samples = [np.asarray(s, dtype=np.float64) for s in samples]
+    point = float(stat(*samples))
+    draws = np.array([stat(*[s[rng.integers(0, len(s), len(s))] for s in samples]) for _ in range(n)])
+    lo, hi = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return point, float(lo), float(hi)

@@ -30,8 +30,18 @@ CONFIG_HELP = "YAML config file (see configs/)."
 DEFAULT_CONFIG = "configs/deberta-v3-base.yaml"
 
 
-def command(name: str | None = None, **kwargs):
-    """Register a command whose KKError becomes one line on stderr and exit code 1."""
+data_app = typer.Typer(
+    name="data",
+    help="Extra training data: the public preference sets in the competition's format, deduplicated.\n\n"
+    "Example: kk data import arena data/arena_conversations.parquet --out data/train_extra.csv",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(data_app, name="data")
+
+
+def command(name: str | None = None, group: typer.Typer | None = None, **kwargs):
+    """Register a command (on ``group``, default the top level) whose KKError becomes one line on stderr and exit code 1."""
 
     def deco(fn):
         @functools.wraps(fn)
@@ -54,7 +64,7 @@ def command(name: str | None = None, **kwargs):
                 err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
 
-        return app.command(name, **kwargs)(wrapper)
+        return (group or app).command(name, **kwargs)(wrapper)
 
     return deco
 
@@ -239,7 +249,9 @@ def ensemble_cmd(
     sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     bad_rows: str | None = typer.Option(None, "--bad-rows", help="Bad rows of the train file (OOF labels): error, skip or repair (default: the run's data.bad_rows)."),
-    oof_out: Path | None = typer.Option(None, "--oof-out", help="Also write the calibrated OOF ensemble (id + probabilities): a teacher's soft labels for data.soft_labels."),
+    oof_out: Path | None = typer.Option(None, "--oof-out", help="Also write the calibrated OOF ensemble (id + probabilities). "
+                                        "As a student's data.soft_labels it LEAKS into the student's CV (the model that "
+                                        "labelled fold j's rows trained on fold K's): use kk distill-labels for students."),
     force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
     set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
 ):
@@ -253,6 +265,76 @@ def ensemble_cmd(
     ensemble(run, test, out, folds=folds, method=method, fit=fit, tta="uncertain" if tta and tta_uncertain else tta, force=force,
              sample_submission=sample_submission, train_path=train, backbone=backbone,
              bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out, overrides=set_)
+
+
+@command("distill-labels")
+def distill_labels_cmd(
+    teacher: list[Path] = typer.Option(..., "--teacher", help="A teacher run folder, trained on the same folds (repeat for several teachers)."),
+    weight: list[float] = typer.Option([], "--weight", help="One weight per --teacher (default equal): the teachers are averaged in logit space."),
+    train: Path = typer.Option(Path("data/train.csv"), "--train", help="The competition train.csv the teachers and the student train on."),
+    folds: Path = typer.Option(Path("folds/folds.csv"), "--folds", help="The folds file the teachers were trained with (and the student will be)."),
+    out: Path = typer.Option(..., "--out", help="Folder for fold_K.csv (one per fold) and teacher_labels.json."),
+    extra: list[Path] = typer.Option([], "--extra", help="Also label these rows (test or train format) in every fold's file: pseudo-labelled data.extra."),
+    fold: str = typer.Option("all", "--fold", help="Folds to label: all, or e.g. 0,2 (as the teachers' folds finish)."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Override each teacher's predict.batch_size."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Load the teachers' backbone from here instead of the path in their config.yaml."),
+    bad_rows: str = typer.Option("error", "--bad-rows", help="Bad rows of the train file: error, skip or repair."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing fold_K.csv files."),
+):
+    """Leak-free soft labels for a student: fold K's training rows predicted by the teachers' fold-K models only.
+
+    The teachers' fold-K models never saw fold K's validation rows, so a student trained on fold K's file keeps an
+    honest fold-K score (an OOF file from kk ensemble --oof-out does not). They are the teachers' predictions on
+    their own training rows, usually more confident than OOF ones: soften them with train.distill.temperature > 1.
+
+    Example: kk distill-labels --teacher runs/teacher --train data/train.csv --folds folds/folds.csv --out data/teacher_labels
+    Then:    kk train --fold all --config configs/student.yaml     (data.soft_labels: data/teacher_labels/fold_{fold}.csv)
+    """
+    from .distill import teacher_labels
+    from .predict import parse_fold_list
+    from .ui import console, info, table
+
+    rows = teacher_labels(teacher, train, folds, out, weight, extra, tta=tta, batch_size=batch_size, backbone=backbone,
+                          bad_rows=_bad_rows(bad_rows), force=force, only_folds=None if fold == "all" else parse_fold_list(fold))
+    console.print(table(f"teacher labels in {out} ({len(teacher)} teacher(s))",
+                        ["fold", "rows", "extra", "loss: own train rows", "loss: OOF", "max p: train", "max p: OOF"],
+                        [[r["fold"], r["rows"], r["extra"], r["in_sample_log_loss"], r["oof_log_loss"], r["in_sample_confidence"],
+                          r["oof_confidence"]] for r in rows]))
+    info("log loss and mean top probability of the teachers on their own training rows (the labels) and on their OOF "
+         "rows: in-sample predictions are usually sharper than OOF ones (a model that fits its training rows), and "
+         "train.distill.temperature > 1 softens them. "
+         f"Student: --set data.soft_labels={out}/fold_{{fold}}.csv")
+
+
+@command("import", group=data_app)
+def data_import_cmd(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="arena (chatbot_arena_conversations), ultrafeedback, hh-rlhf or pairs (generic chosen/rejected JSONL)."),
+    src: Path = typer.Argument(..., help="The source file: JSON, JSON lines (.gz too) or parquet."),
+    out: Path = typer.Option(..., "--out", help="The train-format CSV to write (for data.extra)."),
+    train: Path | None = typer.Option(Path("data/train.csv"), "--train", help="Drop rows that repeat a row of this train.csv (prompt + both responses, normalised)."),
+    test: Path | None = typer.Option(Path("data/test.csv"), "--test", help="Drop rows that repeat a row of this test.csv."),
+    no_dedup: bool = typer.Option(False, "--no-dedup", help="Do not read --train/--test (only rows repeated in the source are dropped)."),
+    seed: int = typer.Option(42, "--seed", help="Draws which side (A or B) the chosen response lands on."),
+    limit: int | None = typer.Option(None, "--limit", help="Read only the first N records."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+):
+    """A public preference set in the competition's train format, deduplicated against train and test; a table of what was dropped and why.
+
+    Example: kk data import arena data/arena_conversations.parquet --out data/train_extra.csv --train data/train.csv --test data/test.csv
+    Then:    kk train --fold all --config configs/deberta-v3-base.yaml --set "data.extra=[{path: data/train_extra.csv}]"
+    """
+    from .importers import import_data
+    from .ui import console, info, table
+
+    report = import_data(fmt, src, out, None if no_dedup else train, None if no_dedup else test, seed=seed, limit=limit, force=force)
+    console.print(table(f"{src} ({fmt}): {report.records} record(s)", ["rows", "count"], report.rows()))
+    if report.first_malformed:
+        info(f"first malformed record: {report.first_malformed}")
+    if report.shared_prompts:
+        info(f"{report.shared_prompts} kept row(s) share a prompt with a train row: at training time each stays out of the "
+             "fold that validates on that prompt")
+    info(f"wrote {report.kept} rows to {out} (train it with: --set \"data.extra=[{{path: {out}}}]\")")
 
 
 @command("predict-one")

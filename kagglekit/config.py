@@ -39,12 +39,16 @@ class DataConfig(_Section):
     test: str = Field("data/test.csv", description="Competition test.csv (id, prompt, response_a, response_b).")
     folds: str = Field("folds/folds.csv", description="Fold assignment written by `kk make-folds` (id,fold).")
     soft_labels: str | None = Field(
-        None, description="Optional CSV id,winner_model_a,winner_model_b,winner_tie of teacher probabilities (distillation)."
+        None, description="Teacher probabilities for the training rows (distillation; the loss is train.distill): a CSV "
+        "id,winner_model_a,winner_model_b,winner_tie, or a per-fold template such as teacher_labels/fold_{fold}.csv "
+        "(kk distill-labels writes one file per fold, predicted by the teachers' fold-K models only: no CV leak).",
     )
     extra: list[ExtraData] = Field(
         default_factory=list,
-        description="Pseudo-labelled rows added to every fold's training rows (never validated on): "
-        "[{path: extra.csv, soft_labels: extra_soft.csv}], soft labels from kk ensemble --test extra.csv --out extra_soft.csv.",
+        description="Extra rows added to every fold's training rows (never validated on): [{path: train_extra.csv}] "
+        "with hard labels (kk data import), or [{path: extra.csv, soft_labels: extra_soft.csv}] pseudo-labelled. "
+        "Rows that are train rows (same id, or same prompt+responses) are dropped, and a row whose prompt is in "
+        "fold K's validation rows never trains fold K (counted in metrics.json).",
     )
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="Rows with broken cells or labels: stop with an error, or skip them and report the count."
@@ -52,8 +56,24 @@ class DataConfig(_Section):
 
 
 class ExtraData(_Section):
-    path: str = Field(..., description="CSV of extra rows in test.csv format (id, prompt, response_a, response_b).")
-    soft_labels: str = Field(..., description="CSV id,winner_model_a,winner_model_b,winner_tie: a teacher's probabilities for those rows.")
+    path: str = Field(..., description="CSV of extra rows: train.csv format (hard labels, winner_* columns; what "
+                      "kk data import writes) or test.csv format (id, prompt, response_a, response_b) with soft_labels.")
+    soft_labels: str | None = Field(
+        None, description="CSV id,winner_model_a,winner_model_b,winner_tie (or a fold_{fold} template): a teacher's "
+        "probabilities for those rows; null = the file's own hard labels.",
+    )
+
+
+class DistillConfig(_Section):
+    weight: float = Field(
+        1.0, ge=0, le=1, description="Knowledge distillation (rows with data.soft_labels): loss = (1 - weight) x "
+        "cross-entropy on the hard label (label-smoothed) + weight x T^2 x KL(teacher at T || student at T). "
+        "Rows with only a hard label, or only a teacher's (pseudo-labelled extra rows), use that term alone.",
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=100, description="T: the teacher's probabilities become softmax(log p / T) and the student's "
+        "softmax(logits / T); T > 1 flattens an overconfident teacher (its predictions on its own training rows are).",
+    )
 
 
 class BudgetConfig(_Section):
@@ -171,7 +191,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of optimizer steps spent warming up.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the hard labels' cross-entropy "
+                                   "(a teacher's soft labels are never smoothed: train.distill.temperature softens them).")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="How a teacher's soft labels (data.soft_labels) "
+                                   "mix with the hard labels: weight and temperature.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = once per epoch.")
     patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement before stopping (0 = never).")

@@ -29,8 +29,6 @@ from .batching import plan_batches
 from .config import Config
 from .errors import KKError
 
-SWAP = [1, 0, 2]
-
 
 class Interrupted(KKError):
     exit_code = 130
@@ -91,23 +89,6 @@ def load_fold_frames(cfg: Config, fold: int):
     if len(train_df) == 0 or len(val_df) == 0:
         raise KKError(f"fold {fold} leaves no {'training' if len(train_df) == 0 else 'validation'} rows in {cfg.data.train}")
     return train_df, val_df
-
-
-def load_soft_labels(path: str, ids) -> np.ndarray:
-    """Teacher probabilities for ``ids`` from a CSV id,winner_model_a,winner_model_b,winner_tie."""
-    from .data import read_probs
-
-    p = Path(path)
-    soft_ids, soft = read_probs(p, "data.soft_labels")
-    index = {i: n for n, i in enumerate(soft_ids)}
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise KKError(f"{p}: no soft label for train id {missing[0]} ({len(missing)} missing)")
-    probs = soft[[index[i] for i in ids]]
-    bad = ~np.isfinite(probs).all(1) | (np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1)
-    if bad.any():
-        raise KKError(f"{p}: soft labels of id {list(ids)[int(bad.argmax())]} are not probabilities summing to 1")
-    return probs
 
 
 def param_groups(model, tc) -> list[dict]:
@@ -255,37 +236,53 @@ class FoldInputs:
     train_df: object
     val_df: object
     seqs: list  # token id arrays; with swap augmentation the B/A order follows the A/B order
-    targets: np.ndarray  # (len(seqs), 3) hard one-hot or soft labels
+    targets: np.ndarray  # (len(seqs), C) a teacher's probabilities, NaN rows where none; with labels=None: one-hot labels
     units: list[list[int]]  # what plan_batches shuffles: one sequence, or both orders of a pair
     trunc: object  # TruncationStats of the training rows
     batch_size: int
-    n_extra: int = 0  # pseudo-labelled rows among the training rows (data.extra)
+    n_extra: int = 0  # extra rows among the training rows (data.extra)
     segs: list | None = None  # per sequence: 1 on the first response, 2 on the second (model.pooling: pair)
+    labels: np.ndarray | None = None  # (len(seqs),) hard class, -1 where none; None: targets are one-hot hard labels
+    extra_dropped: dict = field(default_factory=dict)  # data.extra rows kept out of this fold, per reason
 
     @property
     def lengths(self) -> list[int]:
         return [len(x) for x in self.seqs]
+
+    def loss_targets(self):
+        """(teacher probabilities or None when no row has any, hard labels) as tensors for distill_loss."""
+        import torch
+
+        if self.labels is None:
+            return None, torch.as_tensor(np.asarray(self.targets).argmax(1), dtype=torch.long)
+        soft = None if np.isnan(self.targets).all() else torch.tensor(self.targets, dtype=torch.float32)
+        return soft, torch.as_tensor(self.labels, dtype=torch.long)
 
 
 def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
     """Rows of the fold, tokenized once through the shared formatter, swap-augmented."""
     import pandas as pd
 
-    from .data import TEXT_COLUMNS, load_test
+    from .distill import fold_soft_labels, swap_labels
+    from .extra import load_extra
+    from .task import get_task
 
-    tc = cfg.train
+    tc, task = cfg.train, get_task(cfg.task)
     train_df, val_df = load_fold_frames(cfg, fold)
+    # Every training row has its hard label; with data.soft_labels also a teacher's probabilities, and the loss
+    # mixes the two (train.distill). A per-fold file holds labels made without fold K's validation rows.
+    labels = train_df["label"].to_numpy()
     if cfg.data.soft_labels:
-        targets = load_soft_labels(cfg.data.soft_labels, train_df["id"])
+        targets = fold_soft_labels(cfg.data.soft_labels, fold, train_df["id"], val_df["id"])
     else:
-        targets = np.eye(3)[train_df["label"].to_numpy()]
-    # Pseudo-labelled extra rows join the training rows only: they are never in a validation fold.
-    rows = train_df
-    for extra in cfg.data.extra:
-        edf, report = load_test(extra.path)
-        report.print_warnings()
-        rows = pd.concat([rows[["id", *TEXT_COLUMNS]], edf[["id", *TEXT_COLUMNS]]], ignore_index=True)
-        targets = np.concatenate([targets, load_soft_labels(extra.soft_labels, edf["id"])])
+        targets = np.full((len(train_df), task.n_classes), np.nan)
+    # Extra rows join the training rows only: never validated on, and never one that is a train row or shares a
+    # prompt with this fold's validation rows (those would let the fold validate on what it trained on).
+    extra = load_extra(cfg, fold, train_df, val_df)
+    cols = ["id", *task.text_columns]
+    rows = pd.concat([train_df[cols], extra.rows[cols]], ignore_index=True) if len(extra.rows) else train_df
+    targets = np.concatenate([targets, extra.soft])
+    labels = np.concatenate([labels, extra.hard]).astype(np.int64)
     enc = fmt.encode_rows(rows)
     seqs, trunc = fmt.sequences(enc, swap=False)
     segs = fmt.segments(trunc) if cfg.model.pooling == "pair" else None
@@ -298,10 +295,12 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
         seqs = seqs + seqs_ba
         if segs is not None:
             segs = segs + fmt.segments(trunc_ba)
-        targets = np.concatenate([targets, targets[:, SWAP]])
+        targets = np.concatenate([targets, task.swap_probs(targets)])
+        labels = np.concatenate([labels, swap_labels(labels, task)])
         units = [[i, i + n] for i in range(n)] if tc.swap_same_batch else [[i] for i in range(2 * n)]
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
-    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df), segs=segs)
+    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df), segs=segs,
+                      labels=labels, extra_dropped=extra.dropped)
 
 
 # --- the session: model, optimizer and the state the loop changes ----------------------------------------------------
@@ -634,13 +633,13 @@ def _no_sync(model, defer: bool):
 def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     """The training loop, top to bottom: micro-batches, optimizer steps, evaluations, checkpoints."""
     import torch
-    import torch.nn.functional as F
 
+    from .distill import distill_loss
     from .ui import progress
 
     tc, state, model = s.cfg.train, s.state, s.ddp_model
     device, amp_dtype, scaler, optimizer = s.device, s.amp_dtype, s.scaler, s.optimizer
-    targets = torch.tensor(inputs.targets, dtype=torch.float32)
+    soft, hard = inputs.loss_targets()  # a teacher's probabilities (None without data.soft_labels), hard labels
     params = [p for p in s.model.parameters() if p.requires_grad]
     eval_every = tc.eval_every or s.steps_per_epoch
     s.last_checkpoint = s.last_checkpoint or time.time()
@@ -664,8 +663,10 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     with _no_sync(model, defer_sync):
                         logits = forward_logits(s, [inputs.seqs[i] for i in batch],
                                                 [inputs.segs[i] for i in batch] if inputs.segs is not None else None)
-                    # Soft or hard targets alike: cross-entropy against a distribution, normalised per sequence.
-                    loss = F.cross_entropy(logits.float(), targets[batch].to(device), label_smoothing=tc.label_smoothing, reduction="sum")
+                    # Hard labels (cross-entropy), a teacher's probabilities (KL at train.distill.temperature) or a mix;
+                    # summed here, normalised per sequence below.
+                    loss = distill_loss(logits.float(), soft[batch].to(device) if soft is not None else None,
+                                        hard[batch].to(device), tc)
                     if not torch.isfinite(loss):
                         raise KKError(
                             f"non-finite loss at step {state.step + 1} of fold {s.fold}"
@@ -754,6 +755,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         "stopped_early": state.stopped_early,
         "n_train": int(len(inputs.train_df)),
         "n_extra": int(inputs.n_extra),
+        "extra_dropped": dict(inputs.extra_dropped),
         "n_val": int(len(val_df)),
         "wall_time_s": round(wall, 2),
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),

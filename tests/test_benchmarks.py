@@ -66,3 +66,13 @@ def test_gpu_check_script_smoke():
     assert "kagglekit/Trainer.predict =" in r.stdout and "packed/padded training samples/s" in r.stdout
     # the Gemma-2 preset: trained at 4-bit, its adapter predicting at 8-bit
     assert "preset gemma2-9b-qlora: training" in r.stdout and "tokens/s at 4bit" in r.stdout and "tokens/s at 8bit" in r.stdout
+
+
+def test_bench_distill_smoke(tmp_path):
+    """The distillation benchmark end to end at toy size: teacher, leaky OOF labels, per-fold labels, three students."""
+    r = _run(sys.executable, BENCH / "bench_distill.py", "--smoke", "--limit", "120", "--bootstrap", "50", "--workdir", tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for model in ("student: hard labels", "student: OOF soft labels (leaky)", "student: per-fold soft labels"):
+        assert model in r.stdout, r.stdout[-3000:]
+    assert "leak optimism" in r.stdout and "also labels" in r.stderr  # the leaky student was warned about
+    assert sorted(p.name for p in (tmp_path / "labels").glob("fold_*.csv")) == ["fold_0.csv", "fold_1.csv"]
