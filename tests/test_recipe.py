@@ -113,21 +113,26 @@ def test_kernel_carries_the_inference_settings(tiny_project, tmp_path):
     assert fm.formatter.max_length == 128
 
 
-def test_kernel_fits_a_t4_when_predicted_quantized(tmp_path):
-    """A 9B model trained in half precision does not fit a T4; predicted at 8-bit it does."""
+def test_kernel_places_a_9b_model_by_its_inference_quantization(tmp_path):
+    """A 9B model trained in half precision does not fit one T4 (the plan splits it over both); predicted at 8-bit
+    (--set predict.quantization=8bit, the fold's config.yaml untouched) a copy fits each T4."""
     from transformers import Gemma2Config
 
-    from kagglekit.kernel.build import check_fits_t4
+    from kagglekit.kernel.build import kernel_plan
 
     big = tmp_path / "gemma-2-9b"
     Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=256, vocab_size=256000).save_pretrained(big)
     fold = tmp_path / "run" / "fold_0"
     fold.mkdir(parents=True)
-    (fold / "config.yaml").write_text(f"model:\n  backbone: {big}\n  quantization: none\n")
-    with pytest.raises(KKError, match=r"or predict it quantized: --set predict.quantization=8bit"):
-        check_fits_t4([(fold.parent, [(0, fold)])])
-    check_fits_t4([(fold.parent, [(0, fold)])], ["predict.quantization=8bit"])
+    (fold / "config.yaml").write_text(f"model:\n  backbone: {big}\n  quantization: none\n  max_length: 64\n")
+    before = (fold / "config.yaml").read_text()
+    run_folds = [(fold.parent, [(0, fold)])]
+    as_trained = kernel_plan(run_folds, None, "NvidiaTeslaT4", 8.0)[0]
+    at_8bit = kernel_plan(run_folds, None, "NvidiaTeslaT4", 8.0, overrides=["predict.quantization=8bit"])[0]
+    assert as_trained["placement"].kind == "split" and as_trained["quantization"] == "none"
+    assert at_8bit["placement"].kind == "per_gpu" and at_8bit["quantization"] == "8bit"
+    assert (fold / "config.yaml").read_text() == before
 
 
 # --- staged initialisation -----------------------------------------------------------------------------------------------
