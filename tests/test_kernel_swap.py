@@ -32,9 +32,10 @@ def spy_loads(monkeypatch):
 
     def spy(cls, *args, **kwargs):
         alive = [c["model"]() is not None for c in calls]  # the models loaded before, still in memory?
-        model = real(cls, *args, **kwargs)
+        result = real(cls, *args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result  # (model, loading info) with output_loading_info
         calls.append({"thread": threading.get_ident(), "model": weakref.ref(model), "kwargs": kwargs, "alive_before": alive})
-        return model
+        return result
 
     monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", classmethod(spy))
     return calls
@@ -104,10 +105,11 @@ def test_previous_model_is_collected_before_the_next_loads(fake_runs, tiny_proje
 
     def spy(cls, *args, **kwargs):
         alive_before.append([r() is not None for r in loads])
-        model = real(cls, *args, **kwargs)
+        result = real(cls, *args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result  # (model, loading info) with output_loading_info
         object.__setattr__(model, "_kk_test_cycle", [model])  # the cycle, made certain (not a submodule)
         loads.append(weakref.ref(model))
-        return model
+        return result
 
     monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", classmethod(spy))
     art = make_artifacts(tmp_path / "art", [("llama", fake_runs["llama"], tiny_project / "llama"),
