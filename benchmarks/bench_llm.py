@@ -169,6 +169,8 @@ def run_preset(args, argv) -> dict:
             "train.checkpoint_minutes=0", "train.patience=0", f"predict.quantization={args.predict_quantization}"]
     if args.max_length != 1280 or args.scale > 1:  # --max-length given (or a CPU smoke): shorter sequences than the preset's
         sets += [f"model.max_length={args.max_length}", f"train.max_tokens={4 * args.max_length}"]
+    if args.scale > 1:  # a width-scaled model has layers narrower than the preset's rank (kk refuses r > a layer's side)
+        sets.append(f"lora.r={min(preset.lora.r, 8)}")
     if args.predict_max_length:
         sets.append(f"predict.max_length={args.predict_max_length}")
     cfg = load_config(args.preset, sets)

@@ -324,9 +324,23 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
         model = get_peft_model(model, pconf)
     except ValueError as e:
         raise KKError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+    check_rank_fits(model, cfg.lora.r)
     if init is not None and init[0] == "adapter":
         load_initial_adapter(model, init[1])
     return model
+
+
+def check_rank_fits(model, r: int) -> None:
+    """Refuse, before any training, a LoRA rank above a target layer's smaller side: such an adapter could not be
+    loaded back (kagglekit.adapters refuses it at prediction), so an hour of training would be lost."""
+    for name, module in model.named_modules():
+        a = getattr(module, "lora_A", None)
+        if a is None or "default" not in a:
+            continue
+        fan_in, fan_out = a["default"].in_features, module.lora_B["default"].out_features
+        if r > min(fan_in, fan_out):
+            raise KKError(f"lora.r {r} does not fit {name.removeprefix('base_model.model.')} ({fan_in} -> {fan_out} "
+                          f"features): lower lora.r to {min(fan_in, fan_out)} or less")
 
 
 def load_initial_adapter(model, folder: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_config
 from kagglekit.errors import KKError
 
 
@@ -467,3 +467,17 @@ def test_duplicate_columns_are_refused_in_every_reader(synth_train, tmp_path):
     probs.write_text("id,winner_model_a,winner_model_b,winner_tie,winner_tie\nx,0.2,0.3,0.5,0.1\n")
     with pytest.raises(KKError, match=f"{probs}: column 'winner_tie' appears more than once"):
         read_probs(probs)
+
+
+def test_training_refuses_a_rank_its_adapter_could_not_be_loaded_back_with(tiny_project):
+    """The load check above refuses r 96 on 64 -> 64 layers; training refuses it first, before any step, instead of
+    leaving a fold that kk predict cannot load."""
+    import torch
+
+    from kagglekit.modeling import build_model, load_tokenizer
+
+    for arch in ("deberta", "llama"):
+        tok = load_tokenizer(str(tiny_project / arch))
+        with pytest.raises(KKError, match=r"lora\.r 96 does not fit .*\(64 -> \d+ features\): lower lora\.r to "):
+            build_model(tiny_config(tiny_project, "lora.r=96", arch=arch), tok, torch.device("cpu"))
+        build_model(tiny_config(tiny_project, "lora.r=32", arch=arch), tok, torch.device("cpu"))  # fits: no error
