@@ -8,6 +8,10 @@
 #      fixed padding, fp16; flashdeberta too when its wheel is given.
 #   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
 #      samples/s padded and packed (train.packing), inference with max_tokens auto, peak memory.
+#   4. The training loop's host syncs per optimizer step at grad_accum 8 (torch's sync debug mode), beside its speed.
+#   5. benchmarks/gpu_paths.py: every GPU-only path for real, one table (QLoRA kk train + kk predict of a Gemma-2
+#      architecture, a real out-of-memory in training and inference, a real fp16 overflow recomputed in fp32 for
+#      fp16 and 4-bit weights, flash-attention packing or its refusal, one fold model at a time, DDP on 2+ GPUs).
 # Wheels the GPU image lacks (bitsandbytes, flashdeberta + einops) are installed from $WHEELS (default: wheels/)
 # with --no-index when present: `make gpu-wheels` downloads them here, and the device tool carries the folder.
 #   bash benchmarks/gpu_check.sh            # on the GPU
@@ -19,10 +23,10 @@ PY=${PY:-python3}
 WHEELS=${WHEELS:-wheels}
 if [ "${1:-}" = "--smoke" ]; then
   LEN=64; ROWS=24; STEPS=2; ROUNDS=1; IB=4; TRAIN_PRECS="fp32"; IPREC=fp32; REC=""
-  LLM="--layers 2 --scale 64 --quantization none --steps 2 --max-length 64 --infer-rows 8"
+  LLM="--layers 2 --scale 64 --quantization none --steps 2 --max-length 64 --infer-rows 8"; GP="--smoke"
 else
   LEN=1280; ROWS=400; STEPS=12; ROUNDS=1; IB=32; TRAIN_PRECS="bf16 fp16"; IPREC=fp16; REC="--record"
-  LLM="--steps 4 --batch-size 4"
+  LLM="--steps 4 --batch-size 4"; GP=""
   if [ -d "$WHEELS" ]; then
     $PY -m pip install -q --no-index --find-links "$WHEELS" bitsandbytes flashdeberta einops 2>&1 | tail -2 || true
   fi
@@ -46,5 +50,8 @@ else
   echo "bitsandbytes is not installed: the Gemma-2-9B QLoRA rows are missing (put its wheel in $WHEELS/)"
   [ -n "$REC" ] && printf '\n### bench_llm: %s\n\nnot run: no bitsandbytes wheel on the GPU machine\n' "$(date '+%Y-%m-%d %H:%M')" >> benchmarks/RESULTS.md
 fi
+step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROWS --steps 4 --rounds 1 \
+    --max-length $LEN --precision ${TRAIN_PRECS%% *} --batch-size 8 --grad-accum 8 --contenders kagglekit $REC
+step $PY benchmarks/gpu_paths.py $GP $REC
 [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

@@ -206,7 +206,7 @@ def oom_after_load(when=None, at=None):
     """:func:`inject_oom` on the token embeddings (``get_input_embeddings()``, called with the rows x length
     ids of every forward pass, padded or packed) of every model ``AutoModelForSequenceClassification
     .from_pretrained`` loads inside the block: for models built deep inside ``train_fold`` or ``FoldModel``.
-    The yielded :class:`OOMRecord` counts over all of them."""
+    The yielded :class:`OOMRecord` counts over all of them; the hooks go when the block ends."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -221,10 +221,16 @@ def oom_after_load(when=None, at=None):
             record.raised += 1
             raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
 
+    handles = []
+
     def load(*args, **kwargs):
         model = real(*args, **kwargs)
-        model.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+        handles.append(model.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True))
         return model
 
-    with mock.patch.object(AutoModelForSequenceClassification, "from_pretrained", load):
-        yield record
+    try:
+        with mock.patch.object(AutoModelForSequenceClassification, "from_pretrained", load):
+            yield record
+    finally:
+        for handle in handles:  # models that outlive the block run normally again
+            handle.remove()
