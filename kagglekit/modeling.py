@@ -183,7 +183,8 @@ def attention_implementation(conf, device=None, packing: bool = False) -> str:
       capability 8.0 such as a T4) a packed row would attend through a dense L x L mask: refused in one line.
     - Gemma-2 (any config with ``attn_logit_softcapping``): ``eager``. Its attention scores are soft-capped
       (``cap * tanh(scores / cap)``) and SDPA has no such hook: transformers 5.24 marks Gemma-2
-      ``_supports_sdpa = False``, and earlier versions that allowed SDPA dropped the cap silently.
+      ``_supports_sdpa = False``, but Kaggle's transformers 5.0.0 marks it True and its SDPA path drops the cap
+      silently, so a model trained here would be read differently in the kernel.
     - everything else: ``sdpa`` where the architecture supports it (the same softmax(QK^T / sqrt(d) + mask) V as
       eager, fused: equal up to float rounding), else ``eager`` (DeBERTa-v2 has no SDPA path).
     """

@@ -511,10 +511,12 @@ def resolve_train_budget(s: Session, inputs: FoldInputs) -> int:
     longest = max(range(len(inputs.seqs)), key=lambda i: len(inputs.seqs[i]))
 
     def probe(rows, length):
-        logits = forward_logits(s, [inputs.seqs[longest]] * rows,
-                                [inputs.segs[longest]] * rows if inputs.segs is not None else None)
-        logits.float().sum().backward()
-        s.model.zero_grad(set_to_none=True)
+        try:
+            logits = forward_logits(s, [inputs.seqs[longest]] * rows,
+                                    [inputs.segs[longest]] * rows if inputs.segs is not None else None)
+            logits.float().sum().backward()
+        finally:  # also after an out-of-memory error: no half-made gradient stays for the next probe
+            s.model.zero_grad(set_to_none=True)
 
     with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):  # the probe's dropout draws nothing
         budget = batching.auto_max_tokens(probe, len(inputs.seqs[longest]), s.device) or 0
