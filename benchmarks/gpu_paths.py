@@ -2,7 +2,7 @@
 simulate on CPU (tests/cudasim.py), here with real CUDA.
 
   qlora        `kk train` (fold 0, 4-bit QLoRA, LoRA, evaluation) + `kk predict` of a Gemma-2-architecture model
-               (toy widths) on one GPU, through the CLI as a user runs it: device cuda:0, eager attention, finite
+               (toy widths) on one GPU, through the CLI's own commands: device cuda:0, eager attention, finite
   oom-train    a real out-of-memory: the allocator capped (torch.cuda.set_per_process_memory_fraction) between what
                one row and a full micro-batch need; training retries in pieces and ends where the uncapped run ends
   oom-predict  inference under the same cap with big batches: retried in pieces, logits equal to the uncapped run's
@@ -44,12 +44,18 @@ SIZES = {"gpu": dict(rows=240, hidden=256, max_length=512, infer_rows=128),
 SIZE = SIZES["gpu"]
 
 
-def kk(*args, env=None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    """`kk ...` in a subprocess, as a user runs it (torchrun for DDP)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "-m", "kagglekit.cli", "--"] \
-        if torchrun else [sys.executable, "-m", "kagglekit.cli"]
-    return subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, KK_QUIET="1", PYTHONPATH=str(REPO), **(env or {})))
+def kk(*args, torchrun: int = 0):
+    """`kk ...` as a user runs it: the CLI itself, in this process (a result with exit_code, stdout, stderr), or
+    under torchrun in processes of its own (a CompletedProcess with returncode) for DDP."""
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "-m", "kagglekit.cli", "--"]
+        return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=REPO,
+                              env=dict(os.environ, KK_QUIET="1", PYTHONPATH=str(REPO)))
+    from typer.testing import CliRunner
+
+    from kagglekit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def project(work: Path) -> Path:
@@ -90,12 +96,12 @@ def check_qlora(work: Path, device) -> tuple[str, str]:
         quant = "none"
     run = work / "runs" / "qlora"
     r = kk("train", "--fold", "0", "--run", run, *cli_config(work, "gemma2", f"model.quantization={quant}", "train.max_steps=2"))
-    if r.returncode:
-        return "FAILED", (r.stderr.strip().splitlines() or ["?"])[-1][:160]
+    if r.exit_code:
+        return "FAILED", (r.stderr.strip().splitlines() or [repr(r.exception)])[-1][:160]
     m = json.loads((run / "fold_0" / "metrics.json").read_text())
     r = kk("predict", "--run", run, "--fold", "0", "--test", work / "test.csv")
-    if r.returncode:
-        return "FAILED", "kk predict: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
+    if r.exit_code:
+        return "FAILED", "kk predict: " + (r.stderr.strip().splitlines() or [repr(r.exception)])[-1][:160]
     import pandas as pd
 
     p = pd.read_csv(run / "fold_0" / "test.csv").iloc[:, 1:].to_numpy()
@@ -270,6 +276,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     SIZE.update(SIZES["smoke" if args.smoke else "gpu"])
+    os.environ.setdefault("KK_QUIET", "1")  # the table is the output; no progress bars between its checks
 
     from kagglekit.modeling import device_and_dtype, quiet_libraries
 
