@@ -68,6 +68,7 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
 
     from .memory import OutOfMemory, free_memory, is_oom
     from .modeling import true_fp32
+    from .ui import warn
 
     device = device or next(model.parameters()).device
     if max_tokens == "auto" and seqs:
@@ -104,8 +105,6 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
                     raise OutOfMemory(f"out of GPU memory predicting one sequence of {max(len(seqs[i]) for i in idx)} tokens on "
                                       f"{device}: lower model.max_length or load the backbone in 4-bit (model.quantization=4bit)")
                 pieces *= 2
-                from .ui import warn
-
                 warn(f"out of GPU memory: inference batches now run in {pieces} pieces "
                      "(a lower predict.max_tokens or predict.batch_size avoids this)")
             if progress is not None:
