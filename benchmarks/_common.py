@@ -3,6 +3,7 @@ length distribution of real arena rows, device facts, and the RESULTS.md history
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -151,6 +152,48 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def count_host_syncs(device):
+    """Count the moments the host waits for the device inside the block: yields ``count()``, the number so far.
+
+    On a GPU: torch's own sync debug mode, which warns at every synchronizing CUDA call (``.item()``, a
+    ``bool`` of a tensor, device-to-host copies...), the model's and the optimizer's included. On CPU nothing
+    waits, so the reads that would wait on a GPU are counted where kagglekit's own code makes them
+    (``Tensor.item``/``tolist``/``numpy``/``cpu``, a tensor's truth or float value): the training loop's syncs,
+    not the model's or AdamW's (whose step counters live on the host anyway). Exact counts: a benchmark row
+    without a clock."""
+    import warnings
+    from unittest import mock
+
+    import torch
+
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield lambda: sum("synchroniz" in str(w.message) for w in caught)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return
+    n = [0]
+    own = str(REPO / "kagglekit")
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            n[0] += sys._getframe(1).f_code.co_filename.startswith(own)
+            return real(self, *a, **k)
+
+        return mock.patch.object(torch.Tensor, name, wrapper)
+
+    with contextlib.ExitStack() as stack:
+        for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__"):
+            stack.enter_context(counted(name))
+        yield lambda: n[0]
+
+
 def print_table(title: str, columns, rows) -> None:
     """One Rich table to the terminal (md_table writes the same rows for RESULTS.md)."""
     from rich.console import Console
@@ -164,10 +207,12 @@ def print_table(title: str, columns, rows) -> None:
     Console().print(table)
 
 
-def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, max_tokens: int = 0):
+def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, max_tokens: int = 0,
+              syncs: dict | None = None):
     """kagglekit.train.fit itself on ``seqs`` (evaluation and checkpoints stubbed out: the loop's speed, not
     validation's), with ``model`` already built. Returns (session, inputs, seconds after the first optimizer
-    step, samples after it): the first step is the warm-up. ``max_tokens``: token-budget micro-batches."""
+    step, samples after it): the first step is the warm-up. ``max_tokens``: token-budget micro-batches.
+    ``syncs``: gets "per_step", the host syncs per optimizer step after the warm-up (see :func:`count_host_syncs`)."""
     import torch
 
     import kagglekit.train as train_mod
@@ -187,13 +232,17 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, 
     s.rng = train_mod._rng_state()
     mark = {}
 
-    def on_step(step):
-        if step == 1:
-            sync(device)
-            mark["t0"], mark["samples"] = time.perf_counter(), s.state.samples
+    with count_host_syncs(device) as count:
+        def on_step(step):
+            if step == 1:
+                sync(device)
+                mark["t0"], mark["samples"], mark["syncs"] = time.perf_counter(), s.state.samples, count()
 
-    train_mod.fit(s, inputs, on_step=on_step)
+        train_mod.fit(s, inputs, on_step=on_step)
+        loop_syncs = count() - mark["syncs"]
     sync(device)
+    if syncs is not None:
+        syncs["per_step"] = loop_syncs / max(1, s.state.step - 1)
     return s, inputs, time.perf_counter() - mark["t0"], s.state.samples - mark["samples"]
 
 

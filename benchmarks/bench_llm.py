@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
     import torch
 
     from kagglekit.config import load_config
+    from kagglekit.errors import KKError
     from kagglekit.inference import infer_logits
     from kagglekit.modeling import build_model, device_and_dtype, load_tokenizer, quiet_libraries
 
@@ -106,7 +107,11 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        model = build_model(cfg, tok, device, dtype)
+        try:
+            model = build_model(cfg, tok, device, dtype)
+        except KKError as e:  # packing on a GPU without flash-attention-2 is refused: say so in the table
+            rows.append(["packed" if packing else "padded", f"refused: {str(e).split(':')[0]}", "-", "-", "-"])
+            continue
         t_load = time.perf_counter() - t
         n = args.batch_size * (args.steps + 2)
         lengths, source = real_lengths(n, args.max_length, seed=3)
@@ -134,7 +139,10 @@ def main(argv=None) -> dict:
                f"lengths {source}; model written in {t_write:.0f} s")
     cols = ["training", "train samples/s", "peak GiB (train)", "inference seq/s (max_tokens auto)", "load s"]
     print_table(f"{setting}\n{name}", cols, rows)
-    line = f"packed/padded training samples/s = {float(rows[1][1]) / max(float(rows[0][1]), 1e-9):.2f}x"
+    try:
+        line = f"packed/padded training samples/s = {float(rows[1][1]) / max(float(rows[0][1]), 1e-9):.2f}x"
+    except ValueError:
+        line = "packed/padded training samples/s: not measured (packing needs flash-attention-2 on a GPU)"
     print(line)
     if args.record:
         record("bench_llm", "python benchmarks/bench_llm.py " + " ".join(argv), name, f"{setting}\n\n" + md_table(cols, rows), line)

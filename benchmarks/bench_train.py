@@ -20,12 +20,18 @@ Data: `--data real` is the shared real rows formatted by kagglekit (tiny tokeniz
 full size, and `--steps K` times K steps of each contender's own full-size epoch (its batches are in
 random order, so K steps are a fair sample of the epoch).
 
+`host syncs/step` (kagglekit): how often the training loop makes the host wait for the device per optimizer
+step, counted (torch's sync debug mode on a GPU; on CPU the same tensor reads, each a sync on a GPU), not timed.
+`--grad-accum K` accumulates K micro-batches per step in kagglekit's loop (the other contenders step every batch):
+a loop that reads the loss per micro-batch syncs K times a step, kagglekit's once.
+
 Model FLOPs per sample (stated formula): FLOPs = (1 + b) * (2*N*T + 12*L*d*T^2), b = 1 (LoRA) or 2 (full),
 for N non-embedding weights, T tokens, L layers, width d; MFU = useful FLOPs/s / device peak.
 
     python benchmarks/bench_train.py                                     # tiny model, the real rows, CPU
     python benchmarks/bench_train.py --data sim --rows 57477 --steps 24 --contenders bare-hf,bare-loop,kagglekit
     python benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows 2000 --steps 20 --precision bf16
+    python benchmarks/bench_train.py --contenders kagglekit --grad-accum 8 --steps 4 --rounds 1   # the host-sync row
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def child(args) -> dict:
     n = len(seqs)
     labels = np.random.default_rng(0).integers(0, 3, n)
     cfg = load_config(None, [f"lora.r={args.lora_r}", "lora.dropout=0", f"lora.enabled={str(not args.full).lower()}",
-                             f"train.batch_size={args.batch_size}", "train.grad_accum=1", "train.epochs=1", "train.lr=1e-4",
+                             f"train.batch_size={args.batch_size}", f"train.grad_accum={args.grad_accum if args.mode == 'kagglekit' else 1}", "train.epochs=1", "train.lr=1e-4",
                              f"train.max_steps={args.steps + 1 if args.steps else 0}", "train.label_smoothing=0",
                              "train.checkpoint_minutes=0", "train.patience=0", "train.swap_augment=false", "train.warmup_ratio=0.1",
                              f"model.max_length={args.max_length}", f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}"])
@@ -155,8 +161,10 @@ def child(args) -> dict:
     elif args.mode == "kagglekit":
         import kagglekit.train as train_mod
 
-        s, inputs, wall, _ = timed_fit(cfg, model, seqs, labels, device, dtype, pad_id, work)
-        ran_lengths = [[lengths[i] for i in b] for b in train_mod.epoch_plan(s, inputs, 0)[1:s.total_steps]]
+        syncs: dict = {}
+        s, inputs, wall, _ = timed_fit(cfg, model, seqs, labels, device, dtype, pad_id, work, syncs=syncs)
+        ga = cfg.train.grad_accum
+        ran_lengths = [[lengths[i] for i in b] for b in train_mod.epoch_plan(s, inputs, 0)[ga:s.total_steps * ga]]
     else:  # bare-loop / bare-hf (batches padded before the clock starts) or naive (fixed padding, file order)
         import torch.nn.functional as F
 
@@ -209,7 +217,8 @@ def child(args) -> dict:
     lora = not args.full
     useful = sum(flops_per_sample(model, n, n**2, lora) for b in ran_lengths for n in b)
     return {"mode": args.mode, "samples_s": samples / wall, "tokens_s": real_tokens / wall, "efficiency": eff,
-            "peak_gib": peak_memory_gib(device), "useful_flops_s": useful / wall, "samples": samples, "source": source}
+            "peak_gib": peak_memory_gib(device), "useful_flops_s": useful / wall, "samples": samples, "source": source,
+            "syncs_per_step": syncs["per_step"] if args.mode == "kagglekit" else None}
 
 
 def run_child(base_cmd: list[str], mode: str, workdir: str) -> dict:
@@ -231,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median, min-max)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}, naive, bare-hf")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1, help="kagglekit's micro-batches per optimizer step (the host-sync row)")
     ap.add_argument("--max-length", type=int, default=1280)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     ap.add_argument("--lora-r", type=int, default=16)
@@ -267,13 +277,15 @@ def main(argv=None) -> dict:
     for c, rs in res.items():
         mfu = f"{100 * np.median([r['useful_flops_s'] for r in rs]) / (peak * 1e12):.1f}%" if peak else "n/a"
         rows.append([c, median_range([r["samples_s"] for r in rs]), f"{np.median([r['tokens_s'] for r in rs]):.0f}",
-                     f"{rs[0]['efficiency']:.3f}", mfu, f"{max(r['peak_gib'] for r in rs):.2f}", str(rs[0]["samples"])])
+                     f"{rs[0]['efficiency']:.3f}", mfu, f"{max(r['peak_gib'] for r in rs):.2f}", str(rs[0]["samples"]),
+                     "-" if rs[0]["syncs_per_step"] is None else f"{rs[0]['syncs_per_step']:.2f}"])
     setting = (f"{args.arch}, {'full' if args.full else f'LoRA r={args.lora_r}'}, batch {args.batch_size}, max_length {args.max_length}, "
-               f"{args.precision}{', grad ckpt' if args.grad_ckpt else ''}, "
+               f"{args.precision}{', grad ckpt' if args.grad_ckpt else ''}"
+               f"{f', kagglekit grad_accum {args.grad_accum}' if args.grad_accum > 1 else ''}, "
                f"{f'{args.steps} timed steps' if args.steps else 'one epoch'}, {args.rounds} interleaved rounds; "
                f"data: {next(iter(res.values()))[0]['source']}")
     cols = ["contender", "samples/s median (min-max)", "real tokens/s", "padding efficiency", "MFU",
-            f"peak {'GPU' if kind == 'cuda' else 'RSS'} GiB", "timed samples"]
+            f"peak {'GPU' if kind == 'cuda' else 'RSS'} GiB", "timed samples", "host syncs/step"]
     print_table(f"training: {setting}\n{name}", cols, rows)
     ratios = [f"kagglekit/{c} = {med['kagglekit'] / med[c]:.2f}x" for c in contenders if c != "kagglekit" and "kagglekit" in med]
     line = "samples/s ratios: " + ", ".join(ratios) if ratios else "one contender"

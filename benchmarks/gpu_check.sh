@@ -12,6 +12,10 @@
 #      adapter predicting at 8-bit and the preset's predict.max_length (8,192): tokens/s and peak memory of both.
 #   5. Inference of the Gemma-2-9B width in fp16, 8-bit and 4-bit (bench_quant.py): the throughput ratios the
 #      kernel's time estimate assumes (kagglekit/kernel/plan.py THROUGHPUT), measured.
+#   6. The training loop's host syncs per optimizer step at grad_accum 8 (torch's sync debug mode), beside its speed.
+#   7. benchmarks/gpu_paths.py: every GPU-only path for real, one table (QLoRA kk train + kk predict of a Gemma-2
+#      architecture, a real out-of-memory in training and inference, a real fp16 overflow recomputed in fp32 for
+#      fp16 and 4-bit weights, flash-attention packing or its refusal, one fold model at a time, DDP on 2+ GPUs).
 # Wheels the GPU image lacks (bitsandbytes, flashdeberta + einops) are installed from $WHEELS (default: wheels/)
 # with --no-index when present: `make gpu-wheels` downloads them here, and the device tool carries the folder.
 #   bash benchmarks/gpu_check.sh            # on the GPU
@@ -23,11 +27,11 @@ PY=${PY:-python3}
 WHEELS=${WHEELS:-wheels}
 if [ "${1:-}" = "--smoke" ]; then
   LEN=64; ROWS=24; STEPS=2; ROUNDS=1; IB=4; TRAIN_PRECS="fp32"; IPREC=fp32; REC=""
-  LLM="--layers 2 --scale 64 --quantization none --steps 2 --max-length 64 --infer-rows 8"
+  LLM="--layers 2 --scale 64 --quantization none --steps 2 --max-length 64 --infer-rows 8"; GP="--smoke"
   PRESET="--layers 2 --scale 64 --steps 2 --max-length 64 --predict-max-length 128 --infer-rows 4"
 else
   LEN=1280; ROWS=400; STEPS=12; ROUNDS=1; IB=32; TRAIN_PRECS="bf16 fp16"; IPREC=fp16; REC="--record"
-  LLM="--steps 4 --batch-size 4"
+  LLM="--steps 4 --batch-size 4"; GP=""
   PRESET="--steps 4 --infer-rows 32"
   if [ -d "$WHEELS" ]; then
     $PY -m pip install -q --no-index --find-links "$WHEELS" bitsandbytes flashdeberta einops 2>&1 | tail -2 || true
@@ -54,5 +58,8 @@ else
   [ -n "$REC" ] && printf '\n### bench_llm: %s\n\nnot run: no bitsandbytes wheel on the GPU machine\n' "$(date '+%Y-%m-%d %H:%M')" >> benchmarks/RESULTS.md
 fi
 [ "${1:-}" = "--smoke" ] || step $PY benchmarks/bench_quant.py $REC  # fp16/8-bit/4-bit ratios vs the kernel plan's factors (CPU smoke: tests/test_benchmarks.py)
+step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROWS --steps 4 --rounds 1 \
+    --max-length $LEN --precision ${TRAIN_PRECS%% *} --batch-size 8 --grad-accum 8 --contenders kagglekit $REC
+step $PY benchmarks/gpu_paths.py $GP $REC
 [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

@@ -33,9 +33,10 @@ def padding_efficiency(lengths, batches, packed: bool = False) -> float:
     return real / padded if padded else 0.0
 
 
-def _pack(order, units, unit_len, batch_size: int, max_tokens: int, packed: bool) -> list[list[int]]:
+def _pack(order, units, unit_len, batch_size: int, max_tokens: int, packed: bool, max_packed: int = 0) -> list[list[int]]:
     """Consecutive units of ``order`` into batches: at most ``batch_size`` rows, or (with a budget) at most
-    ``max_tokens`` computed tokens: rows x longest (padded) or the sum of lengths (packed)."""
+    ``max_tokens`` computed tokens: rows x longest (padded) or the sum of lengths (packed); a packed row also
+    at most ``max_packed`` tokens (when set)."""
     batches: list[list[int]] = []
     cur: list[int] = []
     width = total = 0
@@ -47,6 +48,8 @@ def _pack(order, units, unit_len, batch_size: int, max_tokens: int, packed: bool
                 full = cost > max_tokens
             else:
                 full = len(cur) + rows > batch_size
+            if packed and max_packed:
+                full = full or total + rows * n > max_packed
             if full:
                 batches.append(cur)
                 cur, width, total = [], 0, 0
@@ -58,7 +61,7 @@ def _pack(order, units, unit_len, batch_size: int, max_tokens: int, packed: bool
 
 
 def plan_batches(lengths, units: list[list[int]], batch_size: int, seed: int, epoch: int, max_tokens: int = 0,
-                 packed: bool = False, target: float = TARGET_EFFICIENCY) -> list[list[int]]:
+                 packed: bool = False, target: float = TARGET_EFFICIENCY, max_packed: int = 0) -> list[list[int]]:
     """Micro-batches (lists of sequence indices) for one epoch, reproducible from (seed, epoch).
 
     ``units``: what is kept together (one sequence, or both A/B orders of a pair). The chunk that is
@@ -68,12 +71,14 @@ def plan_batches(lengths, units: list[list[int]], batch_size: int, seed: int, ep
     batch changes every epoch (the chunks are a fresh random split); the batch order is shuffled.
     ``max_tokens``: size batches by a token budget instead of ``batch_size`` rows.
     ``packed``: rows are concatenated, not padded, so no sorting at all: the budget counts real tokens.
+    ``max_packed``: the longest a packed row may be, whatever the budget (attention without varlen kernels
+    is quadratic in it: see ``kagglekit.train.packed_cap``).
     """
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(units))
     unit_len = np.array([max(int(lengths[i]) for i in u) for u in units], dtype=np.int64)
     if packed:
-        batches = _pack(perm.tolist(), units, unit_len, batch_size, max_tokens, packed=True)
+        batches = _pack(perm.tolist(), units, unit_len, batch_size, max_tokens, packed=True, max_packed=max_packed)
     else:
         per_unit = max(1, len(units[0])) if units else 1
         rows_per_batch = batch_size
@@ -113,21 +118,47 @@ def budget_from_probe(peak_bytes: int, probe_tokens: int, free_bytes: int, longe
     return max(int(longest), budget)
 
 
-def auto_max_tokens(run_probe, longest: int, device, fraction: float = 0.8, probe_rows: int = 2) -> int | None:
+def auto_max_tokens(run_probe, longest: int, device, fraction: float = 0.8, probe_rows: int = 2,
+                    what: str = "model.max_length") -> int | None:
     """A token budget from the device's free memory, or None on CPU (batches of rows there: host memory is
     not the limit that matters). ``run_probe(rows, length)`` runs one batch as the real work will (forward,
-    or forward and backward); its peak memory per token, measured, sets the budget."""
+    or forward and backward); its peak memory per token, measured, sets the budget. A probe that runs out of
+    memory is tried again with one row; one row that does not fit is :class:`kagglekit.memory.OutOfMemory`,
+    naming ``what`` to lower."""
     if getattr(device, "type", str(device)) != "cuda":
         return None
     import torch
 
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run_probe(probe_rows, longest)
+    from .memory import OutOfMemory, free_memory, is_oom
+
+    for rows in sorted({probe_rows, 1}, reverse=True):
+        torch.cuda.synchronize(device)
+        free_memory(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            run_probe(rows, longest)
+            break
+        except Exception as e:
+            if not is_oom(e):
+                raise
+        free_memory(device)  # the failed probe's tensors went with its traceback
+    else:
+        raise OutOfMemory(f"out of GPU memory on a single sequence of {longest} tokens on {device}: lower {what}, "
+                          "or set model.gradient_checkpointing=true / model.quantization=4bit")
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    torch.cuda.empty_cache()
+    free_memory(device)
     free, _ = torch.cuda.mem_get_info(device)
-    return budget_from_probe(peak, probe_rows * longest, free, longest, fraction)
+    return budget_from_probe(peak, rows * longest, free, longest, fraction)
+
+
+def device_signature(device) -> dict:
+    """Which GPU a measured budget belongs to (its name and total memory): a budget measured on an H100 is
+    not replayed on a T4 (``train.max_tokens: auto`` re-measures when the GPU changed)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return {"name": "cpu", "total_memory": 0}
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "total_memory": int(props.total_memory)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .batching import auto_max_tokens, length_sorted_batches
+from .errors import KKError
 
 SWAP = [1, 0, 2]  # (A, B, tie) of a swapped pair -> the original order
 
@@ -25,12 +26,14 @@ def pad_segments(segs, width: int):
     return out
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, pad_to: int | None = None):
+def pad_batch(seqs: list[list[int]], pad_id: int, pad_to: int | None = None, pin: bool = False):
+    """(ids, attention mask), right-padded to the longest row (or ``pad_to``). ``pin``: in page-locked host
+    memory, so that ``.to(cuda, non_blocking=True)`` copies while the GPU keeps working."""
     import torch
 
     width = pad_to or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, pin_memory=pin)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, pin_memory=pin)
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
         mask[r, : len(s)] = 1
@@ -50,8 +53,12 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     """Logits (n, 3) for token sequences, in input order.
 
     Rows whose half-precision logits are not finite (fp16 overflow, a known DeBERTa-v3 issue on
-    T4) are recomputed in fp32, so one bad row never sinks a submission; their number is added to
+    T4) are recomputed one by one truly in fp32 (:func:`kagglekit.modeling.true_fp32`: also for weights
+    loaded in half precision or 4-bit), so one bad row never sinks a submission; their number is added to
     ``counts["fp32_rows"]``. Rows still not finite in fp32 stay NaN for the caller to report.
+    Out of GPU memory, a batch is retried in halves (then quarters...) and every later batch runs in as many
+    pieces; a single sequence that does not fit is one line (:class:`kagglekit.memory.OutOfMemory`).
+    The logits stay on the device until the end: one host sync per call, not one per batch.
     ``sort=False`` and ``pad_to`` exist for the benchmarks' baselines (file order,
     fixed padding); kagglekit itself always sorts and pads per batch. ``max_tokens``: batches by a token
     budget (rows x longest <= budget) instead of ``batch_size`` rows; ``"auto"`` measures one batch on a GPU
@@ -59,36 +66,71 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     """
     import torch
 
+    from .memory import OutOfMemory, free_memory, is_oom
+    from .modeling import true_fp32
+    from .ui import warn
+
     device = device or next(model.parameters()).device
-    out = np.zeros((len(seqs), 3), dtype=np.float32)
     if max_tokens == "auto" and seqs:
         max_tokens = inference_budget(model, seqs, pad_id, device, autocast_dtype, segs)
     if sort:
         batches = length_sorted_batches([len(s) for s in seqs], batch_size, max_tokens or None)
     else:
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
+    cuda = device.type == "cuda"
+    out = torch.empty((len(seqs), 3), dtype=torch.float32, device=device)
+
+    def run(idx):
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id, pad_to, pin=cuda)
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        set_segments(model, pad_segments([segs[i] for i in idx], ids.shape[1]).to(device) if segs is not None else None)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out[idx] = model(input_ids=ids, attention_mask=mask).logits.float()
+
+    pieces = 1  # after an out-of-memory error every batch runs in this many pieces
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         for idx in batches:
-            ids, mask = pad_batch([seqs[i] for i in idx], pad_id, pad_to)
-            ids, mask = ids.to(device), mask.to(device)
-            seg = pad_segments([segs[i] for i in idx], ids.shape[1]).to(device) if segs is not None else None
-            set_segments(model, seg)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            bad = ~torch.isfinite(logits).all(dim=1)
-            if autocast_dtype is not None and bool(bad.any()):
-                set_segments(model, seg[bad] if seg is not None else None)
-                with torch.autocast(device.type, enabled=False):
-                    logits[bad] = model(input_ids=ids[bad], attention_mask=mask[bad]).logits.float()
-                if counts is not None:
-                    counts["fp32_rows"] = counts.get("fp32_rows", 0) + int(bad.sum())
-            out[idx] = logits.cpu().numpy()
+            while True:
+                try:
+                    for part in np.array_split(np.asarray(idx), min(pieces, len(idx))):
+                        run(part.tolist())
+                    break
+                except Exception as e:
+                    if not is_oom(e):
+                        raise
+                free_memory(device)  # outside the except block: the error's traceback no longer holds the batch
+                if pieces >= len(idx):
+                    raise OutOfMemory(f"out of GPU memory predicting one sequence of {max(len(seqs[i]) for i in idx)} tokens on "
+                                      f"{device}: lower model.max_length or load the backbone in 4-bit (model.quantization=4bit)")
+                pieces *= 2
+                warn(f"out of GPU memory: inference batches now run in {pieces} pieces "
+                     "(a lower predict.max_tokens or predict.batch_size avoids this)")
             if progress is not None:
                 progress.advance(task, len(idx))
+        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist() if autocast_dtype is not None else []
+        if bad:
+            try:
+                with true_fp32(model):
+                    for r in bad:  # one row at a time: fp32 activations are twice the size
+                        ids = torch.as_tensor(np.asarray(seqs[r], dtype=np.int64))[None].to(device)
+                        set_segments(model, pad_segments([segs[r]], ids.shape[1]).to(device) if segs is not None else None)
+                        out[r] = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0]
+            except OutOfMemory:
+                raise
+            except KKError as e:
+                raise KKError(f"{len(bad)} sequence(s) have non-finite {str(autocast_dtype).replace('torch.', '')} logits "
+                              f"and cannot be recomputed in fp32: {e}") from None
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                raise OutOfMemory(f"out of GPU memory recomputing {len(bad)} overflowing sequence(s) in fp32 on {device}; "
+                                  "use model.precision=bf16 where the GPU has it (compute capability 8.0+)") from None
+            if counts is not None:
+                counts["fp32_rows"] = counts.get("fp32_rows", 0) + len(bad)
     model.train(was_training)
-    return out
+    return out.cpu().numpy()
 
 
 def inference_budget(model, seqs, pad_id: int, device, autocast_dtype=None, segs=None) -> int | None:

@@ -6,7 +6,9 @@ CLI stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -64,12 +66,17 @@ def native_bf16(device) -> bool:
 
 
 def device_and_dtype(precision: str = "auto", device: str | None = None):
-    """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it natively, else fp16 (T4)."""
+    """(device, autocast dtype or None). fp32 on CPU; bf16 on GPUs that have it natively, else fp16 (T4).
+
+    A GPU device always carries its index (``cuda:N``; a bare ``cuda`` is the current device): transformers'
+    ``device_map`` needs a concrete device for a quantized load, and DDP one device per rank."""
     import torch
 
     use_cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
     if use_cuda:
         device = torch.device(device or "cuda")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if precision == "auto":
             precision = "bf16" if native_bf16(device) else "fp16"
     else:
@@ -225,35 +232,95 @@ def report_reinitialised(source: str, mismatched) -> None:
     info(f"model.init_from {source}: head of another size re-initialised ({shapes})")
 
 
+def attention_implementation(conf, device=None, packing: bool = False) -> str:
+    """The attention kernel a backbone loads with, chosen per architecture (transformers' own default has
+    changed between versions, so it is never left to chance), recorded in ``metrics.json``:
+
+    - ``train.packing`` of a decoder on a GPU: ``flash_attention_2``, whose varlen kernels keep each packed
+      sequence to itself at memory linear in its length. Without it (not installed, or a GPU below compute
+      capability 8.0 such as a T4) a packed row would attend through a dense L x L mask: refused in one line.
+    - Gemma-2 (any config with ``attn_logit_softcapping``): ``eager``. Its attention scores are soft-capped
+      (``cap * tanh(scores / cap)``) and SDPA has no such hook: transformers 5.24 marks Gemma-2
+      ``_supports_sdpa = False``, but Kaggle's transformers 5.0.0 marks it True and its SDPA path drops the cap
+      silently, so a model trained here would be read differently in the kernel.
+    - everything else: ``sdpa`` where the architecture supports it (the same softmax(QK^T / sqrt(d) + mask) V as
+      eager, fused: equal up to float rounding), else ``eager`` (DeBERTa-v2 has no SDPA path).
+    """
+    if packing and device is not None and device.type == "cuda" and conf.model_type in DECODER_TYPES:
+        import torch
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available() or torch.cuda.get_device_capability(device) < (8, 0):
+            raise KKError("train.packing on a GPU needs flash-attention-2 (pip install flash-attn; compute capability 8.0+, "
+                          "so not a T4): without its varlen kernels a packed row attends through a dense L x L mask; "
+                          "set train.packing=false")
+        return "flash_attention_2"
+    if getattr(conf, "attn_logit_softcapping", None):
+        return "eager"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    try:
+        cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(conf)]
+    except KeyError:
+        return "eager"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def _device_index(device) -> int | str:
+    """What a quantized load's ``device_map`` needs: the GPU's index (never None), or "cpu"."""
+    import torch
+
+    if device is None or device.type != "cuda":
+        return "cpu"
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None, report_mismatch: bool = True,
-                  device_map=None):
+                  device_map=None, packing: bool = False):
     """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone`` (or ``model.init_from``'s full
     weights); ``weight_dtype`` loads the weights in that dtype (inference of big models) instead of fp32. A head whose
     size differs from the checkpoint's is re-initialised, in one line when ``report_mismatch``. ``device_map``: one
-    model over several GPUs (``{module: gpu index}``, the kernel's split plan) instead of ``device``."""
-    from transformers import AutoModelForSequenceClassification
+    model over several GPUs (``{module: gpu index}``, the kernel's split plan) instead of ``device``. ``packing``: it
+    will train on packed rows (see :func:`attention_implementation`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .memory import OutOfMemory, is_oom
 
     check_backbone(model_cfg.backbone)
     source = base_weights(model_cfg)
     qconf = _quantization_config(model_cfg.quantization, autocast_dtype)
+    what = "model.backbone" if source == model_cfg.backbone else "model.init_from"
+    try:
+        conf = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise KKError(f"cannot load {what} {source!r}: {str(e).splitlines()[0]}") from None
     # ignore_mismatched_sizes: a head of another size (a reward model's 1 logit) is re-initialised, not an error;
     # output_loading_info says which weights those were.
-    kwargs = {"num_labels": 3, "ignore_mismatched_sizes": True, "output_loading_info": True}
+    kwargs = {"num_labels": 3, "ignore_mismatched_sizes": True, "output_loading_info": True,
+              "attn_implementation": attention_implementation(conf, device, packing)}
     if weight_dtype is not None and qconf is None:
         kwargs["dtype"] = weight_dtype
     if qconf is not None:
         kwargs["quantization_config"] = qconf
-        kwargs["device_map"] = {"": device.index if device is not None and device.type == "cuda" else "cpu"}
+        # transformers 5 loads with dtype="auto" (the checkpoint's: bf16 for Gemma-2) unless told: the layers left
+        # unquantized (embeddings, norms, the skipped heads) would then run in bf16 on a T4, which only emulates it.
+        kwargs["dtype"] = autocast_dtype or torch.float32
+        kwargs["device_map"] = {"": _device_index(device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     from .io import safetensors_errors
 
-    what = "model.backbone" if source == model_cfg.backbone else "model.init_from"
     try:
         with safetensors_errors(source):  # a damaged weights file: one line naming it
             result = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise KKError(f"cannot load {what} {source!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        raise OutOfMemory(f"out of GPU memory loading {what} {source!r} on {device}: "
+                          "use model.quantization=4bit or a smaller backbone") from None
     model, loading = result if isinstance(result, tuple) else (result, {})
     # (name, checkpoint shape, model shape) triples; a dict here (transformers 5.24), an object in some releases
     mismatched = (loading.get("mismatched_keys") if isinstance(loading, dict) else getattr(loading, "mismatched_keys", None)) or []
@@ -297,7 +364,7 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
     init = init_source(cfg.model)
     if init is not None and init[0] == "adapter" and not cfg.lora.enabled:
         raise KKError(f"model.init_from {init[1]} is a LoRA fold: continue it with lora.enabled=true")
-    model = load_backbone(cfg.model, tokenizer, device, autocast_dtype)
+    model = load_backbone(cfg.model, tokenizer, device, autocast_dtype, packing=cfg.train.packing)
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -426,12 +493,13 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
         if cfg.model.quantization == "none":
             model = model.merge_and_unload()  # plain weights: no LoRA overhead at inference
     elif (fold_dir / "config.json").exists():
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from .io import load_safetensors, safetensors_errors
 
         with safetensors_errors(fold_dir):
-            model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=3)
+            attn = attention_implementation(AutoConfig.from_pretrained(str(fold_dir)))
+            model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=3, attn_implementation=attn)
         model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.model.pooling != "cls":
             # The pooling wrapper's weights (and the pooler under it) are saved under the wrapper's names:
@@ -597,3 +665,82 @@ def packed_logits(model, seqs, device):
     hidden = backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state  # (1, total tokens, hidden)
     last = (torch.cumsum(lengths, 0) - 1).to(device)
     return cls.score(hidden[0, last])
+
+
+# --- a true fp32 forward pass, whatever the weights' dtype ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def true_fp32(model):
+    """Inside this block ``model`` computes in fp32 even when its weights are half precision or 4-bit.
+
+    ``torch.autocast(enabled=False)`` alone is fp32 only for fp32 weights: a model loaded in fp16 (inference of
+    a big backbone) still multiplies in fp16, and bitsandbytes' 4-bit layers cast their input to their compute
+    dtype (fp16 on a T4). Here, for the duration of the block:
+
+    - each module whose own weights are fp16/bf16 gets fp32 copies of them just before its forward and its own
+      weights back just after: the extra memory is one layer's weights in fp32 (a 9B model's largest projection
+      is ~200 MB), never the model's;
+    - embeddings look their rows up in half precision (exact: no arithmetic) and hand on fp32, so the whole
+      stack downstream runs in fp32 without an fp32 copy of a 256k-row vocabulary;
+    - bitsandbytes 4-bit layers compute in fp32 (``compute_dtype``: the weight is dequantized to fp32 and the
+      matmul runs in fp32);
+    - 8-bit layers (LLM.int8 matmuls) have no fp32 path: :class:`KKError`.
+
+    Meant for the handful of rows whose half-precision logits overflow (see ``kagglekit.inference``).
+    """
+    import torch
+
+    hooks, saved, computes = [], {}, []
+
+    def upcast(module, args):
+        for p in module.parameters(recurse=False):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                saved.setdefault(p, p.data)
+                p.data = p.data.float()
+
+    def restore(module, args, output):
+        for p in module.parameters(recurse=False):
+            if p in saved:
+                p.data = saved.pop(p)
+
+    def embed_fp32(module, args, output):
+        return output.float() if torch.is_floating_point(output) else output
+
+    bnb = sys.modules.get("bitsandbytes")  # imported already if the model has quantized layers
+    linear4, linear8 = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ((), ())
+    try:
+        for name, m in model.named_modules():
+            if isinstance(m, linear8):
+                raise KKError(f"{name}: model.quantization=8bit has no fp32 path (int8 matmuls) to recompute rows whose "
+                              "half-precision logits are not finite; use model.quantization=4bit or none")
+            if isinstance(m, linear4):
+                computes.append((m, m.compute_dtype))
+                m.compute_dtype = torch.float32
+            if isinstance(m, torch.nn.Embedding):
+                hooks.append(m.register_forward_hook(embed_fp32))
+            elif any(p.dtype in (torch.float16, torch.bfloat16) for p in m.parameters(recurse=False)):
+                hooks += [m.register_forward_pre_hook(upcast), m.register_forward_hook(restore)]
+        with torch.autocast(next(model.parameters()).device.type, enabled=False):
+            yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, data in saved.items():  # a forward that raised never reached its restore hook
+            p.data = data
+        for m, dtype in computes:
+            m.compute_dtype = dtype
+
+
+def precision_hint(device, amp_dtype) -> str:
+    """What to try after a non-finite training loss, for the precision and GPU at hand. bf16 has fp32's range
+    but is only itself where the GPU computes it natively (compute capability 8.0+): on a T4
+    ``model.precision=bf16`` maps back to fp16, so fp32 is the way out there."""
+    import torch
+
+    if amp_dtype != torch.float16:
+        return " (try a lower train.lr)"
+    if getattr(device, "type", None) == "cuda" and not native_bf16(device):
+        return (" (fp16 overflow is a known DeBERTa-v3 issue; this GPU has no native bf16 (compute capability below 8.0): "
+                "use --set model.precision=fp32)")
+    return " (fp16 overflow is a known DeBERTa-v3 issue: use --set model.precision=bf16 or fp32)"

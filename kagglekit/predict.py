@@ -115,8 +115,16 @@ class FoldModel:
         self.cfg = inference_config(self.path, overrides)
         model_cfg = self.cfg.inference_model()
         self.device, self.dtype = device_and_dtype(precision or model_cfg.precision, device)
-        self.model, self.tokenizer = load_trained(self.path, self.cfg.model_copy(update={"model": model_cfg}), self.device,
-                                                  self.dtype, backbone)
+        try:
+            self.model, self.tokenizer = load_trained(self.path, self.cfg.model_copy(update={"model": model_cfg}), self.device,
+                                                      self.dtype, backbone)
+        except Exception as e:
+            from .memory import OutOfMemory, is_oom
+
+            if not is_oom(e):
+                raise
+            raise OutOfMemory(f"out of GPU memory loading {self.path} on {self.device}: free the GPU (another model "
+                              "loaded?), or predict with --set predict.quantization=4bit") from None
         # The truncation rules apply at the inference length.
         self.formatter = Formatter.from_config(self.tokenizer, model_cfg)
 
@@ -129,6 +137,13 @@ class FoldModel:
         return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
                              self.device, self.dtype, progress, description, cache=cache,
                              max_tokens=self.cfg.predict.max_tokens, tta_share=self.cfg.predict.tta_share)
+
+    def release(self) -> None:
+        """Free the model's memory now (the next fold can load into it); the object cannot predict afterwards."""
+        from .memory import free_memory
+
+        self.model = None
+        free_memory(self.device)  # collected now, not when the cyclic GC gets round to it
 
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_size: int | None = None, force: bool = False,
@@ -165,6 +180,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
         fm = FoldModel(path, backbone, overrides=overrides)
         with progress() as bar:
             res = fm.predict(test_df, "uncertain" if str(tta).startswith("uncertain") else tta, batch_size, bar, f"fold {k}")
+        fm.release()  # kk ensemble predicts the next fold next: its model must not load beside this one
         probs = res["probs"]
         if not np.isfinite(probs).all():
             raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
@@ -225,21 +241,33 @@ class Predictor:
     >>> p = Predictor.from_run("runs/deberta-v3-base", folds="all")
     >>> p.predict_one("What is 2+2?", "4", "5")
     {'winner_model_a': 0.61, 'winner_model_b': 0.12, 'winner_tie': 0.27}
+
+    ``from_run`` keeps no model in memory between calls: every ``predict_frame`` / ``predict_one`` loads,
+    predicts with and frees one fold at a time, so K folds of an LLM never share the GPU. The price is one
+    load per fold per call: predict many pairs in one ``predict_frame`` call. ``Predictor([FoldModel...])``
+    uses fold models the caller has loaded (and keeps them).
     """
 
-    def __init__(self, fold_models: list[FoldModel], tta: bool = True):
+    def __init__(self, fold_models: list, tta: bool = True, backbone: str | None = None):
         if not fold_models:
             raise KKError("Predictor needs at least one trained fold")
-        self.fold_models = fold_models
+        self.fold_models = fold_models  # FoldModel objects, or fold folders loaded one at a time
         self.tta = tta
+        self.backbone = backbone
 
     @classmethod
     def from_run(cls, run_dir, folds="all", tta: bool = True, backbone: str | None = None) -> Predictor:
-        return cls([FoldModel(p, backbone) for _, p in trained_folds(run_dir, folds)], tta)
+        return cls([p for _, p in trained_folds(run_dir, folds)], tta, backbone)
 
     def predict_frame(self, df) -> np.ndarray:
         """Mean of the folds' probabilities for parsed rows."""
-        return np.mean([fm.predict(df, self.tta)["probs"] for fm in self.fold_models], axis=0)
+        probs = []
+        for fold in self.fold_models:
+            fm = fold if isinstance(fold, FoldModel) else FoldModel(fold, self.backbone)
+            probs.append(fm.predict(df, self.tta)["probs"])
+            if fm is not fold:
+                fm.release()  # before the next fold loads
+        return np.mean(probs, axis=0)
 
     def predict_one(self, prompt, response_a, response_b) -> dict:
         """``prompt``/``response_*``: a string or a list of turns."""

@@ -16,6 +16,7 @@ best adapter by validation log loss, and leave a self-contained run folder::
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -184,6 +185,26 @@ def sigterm_as_interrupt():
 # --- the story of a fold ----------------------------------------------------------------------------------------------
 
 
+def _oom_as_one_line(fn):
+    """An out-of-memory error that nothing retried (a model that does not load, the optimizer's first step...)
+    is one line naming the settings to lower, never a traceback (and a failed trial in ``kk tune``)."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg, fold, *args, **kwargs):
+        try:
+            return fn(cfg, fold, *args, **kwargs)
+        except Exception as e:
+            from .memory import OutOfMemory, is_oom
+
+            if not is_oom(e):
+                raise
+            raise OutOfMemory(f"fold {fold}: out of GPU memory ({str(e).splitlines()[0][:120]}); lower train.batch_size or "
+                              "train.max_tokens, or set model.gradient_checkpointing=true or model.quantization=4bit") from None
+
+    return wrapper
+
+
+@_oom_as_one_line
 def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume: bool = False, force: bool = False,
                on_eval=None, on_step=None) -> dict:
     """Train one fold; returns its metrics (also written to metrics.json).
@@ -208,15 +229,28 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     return metrics
 
 
+DDP_TIMEOUT_MINUTES = 60  # rank 0 saves adapters and checkpoints while the other ranks wait in a collective
+
+
 def _init_distributed(world: int) -> None:
     # Multi-GPU: `torchrun --nproc_per_node N -m kagglekit.cli -- train ...` runs this on every rank with
-    # PyTorch DDP. Each rank takes every N-th micro-batch; rank 0 evaluates, saves and logs.
+    # PyTorch DDP. Each rank takes every N-th micro-batch and every N-th validation row; rank 0 gathers the
+    # predictions, saves and logs.
     if world > 1:
+        import datetime
+
         import torch
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            kwargs = {"timeout": datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES)}
+            if torch.cuda.is_available():
+                # One GPU per rank, chosen before the first collective: NCCL's own calls (barrier,
+                # broadcast_object_list) otherwise use the current device, cuda:0, on every rank.
+                local_rank = distributed()[2]
+                torch.cuda.set_device(local_rank)
+                kwargs["device_id"] = torch.device("cuda", local_rank)
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
 
 
 def _barrier(world: int) -> None:
@@ -333,6 +367,8 @@ class Session:
     last_checkpoint: float = 0.0
     max_tokens: int = 0  # token budget of a micro-batch (train.max_tokens resolved); 0 = train.batch_size rows
     eval_fmt: object = None  # the validation's formatter: predict.max_length, as the test rows will be formatted
+    max_packed: int = 0  # train.packing: the longest packed row (0 = no cap; see packed_cap)
+    pieces: int = 1  # each micro-batch runs in this many pieces (after an out-of-memory error, or on a smaller GPU)
 
     @property
     def main(self) -> bool:
@@ -385,7 +421,8 @@ def resolve_init_from(cfg: Config, fold: int) -> Config:
 
 
 def epoch_plan(s: Session, inputs: FoldInputs, epoch: int) -> list[list[int]]:
-    plan = plan_batches(inputs.lengths, inputs.units, inputs.batch_size, s.cfg.seed, epoch, s.max_tokens, s.cfg.train.packing)
+    plan = plan_batches(inputs.lengths, inputs.units, inputs.batch_size, s.cfg.seed, epoch, s.max_tokens, s.cfg.train.packing,
+                        max_packed=s.max_packed)
     if s.world > 1:  # every rank the same number of micro-batches, or DDP would wait forever
         plan = plan[s.rank : len(plan) - len(plan) % s.world : s.world]
     return plan
@@ -409,6 +446,7 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
         if s.world > 1:
             raise KKError("train.packing runs on one process (it calls the backbone directly, which DDP would not sync); "
                           "set train.packing=false for multi-GPU training")
+        s.max_packed = packed_cap(s)
     s.max_tokens = resolve_train_budget(s, inputs)
     if s.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -446,50 +484,80 @@ def forward_logits(s: Session, seqs, segs=None):
             from .modeling import packed_logits
 
             return packed_logits(s.model, seqs, s.device)
-        ids, mask = pad_batch(seqs, s.tokenizer.pad_token_id)
+        # Page-locked host tensors copied without blocking: the copy overlaps the GPU's work on the last batch.
+        ids, mask = pad_batch(seqs, s.tokenizer.pad_token_id, pin=s.device.type == "cuda")
         if segs is not None:
             set_segments(s.model, pad_segments(segs, ids.shape[1]).to(s.device))
-        return s.ddp_model(input_ids=ids.to(s.device), attention_mask=mask.to(s.device)).logits
+        return s.ddp_model(input_ids=ids.to(s.device, non_blocking=True), attention_mask=mask.to(s.device, non_blocking=True)).logits
+
+
+def packed_cap(s: Session) -> int:
+    """The longest a packed row may be. With flash-attention's varlen kernels (packing on a GPU) attention
+    memory is linear in the row: no cap beyond the budget. Without them (SDPA/eager: CPU runs and tests)
+    every packed row attends through a dense L x L mask, quadratic in its length: capped at model.max_length,
+    a packed row costs no more attention than one padded row could."""
+    from .modeling import _classifier
+
+    attn = getattr(_classifier(s.model).config, "_attn_implementation", None) or "eager"
+    return 0 if attn.startswith("flash_attention") else s.cfg.model.max_length
 
 
 def resolve_train_budget(s: Session, inputs: FoldInputs) -> int:
     """``train.max_tokens`` as a number. ``auto`` runs one forward and backward pass of the longest training
     row on the GPU and fills 80% of the free memory (0, i.e. rows, on CPU). The number is saved with the
-    checkpoint folder, so --resume replays the same batches even if free memory changed."""
+    checkpoint folder together with the GPU it was measured on, so --resume replays the same batches even if
+    free memory changed; resumed on another GPU (an H100 run continued on a T4), the budget is measured again
+    and the saved batches run in as many pieces as the smaller GPU needs (the same gradients)."""
     import json
 
     import torch
 
-    from .batching import auto_max_tokens
+    from . import batching
 
     budget = s.cfg.train.max_tokens
     if budget != "auto":
         return int(budget)
     saved = s.ckpt_dir / "batching.json"
+    here = batching.device_signature(s.device)
+    kept = None
     if s.resume and saved.is_file():
-        return int(json.loads(saved.read_text())["max_tokens"])
+        record = json.loads(saved.read_text())
+        kept = int(record["max_tokens"])
+        if record.get("device", here) == here:  # older files name no device: the same one, as far as we know
+            return kept
     longest = max(range(len(inputs.seqs)), key=lambda i: len(inputs.seqs[i]))
 
     def probe(rows, length):
-        logits = forward_logits(s, [inputs.seqs[longest]] * rows,
-                                [inputs.segs[longest]] * rows if inputs.segs is not None else None)
-        logits.float().sum().backward()
-        s.model.zero_grad(set_to_none=True)
+        try:
+            logits = forward_logits(s, [inputs.seqs[longest]] * rows,
+                                    [inputs.segs[longest]] * rows if inputs.segs is not None else None)
+            logits.float().sum().backward()
+        finally:  # also after an out-of-memory error: no half-made gradient stays for the next probe
+            s.model.zero_grad(set_to_none=True)
 
     with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):  # the probe's dropout draws nothing
-        budget = auto_max_tokens(probe, len(inputs.seqs[longest]), s.device) or 0
+        budget = batching.auto_max_tokens(probe, len(inputs.seqs[longest]), s.device) or 0
     if s.world > 1:  # every rank plans the same batches: the smallest budget wins
         import torch.distributed as dist
 
         t = torch.tensor([budget], device=s.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         budget = int(t.item())
+    from .ui import console
+
+    if kept is not None:
+        # The run's batches stay what they were (--resume continues the same plan); on a smaller GPU each runs
+        # in enough pieces to fit what was measured here.
+        s.pieces = 1 << max(0, math.ceil(math.log2(kept / budget))) if kept and budget else 1
+        if s.main:
+            console.print(f"train.max_tokens auto: resumed on another GPU ({record.get('device', {}).get('name')} -> {here['name']}): "
+                          f"{budget or 'rows'} measured here; the run's batches of {kept} tokens run in {s.pieces} piece(s)")
+        return kept
     if s.main:
         from .io import write_json
-        from .ui import console
 
         s.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_json(saved, {"max_tokens": budget})
+        write_json(saved, {"max_tokens": budget, "device": here})
         console.print(f"train.max_tokens auto: {budget or 'rows (CPU)'}")
     return budget
 
@@ -555,7 +623,8 @@ def load_checkpoint(s: Session) -> None:
         s.model.load_state_dict(ck["model"], strict=False)
         s.optimizer.load_state_dict(ck["optimizer"])
         s.scheduler.load_state_dict(ck["scheduler"])
-        s.scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # a bf16 (or fp32) run saved a disabled scaler's empty state: resumed in fp16, it starts afresh
+            s.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"])
         if ck.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
@@ -577,15 +646,13 @@ def load_checkpoint(s: Session) -> None:
 
 def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     """Validation log loss with swap TTA; the best adapter so far is what the fold keeps."""
-    from .inference import predict_pairs
     from .metrics import log_loss
     from .modeling import save_model
 
     state, loss = s.state, None
+    res = predict_validation(s, inputs.val_df, bar)
     if s.main:
         val_df = inputs.val_df
-        res = predict_pairs(s.model, s.eval_fmt or s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
-                            f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens)
         loss = log_loss(res["probs"], val_df["label"].to_numpy())
         if loss < state.best_loss:
             state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
@@ -593,7 +660,7 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
             save_model(s.model, s.tokenizer, s.work)
         else:
             state.bad_evals += 1
-        s.model.train()
+    s.model.train()
     if s.world > 1:  # every rank takes rank 0's verdict, so early stopping is decided once
         import torch.distributed as dist
 
@@ -602,6 +669,44 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
         loss, state.best_loss, state.best_step, state.bad_evals = shared
     state.evals += 1
     return loss
+
+
+def predict_validation(s: Session, val_df, bar=None) -> dict | None:
+    """``predict_pairs`` of the validation rows. Under DDP every rank predicts every N-th row (rows come in
+    file order, so each gets a like share of long and short ones) and rank 0 gathers them in order: the
+    ranks share the work instead of waiting for rank 0 in a collective that NCCL's watchdog would abort.
+    Returns None on the other ranks."""
+    from .inference import predict_pairs
+
+    kw = dict(batch_size=s.cfg.train.eval_batch_size, tta=True, device=s.device, autocast_dtype=s.amp_dtype, progress=bar,
+              description=f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens)
+    if s.world == 1:
+        return predict_pairs(s.model, s.eval_fmt or s.fmt, val_df, **kw)
+    import torch.distributed as dist
+
+    rows = np.arange(s.rank, len(val_df), s.world)
+    part = predict_pairs(s.model, s.eval_fmt or s.fmt, val_df.iloc[rows].reset_index(drop=True), **kw)
+    share = {"rows": rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
+             "kept": part["stats"].kept, "total": part["stats"].total}
+    gathered = [None] * s.world if s.main else None
+    dist.gather_object(share, gathered, dst=0)
+    if not s.main:
+        return None
+    return assemble_shares(gathered, len(val_df))
+
+
+def assemble_shares(shares: list[dict], n: int) -> dict:
+    """The ranks' shares of a prediction (``rows`` and per-row arrays) put back in row order."""
+    from .formatting import TruncationStats
+
+    out = {}
+    for key in ("probs", "probs_ab", "probs_ba", "kept", "total"):
+        first = shares[0][key]
+        out[key] = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+        for share in shares:
+            out[key][share["rows"]] = share[key]
+    out["stats"] = TruncationStats(out.pop("kept"), out.pop("total"))
+    return out
 
 
 def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
@@ -630,21 +735,82 @@ def _no_sync(model, defer: bool):
     return model.no_sync() if defer else contextlib.nullcontext()
 
 
+def _accumulate(s: Session, inputs: FoldInputs, targets, batch: list[int], n_group: int, syncs: bool):
+    """Forward and backward of one micro-batch, in ``s.pieces`` pieces (after an out-of-memory error); returns
+    its summed loss, still on the device. The loss is a per-sequence sum divided by the step's sequence count,
+    so the pieces' gradients add up to the whole micro-batch's. ``syncs``: the step's last micro-batch, whose
+    (last piece's) backward lets DDP average the gradients across ranks."""
+    from .distill import distill_loss
+
+    tc = s.cfg.train
+    pieces = np.array_split(np.asarray(batch), min(s.pieces, len(batch)))
+    total = 0.0
+    for k, piece in enumerate(pieces):
+        rows = piece.tolist()
+        # DDP averages gradients across ranks once per optimizer step, not per micro-batch.
+        with _no_sync(s.ddp_model, s.world > 1 and not (syncs and k == len(pieces) - 1)):
+            logits = forward_logits(s, [inputs.seqs[i] for i in rows], [inputs.segs[i] for i in rows] if inputs.segs is not None else None)
+            # Hard labels (cross-entropy), a teacher's probabilities (KL at train.distill.temperature) or a mix;
+            # summed here, normalised per sequence by the division below.
+            soft, hard = targets
+            loss = distill_loss(logits.float(), soft[rows] if soft is not None else None, hard[rows], tc)
+            s.scaler.scale(loss / n_group).backward()
+        total = total + loss.detach()
+    return total
+
+
+def _smaller_pieces(s: Session, inputs: FoldInputs, batch: list[int], group_start: int, group_seqs: int) -> None:
+    """Out of GPU memory in the middle of an optimizer step: the step starts over from its first micro-batch,
+    each micro-batch in twice as many pieces (the same gradients, the same plan, so --resume is unaffected).
+    A sequence that does not fit alone, or a multi-GPU run (the other ranks already wait for this one's
+    gradients), is one line naming what to lower."""
+    import torch
+
+    from .memory import OutOfMemory, free_memory
+    from .ui import warn
+
+    state = s.state
+    s.optimizer.zero_grad(set_to_none=True)
+    free_memory(s.device)
+    where = f"step {state.step + 1} of fold {s.fold}"
+    if s.world > 1:
+        raise OutOfMemory(f"out of GPU memory at {where} on rank {s.rank}: lower train.batch_size or train.max_tokens"
+                          f"{f' (the auto budget was {s.max_tokens})' if s.max_tokens else ''}")
+    if s.pieces >= len(batch):
+        longest = max(len(inputs.seqs[i]) for i in batch)
+        raise OutOfMemory(f"out of GPU memory training one sequence of {longest} tokens at {where}: lower model.max_length, "
+                          "or set model.gradient_checkpointing=true or model.quantization=4bit")
+    s.pieces *= 2
+    state.micro = group_start
+    state.samples -= group_seqs
+    torch.set_rng_state(s.rng["cpu"])  # the step's dropout starts where it started
+    if s.rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s.rng["cuda"])
+    warn(f"out of GPU memory at {where}: micro-batches now run in {s.pieces} pieces (the same gradients, slower; "
+         "a lower train.batch_size or train.max_tokens avoids this)")
+
+
 def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     """The training loop, top to bottom: micro-batches, optimizer steps, evaluations, checkpoints."""
     import torch
 
-    from .distill import distill_loss
+    from .memory import is_oom
+    from .modeling import precision_hint
     from .ui import progress
 
-    tc, state, model = s.cfg.train, s.state, s.ddp_model
-    device, amp_dtype, scaler, optimizer = s.device, s.amp_dtype, s.scaler, s.optimizer
-    soft, hard = inputs.loss_targets()  # a teacher's probabilities (None without data.soft_labels), hard labels
+    tc, state = s.cfg.train, s.state
+    scaler, optimizer = s.scaler, s.optimizer
+    # On the device once: each micro-batch's targets are indexed there, never copied from the host. soft: a
+    # teacher's probabilities (None without data.soft_labels); hard: the labels (-1 where a row has none).
+    soft, hard = inputs.loss_targets()
+    targets = (soft.to(s.device) if soft is not None else None, hard.to(s.device))
     params = [p for p in s.model.parameters() if p.requires_grad]
     eval_every = tc.eval_every or s.steps_per_epoch
     s.last_checkpoint = s.last_checkpoint or time.time()
     done = state.step >= s.total_steps or state.stopped_early
-    group_loss, group_seqs = 0.0, 0
+    # The step's loss adds up on the device: reading it stalls the host until the GPU catches up, so it is
+    # read (and checked for overflow) once per optimizer step, not once per micro-batch.
+    group_loss, group_seqs = torch.zeros((), device=s.device), 0
     t_start = time.time() - state.train_seconds
     with progress(disable=not s.main) as bar, sigterm_as_interrupt():
         task = bar.add_task(f"fold {s.fold}", total=s.total_steps, completed=state.step, status="")
@@ -658,28 +824,26 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     group = plan[group_start : group_start + tc.grad_accum]
                     n_group = sum(len(b) for b in group)  # sequences in this optimizer step
                     batch = plan[state.micro]
-                    # DDP averages gradients across ranks once per optimizer step, not per micro-batch.
-                    defer_sync = s.world > 1 and state.micro - group_start + 1 < len(group)
-                    with _no_sync(model, defer_sync):
-                        logits = forward_logits(s, [inputs.seqs[i] for i in batch],
-                                                [inputs.segs[i] for i in batch] if inputs.segs is not None else None)
-                    # Hard labels (cross-entropy), a teacher's probabilities (KL at train.distill.temperature) or a mix;
-                    # summed here, normalised per sequence below.
-                    loss = distill_loss(logits.float(), soft[batch].to(device) if soft is not None else None,
-                                        hard[batch].to(device), tc)
-                    if not torch.isfinite(loss):
-                        raise KKError(
-                            f"non-finite loss at step {state.step + 1} of fold {s.fold}"
-                            + (" (fp16 overflow is a known DeBERTa-v3 issue: use --set model.precision=bf16 or fp32)" if amp_dtype == torch.float16 else " (try a lower train.lr)")
-                        )
-                    with _no_sync(model, defer_sync):
-                        scaler.scale(loss / n_group).backward()
-                    group_loss += loss.item()
+                    try:
+                        loss = _accumulate(s, inputs, targets, batch, n_group, syncs=state.micro - group_start + 1 == len(group))
+                    except Exception as e:
+                        if not is_oom(e):
+                            raise
+                        loss = None  # handled below, once the error (and the tensors its traceback holds) is gone
+                    if loss is None:
+                        _smaller_pieces(s, inputs, batch, group_start, group_seqs)
+                        group_loss, group_seqs = torch.zeros((), device=s.device), 0
+                        continue
+                    group_loss = group_loss + loss
                     group_seqs += len(batch)
                     state.micro += 1
                     state.samples += len(batch)
                     if state.micro - group_start < len(group):
                         continue  # keep accumulating
+                    # One host sync per optimizer step: the step's loss, read and checked once.
+                    step_loss = group_loss.item()
+                    if not math.isfinite(step_loss):
+                        raise KKError(f"non-finite loss at step {state.step + 1} of fold {s.fold}{precision_hint(s.device, s.amp_dtype)}")
                     # One optimizer step per grad_accum micro-batches (the last one of an epoch may be shorter).
                     scaler.unscale_(optimizer)
                     if tc.max_grad_norm > 0:
@@ -692,8 +856,8 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     state.train_seconds = time.time() - t_start
                     s.rng = _rng_state()  # where the next step starts
                     row = {"step": state.step, "epoch": state.epoch + 1, "lr": s.scheduler.get_last_lr()[0],
-                           "train_loss": group_loss / group_seqs, "val_loss": None}
-                    group_loss, group_seqs = 0.0, 0
+                           "train_loss": step_loss / group_seqs, "val_loss": None}
+                    group_loss, group_seqs = torch.zeros((), device=s.device), 0
                     state.log.append(row)  # logged before evaluating: a Ctrl-C mid-evaluation keeps the row
                     end_of_epoch = state.micro == len(plan)
                     state.pending_eval = (state.step % eval_every == 0 or state.step >= s.total_steps
@@ -729,7 +893,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
     from .data import LABEL_COLUMNS
     from .io import write_csv, write_json
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
-    from .modeling import init_record
+    from .modeling import _classifier, init_record
     from .versions import library_versions
 
     if "probs" not in s.best:
@@ -761,6 +925,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),
         "truncation": {"train": inputs.trunc.summary(), "val": s.best["stats"].summary()},
         "device": str(s.device),
+        "attn_implementation": getattr(_classifier(s.model).config, "_attn_implementation", None),
         "versions": library_versions(),
         "init_from": init_record(s.cfg.model),
     }

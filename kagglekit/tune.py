@@ -127,7 +127,9 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
     study.set_user_attr("fold", fold)
     root = Path(runs_root) / study_name
 
+    from .memory import OutOfMemory, free_memory
     from .train import Interrupted, train_fold
+    from .ui import warn
 
     def run_trial(trial):
         params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
@@ -144,6 +146,14 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             # Ctrl-C/SIGTERM stops the worker: Optuna marks the trial failed and re-raises a
             # KeyboardInterrupt (never caught by catch=), and the CLI exits 130.
             raise KeyboardInterrupt from None
+        except OutOfMemory as e:
+            # Parameters that do not fit the GPU (a big lora.r, a long max_length): the trial is marked and
+            # fails (catch= below), the study goes on with the next one.
+            trial.set_user_attr("out_of_memory", str(e))
+            warn(f"trial {trial.number} ran out of GPU memory, marked failed: {e}")
+            raise
+        finally:
+            free_memory("cuda")  # the trial's model goes before the next one loads (a no-op on CPU)
         return metrics["val_log_loss"]
 
     mine: list[int] = []  # the trials this worker ran
