@@ -1,8 +1,9 @@
 """`kk predict`: one fold's test probabilities, with swap TTA and length-sorted batches.
 
 Each fold writes ``fold_K/test.csv`` (id + the three probabilities) and
-``fold_K/test.json`` (which test file, by sha256, and whether TTA was on), so that
-ensembling never re-runs a model that already predicted the same file.
+``fold_K/test.json`` (which test file, by sha256, whether TTA was on, and which
+training of the fold made it: its generation), so that ensembling never re-runs a
+model that already predicted the same file, and never reuses another model's.
 """
 
 from __future__ import annotations
@@ -43,12 +44,45 @@ def trained_folds(run_dir: str | os.PathLike, folds: str | list[int] | None = "a
     if folds in (None, "all"):
         if not found:
             raise KKError(f"{run_dir} has no trained fold (no fold_*/metrics.json)")
-        return sorted(found.items())
-    wanted = parse_fold_list(folds)
-    missing = [k for k in wanted if k not in found]
-    if missing:
-        raise KKError(f"fold {missing[0]} of {run_dir} is not trained (trained: {', '.join(map(str, sorted(found))) or 'none'})")
-    return [(k, found[k]) for k in wanted]
+        chosen = sorted(found.items())
+    else:
+        wanted = parse_fold_list(folds)
+        missing = [k for k in wanted if k not in found]
+        if missing:
+            raise KKError(f"fold {missing[0]} of {run_dir} is not trained (trained: {', '.join(map(str, sorted(found))) or 'none'})")
+        chosen = [(k, found[k]) for k in wanted]
+    for _, d in chosen:
+        read_metrics(d)  # a damaged fold is one line naming its file, before any work
+    return chosen
+
+
+def read_metrics(fold_path) -> dict:
+    """A fold's metrics.json, checked: a JSON object with a numeric ``val_log_loss`` and ``n_val`` (what a
+    finished training writes); anything else (cut off, a list, keys missing) is one line naming the file."""
+    import math
+
+    f = Path(fold_path) / "metrics.json"
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise KKError(f"{f}: not valid JSON (cut off or damaged); retrain the fold with kk train --force") from None
+    if not isinstance(m, dict):
+        raise KKError(f"{f}: expected a JSON object of metrics, found a {type(m).__name__}; retrain the fold with kk train --force")
+    for key in ("val_log_loss", "n_val"):
+        v = m.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise KKError(f"{f}: {key} is {'missing' if key not in m else f'not a number ({v!r})'}; retrain the fold with kk train --force")
+    return m
+
+
+def fold_generation(fold_path) -> str:
+    """Which training made the weights in ``fold_path``: the id ``kk train`` (or ``kk merge``) writes into
+    metrics.json, or for a fold trained before there were ids, the hash of its metrics.json (every training
+    writes other metrics: wall time, rates). A forced retrain that swaps a new fold in changes it."""
+    m = read_metrics(fold_path)
+    if isinstance(m.get("generation"), str) and m["generation"]:
+        return m["generation"]
+    return "metrics-" + file_sha256(Path(fold_path) / "metrics.json")
 
 
 def warn_missing_folds(run_dir, trained: list[int]) -> list[int]:
@@ -56,7 +90,15 @@ def warn_missing_folds(run_dir, trained: list[int]) -> list[int]:
     of 3 of 5 folds is legitimate but should never happen by accident. Returns the missing folds."""
     from .ui import warn
 
+    try:
+        if trained and "merged_from" in read_metrics(Path(run_dir) / f"fold_{trained[0]}"):
+            return []  # a merged run is one model: the folds file is its source's
+    except (KKError, OSError):
+        pass
     expected = set(range(max(trained) + 1)) if trained else set()
+    for d in Path(run_dir).glob("fold_*"):  # a fold folder without metrics.json: unfinished or damaged
+        if d.is_dir() and d.name[5:].isdigit():
+            expected.add(int(d.name[5:]))
     try:
         import pandas as pd
 
@@ -89,13 +131,19 @@ def fold_config(fold_path: Path):
 class FoldModel:
     """A trained fold loaded for inference: model, tokenizer, formatter, device."""
 
-    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None, device: str | None = None):
+    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None, device: str | None = None,
+                 threads: int | None = None):
         from .formatting import Formatter
         from .modeling import device_and_dtype, load_trained, quiet_libraries
 
         quiet_libraries()
         self.path = Path(fold_path)
         self.cfg = fold_config(self.path)
+        threads = self.cfg.predict.threads if threads is None else threads
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         self.device, self.dtype = device_and_dtype(precision or self.cfg.model.precision, device)
         self.model, self.tokenizer = load_trained(self.path, self.cfg, self.device, self.dtype, backbone)
         self.formatter = Formatter.from_config(self.tokenizer, self.cfg.model)
@@ -110,11 +158,12 @@ class FoldModel:
 
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: int | None = None, force: bool = False,
-                 backbone: str | None = None, test_df=None):
+                 backbone: str | None = None, test_df=None, threads: int | None = None):
     """Test probabilities of one fold as a frame ``id, winner_model_a, winner_model_b, winner_tie``.
 
-    Reuses ``fold_K/test.csv`` when it was made from the same test file with the same
-    TTA setting (unless ``force``).
+    Reuses ``fold_K/test.csv`` when the same training of the fold (its generation) made it from the same
+    test file with the same TTA setting (unless ``force``). ``threads``: torch's CPU threads (default: the
+    fold's ``predict.threads``).
     """
     import pandas as pd
 
@@ -127,8 +176,9 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
         raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists() else f"{test_path} is a folder, expected test.csv")
     sha = file_sha256(test_path)
     meta_path, out_path = path / "test.json", path / "test.csv"
+    generation = fold_generation(path)  # read before the weights: a retrain swapped in later is seen below
     if not force:
-        cached = _cached_prediction(out_path, meta_path, sha, tta)
+        cached = _cached_prediction(out_path, meta_path, sha, tta, generation)
         if cached is not None:
             return cached
     check_writable(path, f"fold {k}")
@@ -136,26 +186,42 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
         if test_df is None:
             test_df, report = load_test(test_path)
             report.print_warnings()
-        fm = FoldModel(path, backbone)
+        fm = FoldModel(path, backbone, threads=threads)
         with progress() as bar:
             res = fm.predict(test_df, tta, batch_size, bar, f"fold {k}")
         probs = res["probs"]
         if not np.isfinite(probs).all():
             raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
         out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+        # `kk train --force` swaps a retrained fold in by renaming folders: if that happened while this model
+        # predicted, these are the old model's probabilities and the folder at `path` is the new fold's.
+        _check_generation(path, generation, f"fold {k} of {run_dir}")
         # The pair test.csv + test.json is replaced file by file; test.json names the sha256 of the
         # test.csv it belongs to, so a kill between the two renames is a cache miss, never a wrong pairing.
         meta_path.unlink(missing_ok=True)
         write_csv(out_path, out)
         write_json(meta_path, {"test_file": str(test_path), "sha256": sha, "rows": len(out), "tta": tta,
-                               "output_sha256": file_sha256(out_path), "truncation": res["stats"].summary()})
+                               "generation": generation, "output_sha256": file_sha256(out_path),
+                               "truncation": res["stats"].summary()})
     return out
 
 
-def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta: bool):
-    """The cached fold prediction when it was made from this test file with this TTA setting, else None."""
+def _check_generation(path: Path, generation: str, what: str) -> None:
+    try:
+        now = fold_generation(path)
+    except (KKError, OSError):
+        now = None  # mid-swap, or damaged: not the fold these predictions came from either
+    if now != generation:
+        raise KKError(f"{what} was retrained while it predicted (its weights changed under it); its predictions were "
+                      "not written: run kk predict again")
+
+
+def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta: bool, generation: str):
+    """The cached fold prediction when this training of the fold (``generation``) made it from this test file
+    with this TTA setting, else None."""
     import pandas as pd
 
+    from .data import read_probs
     from .ui import warn
 
     if not (out_path.exists() and meta_path.exists()):
@@ -167,15 +233,17 @@ def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta: bool):
     except (ValueError, UnicodeDecodeError) as e:
         warn(f"{meta_path} is corrupt ({e}); predicting again")
         return None
-    if meta.get("sha256") != sha or meta.get("tta") != tta:
-        return None
+    if meta.get("sha256") != sha or meta.get("tta") != tta or meta.get("generation") != generation:
+        return None  # another test file, TTA setting, or another training of the fold (or a cache older than ids)
     if meta.get("output_sha256") != file_sha256(out_path):
         warn(f"{out_path} does not match {meta_path}; predicting again")
         return None
     try:
-        return pd.read_csv(out_path, dtype={"id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        ids, probs = read_probs(out_path, "fold test predictions")
+    except KKError as e:
+        warn(f"{e}; predicting again")
         return None
+    return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
 
 
 class Predictor:

@@ -89,8 +89,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         raise KKError(f"--machine-shape must be one of {', '.join(MACHINE_SHAPES)} (got {machine_shape!r})")
 
     from ..data import load_train
-    from ..ensemble import calibrate, common_oof, load_run_oof
-    from ..io import atomic_dir, write_json
+    from ..ensemble import choose_calibration, common_oof, load_run_oof
+    from ..io import atomic_dir, claim_output_dir, mark_output_dir, write_json
     from ..predict import fold_config, trained_folds, warn_missing_folds
     from ..ui import info
 
@@ -99,9 +99,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     slug = slugify(name)
     user = kaggle_user(user)
     out = Path(out) if out else Path("kernels") / slug
-    if out.exists() and not force:
-        raise KKError(f"{out} already exists; pass --force to rebuild it")
     runs = [Path(r) for r in runs]
+    claim_output_dir(out, force, "kernel", sources=runs)  # --force replaces an earlier kernel, nothing else
     run_folds = [(r, trained_folds(r, folds)) for r in runs]
     if folds in (None, "all"):
         for r, found in run_folds:
@@ -119,14 +118,17 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         train_df = None
     if fit and train_df is not None:
         labels = dict(zip(train_df["id"], train_df["label"]))
-        oofs, y, oof_folds = common_oof([load_run_oof(r, folds, labels) for r in runs], labels, with_folds=True)
-        if len(y):
-            w, temperature, _, _ = calibrate(oofs, y, folds=oof_folds)
+        preds = [load_run_oof(r, folds, labels) for r in runs]
+        oofs, y, oof_folds = common_oof(preds, labels, with_folds=True)
+        if len(y):  # never fitted on a merged run's borrowed OOF (choose_calibration says what it did)
+            w, temperature, _, _, note = choose_calibration(preds, oofs, y, oof_folds)
             weights = w.tolist()
+            info(f"calibration: {note}")
 
     check_fits_t4(run_folds)
 
     with atomic_dir(out) as tmp:
+        mark_output_dir(tmp, "kernel")
         art = tmp / "datasets" / f"{slug}-artifacts"
         whl = tmp / "datasets" / f"{slug}-wheels"
         manifest = {"name": slug, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
