@@ -375,8 +375,8 @@ RESUME_MAY_CHANGE = ("name", "data.test", "train.threads", "train.checkpoint_min
 
 def check_resumed_config(cfg: Config, work: Path) -> None:
     """Refuse, in one line naming the keys, a --resume whose config would change the checkpoint's training.
-    The fold's config.yaml is the checkpoint's: it is written once training starts and rewritten only here-after
-    with changes that leave the training as it was."""
+    The fold's config.yaml is the checkpoint's: written when its training started, and rewritten on a resume
+    only after this check passed (so only with changes that leave the training as it was)."""
     from .config import config_from_dict, read_yaml
 
     saved_path = work / "config.yaml"

@@ -263,8 +263,8 @@ def test_resume_refuses_a_config_that_changes_the_training(tiny_project, tmp_pat
 
 # --- 8. probability files are probabilities ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("row, what", [("3,-1.5,-0.5", "a negative probability"), ("0,0,0", "do not sum to 1"),
-                                       ("0.2,nan,0.8", "NaN or infinite"), ("0.5,0.5,0.5", "do not sum to 1")])
+@pytest.mark.parametrize("row, what", [("3,-1.5,-0.5", "a negative probability"), ("0,0,0", "probabilities that do not sum to 1"),
+                                       ("0.2,nan,0.8", "NaN or infinite"), ("0.5,0.5,0.5", "probabilities that do not sum to 1")])
 def test_probability_files_are_validated_on_reading(tmp_path, row, what):
     from kagglekit.data import read_probs
 
