@@ -238,8 +238,8 @@ def _judge_against_source(run_dir, found, cfg, merged, check_rows: int) -> tuple
     check["far"] = far_from_ensemble(check)
     if check["far"]:
         warn(f"kk merge: the merged model is {check['mean_abs_diff']:.4f} from the fold ensemble on {check['rows']} OOF rows "
-             f"(mean |p_merged - p_folds|), about as far as a single fold ({check['fold_mean_abs_diff']:.4f}): it does "
-             "not stand for the ensemble; try --method delta, or folds trained from one initialisation (this version)")
+             f"(mean |p_merged - p_folds|), not much closer to it than a single fold is ({check['fold_mean_abs_diff']:.4f}): "
+             "it does not stand for the ensemble; try --method delta, or folds trained from one initialisation (this version)")
     return calibration, check
 
 
