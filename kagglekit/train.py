@@ -661,9 +661,9 @@ def check_checkpoint(s: Session, ck, path) -> None:
                        f"the parameter's is {tuple(params[i].shape)}")
     # Progress: plain counts, within what this run can reach.
     prog = ck["progress"]
-    names = {f.name for f in fields(Progress)}
-    if not isinstance(prog, dict) or set(prog) != names:
+    if not isinstance(prog, dict) or set(prog) - {f.name for f in fields(Progress)}:
         refuse("its progress record is not this version's")
+    prog = {**asdict(Progress()), **prog}  # a field an older version did not write takes its default
     for key in ("epoch", "micro", "step", "samples", "best_step", "bad_evals", "evals"):
         v = prog[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
