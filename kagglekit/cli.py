@@ -196,6 +196,7 @@ def tiny_model_cmd(
     vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     hidden: int = typer.Option(64, "--hidden", help="Hidden size."),
     layers: int = typer.Option(2, "--layers", help="Number of layers."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier tiny model in OUT_DIR (never a folder kk tiny-model did not make)."),
 ):
     """Build a tiny random model + tokenizer offline (for tests, demos and CPU smoke runs).
 
@@ -204,7 +205,7 @@ def tiny_model_cmd(
     from .tiny import build_tiny_model
     from .ui import info
 
-    path = build_tiny_model(out_dir, arch, str(train) if train else None, vocab_size, hidden, layers)
+    path = build_tiny_model(out_dir, arch, str(train) if train else None, vocab_size, hidden, layers, force=force)
     info(f"wrote a tiny {arch} model to {path} (load it with model.backbone={path})")
 
 
@@ -219,17 +220,18 @@ def predict_cmd(
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     force: bool = typer.Option(False, "--force", help="Predict again even if fold_K/test.csv is up to date."),
     set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: the fold's predict.threads, 0 = torch's own)."),
 ):
     """One fold's test probabilities -> runs/<experiment>/fold_K/test.csv (test.<key>.csv at other --set settings).
 
-    Example: kk predict --run runs/deberta-v3-base --fold 0 --test data/test.csv
+    Example: kk predict --run runs/deberta-v3-base --fold 0 --test data/test.csv --threads 4
     At 8-bit and 8192 tokens: kk predict --run runs/gemma2-9b-qlora --fold 0 --set predict.quantization=8bit --set predict.max_length=8192
     """
     from .predict import PROB_COLUMNS, predict_fold
     from .ui import console, table
 
     df = predict_fold(run, fold, test, tta="uncertain" if tta and tta_uncertain else tta, batch_size=batch_size, force=force,
-                      backbone=backbone, overrides=set_)
+                      backbone=backbone, overrides=set_, threads=threads)
     means = df[list(PROB_COLUMNS)].mean()
     console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
                         [[c, float(means[c])] for c in PROB_COLUMNS]))
@@ -254,6 +256,7 @@ def ensemble_cmd(
                                         "labelled fold j's rows trained on fold K's): use kk distill-labels for students."),
     force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
     set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: each fold's predict.threads, 0 = torch's own)."),
 ):
     """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv.
 
@@ -264,7 +267,7 @@ def ensemble_cmd(
 
     ensemble(run, test, out, folds=folds, method=method, fit=fit, tta="uncertain" if tta and tta_uncertain else tta, force=force,
              sample_submission=sample_submission, train_path=train, backbone=backbone,
-             bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out, overrides=set_)
+             bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out, overrides=set_, threads=threads)
 
 
 @command("distill-labels")
@@ -373,17 +376,30 @@ def merge_cmd(
     folds: str = typer.Option("all", "--folds", help="Folds to merge: all, or e.g. 0,2,4."),
     unload: bool = typer.Option(False, "--unload", help="With factors: fold the averaged adapter into a plain model (faster inference)."),
     test: Path | None = typer.Option(None, "--test", help="Compare the merged model with the fold ensemble on these rows: distance and speed-up."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing merged run."),
+    check_rows: int = typer.Option(200, "--check-rows", min=0, help="Compare the merged model with the fold ensemble on this many OOF rows (0 skips); a large distance is warned about."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier kk merge output (never the run itself or a folder kk merge did not make)."),
 ):
     """Merge a run's fold LoRA adapters into one model: a run of its own for kk predict / ensemble / kernel.
 
     Example: kk merge --run runs/deberta-v3-base --method delta --test data/test.csv
     """
+    import json
+
     from .merge import compare_with_folds, merge_run
     from .ui import console, info, table
 
-    path = merge_run(run, out or run.with_name(f"{run.name}-merged"), folds, method, unload, force)
-    info(f"wrote {path} (a one-fold run: kk ensemble --run {path})")
+    path = merge_run(run, out or run.with_name(f"{run.name}-merged"), folds, method, unload, force, check_rows)
+    metrics = json.loads((path / "fold_0" / "metrics.json").read_text())
+    c = metrics.get("fold_ensemble_check")
+    if c:
+        console.print(table(f"merged ({method}) vs the fold ensemble on {c['rows']} OOF rows", ["measure", "value"],
+                            [["mean |p_merged - p_folds|", c["mean_abs_diff"]], ["max |p_merged - p_folds|", c["max_abs_diff"]],
+                             ["a single fold's mean |p_fold - p_folds|", c["fold_mean_abs_diff"]],
+                             ["same argmax", c["argmax_agreement"]],
+                             ["verdict", "far: it does not stand for the ensemble" if c["far"] else "close"]], floats="{:.5f}"))
+    cal = metrics.get("calibration")
+    info(f"wrote {path} (a one-fold run: kk ensemble --run {path}); calibration carried over for kk ensemble: "
+         + (f"temperature {cal['temperature']:.3f} (the source folds' cross-fitted choice)" if cal and cal["kept"] else "none"))
     if test is not None:
         c = compare_with_folds(run, path, test, folds)
         console.print(table(f"merged ({method}) vs the fold ensemble on {c['rows']} rows of {test}", ["measure", "value"],

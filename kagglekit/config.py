@@ -210,7 +210,8 @@ class TrainConfig(_Section):
         "per-row position ids (varlen attention); the last token of each row is pooled. Not for encoders (DeBERTa).",
     )
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit); for smoke runs.")
-    threads: int = Field(0, ge=0, description="CPU threads for torch (0 = torch's default).")
+    threads: int = Field(0, ge=0, description="CPU threads for torch while training and evaluating (0 = torch's default); "
+                         "inference has predict.threads.")
     checkpoint_minutes: float = Field(
         5.0, ge=0, description="Also checkpoint every N minutes between evaluations, so preemption loses little (0 = only at evaluations)."
     )
@@ -248,6 +249,8 @@ class PredictConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
         None, description="Inference precision; null = as trained (model.precision).",
     )
+    threads: int = Field(0, ge=0, description="CPU threads for torch in kk predict / ensemble / predict-one / merge's check "
+                         "(0 = torch's default); kk predict and kk ensemble --threads override it.")
 
 
 class TuneParam(_Section):

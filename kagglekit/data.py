@@ -251,9 +251,14 @@ def _one_hot_label(row) -> int:
     return values.index(1.0)
 
 
+PROB_TOLERANCE = 1e-3  # rows of a probability file sum to 1 within this (soft labels may be rounded)
+
+
 def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
     """(ids, (n, 3) array) from a CSV ``id,winner_model_a,winner_model_b,winner_tie``:
-    OOF and test predictions, soft labels. Missing columns and NaN rows are errors naming the file."""
+    OOF and test predictions, soft labels: the one reader of probability files. A missing column, no
+    rows, or a row that is not a probability distribution (NaN, infinite, negative, not summing to 1
+    within :data:`PROB_TOLERANCE`) is an error naming the file and the row's id."""
     import numpy as np
 
     path = Path(path)
@@ -271,9 +276,16 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
         p = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
     except ValueError:
         raise KKError(f"{path}: probability columns hold text, not numbers") from None
-    bad = ~np.isfinite(p).all(axis=1)
-    if bad.any():
-        raise KKError(f"{path}: row id {df['id'][bad].iloc[0]} has NaN or infinite probabilities")
+    if len(df) == 0:
+        raise KKError(f"{path}: no rows (only a header)")
+    checks = ((~np.isfinite(p).all(axis=1), "NaN or infinite probabilities"),
+              ((p < 0).any(axis=1), "a negative probability"),
+              (np.abs(p.sum(axis=1) - 1) > PROB_TOLERANCE, "probabilities that do not sum to 1"))
+    for bad, what_is_wrong in checks:
+        if bad.any():
+            first = int(bad.argmax())
+            raise KKError(f"{path}: row id {df['id'].iloc[first]} has {what_is_wrong} ({', '.join(f'{v:g}' for v in p[first])})"
+                          + (f"; {int(bad.sum())} such rows" if bad.sum() > 1 else ""))
     return df["id"].to_numpy(), p
 
 

@@ -38,7 +38,7 @@ def run_demo(out_dir=None, n: int = 600, k: int = 3, epochs: int | None = None, 
     write_csv(data / "train.csv", make_synthetic(n, seed=seed))
     write_csv(data / "test.csv", make_synthetic(max(20, n // 6), seed=seed + 1, with_labels=False))
     step(2, "tiny DeBERTa-v2 backbone, tokenizer trained on the data")
-    backbone = build_tiny_model(out / "models" / "tiny-deberta", "deberta-v2", str(data / "train.csv"))
+    backbone = build_tiny_model(out / "models" / "tiny-deberta", "deberta-v2", str(data / "train.csv"), force=True)
     step(3, f"{k} stratified, prompt-grouped folds")
     df, _ = load_train(data / "train.csv")
     write_folds(make_folds(df, k, seed), out / "folds" / "folds.csv", force=True)

@@ -125,6 +125,35 @@ def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean", folds
     return np.ones(len(oofs)) / len(oofs), 1.0, base, report
 
 
+def choose_calibration(preds: list, oofs: list[np.ndarray], y: np.ndarray, folds=None, method: str = "mean",
+                       fit: bool = True) -> tuple:
+    """(weights, temperature, calibrated OOF, cross-fitting report or None, a note saying where they come from).
+
+    Weights and a temperature are fitted only on OOF the runs' own models produced. A merged run's OOF is
+    its source folds' (``kk merge``): fitting on it would calibrate one model on another's predictions. Alone,
+    it carries over what ``kk merge`` recorded: its source fold ensemble's cross-fitted temperature when that
+    was kept, else none; blended with other runs, nothing is fitted (equal weights, temperature 1).
+    """
+    equal = np.ones(len(oofs)) / len(oofs)
+    base = combine(oofs, method=method)
+    if not fit:
+        return equal, 1.0, base, None, "none (--no-fit)"
+    borrowed = [rp for rp in preds if rp.borrowed is not None]
+    if not borrowed:
+        weights, t, calibrated, report = calibrate(oofs, y, method, folds)
+        return weights, t, calibrated, report, "cross-fitted on the runs' OOF" + ("" if report["kept"] else ": not kept")
+    why = f"{borrowed[0].run}'s OOF is its source folds' (kk merge), not its own predictions"
+    if len(preds) > 1:
+        return equal, 1.0, base, None, f"none (equal weights, temperature 1): {why}"
+    rec = borrowed[0].borrowed
+    t = rec.get("temperature")
+    if rec.get("kept") and isinstance(t, (int, float)) and not isinstance(t, bool) and 0.2 <= t <= 5.0:
+        return equal, float(t), apply_temperature(base, float(t)), None, (
+            f"carried over from {rec.get('source', 'the source run')}: its fold ensemble's cross-fitted temperature "
+            f"{t:.3f} ({why})")
+    return equal, 1.0, base, None, f"none: the source fold ensemble's calibration was not kept or not recorded ({why})"
+
+
 def common_oof(preds: list, labels_by_id: dict, with_folds: bool = False):
     """The runs' OOF arrays on the ids they all cover (sorted), and those ids' labels
     (and, ``with_folds``, the first run's fold of each row: what cross-fitting splits by)."""
@@ -154,13 +183,20 @@ class RunPredictions:
     per_fold: list[dict] = field(default_factory=list)
     test: np.ndarray | None = None
     oof_folds: np.ndarray | None = None  # the fold each OOF row was validated in
+    borrowed: dict | None = None  # a merged run: its OOF is its source folds'; what kk merge recorded of their calibration
 
 
 def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None) -> RunPredictions:
     """A run's OOF predictions with their labels. ``skipped``: ids the train file's loader skipped
     (``--bad-rows skip``); their OOF rows are left out instead of being an error."""
+    from .predict import read_metrics
+
     ids, oof, oof_nt, per_fold, fold_ids = [], [], [], [], []
+    borrowed = None
     for k, path in trained_folds(run_dir, folds):
+        m = read_metrics(path)
+        if "merged_from" in m:
+            borrowed = m.get("calibration") if isinstance(m.get("calibration"), dict) else {}
         fid, p = read_probs(path / "oof.csv")
         nt_path = path / "oof_no_tta.csv"
         _, pnt = read_probs(nt_path) if nt_path.exists() else (fid, p)
@@ -181,16 +217,18 @@ def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None)
         raise KKError(f"{run_dir}: an id appears in the OOF of two folds (were the folds changed between trainings?)")
     row_folds = np.concatenate([np.full(len(i), k) for i, k in zip(ids, fold_ids)])
     return RunPredictions(Path(run_dir), fold_ids, all_ids, np.concatenate(oof), np.concatenate(oof_nt), per_fold,
-                          oof_folds=row_folds)
+                          oof_folds=row_folds, borrowed=borrowed)
 
 
 def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: str, tta: bool, force: bool,
-                  test_df=None, backbone: str | None = None, overrides: list[str] | None = None) -> np.ndarray:
+                  test_df=None, backbone: str | None = None, overrides: list[str] | None = None,
+                  threads: int | None = None) -> np.ndarray:
     from .predict import predict_fold
 
     fold_probs = []
     for k in rp.folds:
-        df = predict_fold(rp.run, k, test_path, tta=tta, force=force, backbone=backbone, test_df=test_df, overrides=overrides)
+        df = predict_fold(rp.run, k, test_path, tta=tta, force=force, backbone=backbone, test_df=test_df, overrides=overrides,
+                          threads=threads)
         if len(df) != len(test_ids) or (df["id"].to_numpy() != test_ids).any():
             raise KKError(f"{rp.run}/fold_{k}/test.csv holds other ids than {test_path}; rerun with --force")
         p = df[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
@@ -292,9 +330,11 @@ def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
 
 def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all", method: str = "mean",
              fit: bool = True, tta: bool = True, force: bool = False, sample_submission=None, train_path=None,
-             backbone: str | None = None, bad_rows: str | None = None, oof_out=None, overrides: list[str] | None = None) -> dict:
+             backbone: str | None = None, bad_rows: str | None = None, oof_out=None, overrides: list[str] | None = None,
+             threads: int | None = None) -> dict:
     """Average folds (and runs), calibrate on OOF, write the submission; returns a report. ``overrides``:
-    ``--set predict.*`` inference settings for every fold (its config.yaml stays as trained)."""
+    ``--set predict.*`` inference settings for every fold (its config.yaml stays as trained). ``threads``: torch's CPU
+    threads (default: each fold's ``predict.threads``)."""
     from .config import apply_predict_overrides
     from .data import load_test, load_train
     from .predict import fold_config
@@ -325,11 +365,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
 
     base = combine(oofs, method=method)
     before = log_loss(base, y)
-    cal = None
-    if fit:
-        weights, temperature, calibrated, cal = calibrate(oofs, y, method, oof_folds)
-    else:
-        weights, temperature, calibrated = np.ones(len(oofs)) / len(oofs), 1.0, base
+    weights, temperature, calibrated, cal, cal_note = choose_calibration(preds, oofs, y, oof_folds, method, fit)
     after = log_loss(calibrated, y)
     if oof_out is not None:
         # The calibrated OOF ensemble: a teacher's soft labels for every training row (distillation).
@@ -344,7 +380,8 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     test_df, report = load_test(test_path)
     report.print_warnings()
     test_ids = test_df["id"].to_numpy()
-    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone, overrides) for rp in preds]
+    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone, overrides,
+                                 threads) for rp in preds]
     final = finalize_probs(apply_temperature(combine(test_probs, weights, method), temperature))
     path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission)
 
@@ -363,9 +400,10 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
                              [f"held-out folds (cross-fitted, {cal['folds']} folds)", cal["cross_fitted"]],
                              ["verdict", "kept" if cal["kept"] else "not kept: it does not generalise"]]))
     console.print(
-        f"weights {', '.join(f'{w:.3f}' for w in weights)}; temperature {temperature:.3f}; "
+        f"calibration: {cal_note}\nweights {', '.join(f'{w:.3f}' for w in weights)}; temperature {temperature:.3f}; "
         f"OOF {before:.4f} -> {after:.4f}; wrote {path} ({len(test_ids)} rows)",
         highlight=False,
     )
     return {"submission": path, "oof_before": before, "oof_after": after, "weights": weights.tolist(), "calibration": cal,
-            "temperature": temperature, "test_probs": final, "test_ids": test_ids, "per_run": preds}
+            "calibration_source": cal_note, "temperature": temperature, "test_probs": final, "test_ids": test_ids,
+            "per_run": preds}

@@ -113,6 +113,54 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+OUTPUT_MARKER = ".kk-output.json"  # in every folder a command writes whole: which command made it
+
+
+def claim_output_dir(path: str | os.PathLike, force: bool, command: str, sources=()) -> None:
+    """The policy for a folder a command writes whole (``kk merge --out``, ``kk kernel --out``, ``kk tiny-model``).
+
+    A missing or empty folder is free. Anything else is refused without ``--force``; with it, only a folder an
+    earlier run of the same command made (its :data:`OUTPUT_MARKER` names the command) may be replaced, so a
+    mistyped ``--out`` can never delete a trained run, a backbone or a parent folder of other work. ``sources``
+    (the command's inputs) are never replaced, nor a folder holding them, whatever the marker says.
+    """
+    path = Path(path)
+    target = path.resolve()
+    for src in sources:
+        src = Path(src).resolve()
+        if target == src or target in src.parents:
+            what = "is" if target == src else "holds"
+            raise KKError(f"--out {path} {what} the input {src}; choose another folder")
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise KKError(f"--out {path} exists and is not a folder")
+    if not any(path.iterdir()):
+        return
+    if not force:
+        raise KKError(f"{path} already exists; pass --force to replace it")
+    made_by = output_command(path)
+    if made_by != command:
+        by = f"made by kk {made_by}" if made_by else f"not made by kk {command} (no {OUTPUT_MARKER})"
+        raise KKError(f"{path} is {by}; --force replaces only an earlier kk {command} output: choose another folder "
+                      "or remove it yourself")
+
+
+def output_command(path: str | os.PathLike) -> str | None:
+    """The command named by a folder's :data:`OUTPUT_MARKER`, or None."""
+    try:
+        marker = json.loads((Path(path) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker.get("command") if isinstance(marker, dict) and isinstance(marker.get("command"), str) else None
+
+
+def mark_output_dir(folder: str | os.PathLike, command: str) -> None:
+    """Sign a folder as ``command``'s output (call it on the temporary folder of :func:`atomic_dir`); no time
+    stamp, so an output stays byte-identical from run to run."""
+    write_json(Path(folder) / OUTPUT_MARKER, {"command": command})
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

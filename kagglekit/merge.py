@@ -3,7 +3,10 @@
 Two methods, because averaging LoRA factors is not averaging their products:
 
 - ``factors``: average each ``lora_A`` and each ``lora_B`` over the folds (and the fully trained
-  heads). Cheap, stays an adapter of the same rank, but ``mean(B) mean(A) != mean(B A)``.
+  heads). Cheap, stays an adapter of the same rank, but ``mean(B) mean(A) != mean(B A)``: close only
+  because every fold starts from the same initialisation (``kk train`` seeds it with ``seed``, not
+  ``seed + fold``), so the folds' factors stay near one another; factors drawn apart average to a model
+  far from the fold ensemble.
 - ``delta``: exact. Each fold's update ``dW_k = (alpha / r) B_k A_k`` is averaged and added to the
   base weights (``W + mean_k dW_k``); the heads are averaged. The result is a plain model (no
   adapter): what ``merge_and_unload`` of the averaged update would give.
@@ -11,14 +14,18 @@ Two methods, because averaging LoRA factors is not averaging their products:
 ``--unload`` with ``factors`` also folds the averaged adapter into a plain model. The merged model
 is a run of its own (``<out>/fold_0``) that ``kk predict``, ``kk ensemble`` and ``kk kernel`` take.
 Its ``oof.csv`` is the source folds' OOF (the merged model has seen every training row, so it has
-no honest OOF of its own); ``metrics.json`` says so.
+no honest OOF of its own); ``metrics.json`` says so, and records the source fold ensemble's
+cross-fitted calibration, which ``kk ensemble`` carries over instead of fitting one on borrowed OOF.
+By default the merged model is compared with the fold ensemble on a sample of the OOF rows, with a
+warning when it is about as far from it as a single fold is.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +34,52 @@ from .errors import KKError
 
 ADAPTER = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+TOKENIZER_FILES = ("tokenizer.json", "spm.model", "sentencepiece.bpe.model", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "merges.txt")  # what decides the token ids (not tokenizer_config.json, which may name a path)
+FAR_FROM_ENSEMBLE = 0.5  # warn when the merged model is this share of a single fold's distance from the fold ensemble
+
+
+def load_adapter_weights(fold_path) -> dict:
+    """A fold's adapter tensors (safetensors: nothing loaded executes code; a damaged file is one line naming it);
+    the one place kk merge reads them."""
+    from .io import load_safetensors
+
+    return load_safetensors(Path(fold_path) / ADAPTER)
+
+
+def _base_record(fold_path: Path) -> dict:
+    """What a fold's adapter was trained over: the backbone (a local folder by its resolved path), how it
+    was read (pooling, quantization) and the tokenizer's files by hash."""
+    from .predict import fold_config
+
+    cfg = fold_config(fold_path)
+    backbone = cfg.model.backbone
+    if Path(backbone).expanduser().is_dir():
+        backbone = str(Path(backbone).expanduser().resolve())
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (fold_path / name).is_file():
+            h.update(name.encode() + b"\0" + (fold_path / name).read_bytes())
+    return {"backbone": backbone, "pooling": cfg.model.pooling, "quantization": cfg.model.quantization,
+            "tokenizer": h.hexdigest()[:16]}
+
+
+def check_same_base(folds: list[tuple[int, Path]]) -> None:
+    """Adapters merge only over one backbone and one tokenizer: compared from what each fold recorded
+    (config.yaml, its tokenizer files) before any tensor is read."""
+    k0, ref = folds[0][0], _base_record(folds[0][1])
+    for _, p in folds[1:]:
+        rec = _base_record(p)
+        diff = [key for key in ref if rec[key] != ref[key]]
+        if diff:
+            what = "; ".join(f"{key} {rec[key]!r}, fold {k0}'s {ref[key]!r}" if key != "tokenizer" else
+                             "its tokenizer files differ" for key in diff)
+            raise KKError(f"{p}: trained over another base than fold {k0} ({what}); only folds of one backbone and "
+                          "tokenizer merge")
 
 
 def _load_adapters(folds: list[tuple[int, Path]]) -> tuple[list[dict], dict]:
     from .adapters import read_adapter_config
-    from .io import load_safetensors
 
     configs = [read_adapter_config(p) for _, p in folds]
     keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
@@ -41,9 +89,14 @@ def _load_adapters(folds: list[tuple[int, Path]]) -> tuple[list[dict], dict]:
             raise KKError(f"{p}: adapter differs from fold {folds[0][0]}'s in {', '.join(diff)}; only adapters of one base and rank merge")
     if configs[0].get("use_dora"):
         raise KKError("DoRA adapters do not merge by averaging; retrain with plain LoRA")
-    states = [load_safetensors(p / ADAPTER) for _, p in folds]
+    states = [load_adapter_weights(p) for _, p in folds]
     if any(set(s) != set(states[0]) for s in states[1:]):
         raise KKError("the fold adapters hold different tensors; were they trained with one config?")
+    for (_, p), st in zip(folds[1:], states[1:]):
+        for key, value in st.items():
+            if value.shape != states[0][key].shape:
+                raise KKError(f"{p / ADAPTER}: {key} has shape {tuple(value.shape)}, fold {folds[0][0]}'s "
+                              f"{tuple(states[0][key].shape)}; only adapters of one base and rank merge")
     return states, configs[0]
 
 
@@ -72,21 +125,25 @@ def lora_deltas(states: list[dict], adapter_cfg: dict) -> dict:
     return out
 
 
-def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool = False, force: bool = False) -> Path:
-    """Merge the fold adapters of ``run_dir`` into ``out/fold_0``; returns ``out``."""
+def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool = False, force: bool = False,
+              check_rows: int = 200) -> Path:
+    """Merge the fold adapters of ``run_dir`` into ``out/fold_0``; returns ``out``.
+
+    ``check_rows``: compare the merged model with the fold ensemble on this many OOF rows (0: skip); the result
+    is in its metrics.json (``fold_ensemble_check``), with a warning when it is far."""
     import pandas as pd
     import torch
 
-    from .io import atomic_dir, write_json, write_text
+    from .data import read_probs
+    from .io import atomic_dir, claim_output_dir, mark_output_dir, write_json, write_text
     from .modeling import load_backbone, load_tokenizer, quiet_libraries, save_model
-    from .predict import fold_config, trained_folds
+    from .predict import PROB_COLUMNS, fold_config, read_metrics, trained_folds
 
     quiet_libraries()
     if method not in ("factors", "delta"):
         raise KKError(f"--method must be factors or delta (got {method!r})")
     out = Path(out)
-    if out.exists() and not force:
-        raise KKError(f"{out} already exists; pass --force to replace it")
+    claim_output_dir(out, force, "merge", sources=[run_dir])  # --force replaces an earlier merge, nothing else
     found = trained_folds(run_dir, folds)
     if len(found) < 2:
         raise KKError(f"{run_dir}: merging needs at least two trained folds (found {len(found)})")
@@ -95,9 +152,14 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
     cfg = fold_config(found[0][1])
     if cfg.model.quantization != "none" and (method == "delta" or unload):
         raise KKError("a quantized base cannot take merged weights; use --method factors without --unload")
+    check_same_base(found)
+    source = [read_metrics(p) for _, p in found]
+    oof = [read_probs(p / "oof.csv", "OOF") for _, p in found]
+    oof_nt = [read_probs(p / "oof_no_tta.csv", "OOF") for _, p in found if (p / "oof_no_tta.csv").exists()]
     states, adapter_cfg = _load_adapters(found)
     t0 = time.time()
     with atomic_dir(out) as tmp:
+        mark_output_dir(tmp, "merge")
         dst = tmp / "fold_0"
         dst.mkdir()
         tokenizer = load_tokenizer(str(found[0][1]))
@@ -126,25 +188,66 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
                 params[name].data.copy_(value.to(params[name].dtype))
             save_model(model, tokenizer, dst)
             del model
+        merge_s = round(time.time() - t0, 2)
         merged_cfg = cfg.model_copy(update={"name": f"{cfg.name}-merged"})
         write_text(dst / "config.yaml", merged_cfg.to_yaml())
-        oof, oof_nt = [], []
-        for _, p in found:
-            oof.append(pd.read_csv(p / "oof.csv", dtype={"id": str}))
-            if (p / "oof_no_tta.csv").exists():
-                oof_nt.append(pd.read_csv(p / "oof_no_tta.csv", dtype={"id": str}))
-        pd.concat(oof).to_csv(dst / "oof.csv", index=False)
+
+        def frame(parts):
+            ids = np.concatenate([i for i, _ in parts])
+            probs = np.concatenate([p for _, p in parts])
+            return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+
+        frame(oof).to_csv(dst / "oof.csv", index=False)
         if len(oof_nt) == len(oof):
-            pd.concat(oof_nt).to_csv(dst / "oof_no_tta.csv", index=False)
-        source = [json.loads((p / "metrics.json").read_text()) for _, p in found]
+            frame(oof_nt).to_csv(dst / "oof_no_tta.csv", index=False)
+        calibration, check = _judge_against_source(run_dir, found, cfg, tmp, check_rows)
         write_json(dst / "metrics.json", {
-            "fold": 0, "merged_from": str(run_dir), "source_folds": [k for k, _ in found], "method": method,
-            "unloaded": bool(method == "delta" or unload), "oof": "the source folds' OOF, not this model's own",
+            "fold": 0, "generation": uuid.uuid4().hex, "merged_from": str(run_dir), "source_folds": [k for k, _ in found],
+            "method": method, "unloaded": bool(method == "delta" or unload), "oof": "the source folds' OOF, not this model's own",
             "val_log_loss": float(np.average([m["val_log_loss"] for m in source], weights=[m["n_val"] for m in source])),
-            "n_val": int(sum(m["n_val"] for m in source)), "merge_s": round(time.time() - t0, 2),
-            "versions": source[0].get("versions"),
+            "n_val": int(sum(m["n_val"] for m in source)), "merge_s": merge_s, "versions": source[0].get("versions"),
+            # what kk ensemble applies to this model instead of fitting on OOF it did not produce
+            "calibration": calibration, "fold_ensemble_check": check,
         })
     return out
+
+
+def _judge_against_source(run_dir, found, cfg, merged, check_rows: int) -> tuple[dict | None, dict | None]:
+    """(the source fold ensemble's cross-fitted calibration, the merged model's distance from the fold ensemble
+    on ``check_rows`` OOF rows); either is None, with a warning, when the train file cannot be read."""
+    from .data import load_train
+    from .ensemble import calibrate, load_run_oof
+    from .ui import warn
+
+    try:
+        train_df, report = load_train(cfg.data.train, cfg.data.bad_rows)
+        labels = dict(zip(train_df["id"], train_df["label"]))
+        rp = load_run_oof(run_dir, [k for k, _ in found], labels, {rid for rid, _ in report.skipped})
+    except (KKError, OSError) as e:
+        warn(f"kk merge: no calibration carried over and no comparison with the fold ensemble: {e}")
+        return None, None
+    y = np.array([labels[i] for i in rp.oof_ids])
+    _, t, _, cal = calibrate([rp.oof], y, folds=rp.oof_folds)
+    calibration = {"source": str(run_dir), "temperature": float(t), "kept": bool(cal["kept"]),
+                   "uncalibrated": cal["uncalibrated"], "cross_fitted": cal["cross_fitted"]}
+    if check_rows <= 0:
+        return calibration, None
+    rng = np.random.default_rng(cfg.seed)
+    ids = set(rng.choice(rp.oof_ids, size=min(check_rows, len(rp.oof_ids)), replace=False).tolist())
+    rows = train_df[train_df["id"].isin(ids)].reset_index(drop=True)
+    check = compare_with_folds(run_dir, merged, rows=rows, folds=[k for k, _ in found])
+    check = {k: check[k] for k in ("rows", "mean_abs_diff", "max_abs_diff", "fold_mean_abs_diff", "argmax_agreement")}
+    check["far"] = far_from_ensemble(check)
+    if check["far"]:
+        warn(f"kk merge: the merged model is {check['mean_abs_diff']:.4f} from the fold ensemble on {check['rows']} OOF rows "
+             f"(mean |p_merged - p_folds|), not much closer to it than a single fold is ({check['fold_mean_abs_diff']:.4f}): "
+             "it does not stand for the ensemble; try --method delta, or folds trained from one initialisation (this version)")
+    return calibration, check
+
+
+def far_from_ensemble(check: dict) -> bool:
+    """A merged model stands for the fold ensemble when it is much closer to it than a single fold is."""
+    return bool(check["mean_abs_diff"] > max(FAR_FROM_ENSEMBLE * check["fold_mean_abs_diff"], 1e-3))
 
 
 def _base_param(path: str, params: dict, leaf: str = "weight") -> str:
@@ -159,15 +262,17 @@ def _base_param(path: str, params: dict, leaf: str = "weight") -> str:
     raise KKError(f"merging: the base model has no parameter for {path}.{leaf}")
 
 
-def compare_with_folds(run_dir, merged, test_path, folds="all") -> dict:
-    """How far the merged model's test probabilities are from the fold ensemble's, and the speed-up of
-    one pass instead of K (both with swap TTA, on rows no model was validated on)."""
+def compare_with_folds(run_dir, merged, test_path=None, folds="all", rows=None) -> dict:
+    """How far the merged model's probabilities are from the fold ensemble's (both with swap TTA) on the rows
+    of ``test_path`` (or the parsed ``rows``): mean and max |p_merged - p_folds|, a single fold's mean distance
+    from the ensemble for scale, and the speed-up of one pass instead of K."""
     from .data import load_test
     from .predict import FoldModel, trained_folds
 
-    df, _ = load_test(test_path)
+    df = rows if rows is not None else load_test(test_path)[0]
     t = time.time()
-    ens = np.mean([FoldModel(p).predict(df)["probs"] for _, p in trained_folds(run_dir, folds)], axis=0)
+    parts = [FoldModel(p).predict(df)["probs"] for _, p in trained_folds(run_dir, folds)]
+    ens = np.mean(parts, axis=0)
     t_folds = time.time() - t
     t = time.time()
     one = FoldModel(Path(merged) / "fold_0").predict(df)["probs"]
@@ -175,5 +280,6 @@ def compare_with_folds(run_dir, merged, test_path, folds="all") -> dict:
     diff = np.abs(one - ens)
     kl = float(np.mean(np.sum(ens * (np.log(np.clip(ens, 1e-12, 1)) - np.log(np.clip(one, 1e-12, 1))), axis=1)))
     return {"rows": len(df), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+            "fold_mean_abs_diff": float(np.mean([np.abs(p - ens).mean() for p in parts])),
             "kl_ensemble_to_merged": kl, "argmax_agreement": float((one.argmax(1) == ens.argmax(1)).mean()),
             "folds_s": t_folds, "merged_s": t_merged, "speedup": t_folds / max(t_merged, 1e-9)}

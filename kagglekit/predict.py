@@ -1,8 +1,9 @@
 """`kk predict`: one fold's test probabilities, with swap TTA and length-sorted batches.
 
 Each fold writes ``fold_K/test.csv`` (id + the three probabilities) and
-``fold_K/test.json`` (which test file, by sha256, whether TTA was on, the inference settings), so that
-ensembling never re-runs a model that already predicted the same file. Inference settings other than
+``fold_K/test.json`` (which test file, by sha256, whether TTA was on, the inference settings, and
+which training of the fold made it: its generation), so that ensembling never re-runs a model that
+already predicted the same file, and never reuses another model's. Inference settings other than
 the fold's own (``--set predict.max_length=8192``, ``predict.quantization=8bit``...) are cached beside
 them as ``fold_K/test.<key>.csv/.json``, so predictions at several settings coexist.
 """
@@ -45,12 +46,45 @@ def trained_folds(run_dir: str | os.PathLike, folds: str | list[int] | None = "a
     if folds in (None, "all"):
         if not found:
             raise KKError(f"{run_dir} has no trained fold (no fold_*/metrics.json)")
-        return sorted(found.items())
-    wanted = parse_fold_list(folds)
-    missing = [k for k in wanted if k not in found]
-    if missing:
-        raise KKError(f"fold {missing[0]} of {run_dir} is not trained (trained: {', '.join(map(str, sorted(found))) or 'none'})")
-    return [(k, found[k]) for k in wanted]
+        chosen = sorted(found.items())
+    else:
+        wanted = parse_fold_list(folds)
+        missing = [k for k in wanted if k not in found]
+        if missing:
+            raise KKError(f"fold {missing[0]} of {run_dir} is not trained (trained: {', '.join(map(str, sorted(found))) or 'none'})")
+        chosen = [(k, found[k]) for k in wanted]
+    for _, d in chosen:
+        read_metrics(d)  # a damaged fold is one line naming its file, before any work
+    return chosen
+
+
+def read_metrics(fold_path) -> dict:
+    """A fold's metrics.json, checked: a JSON object with a numeric ``val_log_loss`` and ``n_val`` (what a
+    finished training writes); anything else (cut off, a list, keys missing) is one line naming the file."""
+    import math
+
+    f = Path(fold_path) / "metrics.json"
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise KKError(f"{f}: not valid JSON (cut off or damaged); retrain the fold with kk train --force") from None
+    if not isinstance(m, dict):
+        raise KKError(f"{f}: expected a JSON object of metrics, found a {type(m).__name__}; retrain the fold with kk train --force")
+    for key in ("val_log_loss", "n_val"):
+        v = m.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise KKError(f"{f}: {key} is {'missing' if key not in m else f'not a number ({v!r})'}; retrain the fold with kk train --force")
+    return m
+
+
+def fold_generation(fold_path) -> str:
+    """Which training made the weights in ``fold_path``: the id ``kk train`` (or ``kk merge``) writes into
+    metrics.json, or for a fold trained before there were ids, the hash of its metrics.json (every training
+    writes other metrics: wall time, rates). A forced retrain that swaps a new fold in changes it."""
+    m = read_metrics(fold_path)
+    if isinstance(m.get("generation"), str) and m["generation"]:
+        return m["generation"]
+    return "metrics-" + file_sha256(Path(fold_path) / "metrics.json")
 
 
 def warn_missing_folds(run_dir, trained: list[int]) -> list[int]:
@@ -58,7 +92,15 @@ def warn_missing_folds(run_dir, trained: list[int]) -> list[int]:
     of 3 of 5 folds is legitimate but should never happen by accident. Returns the missing folds."""
     from .ui import warn
 
+    try:
+        if trained and "merged_from" in read_metrics(Path(run_dir) / f"fold_{trained[0]}"):
+            return []  # a merged run is one model: the folds file is its source's
+    except (KKError, OSError):
+        pass
     expected = set(range(max(trained) + 1)) if trained else set()
+    for d in Path(run_dir).glob("fold_*"):  # a fold folder without metrics.json: unfinished or damaged
+        if d.is_dir() and d.name[5:].isdigit():
+            expected.add(int(d.name[5:]))
     try:
         import pandas as pd
 
@@ -103,16 +145,22 @@ def inference_settings(cfg) -> dict:
 
 class FoldModel:
     """A trained fold loaded for inference: model, tokenizer, formatter, device. ``overrides``: ``predict.*``
-    settings (``predict.max_length/quantization/precision`` replace the trained ``model.*`` values)."""
+    settings (``predict.max_length/quantization/precision`` replace the trained ``model.*`` values).
+    ``threads``: torch's CPU threads (default: the fold's ``predict.threads``)."""
 
     def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None, device: str | None = None,
-                 overrides: list[str] | None = None):
+                 overrides: list[str] | None = None, threads: int | None = None):
         from .formatting import Formatter
         from .modeling import device_and_dtype, load_trained, quiet_libraries
 
         quiet_libraries()
         self.path = Path(fold_path)
         self.cfg = inference_config(self.path, overrides)
+        threads = self.cfg.predict.threads if threads is None else threads
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         model_cfg = self.cfg.inference_model()
         self.device, self.dtype = device_and_dtype(precision or model_cfg.precision, device)
         try:
@@ -147,11 +195,12 @@ class FoldModel:
 
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_size: int | None = None, force: bool = False,
-                 backbone: str | None = None, test_df=None, overrides: list[str] | None = None):
+                 backbone: str | None = None, test_df=None, overrides: list[str] | None = None, threads: int | None = None):
     """Test probabilities of one fold as a frame ``id, winner_model_a, winner_model_b, winner_tie``.
 
-    Reuses the cached prediction when it was made from the same test file with the same TTA and
-    inference settings (unless ``force``). ``overrides``: ``--set predict.*`` for this prediction only.
+    Reuses the cached prediction when the same training of the fold (its generation) made it from the same
+    test file with the same TTA and inference settings (unless ``force``). ``overrides``: ``--set predict.*``
+    for this prediction only. ``threads``: torch's CPU threads (default: the fold's ``predict.threads``).
     """
     import pandas as pd
 
@@ -167,7 +216,8 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
     if tta == "uncertain":  # the cache must tell the share apart too
         tta = f"uncertain:{cfg.predict.tta_share:g}"
     out_path, meta_path = cache_paths(path, cfg)
-    expected = cache_key(sha, tta, cfg)
+    generation = fold_generation(path)  # read before the weights: a retrain swapped in later is seen below
+    expected = cache_key(sha, tta, cfg, generation)
     if not force:
         cached = _cached_prediction(out_path, meta_path, expected)
         if cached is not None:
@@ -177,7 +227,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
         if test_df is None:
             test_df, report = load_test(test_path)
             report.print_warnings()
-        fm = FoldModel(path, backbone, overrides=overrides)
+        fm = FoldModel(path, backbone, overrides=overrides, threads=threads)
         with progress() as bar:
             res = fm.predict(test_df, "uncertain" if str(tta).startswith("uncertain") else tta, batch_size, bar, f"fold {k}")
         fm.release()  # kk ensemble predicts the next fold next: its model must not load beside this one
@@ -185,6 +235,9 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
         if not np.isfinite(probs).all():
             raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
         out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+        # `kk train --force` swaps a retrained fold in by renaming folders: if that happened while this model
+        # predicted, these are the old model's probabilities and the folder at `path` is the new fold's.
+        _check_generation(path, generation, f"fold {k} of {run_dir}")
         # The pair test.csv + test.json is replaced file by file; test.json names the sha256 of the
         # test.csv it belongs to, so a kill between the two renames is a cache miss, never a wrong pairing.
         meta_path.unlink(missing_ok=True)
@@ -194,9 +247,11 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
     return out
 
 
-def cache_key(sha: str, tta: bool | str, cfg) -> dict:
-    """What a cached prediction must have been made with to be reused (all of it is written to its test.json)."""
-    return {"sha256": sha, "tta": tta, "inference": inference_settings(cfg)}
+def cache_key(sha: str, tta: bool | str, cfg, generation: str) -> dict:
+    """What a cached prediction must have been made with to be reused (all of it is written to its test.json):
+    the test file, TTA, the inference settings, and this training of the fold (a cache older than generation
+    ids, or another training's, never matches)."""
+    return {"sha256": sha, "tta": tta, "inference": inference_settings(cfg), "generation": generation}
 
 
 def cache_paths(fold_path: Path, cfg) -> tuple[Path, Path]:
@@ -209,10 +264,21 @@ def cache_paths(fold_path: Path, cfg) -> tuple[Path, Path]:
     return fold_path / f"test.{key}.csv", fold_path / f"test.{key}.json"
 
 
+def _check_generation(path: Path, generation: str, what: str) -> None:
+    try:
+        now = fold_generation(path)
+    except (KKError, OSError):
+        now = None  # mid-swap, or damaged: not the fold these predictions came from either
+    if now != generation:
+        raise KKError(f"{what} was retrained while it predicted (its weights changed under it); its predictions were "
+                      "not written: run kk predict again")
+
+
 def _cached_prediction(out_path: Path, meta_path: Path, expected: dict):
     """The cached fold prediction when its test.json matches every entry of ``expected`` (:func:`cache_key`), else None."""
     import pandas as pd
 
+    from .data import read_probs
     from .ui import warn
 
     if not (out_path.exists() and meta_path.exists()):
@@ -230,9 +296,11 @@ def _cached_prediction(out_path: Path, meta_path: Path, expected: dict):
         warn(f"{out_path} does not match {meta_path}; predicting again")
         return None
     try:
-        return pd.read_csv(out_path, dtype={"id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        ids, probs = read_probs(out_path, "fold test predictions")
+    except KKError as e:
+        warn(f"{e}; predicting again")
         return None
+    return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
 
 
 class Predictor:

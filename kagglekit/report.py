@@ -45,13 +45,9 @@ def _table(columns, rows) -> str:
 
 def collect(runs: list, train_path=None) -> dict:
     """Everything the report shows, from the runs' files."""
-    import json
-
-    import pandas as pd
-
     from .data import load_train
     from .ensemble import load_run_oof
-    from .predict import fold_config, trained_folds
+    from .predict import fold_config, read_metrics, trained_folds, warn_missing_folds
 
     runs = [Path(r) for r in runs]
     first = fold_config(trained_folds(runs[0])[0][1])
@@ -59,15 +55,35 @@ def collect(runs: list, train_path=None) -> dict:
     labels = dict(zip(train_df["id"], train_df["label"]))
     out = {"runs": []}
     for r in runs:
+        found = trained_folds(r)
+        warn_missing_folds(r, [k for k, _ in found])  # a fold without metrics.json is named, not left out silently
         rp = load_run_oof(r, "all", labels)
         folds = []
-        for k, path in trained_folds(r):
-            m = json.loads((path / "metrics.json").read_text())
-            log = pd.read_csv(path / "train_log.csv") if (path / "train_log.csv").exists() else None
-            folds.append({"fold": k, "metrics": m, "log": log})
+        for k, path in found:
+            log = _train_log(path / "train_log.csv") if (path / "train_log.csv").exists() else None
+            folds.append({"fold": k, "metrics": read_metrics(path), "log": log})
         y = np.array([labels[i] for i in rp.oof_ids])
         out["runs"].append({"run": r, "oof": rp.oof, "oof_no_tta": rp.oof_no_tta, "y": y, "folds": folds, "rp": rp})
     return out
+
+
+def _train_log(path: Path):
+    """A fold's train_log.csv (step, train_loss, val_loss...); an empty, cut or foreign file is one line naming it."""
+    import pandas as pd
+
+    try:
+        log = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        reason = "empty" if isinstance(e, pd.errors.EmptyDataError) else f"cannot be read as CSV ({str(e).splitlines()[0][:120]})"
+        raise KKError(f"{path}: {reason}") from None
+    missing = [c for c in ("step", "train_loss", "val_loss") if c not in log.columns]
+    if missing:
+        raise KKError(f"{path}: missing column {', '.join(missing)}")
+    try:
+        log[["step", "train_loss", "val_loss"]].astype(float)
+    except ValueError:
+        raise KKError(f"{path}: step, train_loss and val_loss must be numbers") from None
+    return log
 
 
 def _figures(data: dict) -> dict[str, str]:
@@ -143,7 +159,7 @@ def _figures(data: dict) -> dict[str, str]:
 
 def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
     """Write the HTML report for ``runs`` to ``out`` (atomically); returns the path."""
-    from .ensemble import calibrate, common_oof
+    from .ensemble import choose_calibration, common_oof
     from .io import protect_existing, write_text
     from .metrics import accuracy, log_loss
 
@@ -166,7 +182,12 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
                      log_loss(np.tile(prior, (len(y), 1)), y)])
     labels_by_id = {i: c for run in data["runs"] for i, c in zip(run["rp"].oof_ids, run["y"])}
     oofs, y, folds = common_oof([run["rp"] for run in data["runs"]], labels_by_id, with_folds=True)
-    weights, t, _, cal = calibrate(oofs, y, folds=folds)
+    weights, t, _, cal, note = choose_calibration([run["rp"] for run in data["runs"]], oofs, y, folds)
+    cal_rows = [["source", note], ["temperature", float(t)]]
+    if cal is not None:
+        cal_rows = [["uncalibrated", cal["uncalibrated"]], ["in-sample", cal["in_sample"]],
+                    [f"cross-fitted ({cal['folds']} folds)", cal["cross_fitted"]], *cal_rows,
+                    ["verdict", "kept" if cal["kept"] else "not kept"]]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kagglekit report</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -177,9 +198,7 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
         _table(["run", "fold", "rows", "log loss (no TTA)", "log loss (TTA)", "accuracy", "swap flip rate", "class prior"], rows),
         "<h2>Ensemble calibration (cross-fitted)</h2>",
         _table(["run", "weight"], [[r["run"].name, float(w)] for r, w in zip(data["runs"], weights)]),
-        _table(["judged on", "log loss"], [["uncalibrated", cal["uncalibrated"]], ["in-sample", cal["in_sample"]],
-                                           [f"cross-fitted ({cal['folds']} folds)", cal["cross_fitted"]],
-                                           ["temperature", float(t)], ["verdict", "kept" if cal["kept"] else "not kept"]]),
+        _table(["judged on", "log loss"], cal_rows),
         "<h2>Learning curves</h2>", f"<img alt='learning curves' src='data:image/png;base64,{figs['curves']}'>",
     ]
     for run in data["runs"]:

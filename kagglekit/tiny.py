@@ -86,16 +86,22 @@ def build_tiny_model(
     heads: int = 2,
     max_positions: int = 1024,
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
-    """Write a tiny ``arch`` model + tokenizer to ``out_dir``; returns the path."""
+    """Write a tiny ``arch`` model + tokenizer to ``out_dir``; returns the path.
+
+    A non-empty ``out_dir`` is refused (a mistyped path must not overwrite a real backbone); ``force`` replaces
+    only an earlier tiny model. The folder is written whole, then swapped in."""
     if arch not in ARCHS:
         raise KKError(f"--arch must be one of {', '.join(ARCHS)} (got {arch!r})")
     import torch
 
+    from .io import atomic_dir, claim_output_dir, mark_output_dir
     from .modeling import quiet_libraries
 
     quiet_libraries()
     out = Path(out_dir)
+    claim_output_dir(out, force, "tiny-model")
     texts = _corpus(train_csv)
     torch.manual_seed(seed)
     if arch == "deberta-v2":
@@ -152,13 +158,18 @@ def build_tiny_model(
             tie_word_embeddings=False,
         )
         model = _decoder(arch, common, hidden // heads)
-    from .io import staged_dir
+    from .io import normal_mode, safetensors_errors
 
-    # Written beside ``out`` and moved in when complete (files in the normal mode): a full disk leaves
-    # no folder holding only config.json.
-    with staged_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    # Written beside ``out`` and swapped in when complete (files in the normal mode): a full disk leaves no folder
+    # holding only config.json, and a --force that fails keeps the earlier tiny model.
+    with atomic_dir(out) as tmp:
+        with safetensors_errors(out):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                normal_mode(f)
+        mark_output_dir(tmp, "tiny-model")
     return out
 
 

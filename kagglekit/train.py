@@ -21,7 +21,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,10 @@ def claim_fold(out: Path, force: bool, resume: bool, main: bool = True):
             work = out
             ckpt = out / "checkpoint"
             if (out / "metrics.json").exists() and not force:
+                if (retrain / "checkpoint" / "state.pt").exists():  # an interrupted `--force`: it resumes with --force too
+                    raise KKError(f"{out} is already trained and an interrupted retrain of it is in {retrain}; "
+                                  + ("continue it with --resume --force" if resume else
+                                     "continue it with --resume --force, or start the retrain over with --force"))
                 raise KKError(f"{out} is already trained (metrics.json exists); pass --force to retrain it")
             if resume and not ckpt.exists():
                 raise KKError(f"nothing to resume: {ckpt} does not exist")
@@ -217,8 +222,9 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     _init_distributed(world)
     with claim_fold(out, force, resume, main=rank == 0) as work:     # lock; an old fold stays until the new one is done
         _barrier(world)
-        s = start_session(cfg, fold, work, resume)                   # backbone checked, device, tokenizer
+        s = start_session(cfg, fold, work, resume)                   # backbone checked, device, tokenizer; resumed config checked
         inputs = prepare_inputs(cfg, fold, s.fmt)                    # rows -> token sequences, targets
+        record_config(s)                                             # config.yaml, once the fold is known to be trainable
         setup_training(s, inputs)                                    # model, optimizer, schedule; a checkpoint resumed
         fit(s, inputs, on_eval, on_step)                             # the loop: steps, evaluations, checkpoints
         _barrier(world)
@@ -387,19 +393,17 @@ def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
     import torch
 
     from .formatting import Formatter
-    from .io import write_text
     from .modeling import check_backbone, device_and_dtype, load_tokenizer
 
     rank, world, local_rank = distributed()
+    cfg = resolve_init_from(cfg, fold)  # config.yaml records the resolved path: compared so on --resume
+    if resume:
+        check_resumed_config(cfg, work)  # before anything is loaded or written
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    cfg = resolve_init_from(cfg, fold)
     check_backbone(cfg.model.backbone)  # fail before the data is read
     device, amp_dtype = device_and_dtype(cfg.model.precision, f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else None)
     tokenizer = load_tokenizer(cfg.model.backbone)
-    if rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
-        write_text(work / "config.yaml", cfg.to_yaml())
     fmt = Formatter.from_config(tokenizer, cfg.model)
     # Validation formats rows as inference will (predict.max_length), so the OOF predictions that ensemble weights and
     # temperatures are fitted on match the test predictions.
@@ -420,6 +424,67 @@ def resolve_init_from(cfg: Config, fold: int) -> Config:
     return cfg.model_copy(update={"model": model})
 
 
+# Keys that may change between a checkpoint and --resume: they do not change how the fold trains (threads, how
+# often to checkpoint, evaluation and inference batching, the test file, the run's name, the tuning space).
+# Every other key (lr, batch sizes, schedule, lora.*, model.*, seed, data...) would train the rest differently.
+RESUME_MAY_CHANGE = ("name", "data.test", "train.threads", "train.checkpoint_minutes", "train.eval_batch_size", "predict.", "tune.")
+
+
+def check_resumed_config(cfg: Config, work: Path) -> None:
+    """Refuse, in one line naming the keys, a --resume whose config would change the checkpoint's training.
+    The fold's config.yaml is the checkpoint's: written when its training started, and rewritten on a resume
+    only after this check passed (so only with changes that leave the training as it was)."""
+    from .config import config_from_dict, read_yaml
+
+    saved_path = work / "config.yaml"
+    if not saved_path.is_file():  # removed by hand: only the checkpoint's own checks (shapes, steps) remain
+        from .ui import warn
+
+        warn(f"{saved_path} is missing: the resumed config cannot be compared with the checkpoint's")
+        return
+    saved = config_from_dict(read_yaml(saved_path), str(saved_path)).model_dump(mode="json")
+    now = cfg.model_dump(mode="json")
+    changed = [key for key in _changed_keys(saved, now)
+               if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)]
+    if changed:
+        def short(v) -> str:
+            r = repr(v)
+            return r if len(r) <= 40 else r[:37] + "..."
+
+        diff = ", ".join(f"{k} {short(_lookup(saved, k))} -> {short(_lookup(now, k))}" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise KKError(f"--resume with a changed config: {diff}{more} would train the rest of {work} differently from "
+                      f"its start; resume with the settings in {saved_path}, or start over with --force")
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (lists compared whole)."""
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _changed_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def record_config(s: Session) -> None:
+    """The fold's config.yaml: written only once the fold's rows load (a fold that cannot train leaves nothing)
+    and, on --resume, only after check_resumed_config found nothing that changes the training."""
+    from .io import write_text
+
+    if s.main:
+        s.work.mkdir(parents=True, exist_ok=True)
+        write_text(s.work / "config.yaml", s.cfg.to_yaml())
+
+
 def epoch_plan(s: Session, inputs: FoldInputs, epoch: int) -> list[list[int]]:
     plan = plan_batches(inputs.lengths, inputs.units, inputs.batch_size, s.cfg.seed, epoch, s.max_tokens, s.cfg.train.packing,
                         max_packed=s.max_packed)
@@ -435,8 +500,12 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
 
     from .modeling import build_model
 
-    seed_everything(s.cfg.seed + s.fold)
+    # Every fold starts from the same LoRA and head initialisation (seed, not seed + fold): averaging the folds'
+    # lora_A and lora_B (kk merge --method factors) is then close to averaging their updates, whereas factors
+    # drawn apart average to a model far from the fold ensemble. Dropout draws still differ per fold.
+    seed_everything(s.cfg.seed)
     s.model = build_model(s.cfg, s.tokenizer, s.device, s.amp_dtype)
+    seed_everything(s.cfg.seed + s.fold)
     s.model.train()
     s.ddp_model = s.model
     if s.cfg.train.packing:
@@ -466,6 +535,7 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
     s.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
     if s.resume:
         load_checkpoint(s)
+        check_resumed_progress(s, inputs)
         if s.main:
             from .ui import console
 
@@ -620,6 +690,7 @@ def load_checkpoint(s: Session) -> None:
     try:
         # weights_only: a checkpoint holds tensors and plain values; anything else (a crafted pickle) is refused.
         ck = torch.load(path, map_location="cpu", weights_only=True)
+        check_checkpoint(s, ck, path)  # against this run, before any of it is loaded
         s.model.load_state_dict(ck["model"], strict=False)
         s.optimizer.load_state_dict(ck["optimizer"])
         s.scheduler.load_state_dict(ck["scheduler"])
@@ -636,9 +707,97 @@ def load_checkpoint(s: Session) -> None:
                                               *(best[k].numpy() if k in best else None
                                                 for k in ("stats_char_cut", "stats_rounds_kept", "stats_rounds_total")))
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise KKError(f"{path}: not a usable kagglekit checkpoint ({first[:200]}); start over with --force") from None
+        if "weights only load failed" in str(e).lower():  # torch's own advice (weights_only=False) would run its code
+            why = "it holds objects other than tensors and plain values, and loading those could run code"
+        else:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KKError(f"{path}: not a usable kagglekit checkpoint ({why}); start over with --force") from None
     s.last_checkpoint = time.time()
+
+
+def _refuse_checkpoint(s: Session, why: str):
+    raise KKError(f"{s.ckpt_dir / 'state.pt'}: not a usable kagglekit checkpoint ({why}); start over with --force")
+
+
+def check_checkpoint(s: Session, ck, path) -> None:
+    """A checkpoint's fields against this run before any is loaded, so a damaged or tampered one is one line:
+    never a fold that claims a billion steps, nor a crash at the first step on a tensor of another shape."""
+    import torch
+
+    def refuse(why: str):
+        _refuse_checkpoint(s, why)
+
+    if not isinstance(ck, dict):
+        refuse(f"a {type(ck).__name__}, not a mapping")
+    missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "best") if k not in ck]
+    if missing:
+        refuse(f"no {', '.join(missing)}")
+    # The trained tensors: exactly this config's trainable parameters, each of its shape.
+    expected = {n: p.shape for n, p in s.model.named_parameters() if p.requires_grad}
+    model = ck["model"]
+    if not isinstance(model, dict) or set(model) != set(expected):
+        names = set(model) if isinstance(model, dict) else set()
+        refuse(f"its weights are not this model's trainable parameters: {len(set(expected) - names)} missing, "
+               f"{len(names - set(expected))} unexpected")
+    for name, shape in expected.items():
+        t = model[name]
+        if not isinstance(t, torch.Tensor) or t.shape != shape:
+            refuse(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, the model's is {tuple(shape)}")
+    # AdamW's moments: one entry per parameter of the optimizer, each of its parameter's shape.
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    opt = ck["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        refuse("its optimizer state is damaged")
+    for i, st in opt["state"].items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(st, dict):
+            refuse(f"optimizer state for a parameter {i!r} this model does not have")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = st.get(key)
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != params[i].shape):
+                refuse(f"optimizer {key} of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
+                       f"the parameter's is {tuple(params[i].shape)}")
+    # Progress: plain counts, within what this run can reach.
+    prog = ck["progress"]
+    if not isinstance(prog, dict) or set(prog) - {f.name for f in fields(Progress)}:
+        refuse("its progress record is not this version's")
+    prog = {**asdict(Progress()), **prog}  # a field an older version did not write takes its default
+    for key in ("epoch", "micro", "step", "samples", "best_step", "bad_evals", "evals"):
+        v = prog[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            refuse(f"progress.{key} is {v!r}, not a count")
+    for key, limit, what in (("step", s.total_steps, f"this run's {s.total_steps} optimizer steps"),
+                             ("epoch", s.cfg.train.epochs, f"train.epochs {s.cfg.train.epochs}"),
+                             ("best_step", prog["step"], f"progress.step {prog['step']}"),
+                             ("evals", prog["step"] + 1, f"one evaluation per step ({prog['step']} steps)"),
+                             ("bad_evals", prog["evals"], f"progress.evals {prog['evals']}")):
+        if prog[key] > limit:
+            refuse(f"progress.{key} {prog[key]} is beyond {what}")
+    for key in ("best_loss", "train_seconds"):
+        v = prog[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0 or (key == "train_seconds" and math.isinf(v)):
+            refuse(f"progress.{key} is {v!r}")
+    if not isinstance(prog["log"], list) or len(prog["log"]) != prog["step"] or not all(isinstance(r, dict) for r in prog["log"]):
+        refuse(f"progress.log does not hold one row per step ({prog['step']} steps)")
+    sched = ck["scheduler"]
+    if not isinstance(sched, dict) or sched.get("last_epoch") != prog["step"]:
+        refuse(f"the learning-rate schedule is at step {sched.get('last_epoch') if isinstance(sched, dict) else None!r}, "
+               f"the progress at step {prog['step']}")
+    if not isinstance(ck["best"], dict) or not all(isinstance(v, torch.Tensor) for v in ck["best"].values()):
+        refuse("its best evaluation is damaged")
+
+
+def check_resumed_progress(s: Session, inputs: FoldInputs) -> None:
+    """What a checkpoint says against this fold's batches and validation rows (known only once they are built)."""
+    state, tc = s.state, s.cfg.train
+    if state.epoch < tc.epochs:
+        n = len(epoch_plan(s, inputs, state.epoch))
+        if state.micro > n or (state.micro < n and state.micro % tc.grad_accum):
+            _refuse_checkpoint(s, f"progress.micro {state.micro} is not the start of an optimizer step of epoch "
+                                  f"{state.epoch + 1}'s {n} micro-batches")
+    rows = (len(inputs.val_df), inputs.targets.shape[1])
+    for key in ("probs", "probs_ab", "probs_ba"):
+        if key in s.best and s.best[key].shape != rows:
+            _refuse_checkpoint(s, f"its best {key} has shape {s.best[key].shape}, the validation rows' is {rows}")
 
 
 # --- the loop ---------------------------------------------------------------------------------------------------------
@@ -907,6 +1066,9 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
     wall = state.train_seconds
     metrics = {
         "fold": s.fold,
+        # Which training made these weights: kk predict keys its cache by it and refuses to write into a fold
+        # that a forced retrain replaced while it ran.
+        "generation": uuid.uuid4().hex,
         "val_log_loss": log_loss(probs, labels),
         "val_log_loss_no_tta": log_loss(probs_ab, labels),
         "val_accuracy": accuracy(probs, labels),

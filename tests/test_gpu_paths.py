@@ -53,15 +53,12 @@ def test_a_quantized_gpu_load_gets_a_device_index_and_its_compute_dtype(tiny_pro
 def test_kk_predict_loads_a_quantized_fold_on_a_concrete_device(tiny_project, tmp_path):
     """The same load through a fold folder (kk predict, kk ensemble, Predictor): FoldModel picks the device."""
     pytest.importorskip("bitsandbytes")
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     from kagglekit.io import write_text
-    from kagglekit.modeling import load_tokenizer
+    from kagglekit.modeling import build_model, load_tokenizer, save_model
     from kagglekit.predict import FoldModel
-
-    import torch
-
-    from kagglekit.modeling import build_model, save_model
 
     cfg = _llama(tiny_project, "model.quantization=4bit")
     fold = tmp_path / "run" / "fold_0"

@@ -204,7 +204,7 @@ def test_init_from_an_earlier_runs_same_fold(tiny_project, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     from kagglekit.modeling import build_model, load_tokenizer
-    from kagglekit.train import evaluate, prepare_inputs, setup_training, start_session
+    from kagglekit.train import evaluate, prepare_inputs, record_config, setup_training, start_session
 
     stage1 = tmp_path / "stage1"
     train_fold(tiny_config(tiny_project, "train.max_steps=3", "train.lr=0.01"), 1, stage1)
@@ -212,6 +212,7 @@ def test_init_from_an_earlier_runs_same_fold(tiny_project, tmp_path, capsys):
 
     s = start_session(cfg, 1, tmp_path / "stage2-session", False)
     assert s.cfg.model.init_from == f"{stage1}/fold_1"  # {fold} filled in, and recorded so in the fold's config
+    record_config(s)
     assert f"init_from: {stage1}/fold_1" in (tmp_path / "stage2-session" / "config.yaml").read_text()
     inputs = prepare_inputs(s.cfg, 1, s.fmt)
     setup_training(s, inputs)

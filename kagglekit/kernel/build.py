@@ -154,8 +154,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
 
     from ..config import apply_predict_overrides
     from ..data import load_train
-    from ..ensemble import calibrate, common_oof, load_run_oof
-    from ..io import atomic_dir, write_json, write_text
+    from ..ensemble import choose_calibration, common_oof, load_run_oof
+    from ..io import atomic_dir, claim_output_dir, mark_output_dir, write_json, write_text
     from ..modeling import fold_base_weights
     from ..predict import fold_config, trained_folds, warn_missing_folds
     from ..ui import info
@@ -165,9 +165,9 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     slug = slugify(name)
     user = kaggle_user(user) if not plan_only else None
     out = Path(out) if out else Path("kernels") / slug
-    if out.exists() and not force and not plan_only:
-        raise KKError(f"{out} already exists; pass --force to rebuild it")
     runs = [Path(r) for r in runs]
+    if not plan_only:  # --plan writes nothing
+        claim_output_dir(out, force, "kernel", sources=runs)  # --force replaces an earlier kernel, nothing else
     run_folds = [(r, trained_folds(r, folds)) for r in runs]
     if folds in (None, "all"):
         for r, found in run_folds:
@@ -198,12 +198,15 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         train_df = None
     if fit and train_df is not None:
         labels = dict(zip(train_df["id"], train_df["label"]))
-        oofs, y, oof_folds = common_oof([load_run_oof(r, folds, labels) for r in runs], labels, with_folds=True)
-        if len(y):
-            w, temperature, _, _ = calibrate(oofs, y, folds=oof_folds)
+        preds = [load_run_oof(r, folds, labels) for r in runs]
+        oofs, y, oof_folds = common_oof(preds, labels, with_folds=True)
+        if len(y):  # never fitted on a merged run's borrowed OOF (choose_calibration says what it did)
+            w, temperature, _, _, note = choose_calibration(preds, oofs, y, oof_folds)
             weights = w.tolist()
+            info(f"calibration: {note}")
 
     with atomic_dir(out) as tmp:
+        mark_output_dir(tmp, "kernel")
         art = tmp / "datasets" / f"{slug}-artifacts"
         whl = tmp / "datasets" / f"{slug}-wheels"
         manifest = {"name": slug, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
