@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .batching import auto_max_tokens, length_sorted_batches
-
-SWAP = [1, 0, 2]  # (A, B, tie) of a swapped pair -> the original order
+from .task import LMSYS, Task
 
 
 def pad_segments(segs, width: int):
@@ -47,7 +46,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8, device=None, autocast_dtype=None,
                  progress=None, task=None, sort: bool = True, pad_to: int | None = None, counts: dict | None = None,
                  segs: list | None = None, max_tokens: int | str | None = None) -> np.ndarray:
-    """Logits (n, 3) for token sequences, in input order.
+    """Logits (n, number of labels) for token sequences, in input order.
 
     Rows whose half-precision logits are not finite (fp16 overflow, a known DeBERTa-v3 issue on
     T4) are recomputed in fp32, so one bad row never sinks a submission; their number is added to
@@ -60,7 +59,7 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     import torch
 
     device = device or next(model.parameters()).device
-    out = np.zeros((len(seqs), 3), dtype=np.float32)
+    out = None  # (n, number of labels): sized by the first batch's logits
     if max_tokens == "auto" and seqs:
         max_tokens = inference_budget(model, seqs, pad_id, device, autocast_dtype, segs)
     if sort:
@@ -84,11 +83,21 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
                     logits[bad] = model(input_ids=ids[bad], attention_mask=mask[bad]).logits.float()
                 if counts is not None:
                     counts["fp32_rows"] = counts.get("fp32_rows", 0) + int(bad.sum())
+            if out is None:
+                out = np.zeros((len(seqs), logits.shape[1]), dtype=np.float32)
             out[idx] = logits.cpu().numpy()
             if progress is not None:
                 progress.advance(task, len(idx))
     model.train(was_training)
-    return out
+    return out if out is not None else np.zeros((0, _num_labels(model)), dtype=np.float32)
+
+
+def _num_labels(model) -> int:
+    """The classifier's number of outputs (the task's classes), from the model's config under any wrapper."""
+    m = getattr(model, "module", model)  # DDP
+    if hasattr(m, "get_base_model"):  # peft
+        m = m.get_base_model()
+    return int(getattr(getattr(m, "config", None), "num_labels", 0))
 
 
 def inference_budget(model, seqs, pad_id: int, device, autocast_dtype=None, segs=None) -> int | None:
@@ -114,18 +123,18 @@ def inference_budget(model, seqs, pad_id: int, device, autocast_dtype=None, segs
     return cache[width]
 
 
-def tta_average(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
-    """Average a prediction with its swapped prediction mapped back.
+def tta_average(p_ab: np.ndarray, p_ba: np.ndarray, task: Task = LMSYS) -> np.ndarray:
+    """Average a prediction with its swapped prediction mapped back (the task's swap of the classes).
 
     Exactly swap-equivariant: exchanging A and B in the input exchanges the A and B
     columns of the output, bit for bit (the two terms just trade places in a sum).
     """
-    return (p_ab + p_ba[:, SWAP]) / 2.0
+    return (p_ab + task.swap_probs(p_ba)) / 2.0
 
 
 def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, device=None, autocast_dtype=None,
                   progress=None, description: str = "predict", remove_task: bool = False, cache: dict | None = None,
-                  max_tokens: int | str | None = None) -> dict:
+                  max_tokens: int | str | None = None, task: Task = LMSYS) -> dict:
     """Probabilities for a frame of parsed rows (see :func:`kagglekit.data.load_arena`).
 
     Returns ``probs`` (TTA-averaged when ``tta``), ``probs_ab`` (the given order),
@@ -133,7 +142,8 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
     The two orders run as separate passes with identical batch layouts, which keeps
     TTA exactly swap-equivariant. ``cache``: a dict shared by the folds of an ensemble; folds with the
     same tokenizer and formatting settings then tokenize the rows once, not once per fold.
-    ``max_tokens``: see :func:`infer_logits` (``predict.max_tokens``).
+    ``max_tokens``: see :func:`infer_logits` (``predict.max_tokens``). ``task``: whose swap maps the
+    (B, A) prediction back.
     """
     key = (formatter.signature(), id(df), len(df)) if cache is not None else None
     if key is not None and key in cache:
@@ -148,22 +158,23 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
     segs_ab = formatter.segments(stats) if pair else None
     pad_id = formatter.tokenizer.pad_token_id
     total = len(seqs_ab) * (2 if tta else 1)
-    task = progress.add_task(description, total=total, status="") if progress is not None else None
+    bar_task = progress.add_task(description, total=total, status="") if progress is not None else None
     counts = {"fp32_rows": 0}
-    p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts,
+    p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, bar_task, counts=counts,
                                 segs=segs_ab, max_tokens=max_tokens))
     p_ba = None
     if tta:
         if seqs_ba is None:  # cached by a no-TTA caller
             seqs_ba, stats_ba = formatter.sequences(formatter.encode_rows(df), swap=True)
         segs_ba = formatter.segments(stats_ba) if pair else None
-        p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, task, counts=counts,
-                                    segs=segs_ba, max_tokens=max_tokens))[:, SWAP]
+        p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, bar_task, counts=counts,
+                                    segs=segs_ba, max_tokens=max_tokens))
+        p_ba = task.swap_probs(p_ba)
         probs = (p_ab + p_ba) / 2.0
     else:
         probs = p_ab
     if progress is not None and remove_task:
-        progress.remove_task(task)
+        progress.remove_task(bar_task)
     if counts["fp32_rows"]:
         from .ui import warn
 

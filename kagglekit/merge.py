@@ -79,6 +79,7 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
     from .io import atomic_dir, write_json, write_text
     from .modeling import load_backbone, load_tokenizer, quiet_libraries, save_model
     from .predict import fold_config, trained_folds
+    from .task import get_task
 
     quiet_libraries()
     if method not in ("factors", "delta"):
@@ -108,7 +109,7 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
             shutil.copy2(found[0][1] / "adapter_config.json", dst / "adapter_config.json")
             tokenizer.save_pretrained(dst)
         else:
-            model = load_backbone(cfg.model, tokenizer, torch.device("cpu"))
+            model = load_backbone(cfg.model, tokenizer, torch.device("cpu"), num_labels=get_task(cfg.task).n_classes)
             params = dict(model.named_parameters())
             if method == "delta":
                 for path, delta in lora_deltas(states, adapter_cfg).items():
@@ -137,7 +138,7 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
             pd.concat(oof_nt).to_csv(dst / "oof_no_tta.csv", index=False)
         source = [json.loads((p / "metrics.json").read_text()) for _, p in found]
         write_json(dst / "metrics.json", {
-            "fold": 0, "merged_from": str(run_dir), "source_folds": [k for k, _ in found], "method": method,
+            "fold": 0, "task": cfg.task, "merged_from": str(run_dir), "source_folds": [k for k, _ in found], "method": method,
             "unloaded": bool(method == "delta" or unload), "oof": "the source folds' OOF, not this model's own",
             "val_log_loss": float(np.average([m["val_log_loss"] for m in source], weights=[m["n_val"] for m in source])),
             "n_val": int(sum(m["n_val"] for m in source)), "merge_s": round(time.time() - t0, 2),
@@ -162,11 +163,13 @@ def compare_with_folds(run_dir, merged, test_path, folds="all") -> dict:
     """How far the merged model's test probabilities are from the fold ensemble's, and the speed-up of
     one pass instead of K (both with swap TTA, on rows no model was validated on)."""
     from .data import load_test
-    from .predict import FoldModel, trained_folds
+    from .predict import FoldModel, fold_config, trained_folds
+    from .task import get_task
 
-    df, _ = load_test(test_path)
+    found = trained_folds(run_dir, folds)
+    df, _ = load_test(test_path, task=get_task(fold_config(found[0][1]).task))
     t = time.time()
-    ens = np.mean([FoldModel(p).predict(df)["probs"] for _, p in trained_folds(run_dir, folds)], axis=0)
+    ens = np.mean([FoldModel(p).predict(df)["probs"] for _, p in found], axis=0)
     t_folds = time.time() - t
     t = time.time()
     one = FoldModel(Path(merged) / "fold_0").predict(df)["probs"]

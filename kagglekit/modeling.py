@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import KKError
+from .task import LMSYS, get_task
 
 # LoRA targets per architecture. For DeBERTa-v2/v3 the encoder's projections and
 # dense layers; the pattern is anchored on the encoder so that the pooler's dense
@@ -135,15 +136,15 @@ def _quantization_config(kind: str, compute_dtype):
 FP32_INFERENCE_MAX_BYTES = 2 * 1024**3
 
 
-def count_parameters(name_or_path: str) -> int | None:
-    """Parameters of a backbone from its config alone (instantiated on the meta device: no weights
-    read, no memory used); None when its config cannot be read here."""
+def count_parameters(name_or_path: str, num_labels: int = LMSYS.n_classes) -> int | None:
+    """Parameters of a backbone with a head of ``num_labels`` (the task's classes) from its config alone
+    (instantiated on the meta device: no weights read, no memory used); None when its config cannot be read here."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
         conf = AutoConfig.from_pretrained(name_or_path)
-        conf.num_labels = 3
+        conf.num_labels = num_labels
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(conf)
     except (OSError, ValueError, KeyError):
@@ -167,14 +168,16 @@ def estimate_inference_bytes(params: int, quantization: str, precision_bytes: in
     return int(params * per + 1.5 * 1024**3)
 
 
-def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None):
-    """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone``; ``weight_dtype``
-    loads the weights in that dtype (inference of big models) instead of fp32."""
+def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None, num_labels: int = LMSYS.n_classes):
+    """AutoModelForSequenceClassification with ``num_labels`` outputs (the task's classes) from
+    ``model_cfg.backbone``; ``weight_dtype`` loads the weights in that dtype (inference of big models)
+    instead of fp32. A backbone saved with a head of another size (fine-tuned for the other competition)
+    gets a new head of the right size."""
     from transformers import AutoModelForSequenceClassification
 
     check_backbone(model_cfg.backbone)
     qconf = _quantization_config(model_cfg.quantization, autocast_dtype)
-    kwargs = {"num_labels": 3}
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     if weight_dtype is not None and qconf is None:
         kwargs["dtype"] = weight_dtype
     if qconf is not None:
@@ -218,7 +221,7 @@ def lora_targets(model, lora_cfg):
 def build_model(cfg, tokenizer, device, autocast_dtype=None):
     """The trainable model for ``cfg``: LoRA-wrapped (heads fully trained) or full fine-tuning."""
 
-    model = load_backbone(cfg.model, tokenizer, device, autocast_dtype)
+    model = load_backbone(cfg.model, tokenizer, device, autocast_dtype, num_labels=get_task(cfg.task).n_classes)
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -275,19 +278,21 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
     """A fold's trained model for inference: backbone + adapter (merged), or full weights."""
 
     fold_dir = Path(fold_dir)
+    n_labels = get_task(cfg.task).n_classes
     tokenizer = load_tokenizer(str(fold_dir))
     if (fold_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
         model_cfg = cfg.model.model_copy(update={"backbone": backbone or cfg.model.backbone})
-        base = load_backbone(model_cfg, tokenizer, device, autocast_dtype, inference_weight_dtype(model_cfg, device, autocast_dtype))
+        base = load_backbone(model_cfg, tokenizer, device, autocast_dtype, inference_weight_dtype(model_cfg, device, autocast_dtype),
+                             num_labels=n_labels)
         model = PeftModel.from_pretrained(base, str(fold_dir))
         if cfg.model.quantization == "none":
             model = model.merge_and_unload()  # plain weights: no LoRA overhead at inference
     elif (fold_dir / "config.json").exists():
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=3)
+        model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=n_labels)
         model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.model.pooling != "cls":
             # The pooling wrapper's weights (and the pooler under it) are saved under the wrapper's names:
@@ -436,7 +441,7 @@ def _classifier(model):
 
 
 def packed_logits(model, seqs, device):
-    """Logits (len(seqs), 3) of sequences run as ONE padding-free row.
+    """Logits (len(seqs), number of labels) of sequences run as ONE padding-free row.
 
     The rows are concatenated and ``position_ids`` restart at 0 for each; with no attention mask,
     transformers builds a block-diagonal causal mask from the restarts (SDPA/eager) or passes the

@@ -1,6 +1,6 @@
 """`kk predict`: one fold's test probabilities, with swap TTA and length-sorted batches.
 
-Each fold writes ``fold_K/test.csv`` (id + the three probabilities) and
+Each fold writes ``fold_K/test.csv`` (id + the task's class probabilities) and
 ``fold_K/test.json`` (which test file, by sha256, and whether TTA was on), so that
 ensembling never re-runs a model that already predicted the same file.
 """
@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KKError
-
-PROB_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+from .task import get_task, same_task
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -96,6 +95,7 @@ class FoldModel:
         quiet_libraries()
         self.path = Path(fold_path)
         self.cfg = fold_config(self.path)
+        self.task = get_task(self.cfg.task)
         self.device, self.dtype = device_and_dtype(precision or self.cfg.model.precision, device)
         self.model, self.tokenizer = load_trained(self.path, self.cfg, self.device, self.dtype, backbone)
         self.formatter = Formatter.from_config(self.tokenizer, self.cfg.model)
@@ -106,12 +106,13 @@ class FoldModel:
 
         return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
                              self.device, self.dtype, progress, description, cache=cache,
-                             max_tokens=self.cfg.predict.max_tokens)
+                             max_tokens=self.cfg.predict.max_tokens, task=self.task)
 
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: int | None = None, force: bool = False,
                  backbone: str | None = None, test_df=None):
-    """Test probabilities of one fold as a frame ``id, winner_model_a, winner_model_b, winner_tie``.
+    """Test probabilities of one fold as a frame ``id`` + the task's probability columns
+    (``winner_model_a, winner_model_b, winner_tie`` for LMSYS).
 
     Reuses ``fold_K/test.csv`` when it was made from the same test file with the same
     TTA setting (unless ``force``).
@@ -123,8 +124,10 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
     from .ui import progress
 
     (k, path), = trained_folds(run_dir, [fold])
+    task = get_task(fold_config(path).task)
     if not Path(test_path).is_file():
-        raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists() else f"{test_path} is a folder, expected test.csv")
+        raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists()
+                      else f"{test_path} is a folder, expected {task.test_file}")
     sha = file_sha256(test_path)
     meta_path, out_path = path / "test.json", path / "test.csv"
     if not force:
@@ -134,7 +137,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
     check_writable(path, f"fold {k}")
     with file_lock(path / ".predict.lock", f"fold {k} of {run_dir} (kk predict)"):
         if test_df is None:
-            test_df, report = load_test(test_path)
+            test_df, report = load_test(test_path, task=task)
             report.print_warnings()
         fm = FoldModel(path, backbone)
         with progress() as bar:
@@ -142,7 +145,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
         probs = res["probs"]
         if not np.isfinite(probs).all():
             raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
-        out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+        out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(task.prob_columns)}})
         # The pair test.csv + test.json is replaced file by file; test.json names the sha256 of the
         # test.csv it belongs to, so a kill between the two renames is a cache miss, never a wrong pairing.
         meta_path.unlink(missing_ok=True)
@@ -191,6 +194,7 @@ class Predictor:
             raise KKError("Predictor needs at least one trained fold")
         self.fold_models = fold_models
         self.tta = tta
+        self.task = same_task([fm.task for fm in fold_models], "folds")
 
     @classmethod
     def from_run(cls, run_dir, folds="all", tta: bool = True, backbone: str | None = None) -> Predictor:
@@ -211,4 +215,4 @@ class Predictor:
         if not (len(df["prompt"][0]) == len(df["response_a"][0]) == len(df["response_b"][0])):
             raise KKError("prompt, response_a and response_b must have the same number of turns")
         probs = self.predict_frame(df)[0]
-        return {c: float(probs[j]) for j, c in enumerate(PROB_COLUMNS)}
+        return {c: float(probs[j]) for j, c in enumerate(self.task.prob_columns)}

@@ -1,15 +1,16 @@
 """`kk train`: one model per fold, read top to bottom.
 
 For fold K: train on the other folds, evaluate on fold K with swap TTA, keep the
-best adapter by validation log loss, and leave a self-contained run folder::
+best adapter by the task's metric (validation log loss for LMSYS, accuracy for WSDM,
+log loss breaking ties), and leave a self-contained run folder::
 
     runs/<experiment>/fold_K/
       adapter_config.json, adapter_model.safetensors, tokenizer files
       config.yaml      the fully resolved config (the fold can be rebuilt from it)
-      metrics.json     val log loss (with/without TTA), accuracy, swap flip rate, timing, truncation
-      oof.csv          id,winner_model_a,winner_model_b,winner_tie for the fold's validation ids (TTA)
+      metrics.json     task, val log loss (with/without TTA), accuracy, swap flip rate, timing, truncation
+      oof.csv          id + the task's probability columns for the fold's validation ids (TTA)
       oof_no_tta.csv   the same in the given A/B order only
-      train_log.csv    step, epoch, lr, train loss, val loss when evaluated
+      train_log.csv    step, epoch, lr, train loss, val loss (and the task's metric) when evaluated
       checkpoint/      only while unfinished: what --resume needs
 """
 
@@ -28,8 +29,7 @@ import numpy as np
 from .batching import plan_batches
 from .config import Config
 from .errors import KKError
-
-SWAP = [1, 0, 2]
+from .task import LMSYS, Task, get_task
 
 
 class Interrupted(KKError):
@@ -53,6 +53,7 @@ class Progress:
     step: int = 0  # optimizer steps done
     samples: int = 0
     best_loss: float = float("inf")
+    best_metric: float | None = None  # the task's metric at the best evaluation (accuracy tasks choose by it)
     best_step: int = 0
     bad_evals: int = 0
     evals: int = 0
@@ -82,7 +83,7 @@ def load_fold_frames(cfg: Config, fold: int):
     from .data import load_train
     from .folds import load_folds, select_fold
 
-    df, report = load_train(cfg.data.train, cfg.data.bad_rows)
+    df, report = load_train(cfg.data.train, cfg.data.bad_rows, get_task(cfg.task))
     report.print_warnings()
     folds = load_folds(cfg.data.folds, df["id"])
     train_ids, val_ids = select_fold(folds, fold, cfg.data.folds)
@@ -93,12 +94,12 @@ def load_fold_frames(cfg: Config, fold: int):
     return train_df, val_df
 
 
-def load_soft_labels(path: str, ids) -> np.ndarray:
-    """Teacher probabilities for ``ids`` from a CSV id,winner_model_a,winner_model_b,winner_tie."""
+def load_soft_labels(path: str, ids, task: Task = LMSYS) -> np.ndarray:
+    """Teacher probabilities for ``ids`` from a CSV ``id`` + the task's probability columns."""
     from .data import read_probs
 
     p = Path(path)
-    soft_ids, soft = read_probs(p, "data.soft_labels")
+    soft_ids, soft = read_probs(p, "data.soft_labels", task)
     index = {i: n for n, i in enumerate(soft_ids)}
     missing = [i for i in ids if i not in index]
     if missing:
@@ -207,8 +208,8 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
                on_eval=None, on_step=None) -> dict:
     """Train one fold; returns its metrics (also written to metrics.json).
 
-    ``on_eval(step, val_loss)`` is called after every evaluation (``kk tune`` reports
-    to Optuna and prunes there); ``on_step(step)`` after every optimizer step.
+    ``on_eval(step, value)`` is called after every evaluation with the task's metric (val log loss for
+    LMSYS, val accuracy for WSDM; ``kk tune`` reports it to Optuna and prunes there); ``on_step(step)`` after every optimizer step.
     """
     out = fold_dir(run_dir_for(cfg, run_dir), fold)
     rank, world, _ = distributed()
@@ -255,7 +256,7 @@ class FoldInputs:
     train_df: object
     val_df: object
     seqs: list  # token id arrays; with swap augmentation the B/A order follows the A/B order
-    targets: np.ndarray  # (len(seqs), 3) hard one-hot or soft labels
+    targets: np.ndarray  # (len(seqs), n_classes) hard one-hot or soft labels
     units: list[list[int]]  # what plan_batches shuffles: one sequence, or both orders of a pair
     trunc: object  # TruncationStats of the training rows
     batch_size: int
@@ -271,34 +272,35 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
     """Rows of the fold, tokenized once through the shared formatter, swap-augmented."""
     import pandas as pd
 
-    from .data import TEXT_COLUMNS, load_test
+    from .data import load_test
 
-    tc = cfg.train
+    tc, task = cfg.train, get_task(cfg.task)
+    text_columns = list(task.text_columns)
     train_df, val_df = load_fold_frames(cfg, fold)
     if cfg.data.soft_labels:
-        targets = load_soft_labels(cfg.data.soft_labels, train_df["id"])
+        targets = load_soft_labels(cfg.data.soft_labels, train_df["id"], task)
     else:
-        targets = np.eye(3)[train_df["label"].to_numpy()]
+        targets = task.one_hot(train_df["label"].to_numpy())
     # Pseudo-labelled extra rows join the training rows only: they are never in a validation fold.
     rows = train_df
     for extra in cfg.data.extra:
-        edf, report = load_test(extra.path)
+        edf, report = load_test(extra.path, task=task)
         report.print_warnings()
-        rows = pd.concat([rows[["id", *TEXT_COLUMNS]], edf[["id", *TEXT_COLUMNS]]], ignore_index=True)
-        targets = np.concatenate([targets, load_soft_labels(extra.soft_labels, edf["id"])])
+        rows = pd.concat([rows[["id", *text_columns]], edf[["id", *text_columns]]], ignore_index=True)
+        targets = np.concatenate([targets, load_soft_labels(extra.soft_labels, edf["id"], task)])
     enc = fmt.encode_rows(rows)
     seqs, trunc = fmt.sequences(enc, swap=False)
     segs = fmt.segments(trunc) if cfg.model.pooling == "pair" else None
     n = len(seqs)
     units = [[i] for i in range(n)]
     if tc.swap_augment:
-        # Each pair again with A and B exchanged and the label mapped (A<->B, tie stays):
-        # the model cannot learn a position bias, and the data doubles for free.
+        # Each pair again with A and B exchanged and the label mapped by the task's swap (A<->B, a tie
+        # stays): the model cannot learn a position bias, and the data doubles for free.
         seqs_ba, trunc_ba = fmt.sequences(enc, swap=True)
         seqs = seqs + seqs_ba
         if segs is not None:
             segs = segs + fmt.segments(trunc_ba)
-        targets = np.concatenate([targets, targets[:, SWAP]])
+        targets = np.concatenate([targets, task.swap_probs(targets)])
         units = [[i, i + n] for i in range(n)] if tc.swap_same_batch else [[i] for i in range(2 * n)]
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
     return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df), segs=segs)
@@ -333,6 +335,7 @@ class Session:
     rng: object = None  # torch RNG state at the start of the current optimizer step
     last_checkpoint: float = 0.0
     max_tokens: int = 0  # token budget of a micro-batch (train.max_tokens resolved); 0 = train.batch_size rows
+    last_metric: float | None = None  # the task's metric at the last evaluation
 
     @property
     def main(self) -> bool:
@@ -341,6 +344,10 @@ class Session:
     @property
     def ckpt_dir(self) -> Path:
         return self.work / "checkpoint"
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.cfg.task)
 
 
 def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
@@ -552,19 +559,22 @@ def load_checkpoint(s: Session) -> None:
 
 
 def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
-    """Validation log loss with swap TTA; the best adapter so far is what the fold keeps."""
+    """Validation log loss with swap TTA (returned), and the task's metric (``s.last_metric``: log loss
+    again for LMSYS, accuracy for WSDM); the best adapter so far by the task's metric is what the fold keeps."""
     from .inference import predict_pairs
     from .metrics import log_loss
     from .modeling import save_model
 
-    state, loss = s.state, None
+    state, loss, value, task = s.state, None, None, s.task
     if s.main:
         val_df = inputs.val_df
         res = predict_pairs(s.model, s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
-                            f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens)
-        loss = log_loss(res["probs"], val_df["label"].to_numpy())
-        if loss < state.best_loss:
-            state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
+                            f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens, task=task)
+        labels = val_df["label"].to_numpy()
+        loss = log_loss(res["probs"], labels)
+        value = task.metric_value(res["probs"], labels)
+        if task.improves(loss, value, state.best_loss, state.best_metric):
+            state.best_loss, state.best_metric, state.best_step, state.bad_evals = loss, value, state.step, 0
             s.best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
             save_model(s.model, s.tokenizer, s.work)
         else:
@@ -573,11 +583,22 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     if s.world > 1:  # every rank takes rank 0's verdict, so early stopping is decided once
         import torch.distributed as dist
 
-        shared = [loss, state.best_loss, state.best_step, state.bad_evals]
+        shared = [loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals]
         dist.broadcast_object_list(shared, src=0)
-        loss, state.best_loss, state.best_step, state.bad_evals = shared
+        loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals = shared
     state.evals += 1
+    s.last_metric = value
     return loss
+
+
+def _evaluate_into(s: Session, inputs: FoldInputs, row: dict, bar=None) -> float:
+    """Evaluate; the log row gets the val log loss (and the task's metric when it is another); returns
+    the task's metric, what early stopping and ``kk tune`` go by."""
+    row["val_loss"] = evaluate(s, inputs, bar)
+    if s.task.metric == "log_loss":
+        return row["val_loss"]
+    row[f"val_{s.task.metric}"] = s.last_metric
+    return s.last_metric
 
 
 def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
@@ -585,8 +606,9 @@ def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
     decide early stopping, checkpoint, call back. Returns whether training is done."""
     tc, state = s.cfg.train, s.state
     row = state.log[-1]
+    value = None
     if state.pending_eval:
-        row["val_loss"] = evaluate(s, inputs, bar)
+        value = _evaluate_into(s, inputs, row, bar)
         state.pending_eval = False
         if tc.patience and state.bad_evals >= tc.patience:
             state.stopped_early = True
@@ -594,7 +616,7 @@ def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
     if row["val_loss"] is not None:
         save_checkpoint(s)
         if on_eval is not None:
-            on_eval(state.step, row["val_loss"])
+            on_eval(state.step, value)
     elif tc.checkpoint_minutes and time.time() - s.last_checkpoint >= 60 * tc.checkpoint_minutes:
         save_checkpoint(s)  # preemption costs at most a few minutes, whatever eval_every says
     if on_step is not None:
@@ -676,7 +698,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     bar.update(task, completed=state.step, status=f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {rate:.1f} samples/s")
                     done = _end_of_step(s, inputs, bar, on_eval, on_step)
                     if row["val_loss"] is not None:
-                        bar.update(task, status=f"val {row['val_loss']:.4f} (best {state.best_loss:.4f} @ {state.best_step})")
+                        bar.update(task, status=_eval_status(s, row))
                 if state.micro >= len(plan):
                     state.epoch, state.micro = state.epoch + 1, 0
         except KeyboardInterrupt:
@@ -690,7 +712,16 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
             raise Interrupted(f"interrupted at step {state.step} of fold {s.fold}; checkpoint saved in {s.ckpt_dir}; "
                               f"continue with --resume{' --force' if retrain else ''}") from None
     if state.evals == 0:
-        state.log.append({"step": state.step, "epoch": state.epoch, "lr": 0.0, "train_loss": None, "val_loss": evaluate(s, inputs)})
+        row = {"step": state.step, "epoch": state.epoch, "lr": 0.0, "train_loss": None}
+        _evaluate_into(s, inputs, row)
+        state.log.append(row)
+
+
+def _eval_status(s: Session, row: dict) -> str:
+    state, metric = s.state, s.task.metric
+    if metric == "log_loss":
+        return f"val {row['val_loss']:.4f} (best {state.best_loss:.4f} @ {state.best_step})"
+    return f"val {metric} {row[f'val_{metric}']:.4f}, log loss {row['val_loss']:.4f} (best {state.best_metric:.4f} @ {state.best_step})"
 
 
 # --- outputs ----------------------------------------------------------------------------------------------------------
@@ -700,28 +731,32 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
     """oof.csv, oof_no_tta.csv, train_log.csv and metrics.json of the best evaluation; the checkpoint goes."""
     import pandas as pd
 
-    from .data import LABEL_COLUMNS
     from .io import write_csv, write_json
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
     from .versions import library_versions
 
     if "probs" not in s.best:
         raise KKError(f"fold {s.fold}: the validation log loss was never finite; nothing to keep")
-    out, state, val_df = s.work, s.state, inputs.val_df
+    out, state, val_df, task = s.work, s.state, inputs.val_df, s.task
     labels = val_df["label"].to_numpy()
     probs, probs_ab, probs_ba = s.best["probs"], s.best["probs_ab"], s.best["probs_ba"]
-    write_csv(out / "oof.csv", pd.DataFrame({"id": val_df["id"], **{c: probs[:, j] for j, c in enumerate(LABEL_COLUMNS)}}))
-    write_csv(out / "oof_no_tta.csv", pd.DataFrame({"id": val_df["id"], **{c: probs_ab[:, j] for j, c in enumerate(LABEL_COLUMNS)}}))
-    write_csv(out / "train_log.csv", pd.DataFrame(state.log, columns=["step", "epoch", "lr", "train_loss", "val_loss"]))
+    cols = task.prob_columns
+    write_csv(out / "oof.csv", pd.DataFrame({"id": val_df["id"], **{c: probs[:, j] for j, c in enumerate(cols)}}))
+    write_csv(out / "oof_no_tta.csv", pd.DataFrame({"id": val_df["id"], **{c: probs_ab[:, j] for j, c in enumerate(cols)}}))
+    log_columns = ["step", "epoch", "lr", "train_loss", "val_loss"] + ([f"val_{task.metric}"] if task.metric != "log_loss" else [])
+    write_csv(out / "train_log.csv", pd.DataFrame(state.log, columns=log_columns))
     wall = state.train_seconds
     metrics = {
         "fold": s.fold,
+        "task": task.name,
+        "metric": task.metric,
         "val_log_loss": log_loss(probs, labels),
         "val_log_loss_no_tta": log_loss(probs_ab, labels),
         "val_accuracy": accuracy(probs, labels),
-        "val_per_class_accuracy": per_class_accuracy(probs, labels),
+        "val_accuracy_no_tta": accuracy(probs_ab, labels),
+        "val_per_class_accuracy": per_class_accuracy(probs, labels, task.class_names),
         "swap_flip_rate": swap_flip_rate(probs_ab, probs_ba),
-        "prior_log_loss": prior_log_loss(labels),
+        "prior_log_loss": prior_log_loss(labels, task.n_classes),
         "best_step": state.best_step,
         "steps": state.step,
         "epochs_run": round(state.step / s.steps_per_epoch, 3),
@@ -745,13 +780,14 @@ def _print_metrics(out: Path, metrics: dict) -> None:
 
     console.print(
         table(
-            f"fold {metrics['fold']}: {out}",
+            f"fold {metrics['fold']} ({metrics['task']}): {out}",
             ["metric", "value"],
             [
                 ["val log loss (TTA)", metrics["val_log_loss"]],
                 ["val log loss (no TTA)", metrics["val_log_loss_no_tta"]],
                 ["class-prior log loss", metrics["prior_log_loss"]],
-                ["accuracy", metrics["val_accuracy"]],
+                ["accuracy (TTA)" if metrics["metric"] == "accuracy" else "accuracy", metrics["val_accuracy"]],
+                *([["accuracy (no TTA)", metrics["val_accuracy_no_tta"]]] if metrics["metric"] == "accuracy" else []),
                 ["swap flip rate", metrics["swap_flip_rate"]],
                 ["best step / steps", f"{metrics['best_step']} / {metrics['steps']}"],
                 ["rows truncated (train)", metrics["truncation"]["train"]["share_truncated"]],
