@@ -2,7 +2,10 @@
 
 Out-of-fold predictions are the currency: each run's folds together predict every
 training row once, so weights and a temperature can be fitted on them honestly.
-A calibration is applied only when it lowers the OOF log loss.
+A calibration is applied only when it lowers the OOF log loss. Weights and temperature
+are fitted on log loss whatever the task's metric (accuracy is flat almost everywhere);
+the submission is what the task scores: the probabilities (LMSYS), or the argmax
+class's label (WSDM: ``id,winner``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import numpy as np
 from .data import read_probs
 from .errors import KKError
 from .metrics import accuracy, log_loss
-from .predict import PROB_COLUMNS, trained_folds, warn_missing_folds
+from .predict import trained_folds, warn_missing_folds
+from .task import LMSYS, Task
 
 CLIP = 1e-7
 
@@ -156,14 +160,14 @@ class RunPredictions:
     oof_folds: np.ndarray | None = None  # the fold each OOF row was validated in
 
 
-def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None) -> RunPredictions:
+def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None, task: Task = LMSYS) -> RunPredictions:
     """A run's OOF predictions with their labels. ``skipped``: ids the train file's loader skipped
     (``--bad-rows skip``); their OOF rows are left out instead of being an error."""
     ids, oof, oof_nt, per_fold, fold_ids = [], [], [], [], []
     for k, path in trained_folds(run_dir, folds):
-        fid, p = read_probs(path / "oof.csv")
+        fid, p = read_probs(path / "oof.csv", task=task)
         nt_path = path / "oof_no_tta.csv"
-        _, pnt = read_probs(nt_path) if nt_path.exists() else (fid, p)
+        _, pnt = read_probs(nt_path, task=task) if nt_path.exists() else (fid, p)
         if skipped:
             keep = np.array([i not in skipped for i in fid], dtype=bool)
             fid, p, pnt = fid[keep], p[keep], pnt[keep]
@@ -185,7 +189,7 @@ def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None)
 
 
 def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: str, tta: bool, force: bool,
-                  test_df=None, backbone: str | None = None) -> np.ndarray:
+                  test_df=None, backbone: str | None = None, task: Task = LMSYS) -> np.ndarray:
     from .predict import predict_fold
 
     fold_probs = []
@@ -193,7 +197,10 @@ def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: s
         df = predict_fold(rp.run, k, test_path, tta=tta, force=force, backbone=backbone, test_df=test_df)
         if len(df) != len(test_ids) or (df["id"].to_numpy() != test_ids).any():
             raise KKError(f"{rp.run}/fold_{k}/test.csv holds other ids than {test_path}; rerun with --force")
-        p = df[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+        missing = [c for c in task.prob_columns if c not in df.columns]
+        if missing:
+            raise KKError(f"{rp.run}/fold_{k}/test.csv: missing column {', '.join(missing)}; rerun with --force")
+        p = df[list(task.prob_columns)].to_numpy(dtype=np.float64)
         if not np.isfinite(p).all():
             raise KKError(f"{rp.run}/fold_{k}/test.csv has NaN probabilities")
         fold_probs.append(p)
@@ -206,19 +213,28 @@ def finalize_probs(probs: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = "error") -> None:
-    """The format Kaggle scores: exact header, every test id once in order, rows summing to 1, no NaN."""
+def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = "error", task: Task = LMSYS) -> None:
+    """The format Kaggle scores: exact header, every test id once in order, and the task's values: rows of
+    probabilities summing to 1 with no NaN (LMSYS), or one of the task's labels per row (WSDM)."""
     import pandas as pd
 
-    if list(sub.columns) != ["id", *PROB_COLUMNS]:
-        raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(PROB_COLUMNS)}")
+    columns = task.submission_columns
+    if list(sub.columns) != ["id", *columns]:
+        raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(columns)}")
     if len(sub) != len(test_ids) or (sub["id"].astype(str).to_numpy() != np.asarray(test_ids, dtype=str)).any():
         raise KKError("submission ids differ from the test file's ids or order")
-    p = sub[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
-    if not np.isfinite(p).all():
-        raise KKError("submission has NaN probabilities")
-    if np.abs(p.sum(1) - 1).max() > 1e-6 or (p <= 0).any() or (p >= 1).any():
-        raise KKError("submission rows must be probabilities strictly between 0 and 1 summing to 1")
+    if task.submission == "labels":
+        values = sub[columns[0]].astype(str)
+        bad = ~values.isin(task.label_values) | sub[columns[0]].isna()
+        if bad.any():
+            raise KKError(f"submission row id {sub['id'][bad].iloc[0]}: {columns[0]}={sub[columns[0]][bad].iloc[0]!r} "
+                          f"is not one of {', '.join(task.label_values)}")
+    else:
+        p = sub[list(columns)].to_numpy(dtype=np.float64)
+        if not np.isfinite(p).all():
+            raise KKError("submission has NaN probabilities")
+        if np.abs(p.sum(1) - 1).max() > 1e-6 or (p <= 0).any() or (p >= 1).any():
+            raise KKError("submission rows must be probabilities strictly between 0 and 1 summing to 1")
     if sample_submission is not None:
         sample = pd.read_csv(sample_submission, dtype={"id": str})
         if list(sample.columns) != list(sub.columns):
@@ -234,14 +250,13 @@ def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = 
 
 
 def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, sample_submission=None,
-                     ids_mismatch: str = "error") -> Path:
-    """Checked, atomic write; an existing file is renamed with a timestamp unless ``force``."""
-    import pandas as pd
-
+                     ids_mismatch: str = "error", task: Task = LMSYS) -> Path:
+    """Checked, atomic write of the task's submission (probabilities, or argmax labels); an existing file
+    is renamed with a timestamp unless ``force``."""
     from .io import atomic_path, file_lock, protect_existing
 
-    sub = pd.DataFrame({"id": test_ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
-    check_submission(sub, test_ids, sample_submission, ids_mismatch)
+    sub = task.submission_frame(test_ids, probs)
+    check_submission(sub, test_ids, sample_submission, ids_mismatch, task)
     out = Path(out)
     with atomic_path(out) as tmp:
         sub.to_csv(tmp, index=False)
@@ -263,7 +278,7 @@ def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
         if not p.exists():
             raise KKError(f"{what} {p} does not exist")
         if not p.is_file():
-            raise KKError(f"{what} {p} is a folder, expected a CSV file")
+            raise KKError(f"{what} {p} is a folder, expected a file")
     out = Path(out)
     if out.is_dir():
         raise KKError(f"--out {out} is a folder; give a file name such as {out / 'submission.csv'}")
@@ -287,11 +302,12 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
         for r in runs:
             warn_missing_folds(r, [k for k, _ in trained_folds(r, "all")])
     first_cfg = fold_config(trained_folds(runs[0], folds)[0][1])
-    train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows)
+    task = run_task(runs, folds)
+    train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows, task)
     train_report.print_warnings()
     labels_by_id = dict(zip(train_df["id"], train_df["label"]))
     skipped = {rid for rid, _ in train_report.skipped}
-    preds = [load_run_oof(r, folds, labels_by_id, skipped) for r in runs]
+    preds = [load_run_oof(r, folds, labels_by_id, skipped, task) for r in runs]
 
     # OOF ids common to every run: runs trained on other folds still compare on the same rows.
     oofs, y, oof_folds = common_oof(preds, labels_by_id, with_folds=True)
@@ -316,14 +332,14 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
 
         protect_existing(oof_out, force, "OOF soft labels")
         ids = sorted(set.intersection(*[set(rp.oof_ids) for rp in preds]))
-        write_csv(oof_out, pd.DataFrame({"id": ids, **{c: calibrated[:, j] for j, c in enumerate(PROB_COLUMNS)}}))
+        write_csv(oof_out, pd.DataFrame({"id": ids, **{c: calibrated[:, j] for j, c in enumerate(task.prob_columns)}}))
 
-    test_df, report = load_test(test_path)
+    test_df, report = load_test(test_path, task=task)
     report.print_warnings()
     test_ids = test_df["id"].to_numpy()
-    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone) for rp in preds]
+    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone, task) for rp in preds]
     final = finalize_probs(apply_temperature(combine(test_probs, weights, method), temperature))
-    path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission)
+    path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission, task=task)
 
     rows = []
     for rp in preds:
@@ -339,10 +355,30 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
                             [["uncalibrated", cal["uncalibrated"]], ["the rows it was fitted on (in-sample)", cal["in_sample"]],
                              [f"held-out folds (cross-fitted, {cal['folds']} folds)", cal["cross_fitted"]],
                              ["verdict", "kept" if cal["kept"] else "not kept: it does not generalise"]]))
+    if task.language_column and task.language_column in train_df.columns:
+        from .metrics import group_accuracy
+
+        lang = dict(zip(train_df["id"], train_df[task.language_column]))
+        order = sorted(set.intersection(*[set(rp.oof_ids) for rp in preds]))
+        console.print(table(f"out-of-fold accuracy per {task.language_column} (calibrated ensemble)",
+                            [task.language_column, "rows", "accuracy"],
+                            group_accuracy(calibrated, y, [lang[i] for i in order])))
     console.print(
         f"weights {', '.join(f'{w:.3f}' for w in weights)}; temperature {temperature:.3f}; "
-        f"OOF {before:.4f} -> {after:.4f}; wrote {path} ({len(test_ids)} rows)",
+        f"OOF {before:.4f} -> {after:.4f}"
+        + (f" (log loss; OOF {task.metric} {task.metric_value(base, y):.4f} -> {task.metric_value(calibrated, y):.4f})"
+           if task.metric != "log_loss" else "")
+        + f"; wrote {path} ({len(test_ids)} rows)",
         highlight=False,
     )
-    return {"submission": path, "oof_before": before, "oof_after": after, "weights": weights.tolist(), "calibration": cal,
-            "temperature": temperature, "test_probs": final, "test_ids": test_ids, "per_run": preds}
+    return {"submission": path, "task": task.name, "oof_before": before, "oof_after": after, "weights": weights.tolist(),
+            "calibration": cal, "temperature": temperature, "test_probs": final, "test_ids": test_ids, "per_run": preds,
+            "oof_metric": task.metric_value(calibrated, y)}
+
+
+def run_task(runs, folds="all") -> Task:
+    """The task the runs were trained for (every fold's config.yaml); runs of two competitions are an error."""
+    from .predict import fold_config
+    from .task import same_task
+
+    return same_task([fold_config(p).task for r in runs for _, p in trained_folds(r, folds)], "runs")
