@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from .common import COMPETITION, FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
+from ..task import LMSYS
+from .common import FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
 from .notebook import make_notebook
 
 # --- who pushes ---------------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         raise KKError(f"--machine-shape must be one of {', '.join(MACHINE_SHAPES)} (got {machine_shape!r})")
 
     from ..data import load_train
-    from ..ensemble import calibrate, common_oof, load_run_oof
+    from ..ensemble import calibrate, common_oof, load_run_oof, run_task
     from ..io import atomic_dir, write_json
     from ..predict import fold_config, trained_folds, warn_missing_folds
     from ..ui import info
@@ -103,6 +104,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         raise KKError(f"{out} already exists; pass --force to rebuild it")
     runs = [Path(r) for r in runs]
     run_folds = [(r, trained_folds(r, folds)) for r in runs]
+    task = run_task(runs, folds)  # the competition the kernel enters: its test file, input folder, submission
     if folds in (None, "all"):
         for r, found in run_folds:
             warn_missing_folds(r, [k for k, _ in found])
@@ -111,7 +113,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     weights, temperature = [1.0] * len(runs), 1.0
     first_cfg = fold_config(run_folds[0][1][0][1])
     try:
-        train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
+        train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows, task)
     except KKError as e:
         from ..ui import warn
 
@@ -119,17 +121,17 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         train_df = None
     if fit and train_df is not None:
         labels = dict(zip(train_df["id"], train_df["label"]))
-        oofs, y, oof_folds = common_oof([load_run_oof(r, folds, labels) for r in runs], labels, with_folds=True)
+        oofs, y, oof_folds = common_oof([load_run_oof(r, folds, labels, task=task) for r in runs], labels, with_folds=True)
         if len(y):
             w, temperature, _, _ = calibrate(oofs, y, folds=oof_folds)
             weights = w.tolist()
 
-    check_fits_t4(run_folds)
+    check_fits_t4(run_folds, task.n_classes)
 
     with atomic_dir(out) as tmp:
         art = tmp / "datasets" / f"{slug}-artifacts"
         whl = tmp / "datasets" / f"{slug}-wheels"
-        manifest = {"name": slug, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
+        manifest = {"name": slug, "task": task.name, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
                     "backbone_source": backbone_source, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         copied_backbones: dict[str, str] = {}
         used: set[str] = set()
@@ -170,7 +172,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
 
         kdir = tmp / "kernel"
         kdir.mkdir(parents=True)
-        nb = make_notebook(slug)
+        nb = make_notebook(slug, task)
         nbformat.validate(nb)
         nbformat.write(nb, str(kdir / f"{slug}.ipynb"))
         meta = {
@@ -184,7 +186,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             "machine_shape": machine_shape,
             "enable_internet": False,  # explicit: the kaggle CLI's own default is true
             "dataset_sources": [f"{user}/{slug}-artifacts", f"{user}/{slug}-wheels"],
-            "competition_sources": [COMPETITION],
+            "competition_sources": [task.competition],
             "kernel_sources": [],
             "model_sources": [],
         }
@@ -192,7 +194,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             key = "model_sources" if backbone_source.count("/") > 1 else "dataset_sources"
             meta[key].append(backbone_source)
         write_json(kdir / "kernel-metadata.json", meta)
-    info(f"wrote {out}: {sum(len(e['folds']) for e in manifest['runs'])} fold(s), weights {weights}, temperature {temperature:.3f}")
+    info(f"wrote {out}: {task.name}, {sum(len(e['folds']) for e in manifest['runs'])} fold(s), weights {weights}, "
+         f"temperature {temperature:.3f}")
     return out
 
 
@@ -257,7 +260,7 @@ def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
 T4_BYTES = int(14.5 * 1024**3)  # a T4's 15 GB less what the CUDA context keeps
 
 
-def check_fits_t4(run_folds) -> None:
+def check_fits_t4(run_folds, num_labels: int = LMSYS.n_classes) -> None:
     """Refuse, in one line with the fix, a kernel whose largest fold model cannot fit one T4."""
     from ..modeling import FP32_INFERENCE_MAX_BYTES, count_parameters, estimate_inference_bytes
     from ..predict import fold_config
@@ -266,7 +269,7 @@ def check_fits_t4(run_folds) -> None:
         cfg = fold_config(fl[0][1])
         if not Path(cfg.model.backbone).expanduser().is_dir():
             continue  # attached from Kaggle: its size is not known here
-        params = count_parameters(cfg.model.backbone)
+        params = count_parameters(cfg.model.backbone, num_labels)
         if params is None:
             continue
         precision = 4 if 4 * params <= FP32_INFERENCE_MAX_BYTES else 2

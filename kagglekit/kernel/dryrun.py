@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from .common import COMPETITION, HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H
+from .common import HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H, MANIFEST
 
 
 def _offline_kernelspec(tmp: Path, env: dict, python: str | None = None) -> str:
@@ -52,8 +52,9 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    from ..data import load_test
+    from ..data import load_test, read_raw
     from ..ensemble import check_submission
+    from ..io import write_table
     from ..synthetic import make_synthetic
     from ..ui import console, table
 
@@ -67,15 +68,20 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
         shutil.rmtree(keep, ignore_errors=True)
     tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="kk-dry-run-"))
     root = tmp / "kaggle"
-    comp = root / "input" / "competitions" / COMPETITION
+    task = kernel_task(kernel_dir)
+    comp = root / "input" / "competitions" / task.competition
     comp.mkdir(parents=True, exist_ok=True)
+    test_file = comp / task.test_file  # where Kaggle puts it: test.csv (LMSYS), test.parquet (WSDM)
     if test_csv is not None:
-        test_df, _ = load_test(test_csv)  # the same checks as everywhere: a bad file is one clear line
-        shutil.copy2(test_csv, comp / "test.csv")
+        test_df, _ = load_test(test_csv, task=task)  # the same checks as everywhere: a bad file is one clear line
+        if Path(test_csv).suffix.lower() == test_file.suffix:
+            shutil.copy2(test_csv, test_file)
+        else:  # a CSV for a parquet competition (or the reverse): the kernel finds the file Kaggle would give it
+            write_table(test_file, read_raw(test_csv, "test"))
     else:
-        make_synthetic(50, seed=7, with_labels=False).to_csv(comp / "test.csv", index=False)
-        test_df, _ = load_test(comp / "test.csv")
-    sample = pd.DataFrame({"id": test_df["id"], "winner_model_a": 1 / 3, "winner_model_b": 1 / 3, "winner_tie": 1 / 3})
+        write_table(test_file, make_synthetic(50, seed=7, with_labels=False, task=task))
+        test_df, _ = load_test(test_file, task=task)
+    sample = task.sample_submission(test_df["id"])
     sample.to_csv(comp / "sample_submission.csv", index=False)
     for ds in sorted((kernel_dir / "datasets").iterdir()):
         owner, slug = json.loads((ds / "dataset-metadata.json").read_text())["id"].split("/")
@@ -110,7 +116,7 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     if not sub_path.exists():
         raise KKError(f"the kernel ran but wrote no {sub_path}")
     sub = pd.read_csv(sub_path, dtype={"id": str})
-    check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv")
+    check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv", task=task)
 
     report = _report_from_outputs(nb)
     model_estimate = flops_estimate(kernel_dir, test_df)
@@ -119,7 +125,7 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     # Fixed costs (start-up, install, model loading) + per-row prediction cost scaled to the hidden test set.
     fixed_s = wall - per_row_pass * len(test_df) * passes
     estimate_h = (fixed_s + per_row_pass * HIDDEN_TEST_ROWS * passes / gpu_factor) / 3600
-    result = {"submission": str(sub_path), "rows": len(sub), "wall_s": round(wall, 1), "network": network,
+    result = {"submission": str(sub_path), "task": task.name, "rows": len(sub), "wall_s": round(wall, 1), "network": network,
               "inference_s": report.get("seconds"), "passes_per_row": passes, "estimate_hidden_h": estimate_h,
               "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor, "work_dir": str(tmp),
               "model_estimate": model_estimate}
@@ -134,6 +140,16 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
          ["fits Kaggle's limit", "yes" if result["fits_9h"] else "NO"]],
     ))
     return result
+
+
+def kernel_task(kernel_dir: Path):
+    """The task a built kernel is for (its manifest; kernels built before tasks existed are LMSYS's)."""
+    from ..task import get_task
+
+    art = next((d for d in (Path(kernel_dir) / "datasets").iterdir() if (d / MANIFEST).exists()), None)
+    if art is None:
+        raise KKError(f"{kernel_dir} has no artifacts dataset (no datasets/*/{MANIFEST}); rebuild it with kk kernel")
+    return get_task(json.loads((art / MANIFEST).read_text()).get("task", "lmsys"))
 
 
 def _report_from_outputs(nb) -> dict:
@@ -170,6 +186,7 @@ def flops_estimate(kernel_dir: Path, test_df) -> dict | None:
 
     from ..formatting import Formatter
     from ..predict import fold_config
+    from ..task import get_task
 
     art = next((d for d in (kernel_dir / "datasets").iterdir() if (d / "kk_manifest.json").exists()), None)
     if art is None:
@@ -182,7 +199,7 @@ def flops_estimate(kernel_dir: Path, test_df) -> dict | None:
         fold = art / entry["name"] / f"fold_{entry['folds'][0]}"
         cfg = fold_config(fold)
         mconf = AutoConfig.from_pretrained(art / entry["backbone"]["path"])
-        mconf.num_labels = 3
+        mconf.num_labels = get_task(cfg.task).n_classes
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(mconf)
         embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)

@@ -49,7 +49,8 @@ def check_source_handle(source: str) -> str:
 
 
 def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=None, tta: bool = True) -> dict:
-    """Predict ``test_csv`` with every fold in the artifacts dataset and write the submission.
+    """Predict ``test_csv`` (the task's test file, CSV or parquet) with every fold in the artifacts dataset
+    and write the task's submission.
 
     Folds are spread over the GPUs (two on Kaggle's T4 x2) in threads; on CPU they run in turn.
     """
@@ -58,12 +59,14 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     from ..data import load_test
     from ..ensemble import apply_temperature, combine, finalize_probs, write_submission
     from ..predict import FoldModel
+    from ..task import get_task
 
     t0 = time.time()
     artifacts = Path(artifacts)
     manifest = json.loads((artifacts / MANIFEST).read_text())
+    task = get_task(manifest.get("task", "lmsys"))  # kernels built before tasks existed are LMSYS's
     _compare_versions(manifest)
-    test_df, _ = load_test(test_csv)
+    test_df, _ = load_test(test_csv, task=task)
     jobs = []
     for r, entry in enumerate(manifest["runs"]):
         bb = entry.get("backbone", {})
@@ -105,12 +108,12 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     if not np.isfinite(final).all():
         raise KKError("the ensemble produced NaN probabilities")
     path = write_submission(test_df["id"].to_numpy(), final, out, force=True, sample_submission=sample_submission,
-                            ids_mismatch="warn")
+                            ids_mismatch="warn", task=task)
     seconds = time.time() - t0
     passes = len(jobs) * (2 if tta else 1)
     # Per-row cost from prediction time alone (loading is a fixed cost per fold), per GPU in parallel.
     predict_s = sum(t["predict_s"] for t in timings) / len(devices)
-    return {"submission": str(path), "rows": len(test_df), "folds": len(jobs), "passes": passes, "devices": devices,
+    return {"submission": str(path), "task": task.name, "rows": len(test_df), "folds": len(jobs), "passes": passes, "devices": devices,
             "seconds": round(seconds, 2), "load_s": round(sum(t["load_s"] for t in timings) / len(devices), 2),
             "seconds_per_row_pass": predict_s / max(1, len(test_df) * passes), "timings": timings}
 
