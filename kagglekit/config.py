@@ -27,16 +27,19 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    train: str = Field("data/train.csv", description="Competition train.csv (id, prompt, response_a/b, winner_*).")
-    test: str = Field("data/test.csv", description="Competition test.csv (id, prompt, response_a, response_b).")
+    train: str = Field("data/train.csv", description="Competition train file, CSV or parquet by its suffix (lmsys: train.csv with "
+                       "id, prompt, response_a/b, winner_model_a/b/tie; wsdm: train.parquet with id, prompt, response_a/b, winner, language).")
+    test: str = Field("data/test.csv", description="Competition test file (id, prompt, response_a, response_b): test.csv for lmsys, "
+                      "test.parquet for wsdm.")
     folds: str = Field("folds/folds.csv", description="Fold assignment written by `kk make-folds` (id,fold).")
     soft_labels: str | None = Field(
-        None, description="Optional CSV id,winner_model_a,winner_model_b,winner_tie of teacher probabilities (distillation)."
+        None, description="Optional CSV of teacher probabilities (distillation): id + the task's probability columns "
+        "(lmsys: winner_model_a,winner_model_b,winner_tie; wsdm: winner_model_a,winner_model_b)."
     )
     extra: list[ExtraData] = Field(
         default_factory=list,
         description="Pseudo-labelled rows added to every fold's training rows (never validated on): "
-        "[{path: extra.csv, soft_labels: extra_soft.csv}], soft labels from kk ensemble --test extra.csv --out extra_soft.csv.",
+        "[{path: extra.csv, soft_labels: extra_soft.csv}], soft labels from kk ensemble --test extra.csv --oof-out/--out.",
     )
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="Rows with broken cells or labels: stop with an error, or skip them and report the count."
@@ -44,8 +47,8 @@ class DataConfig(_Section):
 
 
 class ExtraData(_Section):
-    path: str = Field(..., description="CSV of extra rows in test.csv format (id, prompt, response_a, response_b).")
-    soft_labels: str = Field(..., description="CSV id,winner_model_a,winner_model_b,winner_tie: a teacher's probabilities for those rows.")
+    path: str = Field(..., description="Extra rows in the task's test-file format (id, prompt, response_a, response_b), CSV or parquet.")
+    soft_labels: str = Field(..., description="CSV id + the task's probability columns: a teacher's probabilities for those rows.")
 
 
 class BudgetConfig(_Section):
@@ -134,7 +137,8 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = once per epoch.")
-    patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement before stopping (0 = never).")
+    patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement of the task's metric "
+                          "(val log loss for lmsys, val accuracy for wsdm) before stopping (0 = never).")
     swap_augment: bool = Field(True, description="Add every training row again with A and B exchanged (label mapped).")
     swap_same_batch: bool = Field(False, description="Put both orders of a pair in the same micro-batch.")
     eval_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when evaluating/predicting.")
@@ -188,9 +192,11 @@ class TuneParam(_Section):
 
 class Config(_Section):
     name: str = Field("experiment", min_length=1, description="Experiment name; the default run folder is runs/<name>.")
-    task: Literal["lmsys"] = Field(
-        "lmsys", description="The competition: columns, classes, A/B swap and metric (kagglekit/task.py). "
-        "lmsys = LLM Classification Finetuning (A/B/tie, log loss).",
+    task: Literal["lmsys", "wsdm"] = Field(
+        "lmsys", description="The competition (kagglekit/task.py): columns, cells, labels, classes, A/B swap, metric, files and "
+        "submission. lmsys = LLM Classification Finetuning (A/B/tie, JSON turn lists, CSV, log loss, probabilities); "
+        "wsdm = WSDM Cup 2025 Multilingual Chatbot Arena (A/B, plain strings, parquet, accuracy with log loss beside, "
+        "id,winner labels).",
     )
     seed: int = Field(42, description="Seed for folds, shuffling, initialisation and dropout.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data lives.")
