@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, md_table, record
+from kagglekit.task import LMSYS as TASK  # the preference set is written in LMSYS's format: three classes
 
 SHARED = Path(os.environ.get("KK_SHARED_DATA", REPO.parent / "shared" / "data"))
 HH = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -59,8 +60,8 @@ def _log_loss(p, y):
 
 
 def _swap_aug(x_ab, x_ba, y):
-    """Training rows in both orders, labels mapped (A<->B, tie stays)."""
-    return np.concatenate([x_ab, x_ba]), np.concatenate([y, np.array([1, 0, 2])[y]])
+    """Training rows in both orders, labels mapped by the task's swap (A<->B, tie stays)."""
+    return np.concatenate([x_ab, x_ba]), np.concatenate([y, TASK.swap_labels(y)])
 
 
 def _logistic_oof(x_ab, x_ba, y, fold_of, seed: int) -> np.ndarray:
@@ -70,7 +71,7 @@ def _logistic_oof(x_ab, x_ba, y, fold_of, seed: int) -> np.ndarray:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    out = np.zeros((len(y), 3))
+    out = np.zeros((len(y), TASK.n_classes))
     for k in np.unique(fold_of):
         tr, va = fold_of != k, fold_of == k
         xt, yt = _swap_aug(x_ab[tr], x_ba[tr], y[tr])
@@ -82,12 +83,12 @@ def _logistic_oof(x_ab, x_ba, y, fold_of, seed: int) -> np.ndarray:
         classes = list(model.classes_)
 
         def full(p, classes=classes):
-            q = np.full((len(p), 3), 1e-6)
+            q = np.full((len(p), TASK.n_classes), 1e-6)
             q[:, classes] = p
             return q / q.sum(1, keepdims=True)
 
         p_ab = full(model.predict_proba(x_ab[va]))
-        p_ba = full(model.predict_proba(x_ba[va]))[:, [1, 0, 2]]
+        p_ba = TASK.swap_probs(full(model.predict_proba(x_ba[va])))
         out[va] = (p_ab + p_ba) / 2
     return out
 
@@ -128,9 +129,9 @@ def embedding_features(df, backbone: str, max_length: int = 256, batch_size: int
 
 
 def prior_oof(y, fold_of):
-    out = np.zeros((len(y), 3))
+    out = np.zeros((len(y), TASK.n_classes))
     for k in np.unique(fold_of):
-        counts = np.bincount(y[fold_of != k], minlength=3) + 1e-3
+        counts = np.bincount(y[fold_of != k], minlength=TASK.n_classes) + 1e-3
         out[fold_of == k] = counts / counts.sum()
     return out
 
@@ -173,7 +174,7 @@ def main() -> None:
     probe = _logistic_oof(emb_ab, emb_ba, y, fold_of, args.seed)
     print(f"baselines in {time.time() - t0:.0f} s", flush=True)
 
-    per_fold, kk, kk_nt = [], np.zeros((len(y), 3)), np.zeros((len(y), 3))
+    per_fold, kk, kk_nt = [], np.zeros((len(y), TASK.n_classes)), np.zeros((len(y), TASK.n_classes))
     pos = {i: n for n, i in enumerate(df["id"])}
     for k in train_folds:
         m = train_fold(cfg, k, work / "run", force=True)
@@ -181,7 +182,7 @@ def main() -> None:
             import pandas as pd
 
             o = pd.read_csv(work / "run" / f"fold_{k}" / name, dtype={"id": str})
-            arr[[pos[i] for i in o["id"]]] = o[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+            arr[[pos[i] for i in o["id"]]] = o[list(TASK.prob_columns)].to_numpy()
         va = fold_of == k
         per_fold.append({"fold": k, "kk": _log_loss(kk[va], y[va]), "length": _log_loss(length[va], y[va]),
                          "probe": _log_loss(probe[va], y[va]), "prior": _log_loss(prior[va], y[va]),
