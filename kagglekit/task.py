@@ -137,9 +137,12 @@ class Task:
 
     def improves(self, loss: float, value: float, best_loss: float, best_value: float | None) -> bool:
         """Whether an evaluation (log loss, task metric) beats the best so far. Log loss: lower wins.
-        Accuracy: higher wins, and at equal accuracy the lower log loss (small validation sets tie often)."""
+        Accuracy: higher wins, and at equal accuracy the lower log loss (small validation sets tie often);
+        an evaluation whose log loss is not finite never wins."""
         if self.metric == "log_loss":
             return loss < best_loss
+        if not np.isfinite(loss):  # NaN probabilities still have an argmax: never keep such a model
+            return False
         return best_value is None or value > best_value or (value == best_value and loss < best_loss)
 
     # --- submission ------------------------------------------------------------------------------------------------
