@@ -36,11 +36,19 @@ from typing import Literal
 import pandas as pd
 
 from .errors import KKError
-
-# The column and class names under their old names are LMSYS's, kept for old importers; new code asks the task.
-from .task import CLASS_NAMES, LABEL_COLUMNS, LMSYS, TEST_COLUMNS, TEXT_COLUMNS, TRAIN_COLUMNS, Task  # noqa: F401
+from .task import LMSYS, Task
 
 BadRows = Literal["error", "skip", "repair"]
+
+
+def __getattr__(name: str):
+    """The column constants of the LMSYS-only days, imported from here by older code, are LMSYS's:
+    forwarded from kagglekit.task (``OLD_NAMES``). New code asks the task."""
+    from . import task
+
+    if name in task.OLD_NAMES:
+        return getattr(task, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -197,14 +197,15 @@ WSDM = Task(
 
 TASKS: dict[str, Task] = {t.name: t for t in (LMSYS, WSDM)}
 
-# LMSYS's columns and classes under their old names, for code written before tasks existed.
-# New code asks the task (get_task(cfg.task)) instead.
+# LMSYS's columns and classes under their old names, for code written before tasks existed
+# (``from kagglekit.data import LABEL_COLUMNS`` is forwarded here). New code asks the task instead.
 TEXT_COLUMNS = LMSYS.text_columns
 LABEL_COLUMNS = LMSYS.label_columns
 PROB_COLUMNS = LMSYS.prob_columns
 CLASS_NAMES = LMSYS.class_names
 TRAIN_COLUMNS = LMSYS.train_columns
 TEST_COLUMNS = LMSYS.test_columns
+OLD_NAMES = ("TEXT_COLUMNS", "LABEL_COLUMNS", "PROB_COLUMNS", "CLASS_NAMES", "TRAIN_COLUMNS", "TEST_COLUMNS")
 
 
 def get_task(name: str | Task = "lmsys") -> Task:
