@@ -22,6 +22,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import ConfigError
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Never writes anchors and aliases (a value shared by two keys is written twice): the configs
+    kagglekit writes must be readable by its own reader, which refuses aliases."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -102,19 +110,26 @@ def resolve_packaged(name: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
+MAX_TOKEN_BUDGET = 10**9  # padded tokens in one batch; far above any GPU's memory, far below numpy's int64
+
+
 def _token_budget(v):
-    """'auto', 0 or a positive integer; anything else gets one message instead of pydantic's union errors."""
-    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+    """'auto', 0 or a positive integer up to MAX_TOKEN_BUDGET; anything else gets one message instead of
+    pydantic's union errors (and a 1e22 budget no OverflowError deep in batching)."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_BUDGET):
         return v
-    raise ValueError("must be 'auto', 0 (batches of rows) or a positive token budget")
+    raise ValueError(f"must be 'auto', 0 (batches of rows) or a positive token budget up to {MAX_TOKEN_BUDGET:_}")
 
 
 TokenBudget = Annotated[int | Literal["auto"], BeforeValidator(_token_budget)]  # train.max_tokens, predict.max_tokens
 
 
+MAX_LORA_RANK = 1024  # lora.r, and the r of an adapter_config.json that kagglekit loads
+
+
 class LoraConfig(_Section):
     enabled: bool = Field(True, description="Train LoRA adapters; false fine-tunes every weight.")
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    r: int = Field(16, ge=1, le=MAX_LORA_RANK, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] | None = Field(
@@ -222,7 +237,7 @@ class Config(_Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_PlainDumper, sort_keys=False)
 
     def get(self, dotted: str) -> Any:
         obj: Any = self
@@ -307,6 +322,37 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"{where}{head}{msg}{got_s}" + (f" [and {more} more]" if more else "")
 
 
+class _AliasRefused(Exception):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(anchor, line)
+        self.anchor, self.line = anchor, line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (``*name``): a few hundred bytes of nested anchors expand into
+    billions of nodes (a "billion laughs"), which would keep validation busy until memory runs out.
+    A config never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent) and self.peek_event().anchor in self.anchors:
+            # (an undefined alias stays PyYAML's error: --set data.train=*.csv is still the text as given)
+            event = self.peek_event()
+            raise _AliasRefused(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def safe_load(text: str, where: str) -> Any:
+    """``yaml.safe_load`` without aliases and without a RecursionError on absurd nesting: ConfigError
+    naming ``where`` (the file, or the --set item). The one YAML reader for anything a user gives."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: builds plain values only
+    except _AliasRefused as e:
+        line = f"line {e.line}: " if "\n" in text.strip() else ""
+        raise ConfigError(f"{where}: {line}YAML aliases (*{e.anchor}) are not allowed in a config; write the value out") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key.path=value")
@@ -315,7 +361,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load(raw, f"--set {key}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -350,7 +396,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_load(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:

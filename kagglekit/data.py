@@ -148,6 +148,21 @@ def parse_turns(cell: str, bad_rows: BadRows = "error") -> tuple[list[str], dict
     return turns, stats
 
 
+def check_unique_header(path: str | os.PathLike) -> None:
+    """Refuse a CSV whose header names a column twice: pandas would rename the second ``id`` to ``id.1``
+    and silently read the first, whichever of the two was meant. A header that cannot be read is left
+    to the reader that follows (it names the file)."""
+    try:
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, IndexError):
+        return
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise KKError(f"{path}: column {name!r} appears more than once in the header")
+        seen.add(name)
+
+
 def parse_plain(cell) -> tuple[list[str], dict]:
     """One plain-text cell (a competition whose cells are strings, not JSON lists) as a single turn.
 
@@ -196,6 +211,7 @@ def read_raw(path: str | os.PathLike, what: str = "data") -> pd.DataFrame:
             return pd.read_parquet(path, engine="pyarrow")
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise KKError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0][:160]})") from None
+    check_unique_header(path)
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
@@ -293,6 +309,7 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities", task: Task 
     path = Path(path)
     if not path.exists():
         raise KKError(f"{what} file {path} does not exist")
+    check_unique_header(path)
     try:
         df = pd.read_csv(path, dtype={"id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:

@@ -216,8 +216,6 @@ def finalize_probs(probs: np.ndarray) -> np.ndarray:
 def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = "error", task: Task = LMSYS) -> None:
     """The format Kaggle scores: exact header, every test id once in order, and the task's values: rows of
     probabilities summing to 1 with no NaN (LMSYS), or one of the task's labels per row (WSDM)."""
-    import pandas as pd
-
     columns = task.submission_columns
     if list(sub.columns) != ["id", *columns]:
         raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(columns)}")
@@ -236,9 +234,7 @@ def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = 
         if np.abs(p.sum(1) - 1).max() > 1e-6 or (p <= 0).any() or (p >= 1).any():
             raise KKError("submission rows must be probabilities strictly between 0 and 1 summing to 1")
     if sample_submission is not None:
-        sample = pd.read_csv(sample_submission, dtype={"id": str})
-        if list(sample.columns) != list(sub.columns):
-            raise KKError(f"{sample_submission}: columns {list(sample.columns)} differ from the submission's")
+        sample = read_sample_submission(sample_submission, task)
         if set(sample["id"]) != set(sub["id"].astype(str)):
             if ids_mismatch == "warn":
                 # On Kaggle's rerun the hidden test.csv is what is scored; a stale sample must not abort it.
@@ -247,6 +243,28 @@ def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = 
                 warn(f"{sample_submission}: ids differ from the test file's; following the test file")
             else:
                 raise KKError(f"{sample_submission}: ids differ from the test file's")
+
+
+def read_sample_submission(path, task: Task = LMSYS):
+    """Kaggle's sample_submission.csv, checked: a readable CSV with the task's submission columns and at least one row."""
+    import pandas as pd
+
+    from .data import check_unique_header
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise KKError(f"sample submission {path} is empty")
+    check_unique_header(path)
+    try:
+        sample = pd.read_csv(path, dtype={"id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise KKError(f"sample submission {path}: cannot be read as CSV ({str(e).splitlines()[0][:120]})") from None
+    expected = ["id", *task.submission_columns]
+    if list(sample.columns) != expected:
+        raise KKError(f"sample submission {path}: columns {list(sample.columns)[:6]} differ from the submission's ({','.join(expected)})")
+    if len(sample) == 0:
+        raise KKError(f"sample submission {path} has a header but no rows")
+    return sample
 
 
 def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, sample_submission=None,
@@ -268,7 +286,7 @@ def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, samp
     return out
 
 
-def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
+def _check_inputs(test_path, sample_submission, out, force: bool, task: Task = LMSYS) -> None:
     from .io import check_writable
 
     for what, p in (("--test", test_path), ("--sample-submission", sample_submission)):
@@ -279,6 +297,8 @@ def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
             raise KKError(f"{what} {p} does not exist")
         if not p.is_file():
             raise KKError(f"{what} {p} is a folder, expected a file")
+    if sample_submission is not None:
+        read_sample_submission(sample_submission, task)  # a binary or empty file is refused before any prediction
     out = Path(out)
     if out.is_dir():
         raise KKError(f"--out {out} is a folder; give a file name such as {out / 'submission.csv'}")
@@ -296,13 +316,13 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     if not runs:
         raise KKError("give at least one --run")
     runs = [Path(r) for r in runs]
+    task = run_task(runs, folds)  # the runs' competition: its files, its submission
     # Everything that can fail after the long prediction work is checked before it starts.
-    _check_inputs(test_path, sample_submission, out, force)
+    _check_inputs(test_path, sample_submission, out, force, task)
     if folds in (None, "all"):
         for r in runs:
             warn_missing_folds(r, [k for k, _ in trained_folds(r, "all")])
     first_cfg = fold_config(trained_folds(runs[0], folds)[0][1])
-    task = run_task(runs, folds)
     train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows, task)
     train_report.print_warnings()
     labels_by_id = dict(zip(train_df["id"], train_df["label"]))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .data import check_unique_header
 from .errors import KKError
 from .io import protect_existing, write_csv
 from .task import LMSYS, Task
@@ -101,6 +102,7 @@ def load_folds(path: str | os.PathLike, ids: pd.Series | None = None) -> pd.Data
         raise KKError(f"{path} does not exist (run `kk make-folds` first)")
     if path.stat().st_size == 0:
         raise KKError(f"{path} is empty")
+    check_unique_header(path)
     folds = pd.read_csv(path, dtype={"id": str})
     for col in ("id", "fold"):
         if col not in folds.columns:

@@ -15,6 +15,13 @@ a field that needs less than its share gives the rest to the others (water
 filling). A field over its allocation is cut by ``model.truncation``: ``head_tail``
 keeps its start and end, ``left`` keeps the end (the last turns), ``right`` keeps
 the start. Every row records how many tokens of each field were kept of how many.
+
+Bounded work: a field longer than ``CHARS_PER_TOKEN`` characters per token of the text budget is cut by
+characters before it is tokenized, keeping the characters the token cut keeps (its start, its end, or
+both for ``head_tail``), so one 50 MB cell costs what a normal cell costs. The kept part still holds at
+least a budget of tokens (a token is rarely longer than a few characters), so the kept tokens are the
+same; the field's total is then an estimate (tokens of the kept part scaled by the characters cut), and
+the row is counted as cut by characters in :class:`TruncationStats`.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ TURN_SEP = " <TURN> "
 # Decoder tokenizers add no end token; the classifier pools the last token, so the
 # sequence ends with a fixed marker rather than with whatever text B ends on.
 END_MARKER = " <END>"
+# Characters kept per token of the text budget when a field is cut by characters before tokenizing. Real
+# tokens average about 4 characters of English and rarely exceed 16, so the kept part still holds a budget
+# of tokens; 16 x a 1,280-token budget is ~20,000 characters per end of a field.
+CHARS_PER_TOKEN = 16
 
 
 def allocate(lengths: list[int], shares: list[float], budget: int) -> list[int]:
@@ -87,6 +98,9 @@ class EncodedRows:
     prompt: list[np.ndarray]
     response_a: list[np.ndarray]
     response_b: list[np.ndarray]
+    # (rows, 3): how many times longer each field's text was than the part tokenized (1 = all of it;
+    # above 1 = cut by characters first, see CHARS_PER_TOKEN). None: no field was cut.
+    char_ratio: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -132,23 +146,46 @@ class Formatter:
     def _tok(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def char_limit(self) -> int:
+        """Characters kept of each end of a field before tokenizing (see CHARS_PER_TOKEN): a field can
+        be given the whole text budget when the others are short, so the limit follows the whole budget."""
+        return CHARS_PER_TOKEN * self.budget
+
+    def cut_chars(self, text: str) -> str:
+        """``text`` itself, or the characters the token cut keeps when it is over the limit: its start
+        (``right``), its end (``left``) or both ends (``head_tail``; the seam is in the dropped middle)."""
+        n = self.char_limit
+        if self.truncation == "right":
+            return text[:n] if len(text) > n else text
+        if self.truncation == "left":
+            return text[-n:] if len(text) > n else text
+        return text[:n] + text[-n:] if len(text) > 2 * n else text
+
     def encode_rows(self, df, chunk: int = 2048) -> EncodedRows:
         """Tokenize the three text fields of every row (turn lists joined by <TURN>).
 
         In chunks, each kept as int32 arrays: 57k real rows as Python int lists would take
-        several GB; as arrays they take a few hundred MB.
+        several GB; as arrays they take a few hundred MB. A field far over the budget is cut by
+        characters first (:meth:`cut_chars`), so its size does not matter.
         """
         out = {}
-        for field in FIELDS:
+        ratio = np.ones((len(df), len(FIELDS)))
+        for j, field in enumerate(FIELDS):
             # max_turns keeps the last N turns of a conversation (they decide; earlier turns are often
             # identical between A and B): the same N for the prompt and both responses.
             texts = [TURN_SEP.join(turns[-self.max_turns :] if self.max_turns else turns) for turns in df[field]]
+            for i, text in enumerate(texts):
+                short = self.cut_chars(text)
+                if len(short) < len(text):
+                    ratio[i, j] = len(text) / max(1, len(short))
+                    texts[i] = short
             arrays = []
             for start in range(0, len(texts), chunk):
                 ids = self.tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
                 arrays.extend(_ids(x) for x in ids)
             out[field] = arrays
-        return EncodedRows(**out)
+        return EncodedRows(**out, char_ratio=ratio if (ratio > 1).any() else None)
 
     def assemble(self, enc: EncodedRows, i: int, swap: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Input ids of row ``i`` (A and B exchanged when ``swap``) and tokens kept per field."""
@@ -167,10 +204,16 @@ class Formatter:
             ids, k = self.assemble(enc, i, swap)
             seqs.append(ids)
             kept.append(k)
-        totals = [(len(enc.prompt[i]), len(enc.response_a[i]), len(enc.response_b[i])) for i in range(len(enc))]
+        totals = np.array([(len(enc.prompt[i]), len(enc.response_a[i]), len(enc.response_b[i])) for i in range(len(enc))],
+                          dtype=np.int64).reshape(-1, 3)
+        char_cut = None
+        if enc.char_ratio is not None:
+            # A field cut by characters: its total is estimated from the part tokenized.
+            totals = np.maximum(totals, np.rint(totals * enc.char_ratio).astype(np.int64))
+            char_cut = (enc.char_ratio > 1).any(axis=1)
         if swap:
-            totals = [(p, b, a) for p, a, b in totals]
-        return seqs, TruncationStats(np.array(kept, dtype=np.int64).reshape(-1, 3), np.array(totals, dtype=np.int64).reshape(-1, 3))
+            totals = totals[:, [0, 2, 1]]
+        return seqs, TruncationStats(np.array(kept, dtype=np.int64).reshape(-1, 3), totals, char_cut)
 
     def segments(self, stats: TruncationStats) -> list[np.ndarray]:
         """Per sequence (in ``stats``' order): 1 on the first response's tokens, 2 on the second's, 0
@@ -197,14 +240,16 @@ class Formatter:
 
 @dataclass
 class TruncationStats:
-    """Per row and field (prompt, first response, second response): tokens kept and total."""
+    """Per row and field (prompt, first response, second response): tokens kept and total; per row,
+    whether a field was so long that it was cut by characters before tokenizing (its total is estimated)."""
 
     kept: np.ndarray
     total: np.ndarray
+    char_cut: np.ndarray | None = None
 
     def summary(self) -> dict:
         if len(self.kept) == 0:
-            return {"rows": 0, "share_truncated": 0.0, "retention": {f: 1.0 for f in FIELDS}}
+            return {"rows": 0, "share_truncated": 0.0, "retention": {f: 1.0 for f in FIELDS}, "rows_cut_by_characters": 0}
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(self.total > 0, self.kept / np.maximum(self.total, 1), 1.0)
         return {
@@ -212,6 +257,7 @@ class TruncationStats:
             "share_truncated": float((self.kept < self.total).any(axis=1).mean()),
             "retention": {f: float(ratio[:, j].mean()) for j, f in enumerate(FIELDS)},
             "mean_tokens": {f: float(self.total[:, j].mean()) for j, f in enumerate(FIELDS)},
+            "rows_cut_by_characters": int(self.char_cut.sum()) if self.char_cut is not None else 0,
         }
 
 

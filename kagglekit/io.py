@@ -29,7 +29,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only folder: name the output, not the temporary name it was refused
+        raise _naming(e, path) from None
     # mkstemp makes the file 0600; outputs get the mode any new file gets here (0644 under the usual umask),
     # or they would reach Kaggle datasets and other users unreadable.
     os.fchmod(fd, 0o666 & ~_umask())
@@ -41,12 +44,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp_path, path)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        if e.filename == str(tmp_path):  # name the output the user asked for, not our temporary file
-            raise OSError(e.errno, e.strerror, str(path)) from None
+        if e.filename in (None, str(tmp_path)):  # a full disk names no file: name the output the user asked for
+            raise _naming(e, path) from None
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same OS error, naming ``path`` (what the user asked for) instead of a temporary name or nothing."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -90,10 +98,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _naming(e, path) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None or str(e.filename).startswith(str(tmp)):  # inside our temporary folder: name the output
+            raise _naming(e, path) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -197,3 +213,94 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
         raise KKError(f"{what}: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise KKError(f"{what}: {probe} is not writable")
+
+
+def normal_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode any new file gets here (0644 under the usual umask). safetensors (0.8) writes
+    its files 0600, through a private temporary file that it renames, whoever calls it (transformers' and
+    peft's save_pretrained included), and copies keep that mode: weights would reach Kaggle datasets and
+    other users unreadable."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir``; when the block succeeds, its files move into ``out_dir``
+    (created if needed) with the normal mode. On any error the temporary folder goes, and ``out_dir`` is
+    as it was (never created when it did not exist): no half-written model folder. Unlike
+    :func:`atomic_dir`, files already in ``out_dir`` that the block did not write stay."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as e:
+        raise _naming(e, out_dir) from None
+    try:
+        with safetensors_errors(out_dir):
+            yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                normal_mode(f)
+        if not out_dir.exists():
+            os.chmod(tmp, 0o777 & ~_umask())
+            os.replace(tmp, out_dir)
+            return
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out_dir / f.name)
+    except OSError as e:
+        if e.filename is None or str(e.filename).startswith(str(tmp)):
+            raise _naming(e, out_dir) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
+    """safetensors' own errors (a damaged header, a full disk while writing) as one line naming ``path``
+    (for a folder, the damaged file in it): an OSError when the cause is the OS (the CLI prints
+    'PATH: No space left on device'), else KKError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        import re
+
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        code = re.search(r"\(os error (\d+)\)", msg)
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        raise KKError(f"{_damaged_file(Path(path))}: not a readable .safetensors file ({msg[:160]})") from None
+
+
+def _damaged_file(path: Path) -> Path:
+    """In a folder, the first .safetensors file whose header safetensors refuses; else ``path`` itself."""
+    if not path.is_dir():
+        return path
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError):
+            return f
+    return path
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """``safetensors.torch.load_file`` with its errors as one line naming the file."""
+    from safetensors.torch import load_file
+
+    with safetensors_errors(path):
+        return load_file(str(path))
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike) -> None:
+    """``safetensors.torch.save_file`` with the normal file mode and a full disk named as ``path``."""
+    from safetensors.torch import save_file
+
+    with safetensors_errors(path):
+        save_file(tensors, str(path))
+    normal_mode(path)

@@ -30,9 +30,10 @@ PREFIX = "base_model.model."
 
 
 def _load_adapters(folds: list[tuple[int, Path]]) -> tuple[list[dict], dict]:
-    from safetensors.torch import load_file
+    from .adapters import read_adapter_config
+    from .io import load_safetensors
 
-    configs = [json.loads((p / "adapter_config.json").read_text()) for _, p in folds]
+    configs = [read_adapter_config(p) for _, p in folds]
     keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
     for (_, p), c in zip(folds[1:], configs[1:]):
         diff = [key for key in keys if c.get(key) != configs[0].get(key)]
@@ -40,7 +41,7 @@ def _load_adapters(folds: list[tuple[int, Path]]) -> tuple[list[dict], dict]:
             raise KKError(f"{p}: adapter differs from fold {folds[0][0]}'s in {', '.join(diff)}; only adapters of one base and rank merge")
     if configs[0].get("use_dora"):
         raise KKError("DoRA adapters do not merge by averaging; retrain with plain LoRA")
-    states = [load_file(str(p / ADAPTER)) for _, p in folds]
+    states = [load_safetensors(p / ADAPTER) for _, p in folds]
     if any(set(s) != set(states[0]) for s in states[1:]):
         raise KKError("the fold adapters hold different tensors; were they trained with one config?")
     return states, configs[0]
@@ -103,9 +104,9 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
         tokenizer = load_tokenizer(str(found[0][1]))
         averaged = average_factors(states)
         if method == "factors" and not unload:
-            from safetensors.torch import save_file
+            from .io import save_safetensors
 
-            save_file(averaged, str(dst / ADAPTER))
+            save_safetensors(averaged, dst / ADAPTER)
             shutil.copy2(found[0][1] / "adapter_config.json", dst / "adapter_config.json")
             tokenizer.save_pretrained(dst)
         else:

@@ -183,8 +183,11 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device.index if device is not None and device.type == "cuda" else "cpu"}
+    from .io import safetensors_errors
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_cfg.backbone, **kwargs)
+        with safetensors_errors(model_cfg.backbone):  # a damaged weights file: one line naming it
+            model = AutoModelForSequenceClassification.from_pretrained(model_cfg.backbone, **kwargs)
     except (OSError, ValueError) as e:
         raise KKError(f"cannot load model.backbone {model_cfg.backbone!r}: {str(e).splitlines()[0]}") from None
     model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling in decoders needs it
@@ -262,13 +265,18 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     import shutil
     import tempfile
 
+    from .io import normal_mode, safetensors_errors
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out_dir))
     try:
         # Saved as it is, pooling wrappers included: load_trained applies the same pooling before the weights.
-        model.save_pretrained(tmp)
+        with safetensors_errors(out_dir):  # a full disk: 'out_dir: No space left on device'
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
+            if f.is_file():
+                normal_mode(f)  # safetensors writes its files 0600
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,25 +291,32 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
     if (fold_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
+        from .adapters import check_adapter_fits, read_adapter_config
+        from .io import safetensors_errors
+
+        adapter_cfg = read_adapter_config(fold_dir)  # before anything is built: a hostile r never allocates
         model_cfg = cfg.model.model_copy(update={"backbone": backbone or cfg.model.backbone})
         base = load_backbone(model_cfg, tokenizer, device, autocast_dtype, inference_weight_dtype(model_cfg, device, autocast_dtype),
                              num_labels=n_labels)
-        model = PeftModel.from_pretrained(base, str(fold_dir))
+        check_adapter_fits(fold_dir, adapter_cfg, base)
+        with safetensors_errors(fold_dir / "adapter_model.safetensors"):
+            model = PeftModel.from_pretrained(base, str(fold_dir))
         if cfg.model.quantization == "none":
             model = model.merge_and_unload()  # plain weights: no LoRA overhead at inference
     elif (fold_dir / "config.json").exists():
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=n_labels)
+        from .io import load_safetensors, safetensors_errors
+
+        with safetensors_errors(fold_dir):
+            model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=n_labels)
         model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.model.pooling != "cls":
             # The pooling wrapper's weights (and the pooler under it) are saved under the wrapper's names:
             # wrap first, then load them.
-            from safetensors.torch import load_file
-
             apply_pooling(model, cfg.model.pooling)
             for f in sorted(fold_dir.glob("model*.safetensors")):
-                model.load_state_dict(load_file(str(f)), strict=False)
+                model.load_state_dict(load_safetensors(f), strict=False)
         model.to(device)
     else:
         raise KKError(f"{fold_dir} has no adapter_config.json or config.json: not a trained fold")

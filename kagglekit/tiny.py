@@ -159,9 +159,13 @@ def build_tiny_model(
             tie_word_embeddings=False,
         )
         model = _decoder(arch, common, hidden // heads)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    from .io import staged_dir
+
+    # Written beside ``out`` and moved in when complete (files in the normal mode): a full disk leaves
+    # no folder holding only config.json.
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 

@@ -506,6 +506,8 @@ def save_checkpoint(s: Session) -> None:
     if "stats" in s.best:
         best["stats_kept"] = torch.from_numpy(s.best["stats"].kept)
         best["stats_total"] = torch.from_numpy(s.best["stats"].total)
+        if s.best["stats"].char_cut is not None:
+            best["stats_char_cut"] = torch.from_numpy(s.best["stats"].char_cut)
     s.ckpt_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(s.ckpt_dir / "state.pt") as tmp:
         torch.save(
@@ -548,7 +550,8 @@ def load_checkpoint(s: Session) -> None:
         best = ck["best"]
         s.best = {k: v.numpy() for k, v in best.items() if not k.startswith("stats_")}
         if "stats_kept" in best:
-            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy())
+            cut = best["stats_char_cut"].numpy() if "stats_char_cut" in best else None
+            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy(), cut)
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise KKError(f"{path}: not a usable kagglekit checkpoint ({first[:200]}); start over with --force") from None

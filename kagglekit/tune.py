@@ -24,7 +24,20 @@ def _optuna():
     import optuna
 
     optuna.logging.set_verbosity(logging.WARNING)
+    trial_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _OneLineFailures) for f in trial_log.filters):
+        trial_log.addFilter(_OneLineFailures())
     return optuna
+
+
+class _OneLineFailures:
+    """Optuna logs a trial that raised with the full traceback, then 'Trial N failed with value None.'.
+    kk tune reports each such failure in one line itself (a KKError: its message; Ctrl-C or SIGTERM:
+    'interrupted'; anything else is raised again by Optuna), so both records are dropped; Optuna's other
+    lines (a trial that returned NaN...) stay."""
+
+    def filter(self, record) -> bool:
+        return not record.exc_info and not record.getMessage().endswith("failed with value None.")
 
 
 def make_pruner(name: str):
@@ -121,7 +134,7 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
 
     from .train import Interrupted, train_fold
 
-    def objective(trial):
+    def run_trial(trial):
         params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
         tcfg = trial_config(cfg, params, f"trial_{trial.number}")
 
@@ -138,6 +151,20 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             raise KeyboardInterrupt from None
         return metrics[f"val_{task.metric}"]
 
+    mine: list[int] = []  # the trials this worker ran
+
+    def objective(trial):
+        mine.append(trial.number)
+        try:
+            return run_trial(trial)
+        except KKError as e:
+            # A bad value from the search space (lora.r: 0), a bad file...: the trial fails in one line
+            # (Optuna's traceback is filtered out) and the study goes on with the next one.
+            from .ui import warn
+
+            warn(f"trial {trial.number} failed: {e}")
+            raise
+
     study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(KKError,), gc_after_trial=True)
     if keep_best_only:
         import shutil
@@ -147,6 +174,9 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             if best is None or d.name != f"trial_{best.number}":
                 shutil.rmtree(d, ignore_errors=True)
     print_trials(study)
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    if mine and all(states.get(n) == optuna.trial.TrialState.FAIL for n in mine):
+        raise KKError(f"all {len(mine)} trial(s) of this run failed (see the lines above)")
     return study
 
 

@@ -86,6 +86,12 @@ def test_merge_refuses_what_cannot_be_merged(tiny_run, tmp_path):
     cfg = json.loads((run / "fold_1" / "adapter_config.json").read_text())
     cfg["r"] = 4
     (run / "fold_1" / "adapter_config.json").write_text(json.dumps(cfg))
+    # a genuine rank-4 adapter (a config that disagrees with its weights is refused on reading)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run / "fold_1" / "adapter_model.safetensors"))
+    state = {k: v[:4].contiguous() if ".lora_A." in k else v[:, :4].contiguous() if ".lora_B." in k else v for k, v in state.items()}
+    save_file(state, str(run / "fold_1" / "adapter_model.safetensors"))
     with pytest.raises(KKError, match="differs from fold 0's in r"):
         merge_run(run, tmp_path / "y")
 

@@ -70,7 +70,7 @@ def _copy_fold(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for f in FOLD_FILES:
         if (src / f).exists():
-            shutil.copy2(src / f, dst / f)
+            shutil.copyfile(src / f, dst / f)  # the umask's normal mode, not the source's (safetensors writes 0600)
 
 
 def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
@@ -147,7 +147,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
                     src = str(Path(backbone).expanduser().resolve())
                     if src not in copied_backbones:
                         rel = f"backbones/{len(copied_backbones)}-{Path(src).name}"
-                        shutil.copytree(src, art / rel)
+                        shutil.copytree(src, art / rel, copy_function=shutil.copyfile)
                         copied_backbones[src] = rel
                     entry["backbone"] = {"path": copied_backbones[src]}
                 elif backbone_source:
