@@ -165,10 +165,10 @@ def print_table(title: str, columns, rows) -> None:
     Console().print(table)
 
 
-def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path):
+def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, max_tokens: int = 0):
     """kagglekit.train.fit itself on ``seqs`` (evaluation and checkpoints stubbed out: the loop's speed, not
     validation's), with ``model`` already built. Returns (session, inputs, seconds after the first optimizer
-    step, samples after it): the first step is the warm-up."""
+    step, samples after it): the first step is the warm-up. ``max_tokens``: token-budget micro-batches."""
     import torch
 
     import kagglekit.train as train_mod
@@ -179,6 +179,7 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path):
     tc = cfg.train
     s = train_mod.Session(cfg, 0, work / "kk", device, dtype, type("Tok", (), {"pad_token_id": pad_id})(), None)
     s.model = s.ddp_model = model
+    s.max_tokens = max_tokens
     s.optimizer = torch.optim.AdamW(train_mod.param_groups(model, tc), lr=tc.lr)
     inputs = train_mod.FoldInputs(None, None, seqs, LMSYS.one_hot(labels), [[i] for i in range(len(seqs))], None, tc.batch_size)
     s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))
@@ -200,3 +201,15 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path):
 
 def dump_json(obj) -> None:
     print("KKBENCH " + json.dumps(obj))
+
+
+def bootstrap_ci(stat, samples, n: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(statistic, lower, upper): a percentile bootstrap interval of ``stat(*samples)``, each sample's rows resampled
+    independently. For a paired comparison pass the per-row differences (``stat=np.mean``): pairing removes the
+    rows' shared difficulty from the interval."""
+    rng = np.random.default_rng(seed)
+    samples = [np.asarray(s, dtype=np.float64) for s in samples]
+    point = float(stat(*samples))
+    draws = np.array([stat(*[s[rng.integers(0, len(s), len(s))] for s in samples]) for _ in range(n)])
+    lo, hi = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return point, float(lo), float(hi)

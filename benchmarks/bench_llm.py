@@ -9,6 +9,14 @@ on sequences whose lengths follow the real distribution, cut at --max-length.
 
     python benchmarks/bench_llm.py --record                                   # on the GPU (needs bitsandbytes)
     python benchmarks/bench_llm.py --layers 2 --scale 64 --quantization none --steps 2 --max-length 64  # CPU smoke
+
+``--preset configs/gemma2-9b-qlora.yaml`` runs the preset itself instead: its LoRA, batches (token budget),
+learning rates and lengths on the same random-weight architecture (or ``--backbone`` with real weights), training
+at the preset's quantization (4-bit), then the trained adapter saved as a fold and loaded back the way
+``kk predict --set predict.quantization=8bit`` loads it, predicting at ``predict.max_length``; tokens/s and peak
+memory of both:
+
+    python benchmarks/bench_llm.py --preset configs/gemma2-9b-qlora.yaml --predict-quantization 8bit --steps 4 --record
 """
 
 from __future__ import annotations
@@ -63,7 +71,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (after one warm-up step)")
     ap.add_argument("--infer-rows", type=int, default=64)
     ap.add_argument("--record", action="store_true")
+    ap.add_argument("--preset", help="a Gemma-2 preset (configs/gemma2-9b-qlora.yaml): train it, then predict at --predict-quantization")
+    ap.add_argument("--predict-quantization", default="8bit", choices=["4bit", "8bit", "none"],
+                    help="with --preset: predict.quantization of the prediction (default 8bit)")
+    ap.add_argument("--predict-max-length", type=int, default=0, help="with --preset: predict.max_length (default: the preset's)")
+    ap.add_argument("--backbone", help="with --preset: real Gemma-2 weights to use instead of random ones")
     args = ap.parse_args(argv)
+    if args.preset:
+        return run_preset(args, argv)
 
     import numpy as np
     import torch
@@ -125,6 +140,90 @@ def main(argv=None) -> dict:
     print(line)
     if args.record:
         record("bench_llm", "python benchmarks/bench_llm.py " + " ".join(argv), name, f"{setting}\n\n" + md_table(cols, rows), line)
+    return {"rows": rows}
+
+
+def run_preset(args, argv) -> dict:
+    """The preset trained a few steps at its quantization, then predicting at another (issue 20): tokens/s, peak memory."""
+    import numpy as np
+    import torch
+
+    from kagglekit.config import load_config
+    from kagglekit.inference import infer_logits
+    from kagglekit.io import write_text
+    from kagglekit.modeling import build_model, device_and_dtype, load_tokenizer, quiet_libraries, save_model
+    from kagglekit.predict import FoldModel
+
+    quiet_libraries()
+    preset = load_config(args.preset)
+    if "gemma-2" not in preset.model.backbone.lower() and not args.backbone:
+        sys.exit(f"--preset {args.preset}: bench_llm builds the Gemma-2 architecture; {preset.model.backbone} is not one")
+    device, dtype = device_and_dtype(preset.model.precision)
+    _, name, _ = device_info()
+    work = Path(tempfile.mkdtemp())
+    if args.backbone:
+        path, weights = Path(args.backbone), "real weights"
+    else:
+        path, weights = write_model(work / "gemma2", args.layers, args.scale, device), "random weights"
+    vocab = load_tokenizer(str(path)).vocab_size if args.backbone else (2048 if args.scale > 1 else GEMMA2_9B["vocab_size"])
+    quant = args.quantization
+    sets = [f"model.backbone={path}", f"model.quantization={quant}", f"train.max_steps={args.steps + 1}",
+            "train.checkpoint_minutes=0", "train.patience=0", f"predict.quantization={args.predict_quantization}"]
+    if args.max_length != 1280 or args.scale > 1:  # --max-length given (or a CPU smoke): shorter sequences than the preset's
+        sets += [f"model.max_length={args.max_length}", f"train.max_tokens={4 * args.max_length}"]
+    if args.predict_max_length:
+        sets.append(f"predict.max_length={args.predict_max_length}")
+    cfg = load_config(args.preset, sets)
+    train_len, predict_len = cfg.model.max_length, cfg.inference_model().max_length
+    budget = cfg.train.max_tokens if isinstance(cfg.train.max_tokens, int) else 0
+    tok = load_tokenizer(str(path))
+    rows = []
+
+    # 1. training: the preset's model (LoRA r, alpha, targets; gradient checkpointing; heads at head_lr) and loop
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(cfg, tok, device, dtype)
+    n = cfg.train.batch_size * cfg.train.grad_accum * (args.steps + 2) * 4  # enough rows for the steps under the budget
+    lengths, source = real_lengths(n, train_len, seed=3)
+    labels = np.random.default_rng(0).integers(0, 3, n)
+    _, _, wall, samples = timed_fit(cfg, model, random_sequences(lengths, vocab, seed=3), labels, device, dtype,
+                                    tok.pad_token_id, work, max_tokens=budget)
+    mean_len = float(np.mean(lengths))
+    rows.append([f"train ({quant}, max_length {train_len})", f"{samples / wall * mean_len:.0f}", f"{samples / wall:.2f}",
+                 f"{peak_memory_gib(device):.1f}"])
+
+    # 2. the adapter as a fold, loaded back at the prediction's settings (kk predict --set predict.quantization=...)
+    fold = work / "run" / "fold_0"
+    save_model(model, tok, fold)
+    write_text(fold / "config.yaml", load_config(args.preset, [s for s in sets if not s.startswith("predict.quantization")]).to_yaml())
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    fm = FoldModel(fold, overrides=[f"predict.quantization={args.predict_quantization}"])
+    iseqs = random_sequences(real_lengths(args.infer_rows, predict_len, seed=4)[0], vocab, seed=4)
+    t = time.perf_counter()
+    logits = infer_logits(fm.model, iseqs, tok.pad_token_id, cfg.predict.batch_size, fm.device, fm.dtype,
+                          max_tokens=cfg.predict.max_tokens)
+    sync(fm.device)
+    secs = time.perf_counter() - t
+    assert np.isfinite(logits).all(), "non-finite logits at prediction"
+    tokens = sum(len(x) for x in iseqs)
+    rows.append([f"predict ({args.predict_quantization}, max_length {predict_len})", f"{tokens / secs:.0f}",
+                 f"{len(iseqs) / secs:.2f}", f"{peak_memory_gib(fm.device):.1f}"])
+    shape = (f"Gemma-2-9B architecture{' (' + str(args.layers) + ' layers, width /' + str(args.scale) + ')' if args.scale > 1 or args.layers != 42 else ''}"
+             if not args.backbone else str(path))
+    setting = (f"preset {cfg.name} ({args.preset}): {shape}, {weights}, LoRA r{cfg.lora.r}/alpha {cfg.lora.alpha:g} on "
+               f"{len(cfg.lora.target_modules or [])} projections, grad ckpt {cfg.model.gradient_checkpointing}, batch "
+               f"{cfg.train.batch_size} x accum {cfg.train.grad_accum}, train.max_tokens {budget}, lengths {source}")
+    cols = ["step", "tokens/s", "sequences/s", "peak GiB"]
+    print_table(f"{setting}\n{name}", cols, rows)
+    line = (f"preset {cfg.name}: training {rows[0][1]} tokens/s at {quant} (peak {rows[0][3]} GiB), "
+            f"prediction {rows[1][1]} tokens/s at {args.predict_quantization} (peak {rows[1][3]} GiB)")
+    print(line)
+    if args.record:
+        record("bench_llm --preset", "python benchmarks/bench_llm.py " + " ".join(argv), name, f"{setting}\n\n" + md_table(cols, rows), line)
     return {"rows": rows}
 
 

@@ -8,6 +8,10 @@
 #      fixed padding, fp16; flashdeberta too when its wheel is given.
 #   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
 #      samples/s padded and packed (train.packing), inference with max_tokens auto, peak memory.
+#   4. The Gemma-2 preset (configs/gemma2-9b-qlora.yaml) on that architecture: a few training steps at 4-bit, then the
+#      adapter predicting at 8-bit and the preset's predict.max_length (8,192): tokens/s and peak memory of both.
+#   5. Inference of the Gemma-2-9B width in fp16, 8-bit and 4-bit (bench_quant.py): the throughput ratios the
+#      kernel's time estimate assumes (kagglekit/kernel/plan.py THROUGHPUT), measured.
 # Wheels the GPU image lacks (bitsandbytes, flashdeberta + einops) are installed from $WHEELS (default: wheels/)
 # with --no-index when present: `make gpu-wheels` downloads them here, and the device tool carries the folder.
 #   bash benchmarks/gpu_check.sh            # on the GPU
@@ -20,9 +24,11 @@ WHEELS=${WHEELS:-wheels}
 if [ "${1:-}" = "--smoke" ]; then
   LEN=64; ROWS=24; STEPS=2; ROUNDS=1; IB=4; TRAIN_PRECS="fp32"; IPREC=fp32; REC=""
   LLM="--layers 2 --scale 64 --quantization none --steps 2 --max-length 64 --infer-rows 8"
+  PRESET="--layers 2 --scale 64 --steps 2 --max-length 64 --predict-max-length 128 --infer-rows 4"
 else
   LEN=1280; ROWS=400; STEPS=12; ROUNDS=1; IB=32; TRAIN_PRECS="bf16 fp16"; IPREC=fp16; REC="--record"
   LLM="--steps 4 --batch-size 4"
+  PRESET="--steps 4 --infer-rows 32"
   if [ -d "$WHEELS" ]; then
     $PY -m pip install -q --no-index --find-links "$WHEELS" bitsandbytes flashdeberta einops 2>&1 | tail -2 || true
   fi
@@ -42,9 +48,11 @@ step $PY benchmarks/bench_infer.py --arch deberta-v3-base --data sim --rows $ROW
     --batch-size $IB --rounds $ROUNDS $REC
 if $PY -c "import bitsandbytes" 2>/dev/null || [ "${1:-}" = "--smoke" ]; then
   step $PY benchmarks/bench_llm.py $LLM $REC
+  step $PY benchmarks/bench_llm.py --preset configs/gemma2-9b-qlora.yaml --quantization 4bit --predict-quantization 8bit $PRESET $REC
 else
   echo "bitsandbytes is not installed: the Gemma-2-9B QLoRA rows are missing (put its wheel in $WHEELS/)"
   [ -n "$REC" ] && printf '\n### bench_llm: %s\n\nnot run: no bitsandbytes wheel on the GPU machine\n' "$(date '+%Y-%m-%d %H:%M')" >> benchmarks/RESULTS.md
 fi
+[ "${1:-}" = "--smoke" ] || step $PY benchmarks/bench_quant.py $REC  # fp16/8-bit/4-bit ratios vs the kernel plan's factors (CPU smoke: tests/test_benchmarks.py)
 [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

@@ -32,12 +32,24 @@ def _task(name: str):
     from .task import get_task
 
     return get_task(name)
+PREDICT_SET_HELP = ("Inference setting for this prediction only, e.g. --set predict.max_length=8192 --set predict.quantization=8bit "
+                    "(predict.* keys only; the folds' config.yaml stays as trained; repeatable).")
 CONFIG_HELP = "YAML config file (see configs/)."
 DEFAULT_CONFIG = "configs/deberta-v3-base.yaml"
 
 
-def command(name: str | None = None, **kwargs):
-    """Register a command whose KKError becomes one line on stderr and exit code 1."""
+data_app = typer.Typer(
+    name="data",
+    help="Extra training data: the public preference sets in the competition's format, deduplicated.\n\n"
+    "Example: kk data import arena data/arena_conversations.parquet --out data/train_extra.csv",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(data_app, name="data")
+
+
+def command(name: str | None = None, group: typer.Typer | None = None, **kwargs):
+    """Register a command (on ``group``, default the top level) whose KKError becomes one line on stderr and exit code 1."""
 
     def deco(fn):
         @functools.wraps(fn)
@@ -60,7 +72,7 @@ def command(name: str | None = None, **kwargs):
                 err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
 
-        return app.command(name, **kwargs)(wrapper)
+        return (group or app).command(name, **kwargs)(wrapper)
 
     return deco
 
@@ -222,18 +234,22 @@ def predict_cmd(
     fold: int = typer.Option(..., "--fold", help="Fold to predict with."),
     test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test file (test.csv; test.parquet for wsdm)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation (average (A,B) and mapped-back (B,A))."),
+    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on the fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     force: bool = typer.Option(False, "--force", help="Predict again even if fold_K/test.csv is up to date."),
+    set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
 ):
-    """One fold's test probabilities -> runs/<experiment>/fold_K/test.csv.
+    """One fold's test probabilities -> runs/<experiment>/fold_K/test.csv (test.<key>.csv at other --set settings).
 
     Example: kk predict --run runs/deberta-v3-base --fold 0 --test data/test.csv
+    At 8-bit and 8192 tokens: kk predict --run runs/gemma2-9b-qlora --fold 0 --set predict.quantization=8bit --set predict.max_length=8192
     """
     from .predict import predict_fold
     from .ui import console, table
 
-    df = predict_fold(run, fold, test, tta=tta, batch_size=batch_size, force=force, backbone=backbone)
+    df = predict_fold(run, fold, test, tta="uncertain" if tta and tta_uncertain else tta, batch_size=batch_size, force=force,
+                      backbone=backbone, overrides=set_)
     columns = [c for c in df.columns if c != "id"]  # the task's probability columns
     means = df[columns].mean()
     console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
@@ -249,24 +265,103 @@ def ensemble_cmd(
     method: str = typer.Option("mean", "--method", help="mean (arithmetic) or geo (geometric, log-space)."),
     fit: bool = typer.Option(True, "--fit/--no-fit", help="Fit run weights and a temperature on OOF (kept only if OOF improves)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
+    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on each fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
     sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),
     bad_rows: str | None = typer.Option(None, "--bad-rows", help="Bad rows of the train file (OOF labels): error, skip or repair (default: the run's data.bad_rows)."),
-    oof_out: Path | None = typer.Option(None, "--oof-out", help="Also write the calibrated OOF ensemble (id + probabilities): a teacher's soft labels for data.soft_labels."),
+    oof_out: Path | None = typer.Option(None, "--oof-out", help="Also write the calibrated OOF ensemble (id + probabilities). "
+                                        "As a student's data.soft_labels it LEAKS into the student's CV (the model that "
+                                        "labelled fold j's rows trained on fold K's): use kk distill-labels for students."),
     force: bool = typer.Option(False, "--force", help="Overwrite the submission (default: keep the old one, renamed with a timestamp) and re-predict."),
+    set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
 ):
     """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv (the run's task:
     probabilities for lmsys, id,winner labels by argmax for wsdm).
 
     Example: kk ensemble --run runs/deberta-v3-base --test data/test.csv --out submissions/submission.csv
     WSDM:    kk ensemble --run runs/wsdm --test data/test.parquet --sample-submission data/sample_submission.csv
+    At 8-bit: kk ensemble --run runs/gemma2-9b-qlora --test data/test.csv --set predict.quantization=8bit
     """
     from .ensemble import ensemble
 
-    ensemble(run, test, out, folds=folds, method=method, fit=fit, tta=tta, force=force,
+    ensemble(run, test, out, folds=folds, method=method, fit=fit, tta="uncertain" if tta and tta_uncertain else tta, force=force,
              sample_submission=sample_submission, train_path=train, backbone=backbone,
-             bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out)
+             bad_rows=_bad_rows(bad_rows) if bad_rows else None, oof_out=oof_out, overrides=set_)
+
+
+@command("distill-labels")
+def distill_labels_cmd(
+    teacher: list[Path] = typer.Option(..., "--teacher", help="A teacher run folder, trained on the same folds (repeat for several teachers)."),
+    weight: list[float] = typer.Option([], "--weight", help="One weight per --teacher (default equal): the teachers are averaged in logit space."),
+    train: Path = typer.Option(Path("data/train.csv"), "--train", help="The competition train.csv the teachers and the student train on."),
+    folds: Path = typer.Option(Path("folds/folds.csv"), "--folds", help="The folds file the teachers were trained with (and the student will be)."),
+    out: Path = typer.Option(..., "--out", help="Folder for fold_K.csv (one per fold) and teacher_labels.json."),
+    extra: list[Path] = typer.Option([], "--extra", help="Also label these rows (test or train format) in every fold's file: pseudo-labelled data.extra."),
+    fold: str = typer.Option("all", "--fold", help="Folds to label: all, or e.g. 0,2 (as the teachers' folds finish)."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Override each teacher's predict.batch_size."),
+    backbone: str | None = typer.Option(None, "--backbone", help="Load the teachers' backbone from here instead of the path in their config.yaml."),
+    bad_rows: str = typer.Option("error", "--bad-rows", help="Bad rows of the train file: error, skip or repair."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing fold_K.csv files."),
+    task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
+):
+    """Leak-free soft labels for a student: fold K's training rows predicted by the teachers' fold-K models only.
+
+    The teachers' fold-K models never saw fold K's validation rows, so a student trained on fold K's file keeps an
+    honest fold-K score (an OOF file from kk ensemble --oof-out does not). They are the teachers' predictions on
+    their own training rows, usually more confident than OOF ones: soften them with train.distill.temperature > 1.
+
+    Example: kk distill-labels --teacher runs/teacher --train data/train.csv --folds folds/folds.csv --out data/teacher_labels
+    Then:    kk train --fold all --config configs/student.yaml     (data.soft_labels: data/teacher_labels/fold_{fold}.csv)
+    """
+    from .distill import teacher_labels
+    from .predict import parse_fold_list
+    from .ui import console, info, table
+
+    rows = teacher_labels(teacher, train, folds, out, weight, extra, tta=tta, batch_size=batch_size, backbone=backbone,
+                          bad_rows=_bad_rows(bad_rows), force=force, task_name=_task(task).name,
+                          only_folds=None if fold == "all" else parse_fold_list(fold))
+    console.print(table(f"teacher labels in {out} ({len(teacher)} teacher(s))",
+                        ["fold", "rows", "extra", "loss: own train rows", "loss: OOF", "max p: train", "max p: OOF"],
+                        [[r["fold"], r["rows"], r["extra"], r["in_sample_log_loss"], r["oof_log_loss"], r["in_sample_confidence"],
+                          r["oof_confidence"]] for r in rows]))
+    info("log loss and mean top probability of the teachers on their own training rows (the labels) and on their OOF "
+         "rows: in-sample predictions are usually sharper than OOF ones (a model that fits its training rows), and "
+         "train.distill.temperature > 1 softens them. "
+         f"Student: --set data.soft_labels={out}/fold_{{fold}}.csv")
+
+
+@command("import", group=data_app)
+def data_import_cmd(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="arena (chatbot_arena_conversations), ultrafeedback, hh-rlhf or pairs (generic chosen/rejected JSONL)."),
+    src: Path = typer.Argument(..., help="The source file: JSON, JSON lines (.gz too) or parquet."),
+    out: Path = typer.Option(..., "--out", help="The train-format file to write (for data.extra): parquet when it ends in .parquet, CSV otherwise."),
+    train: Path | None = typer.Option(Path("data/train.csv"), "--train", help="Drop rows that repeat a row of this train.csv (prompt + both responses, normalised)."),
+    test: Path | None = typer.Option(Path("data/test.csv"), "--test", help="Drop rows that repeat a row of this test.csv."),
+    no_dedup: bool = typer.Option(False, "--no-dedup", help="Do not read --train/--test (only rows repeated in the source are dropped)."),
+    seed: int = typer.Option(42, "--seed", help="Draws which side (A or B) the chosen response lands on."),
+    limit: int | None = typer.Option(None, "--limit", help="Read only the first N records."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+    task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
+):
+    """A public preference set in the competition's train format, deduplicated against train and test; a table of what was dropped and why.
+
+    Example: kk data import arena data/arena_conversations.parquet --out data/train_extra.csv --train data/train.csv --test data/test.csv
+    Then:    kk train --fold all --config configs/deberta-v3-base.yaml --set "data.extra=[{path: data/train_extra.csv}]"
+    """
+    from .importers import import_data
+    from .ui import console, info, table
+
+    report = import_data(fmt, src, out, None if no_dedup else train, None if no_dedup else test, seed=seed, limit=limit, force=force,
+                         task_name=_task(task).name)
+    console.print(table(f"{src} ({fmt}): {report.records} record(s)", ["rows", "count"], report.rows()))
+    if report.first_malformed:
+        info(f"first malformed record: {report.first_malformed}")
+    if report.shared_prompts:
+        info(f"{report.shared_prompts} kept row(s) share a prompt with a train row: at training time each stays out of the "
+             "fold that validates on that prompt")
+    info(f"wrote {report.kept} rows to {out} (train it with: --set \"data.extra=[{{path: {out}}}]\")")
 
 
 @command("predict-one")
@@ -406,7 +501,10 @@ def kernel_cmd(
     folds: str = typer.Option("all", "--folds", help="Folds to package: all, or e.g. 0,2,4."),
     wheel: list[Path] = typer.Option([], "--wheel", help="Extra wheel to bundle (for packages Kaggle's image lacks)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for the OOF labels that fit weights/temperature (default: the run's data.train)."),
-    machine_shape: str = typer.Option("NvidiaTeslaT4", "--machine-shape", help="GPU written to kernel-metadata.json: NvidiaTeslaT4 (2 x T4), NvidiaL4, NvidiaTeslaT4Highmem."),
+    machine_shape: str = typer.Option("NvidiaTeslaT4", "--machine-shape", help="GPU written to kernel-metadata.json: NvidiaTeslaT4 (2 x T4), NvidiaL4, NvidiaTeslaT4Highmem (a P100 is refused: Kaggle's torch has no kernels for it)."),
+    time_budget_h: float | None = typer.Option(None, "--time-budget-h", help="The notebook's time budget in hours (default: the runs' predict.time_budget_h): the swapped-order TTA pass runs only as far as it allows. With --dry-run: this run's budget (a small one shows the one-order fallback)."),
+    plan: bool = typer.Option(False, "--plan", help="With --run: print the plan (per run: one fold per GPU, split over both, or refused; rows x folds x passes -> hours against the budget) and stop."),
+    rows: Path | None = typer.Option(None, "--rows", help="With --run: a CSV whose rows' token counts the estimate uses (default: the run's data.test, else data.train)."),
     pin_deps: bool = typer.Option(False, "--pin-deps", help="Bundle the transformers/peft/tokenizers/accelerate wheels the run was trained with."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
@@ -414,23 +512,27 @@ def kernel_cmd(
     python: str | None = typer.Option(None, "--python", help="With --dry-run: run the notebook under this Python (e.g. a venv with Kaggle's package versions)."),
     gpu_factor: float = typer.Option(1.0, "--gpu-factor", help="With --dry-run: how many times faster Kaggle's GPU is than this machine, for the 25k-row estimate."),
     push: Path | None = typer.Option(None, "--push", help="Push this built kernel and its datasets with the kaggle CLI."),
+    set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP + " Written into the kernel's copy of each fold's config."),
 ):
     """Package inference as an offline Kaggle notebook; dry-run it locally with the network off; push it.
 
-    Example: kk kernel --run runs/deberta-v3-base --name deberta-v3-5fold
-    Then:    kk kernel --dry-run kernels/deberta-v3-5fold --test data/test.csv
+    Example: kk kernel --run runs/gemma2-9b-qlora --name gemma2-5fold --set predict.quantization=8bit --plan   (placement and hours)
+    Then:    kk kernel --run runs/gemma2-9b-qlora --name gemma2-5fold --set predict.quantization=8bit --backbone-source google/gemma-2/transformers/gemma-2-9b/1
+    Then:    kk kernel --dry-run kernels/gemma2-5fold --test data/test.csv
+    Fast baseline: kk kernel --run runs/deberta-v3-base --name deberta-v3-5fold
     """
     from . import kernel as K
 
     if dry_run is not None:
-        K.dry_run(dry_run, test, gpu_factor=gpu_factor, python=python)
+        K.dry_run(dry_run, test, gpu_factor=gpu_factor, python=python, time_budget_h=time_budget_h)
     elif push is not None:
         K.push(push)
     else:
         if not run:
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
         K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train,
-                       machine_shape=machine_shape, pin_deps=pin_deps)
+                       machine_shape=machine_shape, pin_deps=pin_deps, time_budget_h=time_budget_h, plan_only=plan,
+                       rows_for_estimate=rows, overrides=set_)
 
 
 def main() -> None:

@@ -41,13 +41,17 @@ class DataConfig(_Section):
                       "test.parquet for wsdm.")
     folds: str = Field("folds/folds.csv", description="Fold assignment written by `kk make-folds` (id,fold).")
     soft_labels: str | None = Field(
-        None, description="Optional CSV of teacher probabilities (distillation): id + the task's probability columns "
-        "(lmsys: winner_model_a,winner_model_b,winner_tie; wsdm: winner_model_a,winner_model_b)."
+        None, description="Teacher probabilities for the training rows (distillation; the loss is train.distill): a CSV "
+        "id + the task's probability columns (lmsys: winner_model_a,winner_model_b,winner_tie; wsdm: winner_model_a,"
+        "winner_model_b), or a per-fold template such as teacher_labels/fold_{fold}.csv "
+        "(kk distill-labels writes one file per fold, predicted by the teachers' fold-K models only: no CV leak).",
     )
     extra: list[ExtraData] = Field(
         default_factory=list,
-        description="Pseudo-labelled rows added to every fold's training rows (never validated on): "
-        "[{path: extra.csv, soft_labels: extra_soft.csv}], soft labels from kk ensemble --test extra.csv --oof-out/--out.",
+        description="Extra rows added to every fold's training rows (never validated on): [{path: train_extra.csv}] "
+        "with hard labels in the task's format (CSV or parquet) (kk data import), or [{path: extra.csv, soft_labels: extra_soft.csv}] pseudo-labelled. "
+        "Rows that are train rows (same id, or same prompt+responses) are dropped, and a row whose prompt is in "
+        "fold K's validation rows never trains fold K (counted in metrics.json).",
     )
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="Rows with broken cells or labels: stop with an error, or skip them and report the count."
@@ -55,8 +59,25 @@ class DataConfig(_Section):
 
 
 class ExtraData(_Section):
-    path: str = Field(..., description="Extra rows in the task's test-file format (id, prompt, response_a, response_b), CSV or parquet.")
-    soft_labels: str = Field(..., description="CSV id + the task's probability columns: a teacher's probabilities for those rows.")
+    path: str = Field(..., description="Extra rows, CSV or parquet: the task's train format (hard labels: winner_* columns "
+                      "for lmsys, winner for wsdm; what kk data import writes) or test format (id, prompt, response_a, "
+                      "response_b) with soft_labels.")
+    soft_labels: str | None = Field(
+        None, description="CSV id + the task's probability columns (or a fold_{fold} template): a teacher's "
+        "probabilities for those rows; null = the file's own hard labels.",
+    )
+
+
+class DistillConfig(_Section):
+    weight: float = Field(
+        1.0, ge=0, le=1, description="Knowledge distillation (rows with data.soft_labels): loss = (1 - weight) x "
+        "cross-entropy on the hard label (label-smoothed) + weight x T^2 x KL(teacher at T || student at T). "
+        "Rows with only a hard label, or only a teacher's (pseudo-labelled extra rows), use that term alone.",
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=100, description="T: the teacher's probabilities become softmax(log p / T) and the student's "
+        "softmax(logits / T); T > 1 flattens an overconfident teacher (its predictions on its own training rows are).",
+    )
 
 
 class BudgetConfig(_Section):
@@ -85,11 +106,36 @@ class ModelConfig(_Section):
         "(what sentence-transformers models such as MiniLM were trained for); pair = mean of A's tokens minus mean of B's "
         "(and its absolute value), antisymmetric under the A/B swap like the label. Decoders always pool the last token.",
     )
+    layout: Literal["blocks", "rounds"] = Field(
+        "blocks", description="blocks = every prompt turn, then all of A's turns, then all of B's; rounds = each turn's "
+        "prompt, A and B together, round after round (the LMSYS 2nd-4th places'); over the budget, whole earliest rounds "
+        "are dropped first and only the last round is cut (by model.truncation) when it alone is too long.",
+    )
+    instruction: str | None = Field(
+        None, description="A judge instruction placed before the pair (decoder LLMs), e.g. 'Which response answers the "
+        "user better?'; null = none.",
+    )
+    chat_template: bool = Field(
+        False, description="Wrap the instruction and the pair as one user message of the tokenizer's chat template, "
+        "ending with the assistant's turn, when the tokenizer has one (instruct LLMs; ignored otherwise). Default false: "
+        "folds trained without it keep their format; the LLM presets say what they use.",
+    )
+    init_from: str | None = Field(
+        None, description="Start each fold from an earlier run's same fold (a path with {fold}, e.g. "
+        "runs/stage2/fold_{fold}: its LoRA adapter and heads, or its full weights) or from any sequence-classification "
+        "checkpoint (e.g. a 1-logit reward model); a head of another size is re-initialised, saying so. null = model.backbone.",
+    )
 
     @field_validator("backbone")
     @classmethod
     def _packaged_backbone(cls, v: str) -> str:
         return resolve_packaged(v)
+
+    @model_validator(mode="after")
+    def _pair_needs_blocks(self):
+        if self.pooling == "pair" and self.layout == "rounds":
+            raise ValueError("pooling=pair reads one block per response: use layout=blocks with it")
+        return self
 
 
 def resolve_packaged(name: str) -> str:
@@ -149,7 +195,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of optimizer steps spent warming up.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the hard labels' cross-entropy "
+                                   "(a teacher's soft labels are never smoothed: train.distill.temperature softens them).")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="How a teacher's soft labels (data.soft_labels) "
+                                   "mix with the hard labels: weight and temperature.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = once per epoch.")
     patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement of the task's metric "
@@ -174,11 +223,35 @@ class TrainConfig(_Section):
 
 class PredictConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass at inference.")
-    tta: bool = Field(True, description="Average (A,B) with the mapped-back (B,A) prediction.")
+    tta: bool | Literal["uncertain"] = Field(
+        True, description="Swap test-time augmentation. true: average (A,B) with the mapped-back (B,A) prediction on "
+        "every row; false: (A,B) only; uncertain: the (B,A) pass only on the predict.tta_share least confident rows of "
+        "the (A,B) pass (the WSDM Cup 1st place's trick; what it gives up against full TTA: benchmarks/bench_tta.py).",
+    )
+    tta_share: float = Field(
+        0.3, gt=0, le=1, description="With tta: uncertain, the share of rows (lowest top probability after the (A,B) "
+        "pass) that also get the (B,A) pass.",
+    )
+    time_budget_h: float = Field(
+        8.0, gt=0, le=24, description="The Kaggle kernel's time budget in hours (Kaggle stops a notebook at 9 h and "
+        "scores nothing then). The kernel writes a complete one-order submission first, then runs the swapped-order "
+        "pass only as far as the measured speed says it ends inside this budget (kk kernel --plan shows the estimate).",
+    )
     max_tokens: TokenBudget = Field(
         "auto", description="Inference batches (kk predict, evaluation, the kernel) by padded tokens: rows x longest row "
         "<= this. 'auto' measures one batch and fills 80% of the GPU's free memory (batches of predict.batch_size / "
         "train.eval_batch_size rows on CPU); 0 = always rows.",
+    )
+    max_length: int | None = Field(
+        None, ge=16, le=131072, description="Tokens per sequence at inference (kk predict / ensemble / kernel, and the "
+        "validation that gives the OOF predictions), truncated by the same rules; null = model.max_length. The LMSYS "
+        "winners trained at 1-2k tokens and predicted at 2-8k.",
+    )
+    quantization: Literal["none", "8bit", "4bit"] | None = Field(
+        None, description="Load the backbone for inference this way (e.g. 8bit for a fold trained at 4bit); null = as trained.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
+        None, description="Inference precision; null = as trained (model.precision).",
     )
 
 
@@ -238,6 +311,12 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.dump(self.model_dump(mode="json"), Dumper=_PlainDumper, sort_keys=False)
+
+    def inference_model(self) -> ModelConfig:
+        """The model section inference uses: ``predict.max_length/quantization/precision`` where set, else as trained."""
+        p = self.predict
+        update = {k: getattr(p, k) for k in INFERENCE_KEYS if getattr(p, k) is not None}
+        return self.model.model_copy(update=update)
 
     def get(self, dotted: str) -> Any:
         obj: Any = self
@@ -389,6 +468,24 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             node = nxt
         node[parts[-1]] = value
     return raw
+
+
+# predict.* keys that replace the model.* key of the same name at inference (Config.inference_model).
+INFERENCE_KEYS = ("max_length", "quantization", "precision")
+
+
+def apply_predict_overrides(cfg: Config, overrides: list[str] | None, command: str = "kk predict") -> Config:
+    """A trained fold's config with ``--set predict.*`` overrides applied; any other key is refused in one line
+    (a fold's training settings are what its weights were trained with). The fold's config.yaml is not touched."""
+    if not overrides:
+        return cfg
+    for item in overrides:
+        parts, _ = parse_override(item)
+        if parts[0] != "predict" or len(parts) < 2:
+            raise ConfigError(f"--set {item}: {command} takes only predict.* keys (e.g. predict.max_length=8192, "
+                              "predict.quantization=8bit); the fold's other settings are fixed by its training")
+    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
+    return config_from_dict(raw, "--set")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:

@@ -189,12 +189,12 @@ def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None,
 
 
 def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: str, tta: bool, force: bool,
-                  test_df=None, backbone: str | None = None, task: Task = LMSYS) -> np.ndarray:
+                  test_df=None, backbone: str | None = None, overrides: list[str] | None = None, task: Task = LMSYS) -> np.ndarray:
     from .predict import predict_fold
 
     fold_probs = []
     for k in rp.folds:
-        df = predict_fold(rp.run, k, test_path, tta=tta, force=force, backbone=backbone, test_df=test_df)
+        df = predict_fold(rp.run, k, test_path, tta=tta, force=force, backbone=backbone, test_df=test_df, overrides=overrides)
         if len(df) != len(test_ids) or (df["id"].to_numpy() != test_ids).any():
             raise KKError(f"{rp.run}/fold_{k}/test.csv holds other ids than {test_path}; rerun with --force")
         missing = [c for c in task.prob_columns if c not in df.columns]
@@ -307,8 +307,10 @@ def _check_inputs(test_path, sample_submission, out, force: bool, task: Task = L
 
 def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all", method: str = "mean",
              fit: bool = True, tta: bool = True, force: bool = False, sample_submission=None, train_path=None,
-             backbone: str | None = None, bad_rows: str | None = None, oof_out=None) -> dict:
-    """Average folds (and runs), calibrate on OOF, write the submission; returns a report."""
+             backbone: str | None = None, bad_rows: str | None = None, oof_out=None, overrides: list[str] | None = None) -> dict:
+    """Average folds (and runs), calibrate on OOF, write the submission; returns a report. ``overrides``:
+    ``--set predict.*`` inference settings for every fold (its config.yaml stays as trained)."""
+    from .config import apply_predict_overrides
     from .data import load_test, load_train
     from .predict import fold_config
     from .ui import console, table, warn
@@ -323,6 +325,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
         for r in runs:
             warn_missing_folds(r, [k for k, _ in trained_folds(r, "all")])
     first_cfg = fold_config(trained_folds(runs[0], folds)[0][1])
+    apply_predict_overrides(first_cfg, overrides, "kk ensemble")  # a bad --set fails before the long work
     train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows, task)
     train_report.print_warnings()
     labels_by_id = dict(zip(train_df["id"], train_df["label"]))
@@ -357,7 +360,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     test_df, report = load_test(test_path, task=task)
     report.print_warnings()
     test_ids = test_df["id"].to_numpy()
-    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone, task) for rp in preds]
+    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone, overrides, task) for rp in preds]
     final = finalize_probs(apply_temperature(combine(test_probs, weights, method), temperature))
     path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission, task=task)
 

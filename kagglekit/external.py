@@ -47,16 +47,13 @@ def split_transcript(text: str) -> tuple[list[str], list[str]]:
     return human, assistant
 
 
-def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = None, task: Task = LMSYS):
-    """HH-RLHF pairs as a train frame of ``task``'s competition (its cells and label columns)."""
-    import pandas as pd
-
+def hh_pairs(path: str | os.PathLike):
+    """Yield ``(line number, prompt turns, chosen turns, rejected turns)`` of an HH-RLHF file, or
+    ``(line number, None, None, None)`` for a pair whose transcripts have different shapes (no comparison)."""
     path = Path(path)
     if not path.is_file():
         raise KKError(f"{path} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    rng = np.random.default_rng(seed)
     with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -64,26 +61,40 @@ def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = Non
             try:
                 rec = json.loads(line)
                 chosen, rejected = rec["chosen"], rec["rejected"]
+                prompt, good = split_transcript(chosen)
+                _, bad = split_transcript(rejected)
             except (ValueError, KeyError, TypeError):
-                raise KKError(f"{path}: line {n} is not a JSON object with 'chosen' and 'rejected'") from None
-            prompt, good = split_transcript(chosen)
-            _, bad = split_transcript(rejected)
+                raise KKError(f"{path}: line {n} is not a JSON object with 'chosen' and 'rejected' transcripts") from None
             if not prompt or len(bad) != len(good):
-                continue  # transcripts of different shapes: no pairwise comparison
-            a_wins = bool(rng.integers(2))
-            a, b = (good, bad) if a_wins else (bad, good)
-            label = {c: v[0] for c, v in task.label_cells([0 if a_wins else 1]).items()}  # class 0 = A wins, 1 = B
-            rows.append({
-                "id": f"hh{n}",
-                "model_a": "chosen" if a_wins else "rejected",
-                "model_b": "rejected" if a_wins else "chosen",
-                "prompt": task.encode_cell(prompt),
-                "response_a": task.encode_cell(a),
-                "response_b": task.encode_cell(b),
-                **{c: (int(v) if task.one_hot_labels else v) for c, v in label.items()},
-            })
-            if limit and len(rows) >= limit:
-                break
+                yield n, None, None, None
+            else:
+                yield n, prompt, good, bad
+
+
+def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = None, task: Task = LMSYS):
+    """HH-RLHF pairs as a train frame of ``task``'s competition (its cells and label columns)."""
+    import pandas as pd
+
+    path = Path(path)
+    rows = []
+    rng = np.random.default_rng(seed)
+    for n, prompt, good, bad in hh_pairs(path):
+        if prompt is None:
+            continue  # transcripts of different shapes: no pairwise comparison
+        a_wins = bool(rng.integers(2))
+        a, b = (good, bad) if a_wins else (bad, good)
+        label = {c: v[0] for c, v in task.label_cells([0 if a_wins else 1]).items()}  # class 0 = A wins, 1 = B
+        rows.append({
+            "id": f"hh{n}",
+            "model_a": "chosen" if a_wins else "rejected",
+            "model_b": "rejected" if a_wins else "chosen",
+            "prompt": task.encode_cell(prompt),
+            "response_a": task.encode_cell(a),
+            "response_b": task.encode_cell(b),
+            **{c: (int(v) if task.one_hot_labels else v) for c, v in label.items()},
+        })
+        if limit and len(rows) >= limit:
+            break
     if not rows:
         raise KKError(f"{path}: no usable chosen/rejected pairs")
     return pd.DataFrame(rows)

@@ -21,7 +21,17 @@ characters before it is tokenized, keeping the characters the token cut keeps (i
 both for ``head_tail``), so one 50 MB cell costs what a normal cell costs. The kept part still holds at
 least a budget of tokens (a token is rarely longer than a few characters), so the kept tokens are the
 same; the field's total is then an estimate (tokens of the kept part scaled by the characters cut), and
-the row is counted as cut by characters in :class:`TruncationStats`.
+the row is counted as cut by characters in :class:`TruncationStats`. In the rounds layout each turn is
+cut the same way.
+
+``model.layout: rounds`` interleaves the turns instead (the LMSYS 2nd-4th places' layout)::
+
+    [CLS] <PROMPT> p1 <A> a1 <B> b1 <PROMPT> p2 <A> a2 <B> b2 ... [SEP]
+
+Over the budget, whole earliest rounds are dropped first (never a question without its answers);
+only the last round, when it alone is too long, is cut by the rules above. ``model.instruction``
+(a judge instruction) goes before the pair, and with ``model.chat_template`` the instruction and
+the pair are one user message of the tokenizer's chat template, followed by the assistant's turn.
 """
 
 from __future__ import annotations
@@ -105,17 +115,45 @@ class EncodedRows:
     def __len__(self) -> int:
         return len(self.prompt)
 
+    def totals(self, i: int) -> tuple[int, int, int]:
+        """Tokens of row ``i``'s prompt, response A and response B before truncation."""
+        return len(self.prompt[i]), len(self.response_a[i]), len(self.response_b[i])
+
+
+@dataclass
+class EncodedRounds:
+    """``model.layout: rounds``: per row, the (prompt, A, B) token arrays of each turn."""
+
+    rounds: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+    char_ratio: np.ndarray | None = None  # as EncodedRows.char_ratio, over all turns of a field
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    def totals(self, i: int) -> tuple[int, int, int]:
+        return tuple(sum(len(r[j]) for r in self.rounds[i]) for j in range(3))
+
 
 class Formatter:
     """Builds model inputs for one tokenizer and one ``ModelConfig``."""
 
-    def __init__(self, tokenizer, max_length: int, truncation: str = "head_tail", shares=(0.2, 0.4, 0.4), max_turns: int = 0):
+    def __init__(self, tokenizer, max_length: int, truncation: str = "head_tail", shares=(0.2, 0.4, 0.4), max_turns: int = 0,
+                 layout: str = "blocks", instruction: str | None = None, chat_template: bool = False):
         self.tokenizer = tokenizer
         self.max_turns = int(max_turns)
         self.max_length = int(max_length)
         self.truncation = truncation
         self.shares = [float(s) for s in shares]
-        prefix, suffix = _special_template(tokenizer)
+        self.layout = layout
+        self.instruction = instruction or None
+        self.chat_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
+        if self.chat_template:
+            prefix, suffix = _chat_template_parts(tokenizer, self.instruction)
+        else:
+            prefix, suffix = _special_template(tokenizer)
+            if self.instruction:
+                # After the tokenizer's own start token(s): the model reads the instruction first.
+                prefix = list(prefix) + self._tok(self.instruction)
         self.prefix, self.suffix = _ids(prefix), _ids(suffix)
         self.headers = [_ids(self._tok(h)) for h in HEADERS]
         self.end = _ids(self._tok(END_MARKER) if not suffix else [])
@@ -130,7 +168,8 @@ class Formatter:
     def from_config(cls, tokenizer, model_cfg) -> Formatter:
         b = model_cfg.budget
         return cls(tokenizer, model_cfg.max_length, model_cfg.truncation, (b.prompt, b.response_a, b.response_b),
-                   getattr(model_cfg, "max_turns", 0))
+                   getattr(model_cfg, "max_turns", 0), getattr(model_cfg, "layout", "blocks"),
+                   getattr(model_cfg, "instruction", None), getattr(model_cfg, "chat_template", False))
 
     def signature(self) -> str:
         """Identifies what this formatter produces: the tokenizer's full definition and the settings.
@@ -141,6 +180,8 @@ class Formatter:
         core = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
         h = hashlib.sha256(core.encode())
         h.update(repr((type(tok).__name__, self.max_length, self.truncation, self.shares, self.max_turns)).encode())
+        if self.layout != "blocks" or self.instruction or self.chat_template:
+            h.update(repr((self.layout, self.instruction, self.prefix.tolist(), self.suffix.tolist())).encode())
         return h.hexdigest()
 
     def _tok(self, text: str) -> list[int]:
@@ -167,8 +208,11 @@ class Formatter:
 
         In chunks, each kept as int32 arrays: 57k real rows as Python int lists would take
         several GB; as arrays they take a few hundred MB. A field far over the budget is cut by
-        characters first (:meth:`cut_chars`), so its size does not matter.
+        characters first (:meth:`cut_chars`), so its size does not matter. ``model.layout: rounds`` keeps
+        the turns apart (:meth:`encode_rounds`).
         """
+        if self.layout == "rounds":
+            return self.encode_rounds(df, chunk)
         out = {}
         ratio = np.ones((len(df), len(FIELDS)))
         for j, field in enumerate(FIELDS):
@@ -187,8 +231,74 @@ class Formatter:
             out[field] = arrays
         return EncodedRows(**out, char_ratio=ratio if (ratio > 1).any() else None)
 
-    def assemble(self, enc: EncodedRows, i: int, swap: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
+    def encode_rounds(self, df, chunk: int = 2048) -> EncodedRounds:
+        """Tokenize every turn of every row on its own (``model.layout: rounds``); ``max_turns`` keeps the last N
+        rounds. A row whose fields have fewer turns than the others gets empty turns there."""
+        per_field = []
+        ratio = np.ones((len(df), len(FIELDS)))
+        for j, field in enumerate(FIELDS):
+            turns = [list(t[-self.max_turns :] if self.max_turns else t) for t in df[field]]
+            for i, row in enumerate(turns):
+                short = [self.cut_chars(text) for text in row]  # bounded work, as in encode_rows
+                chars, kept_chars = sum(map(len, row)), sum(map(len, short))
+                if kept_chars < chars:
+                    ratio[i, j] = chars / max(1, kept_chars)
+                    turns[i] = short
+            flat = [text for row in turns for text in row]
+            ids = []
+            for start in range(0, len(flat), chunk):
+                ids.extend(_ids(x) for x in self.tokenizer(flat[start : start + chunk], add_special_tokens=False)["input_ids"])
+            grouped, pos = [], 0
+            for row in turns:
+                grouped.append(ids[pos : pos + len(row)])
+                pos += len(row)
+            per_field.append(grouped)
+        empty = _ids([])
+        rounds = []
+        for fields in zip(*per_field):
+            n = max(1, *(len(f) for f in fields))
+            padded = [list(f) + [empty] * (n - len(f)) for f in fields]
+            rounds.append(list(zip(*padded)))
+        return EncodedRounds(rounds, char_ratio=ratio if (ratio > 1).any() else None)
+
+    def assemble(self, enc, i: int, swap: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Input ids of row ``i`` (A and B exchanged when ``swap``) and tokens kept per field."""
+        ids, keep, _ = self._assemble_row(enc, i, swap)
+        return ids, keep
+
+    def _assemble_row(self, enc, i: int, swap: bool):
+        """(input ids, tokens kept per field, rounds kept or None) of row ``i`` in either layout."""
+        if isinstance(enc, EncodedRounds):
+            return self._assemble_rounds(enc, i, swap)
+        return (*self._assemble_blocks(enc, i, swap), None)
+
+    def _assemble_rounds(self, enc: EncodedRounds, i: int, swap: bool):
+        """``model.layout: rounds``: the last round always, then earlier rounds back to front while each fits
+        whole; the first that does not fit is dropped with all before it (a question never loses its answers).
+        The last round alone over the budget is cut like a row of the blocks layout."""
+        headers = sum(len(h) for h in self.headers)
+        room = self.budget + headers  # what the rounds may take, their headers included
+        chosen = []
+        for p, a, b in reversed(enc.rounds[i]):
+            fields = (p, b, a) if swap else (p, a, b)
+            lengths = [len(f) for f in fields]
+            if not chosen:
+                keep = allocate(lengths, self.shares, self.budget)
+            elif headers + sum(lengths) <= room:
+                keep = lengths
+            else:
+                break
+            chosen.append((fields, keep))
+            room -= headers + sum(keep)
+        parts, kept = [self.prefix], [0, 0, 0]
+        for fields, keep in reversed(chosen):
+            for j, (header, tokens, k) in enumerate(zip(self.headers, fields, keep)):
+                parts += [header, cut(tokens, k, self.truncation)]
+                kept[j] += k
+        parts += [self.end, self.suffix]
+        return np.concatenate(parts), tuple(kept), len(chosen)
+
+    def _assemble_blocks(self, enc: EncodedRows, i: int, swap: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
         first, second = (enc.response_b[i], enc.response_a[i]) if swap else (enc.response_a[i], enc.response_b[i])
         fields = (enc.prompt[i], first, second)
         keep = allocate([len(f) for f in fields], self.shares, self.budget)
@@ -198,14 +308,14 @@ class Formatter:
         parts += [self.end, self.suffix]
         return np.concatenate(parts), tuple(keep)
 
-    def sequences(self, enc: EncodedRows, swap: bool = False) -> tuple[list[np.ndarray], TruncationStats]:
-        seqs, kept = [], []
+    def sequences(self, enc, swap: bool = False) -> tuple[list[np.ndarray], TruncationStats]:
+        seqs, kept, rounds = [], [], []
         for i in range(len(enc)):
-            ids, k = self.assemble(enc, i, swap)
+            ids, k, r = self._assemble_row(enc, i, swap)
             seqs.append(ids)
             kept.append(k)
-        totals = np.array([(len(enc.prompt[i]), len(enc.response_a[i]), len(enc.response_b[i])) for i in range(len(enc))],
-                          dtype=np.int64).reshape(-1, 3)
+            rounds.append(r)
+        totals = np.array([enc.totals(i) for i in range(len(enc))], dtype=np.int64).reshape(-1, 3)
         char_cut = None
         if enc.char_ratio is not None:
             # A field cut by characters: its total is estimated from the part tokenized.
@@ -213,11 +323,19 @@ class Formatter:
             char_cut = (enc.char_ratio > 1).any(axis=1)
         if swap:
             totals = totals[:, [0, 2, 1]]
-        return seqs, TruncationStats(np.array(kept, dtype=np.int64).reshape(-1, 3), totals, char_cut)
+        stats = TruncationStats(np.array(kept, dtype=np.int64).reshape(-1, 3), totals, char_cut)
+        if isinstance(enc, EncodedRounds):
+            stats.rounds_kept = np.array(rounds, dtype=np.int64)
+            stats.rounds_total = np.array([len(r) for r in enc.rounds], dtype=np.int64)
+        return seqs, stats
 
     def segments(self, stats: TruncationStats) -> list[np.ndarray]:
         """Per sequence (in ``stats``' order): 1 on the first response's tokens, 2 on the second's, 0
         elsewhere (special tokens, headers, the prompt). What ``model.pooling: pair`` reads."""
+        if self.layout != "blocks":
+            from .errors import KKError
+
+            raise KKError("model.pooling=pair reads one block per response: use model.layout=blocks with it")
         hp, ha, hb = (len(h) for h in self.headers)
         out = []
         for kp, k1, k2 in stats.kept:
@@ -241,24 +359,32 @@ class Formatter:
 @dataclass
 class TruncationStats:
     """Per row and field (prompt, first response, second response): tokens kept and total; per row,
-    whether a field was so long that it was cut by characters before tokenizing (its total is estimated)."""
+    whether a field was so long that it was cut by characters before tokenizing (its total is estimated);
+    with ``model.layout: rounds`` also the rounds kept and the rounds of each row."""
 
     kept: np.ndarray
     total: np.ndarray
     char_cut: np.ndarray | None = None
+    rounds_kept: np.ndarray | None = None
+    rounds_total: np.ndarray | None = None
 
     def summary(self) -> dict:
         if len(self.kept) == 0:
             return {"rows": 0, "share_truncated": 0.0, "retention": {f: 1.0 for f in FIELDS}, "rows_cut_by_characters": 0}
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(self.total > 0, self.kept / np.maximum(self.total, 1), 1.0)
-        return {
+        out = {
             "rows": int(len(self.kept)),
             "share_truncated": float((self.kept < self.total).any(axis=1).mean()),
             "retention": {f: float(ratio[:, j].mean()) for j, f in enumerate(FIELDS)},
             "mean_tokens": {f: float(self.total[:, j].mean()) for j, f in enumerate(FIELDS)},
             "rows_cut_by_characters": int(self.char_cut.sum()) if self.char_cut is not None else 0,
         }
+        if self.rounds_kept is not None and len(self.rounds_kept):
+            out["rounds"] = {"share_rows_with_dropped_rounds": float((self.rounds_kept < self.rounds_total).mean()),
+                             "retention": float((self.rounds_kept / np.maximum(self.rounds_total, 1)).mean()),
+                             "mean_rounds": float(self.rounds_total.mean())}
+        return out
 
 
 def _ids(x) -> np.ndarray:
@@ -271,6 +397,25 @@ def _as_turns(x) -> list[str]:
     if isinstance(x, str):
         return [x]
     return ["" if t is None else str(t) for t in x]
+
+
+CHAT_MARK = "KAGGLEKITPAIRMARK"  # where the pair goes in the rendered chat template
+
+
+def _chat_template_parts(tokenizer, instruction: str | None) -> tuple[list[int], list[int]]:
+    """Token ids before and after the pair when the instruction and the pair are one user message of the
+    tokenizer's chat template, with the assistant's turn opened after it (``add_generation_prompt``): the
+    classifier's last token is then the one where the instruct model would start its verdict."""
+    content = f"{instruction}\n\n{CHAT_MARK}" if instruction else CHAT_MARK
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    before, found, after = str(text).partition(CHAT_MARK)
+    if not found:
+        from .errors import KKError
+
+        raise KKError("model.chat_template: the tokenizer's chat template does not show the user's message; "
+                      "set model.chat_template=false")
+    tok = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else []  # noqa: E731
+    return tok(before), tok(after)
 
 
 def _special_template(tokenizer) -> tuple[list[int], list[int]]:

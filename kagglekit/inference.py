@@ -132,47 +132,70 @@ def tta_average(p_ab: np.ndarray, p_ba: np.ndarray, task: Task = LMSYS) -> np.nd
     return (p_ab + task.swap_probs(p_ba)) / 2.0
 
 
-def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, device=None, autocast_dtype=None,
+def order_sequences(formatter, df, swap: bool = False, cache: dict | None = None):
+    """(token sequences, truncation stats) of every row of ``df`` in one A/B order. ``cache``: a dict shared
+    by the folds of an ensemble; folds with the same tokenizer and formatting settings then tokenize the
+    rows once, not once per fold (and not once per order)."""
+    base = (formatter.signature(), id(df), len(df)) if cache is not None else None
+    if base is not None and (*base, swap) in cache:
+        return cache[(*base, swap)]
+    enc = cache.get((*base, "encoded")) if base is not None else None
+    if enc is None:
+        enc = formatter.encode_rows(df)
+        if base is not None:
+            cache[(*base, "encoded")] = enc
+    out = formatter.sequences(enc, swap=swap)
+    if base is not None:
+        cache[(*base, swap)] = out
+    return out
+
+
+def predict_order(model, formatter, df, swap: bool = False, rows=None, batch_size: int = 8, device=None,
+                  autocast_dtype=None, progress=None, task=None, cache: dict | None = None,
+                  max_tokens: int | str | None = None, counts: dict | None = None, competition: Task = LMSYS) -> np.ndarray:
+    """Probabilities of one A/B order for ``rows`` of ``df`` (every row when None), in the original class
+    order: a (B,A) prediction is mapped back by ``competition``'s swap of the classes (``task`` is the
+    progress bar's). Both orders of a row are laid out identically, which keeps the TTA average exactly
+    swap-equivariant. The kernel's passes and :func:`predict_pairs` both run this."""
+    seqs, stats = order_sequences(formatter, df, swap, cache)
+    segs = formatter.segments(stats) if uses_segments(model) else None
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        seqs = [seqs[i] for i in rows]
+        segs = [segs[i] for i in rows] if segs is not None else None
+    if not len(seqs):
+        return np.zeros((0, competition.n_classes))
+    p = softmax(infer_logits(model, seqs, formatter.tokenizer.pad_token_id, batch_size, device, autocast_dtype, progress,
+                             task, counts=counts, segs=segs, max_tokens=max_tokens))
+    return competition.swap_probs(p) if swap else p
+
+
+def predict_pairs(model, formatter, df, batch_size: int = 8, tta=True, device=None, autocast_dtype=None,
                   progress=None, description: str = "predict", remove_task: bool = False, cache: dict | None = None,
-                  max_tokens: int | str | None = None, task: Task = LMSYS) -> dict:
+                  max_tokens: int | str | None = None, tta_share: float = 0.3, task: Task = LMSYS) -> dict:
     """Probabilities for a frame of parsed rows (see :func:`kagglekit.data.load_arena`).
 
-    Returns ``probs`` (TTA-averaged when ``tta``), ``probs_ab`` (the given order),
-    ``probs_ba`` (swapped, mapped back; None without TTA) and truncation stats.
-    The two orders run as separate passes with identical batch layouts, which keeps
-    TTA exactly swap-equivariant. ``cache``: a dict shared by the folds of an ensemble; folds with the
-    same tokenizer and formatting settings then tokenize the rows once, not once per fold.
-    ``max_tokens``: see :func:`infer_logits` (``predict.max_tokens``). ``task``: whose swap maps the
-    (B, A) prediction back.
+    Returns ``probs`` (TTA-averaged where the second pass ran), ``probs_ab`` (the given order),
+    ``probs_ba`` (swapped, mapped back, for ``tta_rows``; None without TTA), ``tta_rows`` (the rows the
+    second pass ran on: every row with ``tta=True``, the ``tta_share`` least confident with
+    ``tta="uncertain"``, see :mod:`kagglekit.tta`) and truncation stats.
+    ``cache``: see :func:`order_sequences`; ``max_tokens``: see :func:`infer_logits` (``predict.max_tokens``);
+    ``task``: the competition, whose swap maps the (B,A) pass back.
     """
-    key = (formatter.signature(), id(df), len(df)) if cache is not None else None
-    if key is not None and key in cache:
-        seqs_ab, seqs_ba, stats, stats_ba = cache[key]
-    else:
-        enc = formatter.encode_rows(df)
-        seqs_ab, stats = formatter.sequences(enc, swap=False)
-        seqs_ba, stats_ba = formatter.sequences(enc, swap=True) if tta else (None, None)
-        if key is not None:
-            cache[key] = (seqs_ab, seqs_ba, stats, stats_ba)
-    pair = uses_segments(model)
-    segs_ab = formatter.segments(stats) if pair else None
-    pad_id = formatter.tokenizer.pad_token_id
-    total = len(seqs_ab) * (2 if tta else 1)
+    from .tta import merge_passes, tta_mode, uncertain_rows
+
+    mode = tta_mode(tta)
+    n = len(df)
+    total = n * {"full": 2, "none": 1}.get(mode, 1 + tta_share)
     bar_task = progress.add_task(description, total=total, status="") if progress is not None else None
     counts = {"fp32_rows": 0}
-    p_ab = softmax(infer_logits(model, seqs_ab, pad_id, batch_size, device, autocast_dtype, progress, bar_task, counts=counts,
-                                segs=segs_ab, max_tokens=max_tokens))
-    p_ba = None
-    if tta:
-        if seqs_ba is None:  # cached by a no-TTA caller
-            seqs_ba, stats_ba = formatter.sequences(formatter.encode_rows(df), swap=True)
-        segs_ba = formatter.segments(stats_ba) if pair else None
-        p_ba = softmax(infer_logits(model, seqs_ba, pad_id, batch_size, device, autocast_dtype, progress, bar_task, counts=counts,
-                                    segs=segs_ba, max_tokens=max_tokens))
-        p_ba = task.swap_probs(p_ba)
-        probs = (p_ab + p_ba) / 2.0
-    else:
-        probs = p_ab
+    run = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, progress=progress, task=bar_task,
+               cache=cache, max_tokens=max_tokens, counts=counts, competition=task)
+    p_ab = predict_order(model, formatter, df, swap=False, **run)
+    _, stats = order_sequences(formatter, df, False, cache)
+    rows = None if mode == "full" else uncertain_rows(p_ab, tta_share) if mode == "uncertain" else np.zeros(0, np.int64)
+    p_ba = predict_order(model, formatter, df, swap=True, rows=rows, **run) if mode != "none" else None
+    probs = merge_passes(p_ab, p_ba, rows)
     if progress is not None and remove_task:
         progress.remove_task(bar_task)
     if counts["fp32_rows"]:
@@ -180,7 +203,9 @@ def predict_pairs(model, formatter, df, batch_size: int = 8, tta: bool = True, d
 
         warn(f"{description}: {counts['fp32_rows']} sequence(s) overflowed in {str(autocast_dtype).replace('torch.', '')} "
              "and were recomputed in fp32")
-    return {"probs": probs, "probs_ab": p_ab, "probs_ba": p_ba, "stats": stats, "fp32_rows": counts["fp32_rows"]}
+    tta_rows = np.arange(n) if mode == "full" else rows if rows is not None else np.zeros(0, np.int64)
+    return {"probs": probs, "probs_ab": p_ab, "probs_ba": p_ba, "tta_rows": tta_rows, "stats": stats,
+            "fp32_rows": counts["fp32_rows"]}
 
 
 def uses_segments(model) -> bool:

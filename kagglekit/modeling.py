@@ -168,31 +168,101 @@ def estimate_inference_bytes(params: int, quantization: str, precision_bytes: in
     return int(params * per + 1.5 * 1024**3)
 
 
-def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None, num_labels: int = LMSYS.n_classes):
-    """AutoModelForSequenceClassification with ``num_labels`` outputs (the task's classes) from
-    ``model_cfg.backbone``; ``weight_dtype`` loads the weights in that dtype (inference of big models)
-    instead of fp32. A backbone saved with a head of another size (fine-tuned for the other competition)
-    gets a new head of the right size."""
+def init_source(model_cfg) -> tuple[str, str] | None:
+    """What ``model.init_from`` names: ``("adapter", folder)`` for an earlier fold trained with LoRA (its adapter and
+    heads are loaded once the model is wrapped), ``("weights", path)`` for full weights (an earlier fold trained in
+    full, or any sequence-classification checkpoint, local or a hub id); None without ``init_from``."""
+    src = getattr(model_cfg, "init_from", None)
+    if not src:
+        return None
+    if "{fold}" in src:
+        raise KKError(f"model.init_from {src}: {{fold}} is filled in per fold by kk train")
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            return "adapter", str(path)
+        if (path / "config.json").exists():
+            return "weights", str(path)
+        raise KKError(f"model.init_from {src}: neither a trained fold (adapter_config.json) nor a checkpoint (config.json)")
+    if src.startswith((".", "/", "~")) or src.count("/") != 1:
+        raise KKError(f"model.init_from {src} does not exist")
+    return "weights", src  # owner/name: a hub checkpoint
+
+
+def base_weights(model_cfg) -> str:
+    """Where a fold's backbone weights load from: ``model.init_from`` when it holds full weights (the fold was trained
+    on top of them, so inference needs them too), else ``model.backbone``."""
+    src = init_source(model_cfg)
+    return src[1] if src is not None and src[0] == "weights" else model_cfg.backbone
+
+
+def init_record(model_cfg) -> dict | None:
+    """What a fold records (metrics.json ``init_from``) of where it started: inference then knows whether its base
+    weights are ``model.init_from``'s, even once an earlier stage's folder is gone."""
+    src = init_source(model_cfg)
+    return None if src is None else {"kind": src[0], "path": src[1]}
+
+
+def fold_base_weights(fold_dir, model_cfg) -> str:
+    """Where a trained fold's base weights load from: the full weights it was trained on top of (recorded in its
+    metrics.json), else ``model.backbone`` (an earlier fold's adapter is inside the trained adapter already)."""
+    import json
+
+    try:
+        metrics = json.loads((Path(fold_dir) / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    if not isinstance(metrics, dict) or "init_from" not in metrics:
+        return base_weights(model_cfg)  # folds trained before the record, merged runs: judged by the path itself
+    rec = metrics["init_from"]
+    return rec["path"] if isinstance(rec, dict) and rec.get("kind") == "weights" else model_cfg.backbone
+
+
+def report_reinitialised(source: str, mismatched) -> None:
+    """One line naming the head weights a checkpoint had in another size (a 1-logit reward model, a 2-class model)."""
+    from .ui import info
+
+    shapes = ", ".join(f"{name} {tuple(a)} -> {tuple(b)}" for name, a, b in sorted(mismatched, key=lambda m: str(m[0])))
+    info(f"model.init_from {source}: head of another size re-initialised ({shapes})")
+
+
+def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None, report_mismatch: bool = True,
+                  device_map=None, num_labels: int = LMSYS.n_classes):
+    """AutoModelForSequenceClassification with ``num_labels`` outputs (the task's classes) from ``model_cfg.backbone``
+    (or ``model.init_from``'s full weights); ``weight_dtype`` loads the weights in that dtype (inference of big models) instead of fp32. A head whose
+    size differs from the checkpoint's is re-initialised, in one line when ``report_mismatch``. ``device_map``: one
+    model over several GPUs (``{module: gpu index}``, the kernel's split plan) instead of ``device``."""
     from transformers import AutoModelForSequenceClassification
 
     check_backbone(model_cfg.backbone)
+    source = base_weights(model_cfg)
     qconf = _quantization_config(model_cfg.quantization, autocast_dtype)
-    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    # ignore_mismatched_sizes: a head of another size (a reward model's 1 logit, the other competition's classes) is re-initialised, not an error;
+    # output_loading_info says which weights those were.
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True, "output_loading_info": True}
     if weight_dtype is not None and qconf is None:
         kwargs["dtype"] = weight_dtype
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": device.index if device is not None and device.type == "cuda" else "cpu"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     from .io import safetensors_errors
 
+    what = "model.backbone" if source == model_cfg.backbone else "model.init_from"
     try:
-        with safetensors_errors(model_cfg.backbone):  # a damaged weights file: one line naming it
-            model = AutoModelForSequenceClassification.from_pretrained(model_cfg.backbone, **kwargs)
+        with safetensors_errors(source):  # a damaged weights file: one line naming it
+            result = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise KKError(f"cannot load model.backbone {model_cfg.backbone!r}: {str(e).splitlines()[0]}") from None
+        raise KKError(f"cannot load {what} {source!r}: {str(e).splitlines()[0]}") from None
+    model, loading = result if isinstance(result, tuple) else (result, {})
+    # (name, checkpoint shape, model shape) triples; a dict here (transformers 5.24), an object in some releases
+    mismatched = (loading.get("mismatched_keys") if isinstance(loading, dict) else getattr(loading, "mismatched_keys", None)) or []
+    if mismatched and report_mismatch:
+        report_reinitialised(source, mismatched)
     model.config.pad_token_id = tokenizer.pad_token_id  # last-token pooling in decoders needs it
     apply_pooling(model, getattr(model_cfg, "pooling", "cls"))
-    if qconf is None and device is not None:
+    if qconf is None and device is not None and device_map is None:
         model.to(device)
     if qconf is None and weight_dtype is None:
         model.float()  # master weights in fp32; autocast does the mixed precision
@@ -222,8 +292,12 @@ def lora_targets(model, lora_cfg):
 
 
 def build_model(cfg, tokenizer, device, autocast_dtype=None):
-    """The trainable model for ``cfg``: LoRA-wrapped (heads fully trained) or full fine-tuning."""
+    """The trainable model for ``cfg``: LoRA-wrapped (heads fully trained) or full fine-tuning; started from
+    ``model.init_from`` when set."""
 
+    init = init_source(cfg.model)
+    if init is not None and init[0] == "adapter" and not cfg.lora.enabled:
+        raise KKError(f"model.init_from {init[1]} is a LoRA fold: continue it with lora.enabled=true")
     model = load_backbone(cfg.model, tokenizer, device, autocast_dtype, num_labels=get_task(cfg.task).n_classes)
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
@@ -251,7 +325,41 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
         model = get_peft_model(model, pconf)
     except ValueError as e:
         raise KKError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+    if init is not None and init[0] == "adapter":
+        load_initial_adapter(model, init[1])
     return model
+
+
+def load_initial_adapter(model, folder: str) -> None:
+    """``model.init_from`` = an earlier fold trained with LoRA (the 2nd place's stage 2 -> 3): its adapter and heads
+    are this model's starting point. A head of another size (another task's classes) is re-initialised, saying so;
+    an adapter of another shape (another backbone, lora.r or target modules) is one clear error."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise KKError(f"model.init_from {folder}: no adapter_model.safetensors (not a finished fold)")
+    saved = load_file(str(path))
+    # Heads are saved under their own names; live they sit under peft's modules_to_save wrapper. A head of another size
+    # keeps the fresh initialisation it has now.
+    live = {k.replace(".modules_to_save.default.", "."): v for k, v in model.state_dict().items() if ".modules_to_save.default." in k}
+    mismatched = [(k, tuple(v.shape), tuple(live[k].shape)) for k, v in saved.items() if k in live and v.shape != live[k].shape]
+    for k, _, _ in mismatched:
+        saved[k] = live[k].detach().clone()
+    try:
+        result = set_peft_model_state_dict(model, saved)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise KKError(f"model.init_from {folder}: its adapter does not fit this model ({first[:160]}); it needs the same "
+                      "backbone, lora.r and lora.target_modules") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        extra = (result.unexpected_keys or missing)[0]
+        raise KKError(f"model.init_from {folder}: its adapter and this model adapt different modules ({extra}); "
+                      "use the same lora.target_modules")
+    if mismatched:
+        report_reinitialised(folder, mismatched)
 
 
 def trainable_state(model) -> dict:
@@ -295,9 +403,11 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
         from .io import safetensors_errors
 
         adapter_cfg = read_adapter_config(fold_dir)  # before anything is built: a hostile r never allocates
-        model_cfg = cfg.model.model_copy(update={"backbone": backbone or cfg.model.backbone})
+        # --backbone (or the kernel's copy) replaces where the base weights load from, init_from's included.
+        model_cfg = cfg.model.model_copy(update={"backbone": backbone or fold_base_weights(fold_dir, cfg.model), "init_from": None})
+        # A head of another size in the base checkpoint is expected here: the fold's adapter carries the trained one.
         base = load_backbone(model_cfg, tokenizer, device, autocast_dtype, inference_weight_dtype(model_cfg, device, autocast_dtype),
-                             num_labels=n_labels)
+                             report_mismatch=False, num_labels=n_labels)
         check_adapter_fits(fold_dir, adapter_cfg, base)
         with safetensors_errors(fold_dir / "adapter_model.safetensors"):
             model = PeftModel.from_pretrained(base, str(fold_dir))

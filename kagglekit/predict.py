@@ -1,8 +1,10 @@
 """`kk predict`: one fold's test probabilities, with swap TTA and length-sorted batches.
 
 Each fold writes ``fold_K/test.csv`` (id + the task's class probabilities) and
-``fold_K/test.json`` (which test file, by sha256, and whether TTA was on), so that
-ensembling never re-runs a model that already predicted the same file.
+``fold_K/test.json`` (which test file, by sha256, whether TTA was on, the inference settings), so that
+ensembling never re-runs a model that already predicted the same file. Inference settings other than
+the fold's own (``--set predict.max_length=8192``, ``predict.quantization=8bit``...) are cached beside
+them as ``fold_K/test.<key>.csv/.json``, so predictions at several settings coexist.
 """
 
 from __future__ import annotations
@@ -85,37 +87,57 @@ def fold_config(fold_path: Path):
     return config_from_dict(read_yaml(fold_path / "config.yaml"), str(fold_path / "config.yaml"))
 
 
-class FoldModel:
-    """A trained fold loaded for inference: model, tokenizer, formatter, device."""
+def inference_config(fold_path: Path, overrides: list[str] | None = None):
+    """A fold's config with ``--set predict.*`` overrides (others refused); its config.yaml stays as trained."""
+    from .config import apply_predict_overrides
 
-    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None, device: str | None = None):
+    return apply_predict_overrides(fold_config(Path(fold_path)), overrides)
+
+
+def inference_settings(cfg) -> dict:
+    """The settings that change a fold's predictions beyond its weights: what the prediction cache tells apart."""
+    m = cfg.inference_model()
+    return {"max_length": m.max_length, "quantization": m.quantization, "precision": m.precision}
+
+
+class FoldModel:
+    """A trained fold loaded for inference: model, tokenizer, formatter, device. ``overrides``: ``predict.*``
+    settings (``predict.max_length/quantization/precision`` replace the trained ``model.*`` values)."""
+
+    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None, device: str | None = None,
+                 overrides: list[str] | None = None):
         from .formatting import Formatter
         from .modeling import device_and_dtype, load_trained, quiet_libraries
 
         quiet_libraries()
         self.path = Path(fold_path)
-        self.cfg = fold_config(self.path)
+        self.cfg = inference_config(self.path, overrides)
         self.task = get_task(self.cfg.task)
-        self.device, self.dtype = device_and_dtype(precision or self.cfg.model.precision, device)
-        self.model, self.tokenizer = load_trained(self.path, self.cfg, self.device, self.dtype, backbone)
-        self.formatter = Formatter.from_config(self.tokenizer, self.cfg.model)
+        model_cfg = self.cfg.inference_model()
+        self.device, self.dtype = device_and_dtype(precision or model_cfg.precision, device)
+        self.model, self.tokenizer = load_trained(self.path, self.cfg.model_copy(update={"model": model_cfg}), self.device,
+                                                  self.dtype, backbone)
+        # The truncation rules apply at the inference length.
+        self.formatter = Formatter.from_config(self.tokenizer, model_cfg)
 
-    def predict(self, df, tta: bool = True, batch_size: int | None = None, progress=None, description="predict",
+    def predict(self, df, tta: bool | str = True, batch_size: int | None = None, progress=None, description="predict",
                 cache: dict | None = None) -> dict:
+        """``tta``: True, False or "uncertain" (the swapped order on the fold's predict.tta_share least
+        confident rows, kagglekit.tta)."""
         from .inference import predict_pairs
 
         return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
                              self.device, self.dtype, progress, description, cache=cache,
-                             max_tokens=self.cfg.predict.max_tokens, task=self.task)
+                             max_tokens=self.cfg.predict.max_tokens, tta_share=self.cfg.predict.tta_share, task=self.task)
 
 
-def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: int | None = None, force: bool = False,
-                 backbone: str | None = None, test_df=None):
+def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_size: int | None = None, force: bool = False,
+                 backbone: str | None = None, test_df=None, overrides: list[str] | None = None):
     """Test probabilities of one fold as a frame ``id`` + the task's probability columns
     (``winner_model_a, winner_model_b, winner_tie`` for LMSYS).
 
-    Reuses ``fold_K/test.csv`` when it was made from the same test file with the same
-    TTA setting (unless ``force``).
+    Reuses the cached prediction when it was made from the same test file with the same TTA and
+    inference settings (unless ``force``). ``overrides``: ``--set predict.*`` for this prediction only.
     """
     import pandas as pd
 
@@ -129,9 +151,13 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
         raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists()
                       else f"{test_path} is a folder, expected {task.test_file}")
     sha = file_sha256(test_path)
-    meta_path, out_path = path / "test.json", path / "test.csv"
+    cfg = inference_config(path, overrides)  # a --set typo fails here, before any model loads
+    if tta == "uncertain":  # the cache must tell the share apart too
+        tta = f"uncertain:{cfg.predict.tta_share:g}"
+    out_path, meta_path = cache_paths(path, cfg)
+    expected = cache_key(sha, tta, cfg)
     if not force:
-        cached = _cached_prediction(out_path, meta_path, sha, tta)
+        cached = _cached_prediction(out_path, meta_path, expected)
         if cached is not None:
             return cached
     check_writable(path, f"fold {k}")
@@ -139,9 +165,9 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
         if test_df is None:
             test_df, report = load_test(test_path, task=task)
             report.print_warnings()
-        fm = FoldModel(path, backbone)
+        fm = FoldModel(path, backbone, overrides=overrides)
         with progress() as bar:
-            res = fm.predict(test_df, tta, batch_size, bar, f"fold {k}")
+            res = fm.predict(test_df, "uncertain" if str(tta).startswith("uncertain") else tta, batch_size, bar, f"fold {k}")
         probs = res["probs"]
         if not np.isfinite(probs).all():
             raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
@@ -150,13 +176,28 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool = True, batch_size: in
         # test.csv it belongs to, so a kill between the two renames is a cache miss, never a wrong pairing.
         meta_path.unlink(missing_ok=True)
         write_csv(out_path, out)
-        write_json(meta_path, {"test_file": str(test_path), "sha256": sha, "rows": len(out), "tta": tta,
+        write_json(meta_path, {"test_file": str(test_path), **expected, "rows": len(out),
                                "output_sha256": file_sha256(out_path), "truncation": res["stats"].summary()})
     return out
 
 
-def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta: bool):
-    """The cached fold prediction when it was made from this test file with this TTA setting, else None."""
+def cache_key(sha: str, tta: bool | str, cfg) -> dict:
+    """What a cached prediction must have been made with to be reused (all of it is written to its test.json)."""
+    return {"sha256": sha, "tta": tta, "inference": inference_settings(cfg)}
+
+
+def cache_paths(fold_path: Path, cfg) -> tuple[Path, Path]:
+    """(csv, json) of the prediction cache for these inference settings: ``test.csv/.json`` at the fold's own
+    (its config.yaml's), ``test.<key>.csv/.json`` at others (the key a hash of the settings), so both can be kept."""
+    settings = inference_settings(cfg)
+    if settings == inference_settings(fold_config(fold_path)):
+        return fold_path / "test.csv", fold_path / "test.json"
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return fold_path / f"test.{key}.csv", fold_path / f"test.{key}.json"
+
+
+def _cached_prediction(out_path: Path, meta_path: Path, expected: dict):
+    """The cached fold prediction when its test.json matches every entry of ``expected`` (:func:`cache_key`), else None."""
     import pandas as pd
 
     from .ui import warn
@@ -170,7 +211,7 @@ def _cached_prediction(out_path: Path, meta_path: Path, sha: str, tta: bool):
     except (ValueError, UnicodeDecodeError) as e:
         warn(f"{meta_path} is corrupt ({e}); predicting again")
         return None
-    if meta.get("sha256") != sha or meta.get("tta") != tta:
+    if any(meta.get(k) != v for k, v in expected.items()):
         return None
     if meta.get("output_sha256") != file_sha256(out_path):
         warn(f"{out_path} does not match {meta_path}; predicting again")

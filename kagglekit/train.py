@@ -29,7 +29,7 @@ import numpy as np
 from .batching import plan_batches
 from .config import Config
 from .errors import KKError
-from .task import LMSYS, Task, get_task
+from .task import Task, get_task
 
 
 class Interrupted(KKError):
@@ -92,23 +92,6 @@ def load_fold_frames(cfg: Config, fold: int):
     if len(train_df) == 0 or len(val_df) == 0:
         raise KKError(f"fold {fold} leaves no {'training' if len(train_df) == 0 else 'validation'} rows in {cfg.data.train}")
     return train_df, val_df
-
-
-def load_soft_labels(path: str, ids, task: Task = LMSYS) -> np.ndarray:
-    """Teacher probabilities for ``ids`` from a CSV ``id`` + the task's probability columns."""
-    from .data import read_probs
-
-    p = Path(path)
-    soft_ids, soft = read_probs(p, "data.soft_labels", task)
-    index = {i: n for n, i in enumerate(soft_ids)}
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise KKError(f"{p}: no soft label for train id {missing[0]} ({len(missing)} missing)")
-    probs = soft[[index[i] for i in ids]]
-    bad = ~np.isfinite(probs).all(1) | (np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1)
-    if bad.any():
-        raise KKError(f"{p}: soft labels of id {list(ids)[int(bad.argmax())]} are not probabilities summing to 1")
-    return probs
 
 
 def param_groups(model, tc) -> list[dict]:
@@ -256,38 +239,52 @@ class FoldInputs:
     train_df: object
     val_df: object
     seqs: list  # token id arrays; with swap augmentation the B/A order follows the A/B order
-    targets: np.ndarray  # (len(seqs), n_classes) hard one-hot or soft labels
+    targets: np.ndarray  # (len(seqs), C) a teacher's probabilities, NaN rows where none; with labels=None: one-hot labels
     units: list[list[int]]  # what plan_batches shuffles: one sequence, or both orders of a pair
     trunc: object  # TruncationStats of the training rows
     batch_size: int
-    n_extra: int = 0  # pseudo-labelled rows among the training rows (data.extra)
+    n_extra: int = 0  # extra rows among the training rows (data.extra)
     segs: list | None = None  # per sequence: 1 on the first response, 2 on the second (model.pooling: pair)
+    labels: np.ndarray | None = None  # (len(seqs),) hard class, -1 where none; None: targets are one-hot hard labels
+    extra_dropped: dict = field(default_factory=dict)  # data.extra rows kept out of this fold, per reason
 
     @property
     def lengths(self) -> list[int]:
         return [len(x) for x in self.seqs]
+
+    def loss_targets(self):
+        """(teacher probabilities or None when no row has any, hard labels) as tensors for distill_loss."""
+        import torch
+
+        if self.labels is None:
+            return None, torch.as_tensor(np.asarray(self.targets).argmax(1), dtype=torch.long)
+        soft = None if np.isnan(self.targets).all() else torch.tensor(self.targets, dtype=torch.float32)
+        return soft, torch.as_tensor(self.labels, dtype=torch.long)
 
 
 def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
     """Rows of the fold, tokenized once through the shared formatter, swap-augmented."""
     import pandas as pd
 
-    from .data import load_test
+    from .distill import fold_soft_labels, swap_labels
+    from .extra import load_extra
 
     tc, task = cfg.train, get_task(cfg.task)
-    text_columns = list(task.text_columns)
     train_df, val_df = load_fold_frames(cfg, fold)
+    # Every training row has its hard label; with data.soft_labels also a teacher's probabilities, and the loss
+    # mixes the two (train.distill). A per-fold file holds labels made without fold K's validation rows.
+    labels = train_df["label"].to_numpy()
     if cfg.data.soft_labels:
-        targets = load_soft_labels(cfg.data.soft_labels, train_df["id"], task)
+        targets = fold_soft_labels(cfg.data.soft_labels, fold, train_df["id"], val_df["id"], task)
     else:
-        targets = task.one_hot(train_df["label"].to_numpy())
-    # Pseudo-labelled extra rows join the training rows only: they are never in a validation fold.
-    rows = train_df
-    for extra in cfg.data.extra:
-        edf, report = load_test(extra.path, task=task)
-        report.print_warnings()
-        rows = pd.concat([rows[["id", *text_columns]], edf[["id", *text_columns]]], ignore_index=True)
-        targets = np.concatenate([targets, load_soft_labels(extra.soft_labels, edf["id"], task)])
+        targets = np.full((len(train_df), task.n_classes), np.nan)
+    # Extra rows join the training rows only: never validated on, and never one that is a train row or shares a
+    # prompt with this fold's validation rows (those would let the fold validate on what it trained on).
+    extra = load_extra(cfg, fold, train_df, val_df)
+    cols = ["id", *task.text_columns]
+    rows = pd.concat([train_df[cols], extra.rows[cols]], ignore_index=True) if len(extra.rows) else train_df
+    targets = np.concatenate([targets, extra.soft])
+    labels = np.concatenate([labels, extra.hard]).astype(np.int64)
     enc = fmt.encode_rows(rows)
     seqs, trunc = fmt.sequences(enc, swap=False)
     segs = fmt.segments(trunc) if cfg.model.pooling == "pair" else None
@@ -301,9 +298,11 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
         if segs is not None:
             segs = segs + fmt.segments(trunc_ba)
         targets = np.concatenate([targets, task.swap_probs(targets)])
+        labels = np.concatenate([labels, swap_labels(labels, task)])
         units = [[i, i + n] for i in range(n)] if tc.swap_same_batch else [[i] for i in range(2 * n)]
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
-    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df), segs=segs)
+    return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df), segs=segs,
+                      labels=labels, extra_dropped=extra.dropped)
 
 
 # --- the session: model, optimizer and the state the loop changes ----------------------------------------------------
@@ -336,6 +335,7 @@ class Session:
     last_checkpoint: float = 0.0
     max_tokens: int = 0  # token budget of a micro-batch (train.max_tokens resolved); 0 = train.batch_size rows
     last_metric: float | None = None  # the task's metric at the last evaluation
+    eval_fmt: object = None  # the validation's formatter: predict.max_length, as the test rows will be formatted
 
     @property
     def main(self) -> bool:
@@ -364,14 +364,31 @@ def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
     rank, world, local_rank = distributed()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    cfg = resolve_init_from(cfg, fold)
     check_backbone(cfg.model.backbone)  # fail before the data is read
     device, amp_dtype = device_and_dtype(cfg.model.precision, f"cuda:{local_rank}" if world > 1 and torch.cuda.is_available() else None)
     tokenizer = load_tokenizer(cfg.model.backbone)
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
         write_text(work / "config.yaml", cfg.to_yaml())
-    return Session(cfg, fold, work, device, amp_dtype, tokenizer, Formatter.from_config(tokenizer, cfg.model),
-                   rank=rank, world=world, resume=resume)
+    fmt = Formatter.from_config(tokenizer, cfg.model)
+    # Validation formats rows as inference will (predict.max_length), so the OOF predictions that ensemble weights and
+    # temperatures are fitted on match the test predictions.
+    eval_model = cfg.model.model_copy(update={"max_length": cfg.inference_model().max_length})
+    eval_fmt = fmt if eval_model.max_length == cfg.model.max_length else Formatter.from_config(tokenizer, eval_model)
+    return Session(cfg, fold, work, device, amp_dtype, tokenizer, fmt, rank=rank, world=world, resume=resume, eval_fmt=eval_fmt)
+
+
+def resolve_init_from(cfg: Config, fold: int) -> Config:
+    """``model.init_from`` with ``{fold}`` filled in (runs/stage2/fold_{fold} -> runs/stage2/fold_3), checked to exist
+    before any data is read; the fold's config.yaml records the resolved path."""
+    from .modeling import init_source
+
+    if not cfg.model.init_from:
+        return cfg
+    model = cfg.model.model_copy(update={"init_from": cfg.model.init_from.replace("{fold}", str(fold))})
+    init_source(model)  # one clear line if it does not exist or is neither a fold nor a checkpoint
+    return cfg.model_copy(update={"model": model})
 
 
 def epoch_plan(s: Session, inputs: FoldInputs, epoch: int) -> list[list[int]]:
@@ -508,6 +525,9 @@ def save_checkpoint(s: Session) -> None:
         best["stats_total"] = torch.from_numpy(s.best["stats"].total)
         if s.best["stats"].char_cut is not None:
             best["stats_char_cut"] = torch.from_numpy(s.best["stats"].char_cut)
+        if s.best["stats"].rounds_kept is not None:  # model.layout: rounds
+            best["stats_rounds_kept"] = torch.from_numpy(s.best["stats"].rounds_kept)
+            best["stats_rounds_total"] = torch.from_numpy(s.best["stats"].rounds_total)
     s.ckpt_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(s.ckpt_dir / "state.pt") as tmp:
         torch.save(
@@ -550,8 +570,9 @@ def load_checkpoint(s: Session) -> None:
         best = ck["best"]
         s.best = {k: v.numpy() for k, v in best.items() if not k.startswith("stats_")}
         if "stats_kept" in best:
-            cut = best["stats_char_cut"].numpy() if "stats_char_cut" in best else None
-            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy(), cut)
+            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy(),
+                                              *(best[k].numpy() if k in best else None
+                                                for k in ("stats_char_cut", "stats_rounds_kept", "stats_rounds_total")))
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise KKError(f"{path}: not a usable kagglekit checkpoint ({first[:200]}); start over with --force") from None
@@ -571,7 +592,7 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     state, loss, value, task = s.state, None, None, s.task
     if s.main:
         val_df = inputs.val_df
-        res = predict_pairs(s.model, s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
+        res = predict_pairs(s.model, s.eval_fmt or s.fmt, val_df, s.cfg.train.eval_batch_size, True, s.device, s.amp_dtype, bar,
                             f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens, task=task)
         labels = val_df["label"].to_numpy()
         loss = log_loss(res["probs"], labels)
@@ -634,13 +655,13 @@ def _no_sync(model, defer: bool):
 def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     """The training loop, top to bottom: micro-batches, optimizer steps, evaluations, checkpoints."""
     import torch
-    import torch.nn.functional as F
 
+    from .distill import distill_loss
     from .ui import progress
 
     tc, state, model = s.cfg.train, s.state, s.ddp_model
     device, amp_dtype, scaler, optimizer = s.device, s.amp_dtype, s.scaler, s.optimizer
-    targets = torch.tensor(inputs.targets, dtype=torch.float32)
+    soft, hard = inputs.loss_targets()  # a teacher's probabilities (None without data.soft_labels), hard labels
     params = [p for p in s.model.parameters() if p.requires_grad]
     eval_every = tc.eval_every or s.steps_per_epoch
     s.last_checkpoint = s.last_checkpoint or time.time()
@@ -664,8 +685,10 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     with _no_sync(model, defer_sync):
                         logits = forward_logits(s, [inputs.seqs[i] for i in batch],
                                                 [inputs.segs[i] for i in batch] if inputs.segs is not None else None)
-                    # Soft or hard targets alike: cross-entropy against a distribution, normalised per sequence.
-                    loss = F.cross_entropy(logits.float(), targets[batch].to(device), label_smoothing=tc.label_smoothing, reduction="sum")
+                    # Hard labels (cross-entropy), a teacher's probabilities (KL at train.distill.temperature) or a mix;
+                    # summed here, normalised per sequence below.
+                    loss = distill_loss(logits.float(), soft[batch].to(device) if soft is not None else None,
+                                        hard[batch].to(device), tc)
                     if not torch.isfinite(loss):
                         raise KKError(
                             f"non-finite loss at step {state.step + 1} of fold {s.fold}"
@@ -736,6 +759,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
 
     from .io import write_csv, write_json
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
+    from .modeling import init_record
     from .versions import library_versions
 
     if "probs" not in s.best:
@@ -766,12 +790,14 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         "stopped_early": state.stopped_early,
         "n_train": int(len(inputs.train_df)),
         "n_extra": int(inputs.n_extra),
+        "extra_dropped": dict(inputs.extra_dropped),
         "n_val": int(len(val_df)),
         "wall_time_s": round(wall, 2),
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),
         "truncation": {"train": inputs.trunc.summary(), "val": s.best["stats"].summary()},
         "device": str(s.device),
         "versions": library_versions(),
+        "init_from": init_record(s.cfg.model),
     }
     write_json(out / "metrics.json", metrics)
     shutil.rmtree(s.ckpt_dir, ignore_errors=True)

@@ -49,6 +49,14 @@ def test_bench_startup_smoke():
     assert "kk --help: best" in r.stdout and "ratio:" in r.stdout
 
 
+def test_bench_quant_smoke():
+    """fp32 measured on CPU; the 8-bit/4-bit rows say they need CUDA and show the plan's factors."""
+    r = _run(sys.executable, BENCH / "bench_quant.py", "--smoke", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped (needs CUDA and bitsandbytes)" in r.stdout and "kernel plan's factor" in r.stdout
+    assert "quantized/fp16 inference seq/s: not measured" in r.stdout
+
+
 def test_gpu_check_script_smoke():
     """The prepared GPU script at toy size on CPU: the real DeBERTa-v3-base architecture, one step each."""
     r = _run("bash", BENCH / "gpu_check.sh", "--smoke", timeout=900)
@@ -56,3 +64,15 @@ def test_gpu_check_script_smoke():
     assert "FAILED" not in r.stdout, r.stdout[-3000:]
     assert r.stdout.count("samples/s ratios:") == 1 and r.stdout.count("one contender") == 2  # 2 kagglekit-only runs + 1 vs HF
     assert "kagglekit/Trainer.predict =" in r.stdout and "packed/padded training samples/s" in r.stdout
+    # the Gemma-2 preset: trained at 4-bit, its adapter predicting at 8-bit
+    assert "preset gemma2-9b-qlora: training" in r.stdout and "tokens/s at 4bit" in r.stdout and "tokens/s at 8bit" in r.stdout
+
+
+def test_bench_distill_smoke(tmp_path):
+    """The distillation benchmark end to end at toy size: teacher, leaky OOF labels, per-fold labels, three students."""
+    r = _run(sys.executable, BENCH / "bench_distill.py", "--smoke", "--limit", "120", "--bootstrap", "50", "--workdir", tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for model in ("student: hard labels", "student: OOF soft labels (leaky)", "student: per-fold soft labels"):
+        assert model in r.stdout, r.stdout[-3000:]
+    assert "leak optimism" in r.stdout and "also labels" in r.stderr  # the leaky student was warned about
+    assert sorted(p.name for p in (tmp_path / "labels").glob("fold_*.csv")) == ["fold_0.csv", "fold_1.csv"]

@@ -96,3 +96,122 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines() == ["error: config error: --set train.lerning_rate is not a field (did you mean train.lr?)"]
     assert "Traceback" not in r.output
+
+
+# --- the presets of the models that win (issue 20) ---------------------------------------------------------------------
+
+def _deberta_v3_base():
+    from transformers import DebertaV2Config
+
+    return DebertaV2Config(vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072, max_position_embeddings=512, relative_attention=True, position_buckets=256,
+                           norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                           max_relative_positions=-1, type_vocab_size=0)
+
+
+def _gemma2_9b():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(hidden_size=3584, num_hidden_layers=42, intermediate_size=14336, num_attention_heads=16,
+                        num_key_value_heads=8, head_dim=256, vocab_size=256000)
+
+
+def _llama31_8b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+
+def _qwen25_7b():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+
+
+# Each hub backbone a preset names: its real dimensions (the published config.json, written here: no download) and
+# the published parameter count of the released model (model cards: 9.24B, 8.03B, 7.62B, DeBERTa-v3-base 184M),
+# less its LM head where that is a separate matrix (the classification head replaces it).
+ARCHITECTURES = {
+    "microsoft/deberta-v3-base": (_deberta_v3_base, 184e6, 0),
+    "google/gemma-2-9b-it": (_gemma2_9b, 9.24e9, 0),  # tied embeddings: no separate LM head
+    "meta-llama/Meta-Llama-3.1-8B-Instruct": (_llama31_8b, 8.03e9, 128256 * 4096),
+    "Qwen/Qwen2.5-7B-Instruct": (_qwen25_7b, 7.62e9, 152064 * 3584),
+}
+HUB_PRESETS = [p for p in PRESETS if not load_config(p).model.backbone.startswith(("/", ".", "models/", "pkg:"))
+               and "/" in load_config(p).model.backbone]
+
+
+def test_every_hub_preset_has_its_architecture_here():
+    assert {p.name for p in HUB_PRESETS} >= {"deberta-v3-base.yaml", "gemma2-9b-qlora.yaml", "llama31-8b-qlora.yaml"}
+    missing = [p.name for p in HUB_PRESETS if load_config(p).model.backbone not in ARCHITECTURES]
+    assert not missing, f"add the real dimensions of these presets' backbones to ARCHITECTURES: {missing}"
+
+
+@pytest.mark.parametrize("path", HUB_PRESETS, ids=[p.name for p in HUB_PRESETS])
+def test_preset_architecture_builds_on_meta_with_its_lora_targets(path):
+    """The preset's backbone at its real size, on the meta device (no weights, no memory): the parameter count is
+    the published one, and every LoRA target of the preset names Linear layers of that architecture, in every layer."""
+    import torch
+    from peft import LoraConfig, TaskType
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoModelForSequenceClassification
+
+    from kagglekit.modeling import DEFAULT_TARGETS, head_modules
+
+    cfg = load_config(path)
+    make, published, lm_head = ARCHITECTURES[cfg.model.backbone]
+    conf = make()
+    conf.num_labels = 3
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(conf)
+    n = sum(p.numel() for p in model.parameters())
+    expected = published - lm_head
+    assert abs(n - expected) / expected < 0.01, f"{n / 1e9:.3f}B parameters, expected about {expected / 1e9:.3f}B"
+    targets = cfg.lora.target_modules or DEFAULT_TARGETS[conf.model_type]
+    heads = head_modules(model)
+    # one target at a time (a regex string, as DEFAULT_TARGETS has for encoders, is one target), matched as peft does
+    for target in [targets] if isinstance(targets, str) else [[t] for t in targets]:
+        pconf = LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=target, modules_to_save=heads)
+        hits = [m for key, m in model.named_modules() if key and check_target_module_exists(pconf, key)]
+        assert hits and all(isinstance(m, torch.nn.Linear) for m in hits), target
+        assert len(hits) % conf.num_hidden_layers == 0  # the same modules in every layer, none elsewhere
+    if cfg.model.quantization != "none":
+        assert cfg.model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("name", ["gemma2-9b-qlora", "llama31-8b-qlora"])
+def test_llm_presets_hold_the_published_recipe(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert (cfg.lora.r, cfg.lora.alpha) == (64, 16)
+    assert set(cfg.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum) == (1e-4, 1, 4, 2)
+    assert cfg.model.max_length == 1800 and cfg.predict.max_length == 8192
+    assert cfg.inference_model().max_length == 8192 and cfg.inference_model().quantization == "4bit"
+    assert cfg.model.quantization == "4bit" and cfg.model.gradient_checkpointing and cfg.model.layout == "rounds"
+    assert cfg.train.swap_augment and cfg.train.swap_same_batch and cfg.train.max_tokens == 4 * 1800
+    assert cfg.train.label_smoothing == 0.0
+    assert cfg.lora.dropout == (0.05 if name.startswith("gemma") else 0.0)
+
+
+def test_predict_overrides_touch_only_the_predict_section():
+    from kagglekit.config import apply_predict_overrides
+
+    cfg = load_config(None, ["model.max_length=128", "model.quantization=4bit"])
+    assert cfg.inference_model() == cfg.model  # nothing set: inference as trained
+    out = apply_predict_overrides(cfg, ["predict.max_length=256", "predict.quantization=8bit", "predict.precision=fp32"])
+    m = out.inference_model()
+    assert (m.max_length, m.quantization, m.precision) == (256, "8bit", "fp32")
+    assert out.model == cfg.model and cfg.predict.max_length is None  # the trained settings are untouched
+    with pytest.raises(ConfigError, match=r"^config error: --set model.max_length=64: kk predict takes only predict\.\* keys"):
+        apply_predict_overrides(cfg, ["model.max_length=64"])
+    with pytest.raises(ConfigError, match="did you mean predict.quantization"):
+        apply_predict_overrides(cfg, ["predict.quantisation=8bit"])
+    with pytest.raises(ConfigError, match="predict.quantization"):
+        apply_predict_overrides(cfg, ["predict.quantization=2bit"])
+
+
+def test_pair_pooling_needs_the_blocks_layout():
+    with pytest.raises(ConfigError, match="pooling=pair reads one block per response: use layout=blocks"):
+        load_config(None, ["model.pooling=pair", "model.layout=rounds"])

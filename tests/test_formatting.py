@@ -130,3 +130,107 @@ def test_max_turns_keeps_the_last_turns():
     assert "first" in full and "old" in full
     assert "first" not in text and "old" not in text and "second" in text and "new" in text and "other" in text
     assert Formatter(tok, 128).signature() != last.signature()
+
+
+# --- model.layout: rounds, model.instruction, model.chat_template (issue 20) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_tok(tiny_project):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_project / "llama")
+
+
+def _rows():
+    """Three rows: a 3-round conversation whose first answer is long, one round, and rounds of unequal answers."""
+    long = " ".join(["river"] * 120)
+    return pd.DataFrame({
+        "prompt": [["first question", "second question", "third question"], ["only question"], ["q one", "q two"]],
+        "response_a": [[long, "answer two", "answer three"], ["only answer " + long], ["short", "alpha alpha"]],
+        "response_b": [["other one", "other two", "other three"], ["only other"], ["a much longer answer " * 5, "beta"]],
+    })
+
+
+def test_rounds_interleave_each_turn(llama_tok):
+    fmt = Formatter(llama_tok, 512, layout="rounds")
+    text = llama_tok.decode(fmt.assemble(fmt.encode_rows(_rows()), 0)[0].tolist())
+    order = [text.index(s) for s in ("first question", "river", "other one", "second question", "answer two", "other two",
+                                     "third question", "answer three", "other three")]
+    assert order == sorted(order) and text.count("<PROMPT>") == 3 and text.count("<A>") == 3 and "<TURN>" not in text
+
+
+def test_rounds_drop_whole_earliest_rounds_first(llama_tok):
+    df = _rows().head(1)
+    full = Formatter(llama_tok, 512, layout="rounds")
+    enc = full.encode_rows(df)
+    n_full = len(full.assemble(enc, 0)[0])
+    # just too short for round 1 (its long answer): rounds 2 and 3 are kept whole, round 1 is gone entirely
+    fmt = Formatter(llama_tok, n_full - 1, layout="rounds")
+    ids, kept = fmt.assemble(fmt.encode_rows(df), 0)
+    text = llama_tok.decode(ids.tolist())
+    assert "second question" in text and "answer three" in text and "other two" in text
+    assert "first question" not in text and "river" not in text and "other one" not in text  # never a question without its answers
+    seqs, stats = fmt.sequences(fmt.encode_rows(df))
+    assert stats.rounds_kept.tolist() == [2] and stats.rounds_total.tolist() == [3]
+    summary = stats.summary()
+    assert summary["rounds"]["share_rows_with_dropped_rounds"] == 1.0 and summary["rounds"]["retention"] == pytest.approx(2 / 3)
+    assert summary["share_truncated"] == 1.0 and summary["retention"]["response_a"] < 0.1  # the long answer went
+    # the blocks layout at the same length keeps part of every turn instead
+    blocks = Formatter(llama_tok, n_full - 1)
+    assert "first question" in llama_tok.decode(blocks.assemble(blocks.encode_rows(df), 0)[0].tolist())
+    assert blocks.sequences(blocks.encode_rows(df))[1].rounds_kept is None
+
+
+def test_rounds_cut_the_last_round_by_the_truncation_rules(llama_tok):
+    df = _rows().iloc[[1]]  # one round whose answer A alone is over the budget
+    for strategy in ("head_tail", "left", "right"):
+        fmt = Formatter(llama_tok, 48, strategy, layout="rounds")
+        enc = fmt.encode_rows(df)
+        ids, kept = fmt.assemble(enc, 0)
+        assert len(ids) <= 48 and kept[0] == enc.totals(0)[0]  # the question stays whole, the long answer is cut
+        blocks = Formatter(llama_tok, 48, strategy)
+        assert ids.tolist() == blocks.assemble(blocks.encode_rows(df), 0)[0].tolist()  # one round: the same rules exactly
+
+
+@pytest.mark.parametrize("layout", ["blocks", "rounds"])
+@pytest.mark.parametrize("length", [512, 60, 30])
+def test_swap_is_exact_in_both_layouts(llama_tok, layout, length):
+    """A pair formatted with A and B exchanged is, token for token, the swapped pair: what swap augmentation and
+    swap TTA rely on, at every truncation."""
+    df = _rows()
+    swapped = df.rename(columns={"response_a": "response_b", "response_b": "response_a"})
+    fmt = Formatter(llama_tok, length, layout=layout)
+    seqs_ba, stats_ba = fmt.sequences(fmt.encode_rows(df), swap=True)
+    seqs_sw, stats_sw = fmt.sequences(fmt.encode_rows(swapped), swap=False)
+    assert [s.tolist() for s in seqs_ba] == [s.tolist() for s in seqs_sw]
+    assert (stats_ba.kept == stats_sw.kept).all() and (stats_ba.total == stats_sw.total).all()
+    seqs_ab, stats_ab = fmt.sequences(fmt.encode_rows(df))
+    assert (stats_ab.kept[:, [0, 2, 1]] == stats_ba.kept).all() and max(len(s) for s in seqs_ab) <= length
+    text = llama_tok.decode(seqs_ba[2].tolist())
+    assert text.index("beta") < text.index("alpha")  # B's answer now sits where A's was
+
+
+def test_instruction_and_chat_template(llama_tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    df = _rows().head(1)
+    plain = Formatter(llama_tok, 512, layout="rounds")
+    judged = Formatter(llama_tok, 512, layout="rounds", instruction="which answer is better")
+    text = llama_tok.decode(judged.assemble(judged.encode_rows(df), 0)[0].tolist())
+    assert text.index("which answer is better") < text.index("<PROMPT>") and text.rstrip().endswith("<END>")
+    assert len(judged.prefix) > len(plain.prefix) and judged.signature() != plain.signature()
+    # a tokenizer with a chat template: the instruction and the pair are the user's message, the assistant's turn follows
+    llama_tok.save_pretrained(tmp_path / "chat")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "chat")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}role {{ m.role }} says {{ m.content }}{{ eos_token }}"
+                         "{% endfor %}{% if add_generation_prompt %} role assistant says{% endif %}")
+    chat = Formatter(tok, 512, layout="rounds", instruction="which answer is better", chat_template=True)
+    ids = chat.assemble(chat.encode_rows(df), 0)[0]
+    text = tok.decode(ids.tolist())
+    assert text.index("role user says") < text.index("which answer is better") < text.index("<PROMPT>") < text.index("</s>")
+    assert text.rstrip().endswith("role assistant says") and "<END>" not in text and ids[0] == tok.bos_token_id
+    assert list(ids[-len(chat.suffix):]) == list(chat.suffix) and chat.signature() != judged.signature()
+    short = Formatter(tok, 64, layout="rounds", instruction="which answer is better", chat_template=True)
+    assert all(len(s) <= 64 for s in short.sequences(short.encode_rows(_rows()))[0])  # the template counts in the budget
+    # no chat template (the tiny tokenizer, DeBERTa): chat_template=true changes nothing
+    assert Formatter(llama_tok, 512, chat_template=True).signature() == Formatter(llama_tok, 512).signature()

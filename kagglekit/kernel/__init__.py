@@ -17,11 +17,15 @@ combination and submission checks as ``kk ensemble``.
 
 Layout, by where the code runs:
 
-- ``build``    (user's machine) the notebook folder, the artifact and wheel datasets
+- ``build``    (user's machine) the plan, the notebook folder, the artifact and wheel datasets
+- ``plan``     (both) where each run's model goes on the GPUs (meta device) and the hours estimate
 - ``notebook`` (the notebook's text) the cells Kaggle executes
 - ``offline``  (ON KAGGLE) :func:`run_offline`: fold models -> submission.csv
+- ``passes``   (ON KAGGLE) the budgeted passes: one order first, then the swapped order as time allows
 - ``dryrun``   (user's machine) execute the notebook offline in a fake /kaggle
 - ``push``     (user's machine) the kaggle CLI
+
+``offline``, ``passes`` and ``plan`` import nothing from ``build``, ``dryrun`` or ``push``.
 """
 
 from .build import build_kernel, build_wheel, kaggle_user, slugify

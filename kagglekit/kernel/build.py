@@ -11,38 +11,55 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from ..task import LMSYS
 from .common import FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
 from .notebook import make_notebook
 
 # --- who pushes ---------------------------------------------------------------------------------------------------
 
 
+# Kaggle user names as they appear in dataset, model and kernel ids ("owner/slug"): letters, digits,
+# hyphens and underscores, 1-50 characters, starting with a letter or digit. Kaggle publishes no formal
+# rule that could be found; its API splits ids on "/" (kaggle-api, validate_dataset_string and
+# validate_kernel_string), so a name holding "/", "." or a space cannot form a valid id, and a path such
+# as "../../x" would escape the kernel's folders. This is the conservative reading.
+USER_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,49}"
+
+
 def kaggle_user(explicit: str | None = None) -> str:
-    """--user, else KAGGLE_USERNAME, else the username in kaggle.json. Only the name is ever read out."""
-    if explicit:
-        return explicit
-    if os.environ.get("KAGGLE_USERNAME"):
-        return os.environ["KAGGLE_USERNAME"]
-    cfg_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    f = cfg_dir / "kaggle.json"
-    if f.exists():
-        try:
-            name = json.loads(f.read_text()).get("username")
-        except ValueError:
-            raise KKError(f"{f} is not valid JSON") from None
-        if name:
-            return name
-    raise KKError("no Kaggle user name: pass --user, set KAGGLE_USERNAME, or put kaggle.json in ~/.kaggle")
+    """--user, else KAGGLE_USERNAME, else the username in kaggle.json, checked (:data:`USER_NAME`).
+    Only the name is ever read out."""
+    import re
+
+    name, where = explicit, "--user"
+    if not name and os.environ.get("KAGGLE_USERNAME"):
+        name, where = os.environ["KAGGLE_USERNAME"], "KAGGLE_USERNAME"
+    if not name:
+        cfg_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+        f = cfg_dir / "kaggle.json"
+        if f.exists():
+            try:
+                data = json.loads(f.read_text())
+                name = data.get("username") if isinstance(data, dict) else None
+            except (ValueError, UnicodeDecodeError):
+                raise KKError(f"{f} is not valid JSON") from None
+            where = str(f)
+    if not name:
+        raise KKError("no Kaggle user name: pass --user, set KAGGLE_USERNAME, or put kaggle.json in ~/.kaggle")
+    if not isinstance(name, str) or not re.fullmatch(USER_NAME, name):
+        raise KKError(f"{where}: {name!r} is not a Kaggle user name (letters, digits, '-' or '_', at most 50, "
+                      "starting with a letter or digit)")
+    return name
 
 
 def slugify(name: str) -> str:
+    """The kernel's slug: lowercase letters, digits and dashes, 5-50 characters (the kaggle CLI refuses a
+    kernel slug under five characters: kaggle-api, validate_kernel_string)."""
     import re
 
-    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    if len(slug) < 3:
-        raise KKError(f"--name {name!r} must give a slug of at least 3 letters, digits or dashes")
-    return slug[:50]
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50].strip("-")
+    if len(slug) < 5:
+        raise KKError(f"--name {name!r} must give a slug of at least 5 letters, digits or dashes (Kaggle's minimum)")
+    return slug
 
 
 # --- building -----------------------------------------------------------------------------------------------------
@@ -62,6 +79,33 @@ def build_wheel(dest: Path) -> Path:
     return wheels[-1]
 
 
+def check_wheel(path) -> Path:
+    """A --wheel file must be a wheel: a PEP 427 file name (name-version(-build)?-python-abi-platform.whl)
+    and a zip archive holding ``<name>-<version>.dist-info/METADATA``. One line otherwise."""
+    import zipfile
+
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    path = Path(path)
+    if not path.is_file():
+        raise KKError(f"--wheel {path} does not exist" if not path.exists() else f"--wheel {path} is not a file")
+    try:
+        parse_wheel_filename(path.name)
+    except InvalidWheelFilename as e:
+        raise KKError(f"--wheel {path}: not a wheel file name ({e})") from None
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise KKError(f"--wheel {path}: not a valid wheel archive ({e})") from None
+    if bad is not None:
+        raise KKError(f"--wheel {path}: damaged archive member {bad}")
+    if not any(n.count("/") == 1 and n.split("/")[0].endswith(".dist-info") and n.endswith("/METADATA") for n in names):
+        raise KKError(f"--wheel {path}: no *.dist-info/METADATA inside: not a wheel")
+    return path
+
+
 def _dataset_metadata(user: str, slug: str, title: str) -> dict:
     return {"title": title[:50], "id": f"{user}/{slug}", "licenses": [{"name": "CC0-1.0"}]}
 
@@ -73,34 +117,55 @@ def _copy_fold(src: Path, dst: Path) -> None:
             shutil.copyfile(src / f, dst / f)  # the umask's normal mode, not the source's (safetensors writes 0600)
 
 
+def check_machine_shape(machine_shape: str) -> str:
+    """The accelerator kernel-metadata.json names. A P100 is refused: Kaggle's image has torch built for
+    CUDA 12.8 without kernels for its sm_60, so the notebook would stop at its first CUDA call."""
+    if machine_shape == "NvidiaTeslaP100":
+        raise KKError("--machine-shape NvidiaTeslaP100: Kaggle's torch (CUDA 12.8 builds) has no kernels for the P100's "
+                      "sm_60 and the notebook would stop at its first CUDA call; use NvidiaTeslaT4 (2 x T4)")
+    if machine_shape not in MACHINE_SHAPES:
+        raise KKError(f"--machine-shape must be one of {', '.join(s for s in MACHINE_SHAPES if s != 'NvidiaTeslaP100')} "
+                      f"(got {machine_shape!r})")
+    return machine_shape
+
+
 def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
                  folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True,
-                 train_path=None, machine_shape: str = "NvidiaTeslaT4", pin_deps: bool = False) -> Path:
-    """Write the notebook and its two datasets; returns ``kernels/<name>``.
+                 train_path=None, machine_shape: str = "NvidiaTeslaT4", pin_deps: bool = False,
+                 time_budget_h: float | None = None, plan_only: bool = False, rows_for_estimate=None,
+                 overrides: list[str] | None = None) -> Path | None:
+    """Write the notebook and its two datasets; returns ``kernels/<name>``. ``overrides``: ``--set predict.*``
+    inference settings, written into the kernel's copy of each fold's config.yaml (the run's stay as trained).
 
+    First the plan is printed (per run: one fold per GPU, split over both, or refused with the fix; rows
+    x folds x passes -> hours against the time budget); ``plan_only`` stops there (``kk kernel --plan``).
     ``machine_shape`` is written explicitly: a GPU kernel pushed without it may get a P100, on which
-    Kaggle's current torch (CUDA 12.8 builds, no sm_60 kernels) fails at the first CUDA call."""
+    Kaggle's current torch (CUDA 12.8 builds, no sm_60 kernels) fails at the first CUDA call.
+    ``time_budget_h``: the notebook's budget (default: the smallest predict.time_budget_h of the runs).
+    ``rows_for_estimate``: a CSV whose rows' token counts the estimate uses (default: the run's data)."""
     import nbformat
 
     if backbone_source:
         from .offline import check_source_handle
 
         check_source_handle(backbone_source)
-    if machine_shape not in MACHINE_SHAPES:
-        raise KKError(f"--machine-shape must be one of {', '.join(MACHINE_SHAPES)} (got {machine_shape!r})")
+    check_machine_shape(machine_shape)
+    wheels = [check_wheel(w) for w in extra_wheels or []]  # checked before any long work
 
+    from ..config import apply_predict_overrides
     from ..data import load_train
     from ..ensemble import calibrate, common_oof, load_run_oof, run_task
-    from ..io import atomic_dir, write_json
+    from ..io import atomic_dir, write_json, write_text
+    from ..modeling import fold_base_weights
     from ..predict import fold_config, trained_folds, warn_missing_folds
     from ..ui import info
 
     if not runs:
         raise KKError("give at least one --run")
     slug = slugify(name)
-    user = kaggle_user(user)
+    user = kaggle_user(user) if not plan_only else None
     out = Path(out) if out else Path("kernels") / slug
-    if out.exists() and not force:
+    if out.exists() and not force and not plan_only:
         raise KKError(f"{out} already exists; pass --force to rebuild it")
     runs = [Path(r) for r in runs]
     run_folds = [(r, trained_folds(r, folds)) for r in runs]
@@ -108,10 +173,23 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     if folds in (None, "all"):
         for r, found in run_folds:
             warn_missing_folds(r, [k for k, _ in found])
+    first_cfg = fold_config(run_folds[0][1][0][1])
+    apply_predict_overrides(first_cfg, overrides, "kk kernel")  # a bad --set fails before anything is built
+    budget_h = float(time_budget_h or min(apply_predict_overrides(fold_config(fl[0][1]), overrides).predict.time_budget_h
+                                          for _, fl in run_folds))
+    if not 0 < budget_h <= 24:
+        raise KKError(f"--time-budget-h must be in (0, 24] hours (got {budget_h:g})")
+
+    plan = kernel_plan(run_folds, backbone_source, machine_shape, budget_h, rows_for_estimate, overrides)
+    print_plan(plan, machine_shape, budget_h)
+    for row in plan:
+        if row["placement"] is not None and row["placement"].kind == "refused":
+            raise KKError(f"run {row['path']}: {row['placement'].reason}")
+    if plan_only:
+        return None
 
     # Weights and temperature are fitted on the runs' OOF now, so the kernel needs no labels.
     weights, temperature = [1.0] * len(runs), 1.0
-    first_cfg = fold_config(run_folds[0][1][0][1])
     try:
         train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows, task)
     except KKError as e:
@@ -126,23 +204,24 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             w, temperature, _, _ = calibrate(oofs, y, folds=oof_folds)
             weights = w.tolist()
 
-    check_fits_t4(run_folds, task.n_classes)
-
     with atomic_dir(out) as tmp:
         art = tmp / "datasets" / f"{slug}-artifacts"
         whl = tmp / "datasets" / f"{slug}-wheels"
         manifest = {"name": slug, "task": task.name, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
-                    "backbone_source": backbone_source, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    "backbone_source": backbone_source, "time_budget_h": budget_h,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S"), "predict": list(overrides or [])}
         copied_backbones: dict[str, str] = {}
         used: set[str] = set()
         for r, fl in run_folds:
             rname = r.name if r.name not in used else f"{r.name}-{len(used)}"  # two runs named alike stay apart
             used.add(rname)
+            cfg0 = apply_predict_overrides(fold_config(fl[0][1]), overrides)
             entry = {"name": rname, "folds": [], "versions": trained_versions(fl[0][1]),
-                     "quantization": fold_config(fl[0][1]).model.quantization}
+                     "quantization": cfg0.inference_model().quantization, "tta": cfg0.predict.tta,
+                     "tta_share": cfg0.predict.tta_share}
             for k, path in fl:
-                cfg = fold_config(path)
-                backbone = cfg.model.backbone
+                cfg = apply_predict_overrides(fold_config(path), overrides)
+                backbone = fold_base_weights(path, cfg.model)  # model.init_from's full weights when the fold started there
                 if Path(backbone).expanduser().is_dir():
                     src = str(Path(backbone).expanduser().resolve())
                     if src not in copied_backbones:
@@ -156,23 +235,23 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
                     raise KKError(f"{path}: backbone {backbone!r} is not a local folder and Kaggle kernels run offline; "
                                   "pass --backbone-source <owner>/<slug> of a Kaggle dataset or model holding it")
                 _copy_fold(path, art / rname / f"fold_{k}")
+                if overrides:  # the kernel predicts with these settings; the run's own config.yaml is untouched
+                    write_text(art / rname / f"fold_{k}" / "config.yaml", cfg.to_yaml())
                 entry["folds"].append(k)
             manifest["runs"].append(entry)
         write_json(art / MANIFEST, manifest)
         write_json(art / "dataset-metadata.json", _dataset_metadata(user, f"{slug}-artifacts", f"{slug} artifacts"))
 
         wheel = build_wheel(whl)
-        for w in extra_wheels or []:
-            if not Path(w).exists():
-                raise KKError(f"--wheel {w} does not exist")
-            shutil.copy2(w, whl / Path(w).name)
+        for w in wheels:
+            shutil.copy2(w, whl / w.name)
         bundle_dependencies(manifest, whl, pin_deps)
         write_json(whl / WHEELS_SENTINEL, {"kagglekit": wheel.name, "wheels": sorted(p.name for p in whl.glob("*.whl"))})
         write_json(whl / "dataset-metadata.json", _dataset_metadata(user, f"{slug}-wheels", f"{slug} wheels"))
 
         kdir = tmp / "kernel"
         kdir.mkdir(parents=True)
-        nb = make_notebook(slug, task)
+        nb = make_notebook(slug, budget_h, task)
         nbformat.validate(nb)
         nbformat.write(nb, str(kdir / f"{slug}.ipynb"))
         meta = {
@@ -194,11 +273,96 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             key = "model_sources" if backbone_source.count("/") > 1 else "dataset_sources"
             meta[key].append(backbone_source)
         write_json(kdir / "kernel-metadata.json", meta)
-    info(f"wrote {out}: {task.name}, {sum(len(e['folds']) for e in manifest['runs'])} fold(s), weights {weights}, "
-         f"temperature {temperature:.3f}")
+    info(f"wrote {out}: {task.name}, {sum(len(e['folds']) for e in manifest['runs'])} fold(s), weights {weights}, temperature {temperature:.3f}, "
+         f"time budget {budget_h:g} h")
     return out
 
 
+# --- the plan: where each run goes, how long it takes --------------------------------------------------------------
+
+
+def _backbone_config(backbone: str):
+    """Where a backbone's config.json can be read here: its local folder, else the local Hugging Face cache
+    (never the network). None when it is only on Kaggle: the notebook checks it there."""
+    if Path(backbone).expanduser().is_dir():
+        return str(Path(backbone).expanduser())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(backbone, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def kernel_plan(run_folds, backbone_source, machine_shape: str, budget_h: float, rows_for_estimate=None,
+                overrides: list[str] | None = None) -> list[dict]:
+    """Per run: where its model goes on the machine's GPUs (kagglekit.kernel.plan.place) and the hours of
+    its passes over the hidden test rows (kagglekit.kernel.plan.run_hours), at the inference settings
+    (``--set predict.*``: predict.quantization/max_length where set)."""
+    import numpy as np
+
+    from ..config import apply_predict_overrides
+    from ..modeling import fold_base_weights
+    from ..predict import fold_config
+    from ..task import get_task
+    from ..tta import second_pass_share, tta_mode
+    from .common import HIDDEN_TEST_ROWS
+    from .plan import MACHINES, adapter_bytes, place, run_hours, sample_lengths
+
+    gpus, gpu_bytes = MACHINES[machine_shape]
+    rows = []
+    for r, fl in run_folds:
+        path = fl[0][1]
+        cfg = apply_predict_overrides(fold_config(path), overrides)
+        cfg = cfg.model_copy(update={"model": cfg.inference_model()})
+        share = second_pass_share(cfg.predict.tta, cfg.predict.tta_share)
+        row = {"run": r.name, "path": str(r), "folds": len(fl), "tta": tta_mode(cfg.predict.tta), "share": share,
+               "quantization": cfg.model.quantization, "placement": None, "tokens": None, "hours": None}
+        backbone = fold_base_weights(path, cfg.model)
+        conf = _backbone_config(backbone)
+        if conf is None:
+            row["note"] = f"{backbone} is attached from Kaggle: the notebook places it from its config there"
+        else:
+            pl = place(conf, cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes, adapter_bytes(p for _, p in fl))
+            lengths = sample_lengths(path, cfg, rows_for_estimate) or [cfg.model.max_length]
+            row.update(placement=pl, tokens=float(np.mean(lengths)))
+            if pl.kind != "refused":
+                row["hours"] = run_hours(pl, lengths, HIDDEN_TEST_ROWS, len(fl), share)
+        rows.append(row)
+    return rows
+
+
+def print_plan(plan: list[dict], machine_shape: str, budget_h: float) -> None:
+    """The plan as a table, then the totals against the budget (kk kernel, kk kernel --plan)."""
+    from ..ui import console, info, table, warn
+    from .common import HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H
+    from .plan import T4_FP16_UTILISATION, T4_PEAK_TFLOPS, THROUGHPUT
+
+    body = []
+    for row in plan:
+        pl, h = row["placement"], row["hours"]
+        passes = f"{HIDDEN_TEST_ROWS:,} x {row['folds']} x {1 + row['share']:g}"
+        body.append([row["run"], row["folds"], f"{row['tta']}" + (f" ({row['share']:.0%})" if row["tta"] == "uncertain" else ""),
+                     pl.weights if pl else row["quantization"], pl.describe() if pl else row.get("note", ""),
+                     f"{row['tokens']:.0f}" if row["tokens"] else "?", passes,
+                     f"{h['pass1_h']:.2f}" if h else "?", f"{h['total_h']:.2f}" if h else "?"])
+    console.print(table(f"kernel plan on {machine_shape} (budget {budget_h:g} h, Kaggle's limit {KAGGLE_LIMIT_H:g} h)",
+                        ["run", "folds", "TTA", "weights", "placement", "tokens/row", "rows x folds x passes",
+                         "pass 1 (h)", "all passes (h)"], body))
+    known = [row["hours"] for row in plan if row["hours"]]
+    if not known:
+        return
+    first, total = sum(h["pass1_h"] for h in known), sum(h["total_h"] for h in known)
+    basis = (f"estimate: FLOPs of the rows' real token counts over a T4 at {T4_FP16_UTILISATION:.0%} of "
+             f"{T4_PEAK_TFLOPS:g} fp16 TFLOP/s x {', '.join(f'{k} {v:g}' for k, v in THROUGHPUT.items() if k != 'fp32')}; "
+             "model loading not included")
+    info(f"pass 1 ~{first:.2f} h, all passes ~{total:.2f} h, budget {budget_h:g} h ({basis})")
+    if first > budget_h:
+        warn(f"pass 1 alone (~{first:.2f} h) exceeds the {budget_h:g} h budget: the notebook still runs it, but drops the "
+             f"folds it measures would end past Kaggle's {KAGGLE_LIMIT_H:g} h; package fewer folds (--folds) or lighter models")
+    elif total > budget_h:
+        info(f"the swapped-order pass does not all fit: the notebook runs it on the least confident rows it has time for "
+             f"(~{(budget_h - first) / max(total - first, 1e-9):.0%} of what predict.tta asks)")
 
 
 # --- what Kaggle's image lacks travels with the kernel --------------------------------------------------------------
@@ -255,26 +419,3 @@ def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
             download_wheels(specs, whl)
         except OSError as e:
             raise KKError(f"--pin-deps: downloading {' '.join(specs)} for Python {KAGGLE_PYTHON} failed ({e})") from None
-
-
-T4_BYTES = int(14.5 * 1024**3)  # a T4's 15 GB less what the CUDA context keeps
-
-
-def check_fits_t4(run_folds, num_labels: int = LMSYS.n_classes) -> None:
-    """Refuse, in one line with the fix, a kernel whose largest fold model cannot fit one T4."""
-    from ..modeling import FP32_INFERENCE_MAX_BYTES, count_parameters, estimate_inference_bytes
-    from ..predict import fold_config
-
-    for r, fl in run_folds:
-        cfg = fold_config(fl[0][1])
-        if not Path(cfg.model.backbone).expanduser().is_dir():
-            continue  # attached from Kaggle: its size is not known here
-        params = count_parameters(cfg.model.backbone, num_labels)
-        if params is None:
-            continue
-        precision = 4 if 4 * params <= FP32_INFERENCE_MAX_BYTES else 2
-        need = estimate_inference_bytes(params, cfg.model.quantization, precision)
-        if need > T4_BYTES:
-            raise KKError(f"run {r}: its backbone ({params / 1e9:.1f}B parameters, {cfg.model.quantization if cfg.model.quantization != 'none' else f'{precision * 8}-bit weights'}) "
-                          f"needs ~{need / 1024**3:.1f} GB on one T4 ({T4_BYTES / 1024**3:.1f} GB usable): "
-                          "train it with model.quantization: 4bit (or 8bit)")

@@ -12,6 +12,7 @@ KAGGLE_LIMIT_H = 9.0
 FOLD_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "config.json", "config.yaml",
               "metrics.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spm.model",
               "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt")
-# Accelerators `kernel-metadata.json` may name. The P100 is listed for completeness only: Kaggle's image
-# (torch built for CUDA 12.8) has no kernels for its sm_60, and the notebook stops there with one line.
+# Accelerators `kernel-metadata.json` may name. The P100 is listed to be recognised and refused: Kaggle's
+# image (torch built for CUDA 12.8) has no kernels for its sm_60 (kk kernel refuses it; a notebook that
+# gets one anyway stops with one line).
 MACHINE_SHAPES = ("NvidiaTeslaT4", "NvidiaL4", "NvidiaTeslaT4Highmem", "NvidiaTeslaP100")

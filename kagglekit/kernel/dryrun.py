@@ -30,22 +30,100 @@ def _offline_kernelspec(tmp: Path, env: dict, python: str | None = None) -> str:
     return "isolated" if isolated else "proxies only"
 
 
+# What the notebook needs from the interpreter it runs under: a Jupyter kernel (ipykernel), pip (the
+# offline install of the wheels) and the libraries Kaggle's image provides and kagglekit imports.
+PROBE = """
+import importlib, sys
+missing = []
+for name in ("ipykernel", "pip", "torch", "transformers", "peft", "tokenizers", "accelerate", "safetensors", "pandas",
+             "numpy", "yaml", "pydantic", "rich"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        missing.append(f"{name} ({type(e).__name__})")
+print("kk-probe", sys.version.split()[0], ";".join(missing))
+"""
+
+
+def check_python(python: str) -> str:
+    """``--python`` must be a Python that can run the notebook: it answers the probe with its version and
+    imports what the notebook needs. One line naming what is missing otherwise; returns the version."""
+    try:
+        probe = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KKError(f"--python {python}: not a Python that can run the notebook "
+                      f"({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    lines = [ln for ln in probe.stdout.splitlines() if ln.startswith("kk-probe ")]
+    if probe.returncode != 0 or not lines:
+        why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}, no answer to the probe"])[-1]
+        raise KKError(f"--python {python}: not a Python that can run the notebook ({why})")
+    version, _, missing = lines[-1][len("kk-probe "):].partition(" ")
+    if missing.strip():
+        raise KKError(f"--python {python} (Python {version}) cannot run the notebook: missing {missing.strip().replace(';', ', ')}")
+    return version
+
+
+def _read_json(path: Path, what: str, keys: tuple = ()) -> dict:
+    """A metadata file the dry run reads, checked: one line naming it when missing, damaged or incomplete."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KKError(f"{path} is missing: not a kernel built by kk kernel ({what})") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise KKError(f"{path} is damaged ({e}); rebuild the kernel with kk kernel --force") from None
+    if not isinstance(data, dict):
+        raise KKError(f"{path} is damaged (not a JSON object); rebuild the kernel with kk kernel --force")
+    for key in keys:
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise KKError(f"{path} is damaged (no {key!r}); rebuild the kernel with kk kernel --force")
+    return data
+
+
 def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 1.0, keep: str | None = None,
-            python: str | None = None) -> dict:
+            python: str | None = None, time_budget_h: float | None = None) -> dict:
     """Run the kernel as Kaggle would, offline, in a fake /kaggle tree; check the submission it writes.
 
     ``python``: the interpreter the notebook runs under (default: this one); a venv holding Kaggle's
-    image versions (transformers, peft, tokenizers...) tests the kernel against them. It needs ipykernel."""
+    image versions (transformers, peft, tokenizers...) tests the kernel against them. It needs ipykernel.
+    ``time_budget_h``: the notebook's budget for this run (try the budget logic: a small one leaves the
+    one-order submission). The fake /kaggle tree is a temporary folder, removed at the end (kept in
+    ``keep`` when given); the executed notebook, the submission and kk_passes.json are copied to
+    ``<kernel_dir>/dry-run/`` (not part of what kk kernel --push uploads)."""
+    kernel_dir = Path(kernel_dir)
+    meta_path = kernel_dir / "kernel" / "kernel-metadata.json"
+    if not meta_path.exists():
+        raise KKError(f"{kernel_dir} is not a kernel built by kk kernel (no kernel/kernel-metadata.json)")
+    meta = _read_json(meta_path, "kernel metadata", ("code_file",))
+    nb_path = kernel_dir / "kernel" / meta["code_file"]
+    if Path(meta["code_file"]).name != meta["code_file"] or not nb_path.is_file():
+        raise KKError(f"{meta_path}: code_file {meta['code_file']!r} is not a notebook in {nb_path.parent}")
+    datasets = []
+    for ds in sorted(p for p in (kernel_dir / "datasets").iterdir() if p.is_dir()) if (kernel_dir / "datasets").is_dir() else []:
+        ds_meta = ds / "dataset-metadata.json"
+        dataset_id = _read_json(ds_meta, "dataset metadata", ("id",))["id"]
+        parts = dataset_id.split("/")
+        if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
+            raise KKError(f"{ds_meta}: id {dataset_id!r} is not owner/slug")
+        datasets.append((ds, parts))
     if python is not None:
-        try:
-            probe = subprocess.run([python, "-c", "import ipykernel"], capture_output=True, text=True)
-        except OSError as e:
-            raise KKError(f"--python {python}: not a Python with ipykernel installed ({e.strerror})") from None
-        if probe.returncode != 0:
-            raise KKError(f"--python {python}: not a Python with ipykernel installed "
-                          f"({(probe.stderr.strip().splitlines() or ['cannot run it'])[-1]})")
+        check_python(python)
+    from ..io import check_writable
+
+    check_writable(kernel_dir, f"kernel folder {kernel_dir}")
     import tempfile
 
+    if keep:
+        shutil.rmtree(keep, ignore_errors=True)
+    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="kk-dry-run-"))
+    try:
+        return _dry_run_in(tmp, kernel_dir, meta, nb_path, datasets, test_csv, timeout, gpu_factor, python, time_budget_h)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets: list, test_csv, timeout: int,
+                gpu_factor: float, python: str | None, time_budget_h: float | None) -> dict:
     import nbformat
     import pandas as pd
     from jupyter_client import KernelManager
@@ -54,19 +132,10 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
 
     from ..data import load_test, read_raw
     from ..ensemble import check_submission
-    from ..io import write_table
+    from ..io import atomic_dir, write_table
     from ..synthetic import make_synthetic
     from ..ui import console, table
 
-    kernel_dir = Path(kernel_dir)
-    meta_path = kernel_dir / "kernel" / "kernel-metadata.json"
-    if not meta_path.exists():
-        raise KKError(f"{kernel_dir} is not a kernel built by kk kernel (no kernel/kernel-metadata.json)")
-    meta = json.loads(meta_path.read_text())
-    nb_path = kernel_dir / "kernel" / meta["code_file"]
-    if keep:
-        shutil.rmtree(keep, ignore_errors=True)
-    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="kk-dry-run-"))
     root = tmp / "kaggle"
     task = kernel_task(kernel_dir)
     comp = root / "input" / "competitions" / task.competition
@@ -83,8 +152,7 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
         test_df, _ = load_test(test_file, task=task)
     sample = task.sample_submission(test_df["id"])
     sample.to_csv(comp / "sample_submission.csv", index=False)
-    for ds in sorted((kernel_dir / "datasets").iterdir()):
-        owner, slug = json.loads((ds / "dataset-metadata.json").read_text())["id"].split("/")
+    for ds, (owner, slug) in datasets:
         mount = root / "input" / "datasets" / owner / slug
         mount.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(ds.resolve(), mount)  # read-only in spirit: the notebook writes only to working/
@@ -93,51 +161,78 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     env = {"KAGGLE_ROOT": str(root), "KK_SITE": str(tmp / "site"), "KK_QUIET": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "PYTHONNOUSERSITE": "1"}
+    if time_budget_h is not None:
+        env["KK_TIME_BUDGET_H"] = repr(float(time_budget_h))
     network = _offline_kernelspec(tmp, env, python)
     old_path = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = str(tmp / "jupyter") + (os.pathsep + old_path if old_path else "")
     nb = nbformat.read(str(nb_path), as_version=4)
     km = KernelManager(kernel_name="kk-offline", transport="ipc", ip=str(tmp / "zmq"))
+    out_dir = kernel_dir / "dry-run"
     t0 = time.time()
+    failed = None
     try:
         with console.status(f"running {nb_path.name} offline in {root} ..."):
             NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(root / "working")}}).execute()
     except CellExecutionError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        raise KKError(f"the kernel failed in the dry run: {lines[-1] if lines else e} (notebook run kept in {tmp})") from None
+        failed = lines[-1] if lines else str(e)
     finally:
         if old_path is None:
             os.environ.pop("JUPYTER_PATH", None)
         else:
             os.environ["JUPYTER_PATH"] = old_path
-        nbformat.write(nb, str(tmp / "executed.ipynb"))
+        # What the run left, kept beside the kernel (the temporary tree goes): the executed notebook, and
+        # the submission and kk_passes.json when it wrote them.
+        with atomic_dir(out_dir) as keep_dir:
+            nbformat.write(nb, str(keep_dir / "executed.ipynb"))
+            for f in ("submission.csv", "kk_passes.json"):
+                if (root / "working" / f).exists():
+                    shutil.copy2(root / "working" / f, keep_dir / f)
+    if failed is not None:
+        raise KKError(f"the kernel failed in the dry run: {failed} (executed notebook: {out_dir / 'executed.ipynb'})")
     wall = time.time() - t0
-    sub_path = root / "working" / "submission.csv"
+    sub_path = out_dir / "submission.csv"
     if not sub_path.exists():
-        raise KKError(f"the kernel ran but wrote no {sub_path}")
+        raise KKError(f"the kernel ran but wrote no {root / 'working' / 'submission.csv'}")
     sub = pd.read_csv(sub_path, dtype={"id": str})
     check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv", task=task)
 
     report = _report_from_outputs(nb)
-    model_estimate = flops_estimate(kernel_dir, test_df)
+    passes_log = {}
+    if (out_dir / "kk_passes.json").exists():
+        try:
+            passes_log = json.loads((out_dir / "kk_passes.json").read_text())
+        except ValueError:
+            passes_log = {}
+    model_estimate = flops_estimate(kernel_dir, test_df, meta.get("machine_shape", "NvidiaTeslaT4"))
+    passes_run = report.get("passes_run", report.get("passes", 2))
     per_row_pass = report.get("seconds_per_row_pass", wall / max(1, len(test_df)))
     passes = report.get("passes", 2)
-    # Fixed costs (start-up, install, model loading) + per-row prediction cost scaled to the hidden test set.
-    fixed_s = wall - per_row_pass * len(test_df) * passes
+    # Fixed costs (start-up, install, model loading) + per-row prediction cost scaled to the hidden test set,
+    # for the passes the kernel plans (its budget decides on Kaggle how many of them run).
+    fixed_s = max(0.0, wall - per_row_pass * len(test_df) * passes_run)
     estimate_h = (fixed_s + per_row_pass * HIDDEN_TEST_ROWS * passes / gpu_factor) / 3600
     result = {"submission": str(sub_path), "task": task.name, "rows": len(sub), "wall_s": round(wall, 1), "network": network,
-              "inference_s": report.get("seconds"), "passes_per_row": passes, "estimate_hidden_h": estimate_h,
-              "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor, "work_dir": str(tmp),
-              "model_estimate": model_estimate}
+              "inference_s": report.get("seconds"), "passes_per_row": passes, "passes_run": passes_run,
+              "submission_from": report.get("submission_from"), "passes_log": passes_log,
+              "estimate_hidden_h": estimate_h, "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor,
+              "work_dir": str(out_dir), "model_estimate": model_estimate}
+    ran = "; ".join(f"pass {p['pass']} ({p['order']}): " + (p["decision"] if p.get("decision") and p.get("status") != "done"
+                                                             else p.get("status", "?"))
+                    for p in passes_log.get("passes", [])) or "?"
     console.print(table(
         f"dry run of {kernel_dir}",
         ["check", "value"],
         [["network", network], ["notebook wall time (s)", f"{wall:.1f}"], ["submission rows", len(sub)],
          ["prediction (s per row and pass)", f"{per_row_pass:.4f}"],
-         ["format vs sample_submission", "ok"], ["fold x TTA passes per row", passes],
+         ["format vs sample_submission", "ok"], ["fold x order passes per row (planned / run)", f"{passes:g} / {passes_run:g}"],
+         [f"passes run (budget {passes_log.get('budget_h', '?')} h)", ran],
+         ["submission from", report.get("submission_from") or "?"],
          [f"estimate for {HIDDEN_TEST_ROWS:,} rows from FLOPs (h)", _describe_model_estimate(model_estimate)],
          [f"measured here, scaled to {HIDDEN_TEST_ROWS:,} rows (h)", f"{estimate_h:.2f} (x1/{gpu_factor:g} GPU factor; limit {KAGGLE_LIMIT_H:g} h)"],
-         ["fits Kaggle's limit", "yes" if result["fits_9h"] else "NO"]],
+         ["fits Kaggle's limit", "yes" if result["fits_9h"] else "NO"],
+         ["kept", str(out_dir)]],
     ))
     return result
 
@@ -167,64 +262,57 @@ def _report_from_outputs(nb) -> dict:
     return {}
 
 
-# The assumption the FLOPs estimate rests on, stated once: a T4 does 65 dense fp16 TFLOP/s at peak;
-# encoder inference with length-sorted batches reaches about a third of it; Kaggle gives two T4s,
-# each predicting its own folds.
-T4_PEAK_TFLOPS = 65.0
-T4_UTILISATION = 0.35
-KAGGLE_GPUS = 2
-
-
-def flops_estimate(kernel_dir: Path, test_df) -> dict | None:
-    """Hours for the hidden test from the models' size and the test's token count: 2 x (non-embedding
-    parameters) FLOPs per token plus attention (4 x layers x length x hidden), times the rows' tokens
-    under each fold's formatter, times folds and TTA passes, over the T4 throughput assumed above.
-    None where a backbone is not in the artifacts (attached from Kaggle: its config is not here)."""
-    import numpy as np
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from ..formatting import Formatter
+def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT4") -> dict | None:
+    """Hours for the hidden test from the models' size and the test's token counts under each fold's
+    formatter: the kernel plan's estimate (kagglekit.kernel.plan: FLOPs over a T4's throughput at the
+    run's precision, the placement's parallelism, folds x planned passes). None where a backbone is not in
+    the artifacts (attached from Kaggle: its config is not here)."""
     from ..predict import fold_config
     from ..task import get_task
+    from ..tta import second_pass_share
+    from .plan import (
+        MACHINES,
+        T4_FP16_UTILISATION,
+        T4_PEAK_TFLOPS,
+        THROUGHPUT,
+        adapter_bytes,
+        flops_per_row,
+        place,
+        run_hours,
+        sample_lengths,
+    )
 
     art = next((d for d in (kernel_dir / "datasets").iterdir() if (d / "kk_manifest.json").exists()), None)
     if art is None:
         return None
     manifest = json.loads((art / "kk_manifest.json").read_text())
-    total_flops, runs = 0.0, []
+    gpus, gpu_bytes = MACHINES.get(machine_shape, MACHINES["NvidiaTeslaT4"])
+    total_flops, hours, runs = 0.0, 0.0, []
     for entry in manifest["runs"]:
         if "path" not in entry.get("backbone", {}):
             return None
         fold = art / entry["name"] / f"fold_{entry['folds'][0]}"
         cfg = fold_config(fold)
-        mconf = AutoConfig.from_pretrained(art / entry["backbone"]["path"])
-        mconf.num_labels = get_task(cfg.task).n_classes
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(mconf)
-        embed = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
-        params = sum(p.numel() for p in model.parameters()) - embed
-        fmt = Formatter.from_config(AutoTokenizer.from_pretrained(fold), cfg.model)
-        seqs, _ = fmt.sequences(fmt.encode_rows(test_df))
-        lengths = np.array([len(x) for x in seqs], dtype=np.float64)
-        layers = getattr(mconf, "num_hidden_layers", 0)
-        hidden = getattr(mconf, "hidden_size", 0)
-        per_row = float(np.mean(2 * params * lengths + 4 * layers * hidden * lengths**2))
-        passes = len(entry["folds"]) * (2 if cfg.predict.tta else 1)
-        total_flops += per_row * HIDDEN_TEST_ROWS * passes
-        runs.append({"run": entry["name"], "params": int(params), "mean_tokens": float(lengths.mean()),
-                     "passes": passes})
-    hours = total_flops / (T4_PEAK_TFLOPS * 1e12 * T4_UTILISATION * KAGGLE_GPUS) / 3600
+        cfg = cfg.model_copy(update={"model": cfg.inference_model()})  # predict.quantization/max_length where set
+        pl = place(art / entry["backbone"]["path"], cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes,
+                   adapter_bytes(art / entry["name"] / f"fold_{k}" for k in entry["folds"]))
+        if pl.kind == "refused":
+            return None
+        lengths = sample_lengths(fold, cfg, test_df, n=len(test_df))
+        share = second_pass_share(entry.get("tta", cfg.predict.tta), entry.get("tta_share", cfg.predict.tta_share))
+        passes = len(entry["folds"]) * (1 + share)
+        total_flops += flops_per_row(pl, lengths) * HIDDEN_TEST_ROWS * passes
+        hours += run_hours(pl, lengths, HIDDEN_TEST_ROWS, len(entry["folds"]), share)["total_h"]
+        runs.append({"run": entry["name"], "params": int(pl.params - pl.embed_params), "mean_tokens": float(sum(lengths) / len(lengths)),
+                     "passes": passes, "placement": pl.describe(), "weights": pl.weights})
+    factors = ", ".join(f"{k} x{v:g}" for k, v in THROUGHPUT.items() if k != "fp32")
     return {"hours": hours, "tflop": total_flops / 1e12, "runs": runs,
-            "assumption": f"{KAGGLE_GPUS} x T4 at {T4_UTILISATION:.0%} of {T4_PEAK_TFLOPS:g} fp16 TFLOP/s"}
+            "assumption": f"{gpus} x T4 at {T4_FP16_UTILISATION:.0%} of {T4_PEAK_TFLOPS:g} fp16 TFLOP/s ({factors})"}
 
 
 def _describe_model_estimate(est: dict | None) -> str:
     if est is None:
         return "unknown (a backbone attached from Kaggle: its size is not known here)"
     return f"{est['hours']:.2f} ({est['tflop']:,.0f} TFLOP; {est['assumption']}; model loading not included)"
-
-
-# --- pushing ------------------------------------------------------------------------------------------------------
 
 

@@ -48,99 +48,213 @@ def check_source_handle(source: str) -> str:
     return source
 
 
-def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=None, tta: bool = True) -> dict:
-    """Predict ``test_csv`` (the task's test file, CSV or parquet) with every fold in the artifacts dataset
-    and write the task's submission.
+def read_manifest(artifacts: Path) -> dict:
+    """The artifacts dataset's kk_manifest.json, checked: one line naming the file when it is damaged."""
+    path = Path(artifacts) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list) or not manifest["runs"]:
+            raise ValueError("no runs")
+        for e in manifest["runs"]:
+            if not isinstance(e, dict) or not e.get("name") or not e.get("folds") or not isinstance(e.get("backbone"), dict):
+                raise ValueError("a run without name, folds or backbone")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise KKError(f"{path} is damaged ({e}): rebuild the kernel with kk kernel --force") from None
+    return manifest
 
-    Folds are spread over the GPUs (two on Kaggle's T4 x2) in threads; on CPU they run in turn.
+
+def detect_devices(devices=None) -> tuple[list[str], int]:
+    """(one worker device per GPU, or ["cpu"]; the free bytes of the smallest GPU). ``devices``: given
+    explicitly (tests, a CPU dry run)."""
+    if devices is not None:
+        from .plan import T4_BYTES
+
+        return list(devices), T4_BYTES if any(str(d).startswith("cuda") for d in devices) else 0
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        n = 0
+    if not n:
+        return ["cpu"], 0
+    check_gpus_usable()
+    free = min(int(torch.cuda.mem_get_info(i)[0]) for i in range(n))
+    return [f"cuda:{i}" for i in range(n)], free
+
+
+def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=None, tta=None, started: float | None = None,
+                budget_h: float | None = None, devices=None, clock=time.time, group_factory=None) -> dict:
+    """Predict ``test_csv`` (the task's test file, CSV or parquet) with every fold in the artifacts dataset and
+    write the task's submission (the manifest's task: probabilities, or id,winner labels), in budgeted
+    passes (kagglekit.kernel.passes): the (A,B) pass of every fold first and a complete submission at its
+    end, then the (B,A) pass as far as ``budget_h`` (default: the kernel's predict.time_budget_h) allows.
+
+    Before anything loads, each run's model is placed on the GPUs this notebook really has, from its
+    backbone's config (bundled or attached): one fold per GPU, one model split over both, or one line
+    naming the fix. ``tta``: overrides each run's predict.tta; ``started``: when the notebook started
+    (its budget counts from there); ``devices``: worker devices instead of the detected GPUs; ``clock`` and
+    ``group_factory`` (unit -> loaded model): replaced by tests.
     """
     import numpy as np
 
     from ..data import load_test
-    from ..ensemble import apply_temperature, combine, finalize_probs, write_submission
-    from ..predict import FoldModel
+    from ..io import write_json
+    from ..predict import fold_config
     from ..task import get_task
+    from ..tta import tta_mode, uncertain_rows
+    from ..ui import info
+    from .passes import PASSES_JSON, Budget, Job, Passes, plan_second_pass
+    from .plan import adapter_bytes, place
 
-    t0 = time.time()
+    t0 = clock()
     artifacts = Path(artifacts)
-    manifest = json.loads((artifacts / MANIFEST).read_text())
+    manifest = read_manifest(artifacts)
     task = get_task(manifest.get("task", "lmsys"))  # kernels built before tasks existed are LMSYS's
     _compare_versions(manifest)
     test_df, _ = load_test(test_csv, task=task)
-    jobs = []
+    n = len(test_df)
+    workers, gpu_bytes = detect_devices(devices)
+    n_gpu = sum(str(w).startswith("cuda") for w in workers)
+    # KK_TIME_BUDGET_H: set by kk kernel --dry-run --time-budget-h, to try the budget logic here.
+    budget_h = budget_h or os.environ.get("KK_TIME_BUDGET_H") or manifest.get("time_budget_h") or 8.0
+    budget = Budget(float(budget_h), t0 if started is None else started, clock)
+
+    runs = []
     for r, entry in enumerate(manifest["runs"]):
-        bb = entry.get("backbone", {})
+        bb = entry["backbone"]
         backbone = str(artifacts / bb["path"]) if "path" in bb else str(find_backbone(Path(input_root or artifacts.parent), bb["source"], bb.get("name")))
-        for k in entry["folds"]:
-            jobs.append((r, artifacts / entry["name"] / f"fold_{k}", backbone))
+        folds = [artifacts / entry["name"] / f"fold_{k}" for k in entry["folds"]]
+        cfg = fold_config(folds[0])
+        mode = tta_mode(entry.get("tta", cfg.predict.tta) if tta is None else tta)
+        placement = None
+        if n_gpu:
+            # The attached backbone is checked here too: kk kernel could not see its size.
+            placement = place(backbone, cfg.model.quantization, n_gpu, gpu_bytes, get_task(cfg.task).n_classes,
+                              adapter_bytes(folds))
+            if placement.kind == "refused":
+                raise KKError(f"run {entry['name']} does not fit this machine's GPUs: {placement.reason}")
+        runs.append({"name": entry["name"], "backbone": backbone, "folds": folds, "mode": mode,
+                     "share": float(entry.get("tta_share", cfg.predict.tta_share)), "placement": placement,
+                     "jobs": [Job(r, f, f"{entry['name']}/{f.name}") for f in folds]})
+    units = make_units(runs, workers, n)
+    plan_lines = [{"run": x["name"], "folds": len(x["folds"]), "tta": x["mode"], "tta_share": x["share"],
+                   "placement": x["placement"].describe() if x["placement"] else f"{workers[0]}"} for x in runs]
+    for line in plan_lines:
+        info(f"plan: {line['run']}: {line['folds']} fold(s), TTA {line['tta']}, {line['placement']}")
+    state: dict = {"budget_h": budget.hours, "workers": workers, "runs": plan_lines, "passes": [], "submission_from": None}
+    passes_path = Path(out).parent / PASSES_JSON
+
+    def record():
+        state["elapsed_h"] = round(budget.elapsed() / 3600, 4)
+        state["events"] = list(passes.events)
+        write_json(passes_path, state)
+
+    passes = Passes(units, workers, test_df, budget, log=info, record=record, group_factory=group_factory)
     try:
-        import torch
+        passes.run_pass(1)
+        first_probs = passes.first_pass()
+        done = [j for x in runs for j in x["jobs"] if j in first_probs]
+        path = _write_ensemble(manifest, runs, first_probs, {}, test_df, out, sample_submission, task)
+        state["passes"].append({"pass": 1, "order": "A,B", "status": "done", "rows": n, "folds": len(done),
+                                "skipped_folds": [j.name for j in passes.skipped], "at_h": round(budget.elapsed() / 3600, 4)})
+        state["submission_from"] = "pass 1"
+        info(f"pass 1 done: {path} written from {len(done)} fold(s), one order (A,B), at {budget.elapsed() / 3600:.2f} h")
+        record()
 
-        n_gpu = torch.cuda.device_count()
-    except ImportError:
-        n_gpu = 0
-    devices = [f"cuda:{i}" for i in range(n_gpu)] or ["cpu"]
-    if n_gpu:
-        check_gpus_usable()
-    timings = []
-    token_cache: dict = {}  # folds that share a tokenizer tokenize the test set once
+        first = {r: _fold_mean([first_probs[j] for j in x["jobs"] if j in first_probs]) for r, x in enumerate(runs)}
+        wanted = {r: (np.arange(n) if x["mode"] == "full" else uncertain_rows(first[r], x["share"]) if x["mode"] == "uncertain"
+                      else np.zeros(0, np.int64)) for r, x in enumerate(runs)}
+        rows2, decision = plan_second_pass(passes, wanted, first)
+        info(f"pass 2 (B,A): {decision}")
+        entry2 = {"pass": 2, "order": "B,A", "decision": decision, "rows": {runs[r]["name"]: int(len(v)) for r, v in rows2.items()}}
+        if rows2:
+            complete = passes.run_pass(2, rows2)
+            entry2["status"] = "done" if complete else "stopped"
+            if complete:
+                path = _write_ensemble(manifest, runs, first_probs, passes.second_pass(), test_df, out, sample_submission, task)
+                state["submission_from"] = "pass 2"
+                info(f"pass 2 done: {path} replaced by the TTA ensemble at {budget.elapsed() / 3600:.2f} h")
+        else:
+            entry2["status"] = "skipped" if any(len(v) for v in wanted.values()) else "not asked"
+        entry2["at_h"] = round(budget.elapsed() / 3600, 4)
+        state["passes"].append(entry2)
+        record()
+    finally:
+        passes.free_all()
 
-    def predict(job_index: int, device: str):
-        r, path, backbone = jobs[job_index]
-        t = time.time()
-        fm = FoldModel(path, backbone, device=device)
-        t_load = time.time() - t
-        res = fm.predict(test_df, tta=tta, cache=token_cache)
-        probs = res["probs"]
-        timings.append({"fold": str(path.relative_to(artifacts)), "load_s": t_load, "predict_s": time.time() - t - t_load,
-                        "fp32_rows": res.get("fp32_rows", 0),
-                        "device": str(fm.device)})
-        del fm
-        return r, probs
+    first_probs = passes.first_pass()
+    jobs_done = [j for x in runs for j in x["jobs"] if j in first_probs]
+    predict_s = sum(t.get("pass1_s", 0) + t.get("pass2_s", 0) for t in passes.timing.values()) / len(workers)
+    rows_run = n * len(jobs_done) + (sum(len(v[0]) for v in passes.second_pass().values())
+                                     if state["submission_from"] == "pass 2" else 0)
+    planned = sum(len(x["jobs"]) * (1 + {"full": 1.0, "none": 0.0}.get(x["mode"], x["share"])) for x in runs)
+    return {"submission": str(Path(out)), "task": task.name, "rows": n, "folds": len(jobs_done), "passes": round(planned, 4),
+            "passes_run": round(rows_run / max(n, 1), 4), "submission_from": state["submission_from"],
+            "devices": workers, "seconds": round(clock() - t0, 2),
+            "load_s": round(sum(u.load_s or 0 for u in units) / len(workers), 2),
+            "seconds_per_row_pass": predict_s / max(1, rows_run), "passes_json": str(passes_path),
+            "timings": [{"fold": j.name, **t} for (j, _), t in passes.timing.items()]}
 
-    results = run_per_device(len(jobs), devices, predict)
+
+def make_units(runs: list, workers: list, n_rows: int) -> list:
+    """Loaded-model units (kagglekit.kernel.passes.Unit). Folds of any run sharing a backbone (and its
+    quantization, precision, pooling) form a group. A group that fits one GPU is loaded once on every GPU,
+    each predicting every fold on its share of the rows (row i on GPU i mod n: the same mix of lengths on
+    each); a group split over the GPUs is one unit over every row."""
+    import numpy as np
+
+    from ..foldgroup import group_key
+    from .passes import Unit
+    from .plan import device_map_for
+
+    groups: dict = {}
+    for x in runs:
+        split = x["placement"] is not None and x["placement"].kind == "split"
+        for job in x["jobs"]:
+            key = (split, group_key(job.fold, x["backbone"]))
+            groups.setdefault(key, {"jobs": [], "run": x})["jobs"].append(job)
+    units = []
+    for (split, _), g in groups.items():
+        x = g["run"]
+        if split:
+            units.append(Unit(g["jobs"], x["backbone"], "cuda:0", None, device_map_for(x["placement"])))
+            continue
+        for w, device in enumerate(workers):
+            shard = None if len(workers) == 1 else np.arange(w, n_rows, len(workers))
+            units.append(Unit(g["jobs"], x["backbone"], device, w, shard=shard))
+    return units
+
+
+def _fold_mean(probs: list):
+    """The pass-1 probabilities of a run: the mean of its folds' (what uncertain TTA ranks rows by)."""
+    import numpy as np
+
+    return np.mean(probs, axis=0)
+
+
+def _write_ensemble(manifest: dict, runs: list, first: dict, second: dict, test_df, out, sample_submission, task) -> Path:
+    """Folds (``first``: job -> (A,B) probabilities; ``second``: job -> (rows, (B,A) mapped back), merged
+    where it ran) -> runs -> the weighted, calibrated ensemble -> submission.csv, checked and written
+    atomically."""
+    import numpy as np
+
+    from ..ensemble import apply_temperature, combine, finalize_probs, write_submission
+    from ..tta import merge_passes
+
     per_run = []
-    for r in range(len(manifest["runs"])):
-        fold_probs = [p for rr, p in results if rr == r]
-        per_run.append(combine(fold_probs, method=manifest.get("method", "mean")))
-    probs = apply_temperature(combine(per_run, manifest["weights"]), manifest["temperature"])
-    final = finalize_probs(probs)
+    for x in runs:
+        folds = []
+        for j in x["jobs"]:
+            if j in first:
+                rows, p_ba = second.get(j, (None, None))
+                folds.append(merge_passes(first[j], p_ba, rows))
+        per_run.append(combine(folds, method=manifest.get("method", "mean")))
+    final = finalize_probs(apply_temperature(combine(per_run, manifest["weights"]), manifest["temperature"]))
     if not np.isfinite(final).all():
         raise KKError("the ensemble produced NaN probabilities")
-    path = write_submission(test_df["id"].to_numpy(), final, out, force=True, sample_submission=sample_submission,
+    return write_submission(test_df["id"].to_numpy(), final, out, force=True, sample_submission=sample_submission,
                             ids_mismatch="warn", task=task)
-    seconds = time.time() - t0
-    passes = len(jobs) * (2 if tta else 1)
-    # Per-row cost from prediction time alone (loading is a fixed cost per fold), per GPU in parallel.
-    predict_s = sum(t["predict_s"] for t in timings) / len(devices)
-    return {"submission": str(path), "task": task.name, "rows": len(test_df), "folds": len(jobs), "passes": passes, "devices": devices,
-            "seconds": round(seconds, 2), "load_s": round(sum(t["load_s"] for t in timings) / len(devices), 2),
-            "seconds_per_row_pass": predict_s / max(1, len(test_df) * passes), "timings": timings}
-
-
-# --- the dry run --------------------------------------------------------------------------------------------------
-
-
-
-
-def run_per_device(n_jobs: int, devices: list[str], fn) -> list:
-    """``fn(job, device)`` for every job, in job order. Each device has its own queue (job i -> device
-    i mod n) worked through by one thread, so two folds never share a GPU while another idles (a shared
-    pool hands the next fold to whichever thread is free, whatever device that fold was meant for)."""
-    queues = [list(range(d, n_jobs, len(devices))) for d in range(len(devices))]
-    if len(devices) == 1:
-        return [fn(i, devices[0]) for i in queues[0]]
-    from concurrent.futures import ThreadPoolExecutor
-
-    def work(d: int):
-        return [(i, fn(i, devices[d])) for i in queues[d]]
-
-    results: list = [None] * n_jobs
-    with ThreadPoolExecutor(len(devices)) as pool:
-        for done in pool.map(work, range(len(devices))):
-            for i, r in done:
-                results[i] = r
-    return results
 
 
 def check_gpus_usable() -> None:

@@ -1,0 +1,111 @@
+"""Inference throughput of one backbone loaded in fp16, 8-bit and 4-bit (bitsandbytes), the way the Kaggle
+kernel loads it (kagglekit.modeling.load_backbone) and predicts (kagglekit.inference.infer_logits,
+length-sorted batches, fp16 autocast): the measured ratios beside the factors the kernel's time estimate
+uses (kagglekit.kernel.plan.THROUGHPUT), and the fp16 utilisation of the GPU's peak beside
+T4_FP16_UTILISATION. On a T4 this checks the estimate's numbers directly; on another GPU the ratios
+still show whether quantized prefill is as slow as the table says.
+
+The model is a Gemma-2-9B architecture (random weights) with ``--layers`` of its 42 layers (full width:
+the matmuls have the real shapes); rows follow the real length distribution, cut at ``--max-length``.
+
+    python benchmarks/bench_quant.py --record                 # on a GPU with bitsandbytes (gpu_check.sh runs it)
+    python benchmarks/bench_quant.py --smoke                  # CPU: a toy width, fp32 only, the quantized rows skipped
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import device_info, md_table, print_table, random_sequences, real_lengths, record, sync
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8, help="Gemma-2-9B layers to keep (full width)")
+    ap.add_argument("--rows", type=int, default=256, help="sequences timed per precision (after a warm-up batch)")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--smoke", action="store_true", help="CPU toy run: width /64, 2 layers, 8 rows of 64 tokens")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.layers, args.rows, args.max_length = 2, 8, 64
+
+    import numpy as np
+    import torch
+    from bench_llm import GEMMA2_9B, write_model
+
+    from kagglekit.config import load_config
+    from kagglekit.inference import infer_logits
+    from kagglekit.kernel.plan import T4_FP16_UTILISATION, THROUGHPUT, meta_model
+    from kagglekit.modeling import device_and_dtype, load_backbone, load_tokenizer, quiet_libraries
+
+    quiet_libraries()
+    device, dtype = device_and_dtype("auto")
+    kind, name, peak = device_info()
+    scale = 64 if args.smoke else 1
+    work = Path(tempfile.mkdtemp())
+    path = write_model(work / "gemma2", args.layers, scale, device)
+    vocab = 2048 if scale > 1 else GEMMA2_9B["vocab_size"]
+    hidden = 3584 // scale * 2 if scale > 1 else 3584
+    lengths, source = real_lengths(args.rows, args.max_length, seed=5)
+    seqs = random_sequences(lengths, vocab, seed=5)
+    warm = random_sequences(real_lengths(8, args.max_length, seed=6)[0], vocab, seed=6)
+    tok = load_tokenizer(str(path))
+    try:
+        import bitsandbytes  # noqa: F401
+
+        have_bnb = True
+    except ImportError:
+        have_bnb = False
+
+    meta = meta_model(path, 3)  # parameters counted on the meta device: quantized tensors pack two values a byte
+    body = sum(p.numel() for n, p in meta.named_parameters() if "embed" not in n)
+    lens = np.asarray(lengths, dtype=np.float64)
+    flops = float(np.sum(2 * body * lens + 4 * args.layers * hidden * lens**2))
+    results, skipped = {}, []
+    for q in ("none", "8bit", "4bit"):
+        label = {"none": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")}.get(q, q)
+        if q != "none" and (device.type != "cuda" or not have_bnb):
+            skipped.append(label)
+            continue
+        cfg = load_config(None, [f"model.backbone={path}", f"model.quantization={q}", f"model.max_length={args.max_length}"])
+        weight_dtype = dtype if q == "none" and device.type == "cuda" else None  # a 9B-wide model: half-precision weights
+        model = load_backbone(cfg.model, tok, device, dtype, weight_dtype).eval()
+        budget = "auto" if device.type == "cuda" else None
+        infer_logits(model, warm, tok.pad_token_id, 8, device, dtype, max_tokens=budget)  # warm-up (and the auto probe)
+        sync(device)
+        t = time.perf_counter()
+        infer_logits(model, seqs, tok.pad_token_id, 8, device, dtype, max_tokens=budget)
+        sync(device)
+        seconds = time.perf_counter() - t
+        results[label] = {"seq_s": len(seqs) / seconds, "tflops": flops / seconds / 1e12}
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = next(results[k] for k in ("fp16", "bf16", "fp32") if k in results)
+    rows = []
+    for label, r in results.items():
+        key = "fp16" if label in ("fp16", "bf16", "fp32") else label
+        rows.append([label, f"{r['seq_s']:.2f}", f"{r['tflops']:.2f}", f"{r['tflops'] / peak:.1%}" if peak else "-",
+                     f"{r['seq_s'] / base['seq_s']:.2f}", f"{THROUGHPUT[key]:g}"])
+    rows += [[label, "skipped (needs CUDA and bitsandbytes)", "", "", "", f"{THROUGHPUT[label]:g}"] for label in skipped]
+    setting = (f"Gemma-2-9B width, {args.layers} layer(s){' (width /' + str(scale) + ')' if scale > 1 else ''}, random weights, "
+               f"{len(seqs)} rows, lengths {source}; kernel path (load_backbone + infer_logits, max_tokens auto on a GPU)")
+    cols = ["weights", "seq/s", "TFLOP/s", "of peak", "ratio to fp16 (measured)", "kernel plan's factor"]
+    print_table(f"{setting}\n{name}", cols, rows)
+    measured = [f"{k} {results[k]['seq_s'] / base['seq_s']:.2f}x" for k in ("8bit", "4bit") if k in results]
+    line = "quantized/fp16 inference seq/s: " + (", ".join(measured) or "not measured (needs CUDA and bitsandbytes)")
+    line += f"; the plan assumes fp16 at {T4_FP16_UTILISATION:.0%} of a T4's peak"
+    print(line)
+    if args.record:
+        record("bench_quant", "python benchmarks/bench_quant.py " + " ".join(argv), name, f"{setting}\n\n" + md_table(cols, rows), line)
+    return {"rows": rows, "results": results}
+
+
+if __name__ == "__main__":
+    main()

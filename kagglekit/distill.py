@@ -1,0 +1,255 @@
+"""Knowledge distillation: per-fold teacher labels without a CV leak, and the student's loss.
+
+The leak this module exists to avoid. A teacher's out-of-fold (OOF) predictions look like honest soft
+labels: every row predicted by a model that did not train on it. But the model that predicted a row of
+fold j trained on every other fold, fold K included, so a student whose fold-K model learns from those
+labels learns from fold K's labels, and its fold-K validation score is optimistic.
+
+``kk distill-labels`` therefore writes one file per fold, as the LMSYS 1st place did: fold K's file
+holds the teachers' predictions for fold K's *training* rows, made by the teachers' fold-K models only,
+which never saw fold K's validation rows. Those are the teachers' in-sample predictions on their own
+training rows: for a teacher that fits its training rows, sharper (more confident) than its OOF
+predictions, which is why the loss has a temperature (``train.distill.temperature`` > 1 softens them;
+the command's table shows both log losses and mean top probabilities, so how much is visible). Several teachers are averaged in logit
+space: the weighted mean of their log-probabilities, then a softmax.
+
+The student's loss, per training row (``train.distill``: weight w, temperature T)::
+
+    (1 - w) * CE(hard label, smoothed by train.label_smoothing) + w * T^2 * KL(teacher at T || student at T)
+
+with the teacher at T = softmax(log p / T) and the student at T = softmax(logits / T); T^2 keeps the
+gradient scale of the KL term independent of T (Hinton et al., 2015). A row with only a hard label
+uses the cross-entropy alone, a row with only a teacher's probabilities (pseudo-labelled extra rows)
+the KL term alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KKError
+from .task import LMSYS, Task
+
+FOLD_FIELD = "{fold}"
+
+
+# --- the student's side: which file, which rows, which loss -------------------------------------------------------------
+
+
+def soft_label_file(template: str | os.PathLike, fold: int) -> Path:
+    """``data.soft_labels`` for ``fold``: one file for every fold, or a per-fold template (``DIR/fold_{fold}.csv``)."""
+    return Path(str(template).replace(FOLD_FIELD, str(fold)))
+
+
+def load_soft_labels(path: str | os.PathLike, ids, what: str = "data.soft_labels", task: Task = LMSYS) -> np.ndarray:
+    """Teacher probabilities for ``ids`` (in that order) from a CSV id + the task's probability columns."""
+    return _lookup(path, ids, what, task)[0]
+
+
+def _lookup(path, ids, what: str, task: Task = LMSYS):
+    from .data import read_probs
+
+    p = Path(path)
+    soft_ids, soft = read_probs(p, what, task)
+    index = {i: n for n, i in enumerate(soft_ids)}
+    ids = list(ids)
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise KKError(f"{p}: no soft label for train id {missing[0]} ({len(missing)} missing)")
+    probs = soft[[index[i] for i in ids]]
+    bad = ~np.isfinite(probs).all(1) | (np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1)
+    if bad.any():
+        raise KKError(f"{p}: soft labels of id {ids[int(bad.argmax())]} are not probabilities summing to 1")
+    return probs, index
+
+
+def fold_soft_labels(template: str, fold: int, train_ids, val_ids, task: Task = LMSYS) -> np.ndarray:
+    """The teacher's probabilities for fold ``fold``'s training rows; a warning when the file also covers the
+    fold's validation rows, the mark of an OOF file (one teacher model per row, trained on this fold's rows)."""
+    path = soft_label_file(template, fold)
+    probs, index = _lookup(path, train_ids, "data.soft_labels", task)
+    seen = sum(1 for i in val_ids if i in index)
+    if seen:
+        from .ui import warn
+
+        warn(f"{path} also labels {seen} of fold {fold}'s validation rows: if it is an OOF ensemble (kk ensemble "
+             f"--oof-out), the teacher models behind fold {fold}'s training labels trained on fold {fold}'s validation "
+             f"rows, so this fold's score is optimistic; kk distill-labels writes leak-free per-fold labels "
+             f"(data.soft_labels: DIR/fold_{{fold}}.csv)")
+    return probs
+
+
+def swap_labels(labels: np.ndarray, task: Task) -> np.ndarray:
+    """Hard class of each pair with A and B exchanged (the task's swap; -1, no label, stays -1)."""
+    labels = np.asarray(labels)
+    return np.where(labels >= 0, task.swap_labels(np.clip(labels, 0, None)), -1)
+
+
+def distill_loss(logits, soft, hard, tc):
+    """Summed training loss of a micro-batch (the caller normalises per sequence).
+
+    ``logits`` (n, C) float; ``hard`` (n,) long, -1 where a row has no hard label; ``soft`` (n, C) the
+    teacher's probabilities, NaN rows where a row has none, or None when no row has any (then this is the
+    plain label-smoothed cross-entropy). ``tc``: the train config (label_smoothing, distill.weight/temperature).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    has_hard = hard >= 0
+    ce = F.cross_entropy(logits, hard.clamp(min=0), label_smoothing=tc.label_smoothing, reduction="none")
+    if soft is None:
+        return (ce * has_hard).sum()
+    w, t = tc.distill.weight, tc.distill.temperature
+    has_soft = ~torch.isnan(soft).any(dim=1)
+    # Rows without a teacher get a placeholder distribution; their KL term is multiplied by 0 below.
+    teacher = torch.where(has_soft[:, None], soft, torch.full_like(soft, 1.0 / soft.shape[1]))
+    teacher_t = torch.softmax(torch.log(teacher.clamp_min(torch.finfo(teacher.dtype).tiny)) / t, dim=1)
+    student_t = torch.log_softmax(logits / t, dim=1)
+    kl = F.kl_div(student_t, teacher_t, reduction="none").sum(dim=1) * (t * t)
+    one = ce.new_ones(())
+    w_hard = torch.where(has_soft, one * (1.0 - w), one) * has_hard
+    w_soft = torch.where(has_hard, one * w, one) * has_soft
+    return (w_hard * ce + w_soft * kl).sum()
+
+
+# --- the teachers' side: kk distill-labels -----------------------------------------------------------------------------
+
+
+def _check_teacher_folds(teachers: list[Path], folds_df, fold_ids: list[int], folds_path, task: Task = LMSYS) -> dict:
+    """{(teacher, fold): fold folder}; every teacher has every fold, and its fold-K model validated on (so never
+    trained on) every one of fold K's validation rows."""
+    from .data import read_probs
+    from .predict import fold_config, trained_folds
+
+    found = {}
+    for run in teachers:
+        for k, path in trained_folds(run, fold_ids):
+            if (path / "config.yaml").exists() and fold_config(path).task != task.name:
+                raise KKError(f"{path} was trained for task {fold_config(path).task}, not {task.name} (--task)")
+            oof_ids, _ = read_probs(path / "oof.csv", "teacher OOF", task)
+            val = set(folds_df.loc[folds_df["fold"] == k, "id"])
+            unseen = val - set(oof_ids)
+            if unseen:
+                raise KKError(f"{path} did not validate on {len(unseen)} of fold {k}'s validation rows in {folds_path} "
+                              f"(e.g. id {sorted(unseen)[0]}): its fold-{k} model may have trained on them; "
+                              "train the teacher with the same folds file")
+            found[run, k] = path
+    return found
+
+
+def _normalised_weights(weights, n: int) -> np.ndarray:
+    if not weights:
+        return np.full(n, 1.0 / n)
+    if len(weights) != n:
+        raise KKError(f"give one --weight per --teacher ({n} teacher(s), {len(weights)} weight(s))")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise KKError(f"--weight must be non-negative numbers, not all zero (got {', '.join(map(str, weights))})")
+    return w / w.sum()
+
+
+def _extra_frames(paths, train_ids: set, task: Task = LMSYS):
+    """Extra rows to label too (the task's test or train format); their ids must differ from the train file's and each other."""
+    import pandas as pd
+
+    from .data import load_test
+
+    frames, seen = [], set(train_ids)
+    for p in paths:
+        df, report = load_test(p, task=task)
+        report.print_warnings()
+        clash = [i for i in df["id"] if i in seen]
+        if clash:
+            raise KKError(f"{p}: id {clash[0]} is also a train id or in another --extra file ({len(clash)} such ids); "
+                          "a soft-label file is keyed by id")
+        seen.update(df["id"])
+        frames.append(df[list(task.test_columns)])
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extra=(), tta: bool = True,
+                   batch_size: int | None = None, backbone: str | None = None, bad_rows: str = "error",
+                   force: bool = False, task_name: str = "lmsys", only_folds=None) -> list[dict]:
+    """Write ``out_dir/fold_K.csv`` for every fold K of ``folds_path`` (or those in ``only_folds``): the teachers'
+    fold-K models' probabilities (swap TTA, averaged over teachers in logit space with ``weights``) for fold K's
+    training rows and the ``extra`` rows. Returns a row per fold for the report (in-sample vs OOF log loss of the
+    teacher blend). ``task_name``: the competition (a teacher trained for another one is refused)."""
+    import pandas as pd
+
+    from .data import load_train
+    from .ensemble import combine
+    from .folds import load_folds
+    from .io import check_writable, protect_existing, write_csv, write_json
+    from .metrics import log_loss
+    from .predict import FoldModel, file_sha256
+    from .task import get_task
+    from .ui import progress
+
+    task = get_task(task_name)
+    teachers = [Path(t) for t in teachers]
+    if not teachers:
+        raise KKError("give at least one --teacher run")
+    w = _normalised_weights(weights, len(teachers))
+    df, report = load_train(train_path, bad_rows, task)
+    report.print_warnings()
+    folds = load_folds(folds_path, df["id"])
+    folds = folds[folds["id"].isin(set(df["id"]))]
+    fold_ids = sorted(int(f) for f in folds["fold"].unique())
+    if only_folds is not None:
+        unknown = sorted(set(only_folds) - set(fold_ids))
+        if unknown:
+            raise KKError(f"fold {unknown[0]} is not in {folds_path} (folds: {', '.join(map(str, fold_ids))})")
+        fold_ids = sorted(set(only_folds))
+    paths = _check_teacher_folds(teachers, folds, fold_ids, folds_path, task)   # before any long work
+    extra_df = _extra_frames(extra, set(df["id"]), task)
+    out_dir = Path(out_dir)
+    check_writable(out_dir, f"--out {out_dir}")
+    outputs = {k: out_dir / f"fold_{k}.csv" for k in fold_ids}
+    for path in outputs.values():
+        protect_existing(path, force, "teacher labels")
+    fold_of = dict(zip(folds["id"], folds["fold"]))
+    labels = df["label"].to_numpy()
+    rows = []
+    with progress() as bar:
+        for k in fold_ids:
+            in_train = np.array([fold_of[i] != k for i in df["id"]])
+            fold_rows = df[in_train].reset_index(drop=True)
+            n_train = len(fold_rows)
+            if extra_df is not None:
+                fold_rows = pd.concat([fold_rows[list(extra_df.columns)], extra_df], ignore_index=True)
+            probs, oofs = [], []
+            cache: dict = {}  # teachers with one tokenizer and formatting tokenize this fold's rows once
+            for run in teachers:
+                fm = FoldModel(paths[run, k], backbone)
+                probs.append(fm.predict(fold_rows, tta, batch_size, bar, f"{run.name} fold {k}", cache=cache)["probs"])
+                del fm  # one teacher model in memory at a time
+                oofs.append(_oof_on(paths[run, k], df, ~in_train, task))
+            blend = combine(probs, w, "geo")  # softmax of the weighted mean log-probability
+            if not np.isfinite(blend).all():
+                raise KKError(f"fold {k}: the teachers predicted non-finite probabilities")
+            write_csv(outputs[k], pd.DataFrame({"id": fold_rows["id"].to_numpy(),
+                                                **{c: blend[:, j] for j, c in enumerate(task.prob_columns)}}))
+            oof = combine(oofs, w, "geo")
+            y_tr, y_va = labels[in_train], labels[~in_train]
+            rows.append({"fold": k, "rows": len(fold_rows), "extra": len(fold_rows) - n_train,
+                         "in_sample_log_loss": log_loss(blend[:n_train], y_tr), "oof_log_loss": log_loss(oof, y_va),
+                         "in_sample_confidence": float(blend[:n_train].max(1).mean()),
+                         "oof_confidence": float(oof.max(1).mean()), "file": str(outputs[k])})
+    write_json(out_dir / "teacher_labels.json", {
+        "teachers": [str(t) for t in teachers], "weights": w.tolist(), "tta": tta, "train": str(train_path),
+        "train_sha256": file_sha256(train_path), "folds": str(folds_path), "folds_sha256": file_sha256(folds_path),
+        "extra": [str(p) for p in extra], "per_fold": rows,
+    })
+    return rows
+
+
+def _oof_on(fold_path: Path, df, val_mask, task: Task = LMSYS) -> np.ndarray:
+    """The teacher fold's own OOF predictions for this fold's validation rows (in ``df``'s order)."""
+    from .data import read_probs
+
+    ids, p = read_probs(fold_path / "oof.csv", "teacher OOF", task)
+    pos = {i: n for n, i in enumerate(ids)}
+    return p[[pos[i] for i in df["id"][val_mask]]]

@@ -1,0 +1,330 @@
+"""``kk data import``: public preference sets in the competition's train format, deduplicated.
+
+The LMSYS top teams trained on tens of thousands of extra pairs. Four layouts are read (JSON, JSON
+lines, optionally gzipped, or parquet):
+
+- ``arena``: the 33k ``lmsys/chatbot_arena_conversations`` battles: ``question_id``, ``model_a``,
+  ``model_b``, ``winner`` (``model_a``, ``model_b``, ``tie``, ``tie (bothbad)``) and ``conversation_a``
+  / ``conversation_b`` as lists of ``{role, content}`` messages. The A/B order is the one the voter saw
+  (as in the competition's own data), so it is kept; both ties are ties.
+- ``ultrafeedback``: ``HuggingFaceH4/ultrafeedback_binarized`` style: ``prompt``, ``chosen`` and
+  ``rejected`` as message lists (the user turns included), optional ``score_chosen`` /
+  ``score_rejected`` (equal scores: a tie) and ``prompt_id``.
+- ``hh-rlhf``: Anthropic's HH-RLHF transcripts (read by :mod:`kagglekit.external`).
+- ``pairs``: a generic JSON-lines file of ``{"prompt", "chosen", "rejected"}``, each a string, a list
+  of turns or a list of ``{role, content}`` messages, with an optional ``id``.
+
+For the chosen/rejected layouts the chosen response lands in A or B by a draw from ``seed``. Rows
+become rows of the task's train format: ``id`` (``<format>-<record number>``), ``source_id``, ``model_a``,
+``model_b``, the text columns as the task stores them (LMSYS: JSON lists of turns; WSDM: plain strings)
+and its label columns (LMSYS: one-hot; WSDM: ``winner``, ties dropped), CSV or parquet by ``--out``'s suffix. Dropped, each
+counted under its reason: records that do not hold a usable comparison (no response, prompts that
+differ between the two sides, an unknown winner, identical chosen and rejected), rows repeated in the
+source, and rows whose prompt and both responses are those of a train or test row
+(:func:`kagglekit.dedup.pair_key`: whitespace, case and A/B order ignored). Rows that only share a
+prompt with a train row are kept: at training time, such a row stays out of the fold that validates
+on that prompt (:mod:`kagglekit.extra`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .dedup import normalise
+from .errors import KKError
+
+FORMATS = ("arena", "ultrafeedback", "hh-rlhf", "pairs")
+USER_ROLES = {"user", "human", "prompter"}
+ASSISTANT_ROLES = {"assistant", "gpt", "model", "bot", "chatbot"}
+ARENA_WINNERS = {"model_a": "A", "model_b": "B", "tie": "tie", "tie (bothbad)": "tie"}
+
+
+class Unusable(ValueError):
+    """A record that holds no usable comparison: dropped and counted under its message."""
+
+
+class Malformed(ValueError):
+    """A record without the fields its format needs: dropped and counted, the first one quoted."""
+
+
+@dataclass
+class Pair:
+    source_id: str
+    prompt: list[str]
+    a: list[str]
+    b: list[str]
+    winner: str  # a class name of the task: A, B or tie
+    model_a: str = ""
+    model_b: str = ""
+
+
+@dataclass
+class ImportReport:
+    records: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows
+    first_malformed: str = ""
+    shared_prompts: int = 0  # kept rows whose prompt is a train row's prompt
+    out: str = ""
+
+    def rows(self) -> list[list]:
+        """(reason, rows) for the table: what was kept, then every reason for dropping."""
+        out = [["kept", self.kept]]
+        for reason, n in self.dropped.most_common():
+            out.append([f"dropped: {reason}", n])
+        return out
+
+
+# --- reading records ---------------------------------------------------------------------------------------------------
+
+
+def read_records(path: str | os.PathLike):
+    """Yield ``(record number, dict)`` from a JSON array, JSON lines (``.gz`` too) or a parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KKError(f"{path} does not exist" if not path.exists() else f"{path} is a folder, expected a data file")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            records = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise KKError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0][:160]})") from None
+        yield from enumerate(records, 1)
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            head = f.read(1 << 16).lstrip()
+            f.seek(0)
+            if head.startswith("["):  # one JSON array
+                try:
+                    records = json.load(f)
+                except ValueError as e:
+                    raise KKError(f"{path}: not valid JSON ({e})") from None
+                yield from enumerate(records, 1)
+                return
+            for n, line in enumerate(f, 1):  # JSON lines
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except ValueError:
+                    raise KKError(f"{path}: line {n} is not valid JSON") from None
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise KKError(f"{path}: cannot be read as JSON text ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+# --- messages, turns and the four layouts ---------------------------------------------------------------------------
+
+
+def _text(x) -> str:
+    from .data import clean_text
+
+    if x is None:
+        return ""
+    if not isinstance(x, str):
+        raise Malformed(f"a text is a {type(x).__name__}, not a string")
+    return clean_text(x)[0]
+
+
+def messages_to_turns(messages) -> tuple[list[str], list[str]]:
+    """(user turns, assistant turns) of equal length from ``[{role, content}, ...]``: each user message opens a
+    turn, assistant messages answer the open turn (several are joined); system messages are left out."""
+    if not isinstance(messages, (list, tuple)):
+        raise Malformed(f"a conversation is a {type(messages).__name__}, not a list of messages")
+    prompts: list[str] = []
+    answers: list[str] = []
+    for m in messages:
+        if not isinstance(m, dict) or "content" not in m or "role" not in m:
+            raise Malformed("a message is not a {role, content} object")
+        role, content = str(m["role"]).lower(), _text(m["content"])
+        if role in USER_ROLES:
+            prompts.append(content)
+            answers.append("")
+        elif role in ASSISTANT_ROLES:
+            if not prompts:  # an answer before any question: pair it with an empty prompt
+                prompts.append("")
+                answers.append(content)
+            else:
+                answers[-1] = (answers[-1] + "\n\n" + content).strip() if answers[-1] else content
+        elif role != "system":
+            raise Malformed(f"unknown message role {m['role']!r}")
+    return prompts, answers
+
+
+def _turns(value, what: str) -> list[str]:
+    """A string, or a list of strings, as turns."""
+    if isinstance(value, str):
+        return [_text(value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) or t is None for t in value) and value:
+        return [_text(t) for t in value]
+    raise Malformed(f"{what} is neither a string nor a list of strings")
+
+
+def _field(rec: dict, key: str):
+    if not isinstance(rec, dict):
+        raise Malformed(f"the record is a {type(rec).__name__}, not an object")
+    if key not in rec:
+        raise Malformed(f"no {key!r} field")
+    return rec[key]
+
+
+def _side(rec: dict, key: str, prompt_key: str | None) -> tuple[list[str], list[str]]:
+    """(prompt turns, response turns) of one side of a chosen/rejected record."""
+    value = _field(rec, key)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        prompts, answers = messages_to_turns(value)
+        if not any(prompts) and prompt_key and rec.get(prompt_key):  # messages without the user turn
+            prompts = _turns(rec[prompt_key], prompt_key)
+            if len(prompts) != len(answers):
+                raise Unusable("turn counts differ between prompt and responses")
+        return prompts, answers
+    answers = _turns(value, key)
+    prompts = _turns(_field(rec, prompt_key), prompt_key) if prompt_key else [""] * len(answers)
+    if len(prompts) != len(answers):
+        raise Unusable("turn counts differ between prompt and responses")
+    return prompts, answers
+
+
+def _arena(n: int, rec: dict) -> Pair:
+    winner = ARENA_WINNERS.get(str(_field(rec, "winner")).strip())
+    if winner is None:
+        raise Unusable("unknown winner")
+    p_a, a = messages_to_turns(_field(rec, "conversation_a"))
+    p_b, b = messages_to_turns(_field(rec, "conversation_b"))
+    if normalise(p_a) != normalise(p_b):
+        raise Unusable("conversation_a and conversation_b have different prompts")
+    return Pair(str(rec.get("question_id", n)), p_a, a, b, winner, str(rec.get("model_a", "")), str(rec.get("model_b", "")))
+
+
+def _chosen_rejected(n: int, rec: dict, prompt_key: str | None, scores: bool) -> Pair:
+    p_c, chosen = _side(rec, "chosen", prompt_key)
+    p_r, rejected = _side(rec, "rejected", prompt_key)
+    if normalise(p_c) != normalise(p_r):
+        raise Unusable("chosen and rejected have different prompts")
+    if normalise(chosen) == normalise(rejected):
+        raise Unusable("chosen and rejected are the same text")
+    winner = "A"
+    if scores and rec.get("score_chosen") is not None and rec.get("score_chosen") == rec.get("score_rejected"):
+        winner = "tie"  # UltraFeedback: equal ratings are no preference
+    sid = rec.get("id", rec.get("prompt_id", n))
+    return Pair(str(sid), p_c, chosen, rejected, winner, "chosen", "rejected")
+
+
+def read_pairs(fmt: str, src, report: ImportReport, limit: int | None = None):
+    """Yield the source's comparisons as :class:`Pair` (chosen/rejected ones with the chosen as A); the unusable and
+    malformed ones are counted in ``report``."""
+    if fmt not in FORMATS:
+        raise KKError(f"unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
+    if fmt == "hh-rlhf":
+        from .external import hh_pairs
+
+        for n, prompt, good, bad in hh_pairs(src):
+            if limit and report.records >= limit:
+                return
+            report.records += 1
+            if prompt is None:
+                report.dropped["chosen and rejected transcripts have different shapes"] += 1
+                continue
+            yield n, Pair(f"hh{n}", prompt, good, bad, "A", "chosen", "rejected")
+        return
+    for n, rec in read_records(src):
+        if limit and report.records >= limit:
+            return
+        report.records += 1
+        try:
+            if fmt == "arena":
+                pair = _arena(n, rec)
+            else:
+                pair = _chosen_rejected(n, rec, "prompt", scores=fmt == "ultrafeedback")
+        except Malformed as e:
+            report.dropped[f"not a record of the {fmt} layout"] += 1
+            report.first_malformed = report.first_malformed or f"record {n}: {e}"
+            continue
+        except Unusable as e:
+            report.dropped[str(e)] += 1
+            continue
+        if not any(t.strip() for t in pair.a) or not any(t.strip() for t in pair.b):
+            report.dropped["a response is empty"] += 1
+            continue
+        yield n, pair
+
+
+# --- import: convert, deduplicate, write ------------------------------------------------------------------------------
+
+
+def _known_keys(path, task) -> tuple[set, set]:
+    """(pair keys, prompt keys) of a competition file (the task's train or test format)."""
+    from .data import load_arena
+    from .dedup import frame_keys
+
+    df, report = load_arena(path, "test", bad_rows="repair", task=task)
+    report.print_warnings()
+    pairs, prompts = frame_keys(df)
+    return set(pairs), set(prompts)
+
+
+def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit: int | None = None,
+                force: bool = False, task_name: str = "lmsys") -> ImportReport:
+    """Convert ``src`` (layout ``fmt``) into ``out`` in the competition's train format; returns what was kept and dropped."""
+    import pandas as pd
+
+    from .dedup import pair_key, prompt_key
+    from .io import check_writable, protect_existing, write_table
+    from .task import get_task
+
+    task = get_task(task_name)
+    out = Path(out)
+    protect_existing(out, force, "imported data")
+    check_writable(out.parent, f"--out {out}")
+    for what, path in (("--train", train), ("--test", test)):
+        if path is not None and not Path(path).is_file():
+            raise KKError(f"{what} {path} does not exist: give the competition's file to deduplicate against (or --no-dedup)")
+    train_pairs, train_prompts = _known_keys(train, task) if train is not None else (set(), set())
+    test_pairs, _ = _known_keys(test, task) if test is not None else (set(), set())
+    report = ImportReport(out=str(out))
+    rng = np.random.default_rng(seed)
+    cls = {name: j for j, name in enumerate(task.class_names)}
+    rows, seen = [], set()
+    for n, pair in read_pairs(fmt, src, report, limit):
+        if pair.winner not in cls:
+            report.dropped[f"a {pair.winner} (the task has no such class)"] += 1
+            continue
+        key = pair_key(pair.prompt, pair.a, pair.b)
+        if key in train_pairs:
+            report.dropped["same prompt+responses as a train row"] += 1
+            continue
+        if key in test_pairs:
+            report.dropped["same prompt+responses as a test row"] += 1
+            continue
+        if key in seen:
+            report.dropped["repeats an earlier row of the source"] += 1
+            continue
+        seen.add(key)
+        a, b, winner, model_a, model_b = pair.a, pair.b, pair.winner, pair.model_a, pair.model_b
+        if fmt != "arena" and rng.integers(2):  # the chosen response in A or B, drawn with the seed
+            a, b, model_a, model_b = b, a, model_b, model_a
+            winner = {"A": "B", "B": "A"}.get(winner, winner)
+        report.shared_prompts += prompt_key(pair.prompt) in train_prompts
+        label = {c: v[0] for c, v in task.label_cells([cls[winner]]).items()}
+        p_col, a_col, b_col = task.text_columns
+        rows.append({"id": f"{fmt}-{n}", "source_id": pair.source_id, "model_a": model_a, "model_b": model_b,
+                     p_col: task.encode_cell(pair.prompt), a_col: task.encode_cell(a), b_col: task.encode_cell(b),
+                     **{c: (int(v) if task.one_hot_labels else v) for c, v in label.items()}})
+    report.kept = len(rows)
+    if not rows:
+        first = f" (first malformed: {report.first_malformed})" if report.first_malformed else ""
+        reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.most_common()) or "the source is empty"
+        raise KKError(f"{src}: no usable {fmt} rows of {report.records} record(s): {reasons}{first}")
+    write_table(out, pd.DataFrame(rows))
+    return report
