@@ -210,3 +210,24 @@ def test_tune_maximises_accuracy_for_wsdm(tmp_path):
     assert open_study("l", storage).direction == optuna.study.StudyDirection.MINIMIZE
     with pytest.raises(KKError, match="maximizes val accuracy"):
         open_study("l", storage, task=WSDM)
+
+
+def test_data_import_writes_the_wsdm_format(tmp_path):
+    from kagglekit.importers import import_data
+    from test_importers import _arena_rows
+
+    src = tmp_path / "arena.json"
+    src.write_text(json.dumps(_arena_rows()))
+    train = pd.DataFrame({"id": ["101"], "prompt": ["What is the capital of France?"], "response_a": ["Paris."],
+                          "response_b": ["Lyon."], "winner": ["model_a"], "language": ["English"]})
+    write_table(tmp_path / "train.parquet", train)
+    write_table(tmp_path / "test.parquet", train.drop(columns=["winner", "language"]).assign(id=["201"], prompt=["Say hi"]))
+    report = import_data("arena", src, tmp_path / "extra.parquet", tmp_path / "train.parquet", tmp_path / "test.parquet",
+                         task_name="wsdm")
+    out = pd.read_parquet(tmp_path / "extra.parquet")
+    assert report.dropped["a tie (the task has no such class)"] == 2  # no tie in this competition
+    assert report.dropped["same prompt+responses as a train row"] == 1
+    assert "winner" in out.columns and not {"winner_model_a", "winner_tie"} & set(out.columns)
+    assert out.loc[out["source_id"] == "q2", "prompt"].item() == "Hi\n\nHow are you?"  # plain text, turns joined
+    df, _ = load_train(tmp_path / "extra.parquet", task=WSDM)  # reads back as WSDM train rows
+    assert dict(zip(out["source_id"], df["label"])) == {"q1": 0, "q2": 1, "q6": 0}
