@@ -238,13 +238,17 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
 
 
 def kernel_task(kernel_dir: Path):
-    """The task a built kernel is for (its manifest; kernels built before tasks existed are LMSYS's)."""
+    """The task a built kernel is for (its manifest). A kernel built before tasks existed is LMSYS's; one
+    without a readable manifest too (the notebook then stops on it with its own message)."""
     from ..task import get_task
 
-    art = next((d for d in (Path(kernel_dir) / "datasets").iterdir() if (d / MANIFEST).exists()), None)
-    if art is None:
-        raise KKError(f"{kernel_dir} has no artifacts dataset (no datasets/*/{MANIFEST}); rebuild it with kk kernel")
-    return get_task(json.loads((art / MANIFEST).read_text()).get("task", "lmsys"))
+    datasets = Path(kernel_dir) / "datasets"
+    art = next((d for d in datasets.iterdir() if (d / MANIFEST).exists()), None) if datasets.is_dir() else None
+    try:
+        manifest = json.loads((art / MANIFEST).read_text()) if art is not None else {}
+    except (OSError, ValueError):
+        manifest = {}
+    return get_task(manifest.get("task", "lmsys") if isinstance(manifest, dict) else "lmsys")
 
 
 def _report_from_outputs(nb) -> dict:
