@@ -74,18 +74,19 @@ def build_model(arch: str, workdir: Path, vocab_size: int = 8000):
     from transformers import AutoModelForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification
 
     from kagglekit.modeling import quiet_libraries
+    from kagglekit.task import LMSYS  # the benchmarks time LMSYS's three-class head
 
     quiet_libraries()
     if arch == "tiny":
         tiny_tokenizer(workdir, vocab_size)
-        model = AutoModelForSequenceClassification.from_pretrained(workdir / "tiny", num_labels=3)
+        model = AutoModelForSequenceClassification.from_pretrained(workdir / "tiny", num_labels=LMSYS.n_classes)
         return model, model.config.pad_token_id, model.config.vocab_size
     if arch == "deberta-v3-base":
         cfg = DebertaV2Config(
             vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
             max_position_embeddings=512, relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
             share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, max_relative_positions=-1,
-            layer_norm_eps=1e-7, num_labels=3, pad_token_id=0,
+            layer_norm_eps=1e-7, num_labels=LMSYS.n_classes, pad_token_id=0,
         )
         return DebertaV2ForSequenceClassification(cfg), 0, cfg.vocab_size
     raise SystemExit(f"--arch must be tiny or deberta-v3-base (got {arch})")
@@ -216,6 +217,7 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, 
     import torch
 
     import kagglekit.train as train_mod
+    from kagglekit.task import LMSYS
 
     train_mod.evaluate = lambda s, inputs, bar=None: 1.0
     train_mod.save_checkpoint = lambda s: None
@@ -224,7 +226,7 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, 
     s.model = s.ddp_model = model
     s.max_tokens = max_tokens
     s.optimizer = torch.optim.AdamW(train_mod.param_groups(model, tc), lr=tc.lr)
-    inputs = train_mod.FoldInputs(None, None, seqs, np.eye(3)[labels], [[i] for i in range(len(seqs))], None, tc.batch_size)
+    inputs = train_mod.FoldInputs(None, None, seqs, LMSYS.one_hot(labels), [[i] for i in range(len(seqs))], None, tc.batch_size)
     s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))
     s.total_steps = min(s.steps_per_epoch, tc.max_steps) if tc.max_steps else s.steps_per_epoch
     s.scheduler = train_mod._lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)

@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     ready = [(b, *(t.to(device) for t in pad_batch([seqs[i] for i in b], pad_id))) for b in sorted_batches]
 
     def bare_loop():
-        out = np.zeros((len(seqs), 3), dtype=np.float32)
+        out = np.zeros((len(seqs), model.config.num_labels), dtype=np.float32)
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             for b, ids, mask in ready:
                 out[b] = model(input_ids=ids, attention_mask=mask).logits.float().cpu().numpy()

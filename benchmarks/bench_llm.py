@@ -38,11 +38,13 @@ def write_model(path: Path, layers: int, scale: int, device) -> Path:
     from tokenizers import Tokenizer, models
     from transformers import Gemma2Config, Gemma2ForSequenceClassification, PreTrainedTokenizerFast
 
+    from kagglekit.task import LMSYS
+
     dims = dict(GEMMA2_9B, num_hidden_layers=layers)
     if scale > 1:  # a toy of the same shape for CPU smoke runs
         dims.update(hidden_size=3584 // scale * 2, intermediate_size=14336 // scale, num_attention_heads=2, num_key_value_heads=1,
                     head_dim=3584 // scale, vocab_size=2048)
-    cfg = Gemma2Config(**dims, num_labels=3, pad_token_id=0)  # eager attention: Gemma-2 soft-caps its scores
+    cfg = Gemma2Config(**dims, num_labels=LMSYS.n_classes, pad_token_id=0)  # eager attention: Gemma-2 soft-caps its scores
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: a 9B model never exists in fp32
     try:

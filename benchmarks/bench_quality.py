@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, md_table, record
+from kagglekit.task import LMSYS as TASK  # the preference set is written in LMSYS's format: three classes
 
 SHARED = Path(os.environ.get("KK_SHARED_DATA", REPO.parent / "shared" / "data"))
 HH = SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -66,8 +67,8 @@ def _log_loss(p, y):
 
 
 def _swap_aug(x_ab, x_ba, y):
-    """Training rows in both orders, labels mapped (A<->B, tie stays)."""
-    return np.concatenate([x_ab, x_ba]), np.concatenate([y, np.array([1, 0, 2])[y]])
+    """Training rows in both orders, labels mapped by the task's swap (A<->B, tie stays)."""
+    return np.concatenate([x_ab, x_ba]), np.concatenate([y, TASK.swap_labels(y)])
 
 
 def _logistic_oof(x_ab, x_ba, y, fold_of, seed: int) -> np.ndarray:
@@ -77,7 +78,7 @@ def _logistic_oof(x_ab, x_ba, y, fold_of, seed: int) -> np.ndarray:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    out = np.zeros((len(y), 3))
+    out = np.zeros((len(y), TASK.n_classes))
     for k in np.unique(fold_of):
         tr, va = fold_of != k, fold_of == k
         xt, yt = _swap_aug(x_ab[tr], x_ba[tr], y[tr])
@@ -89,12 +90,12 @@ def _logistic_oof(x_ab, x_ba, y, fold_of, seed: int) -> np.ndarray:
         classes = list(model.classes_)
 
         def full(p, classes=classes):
-            q = np.full((len(p), 3), 1e-6)
+            q = np.full((len(p), TASK.n_classes), 1e-6)
             q[:, classes] = p
             return q / q.sum(1, keepdims=True)
 
         p_ab = full(model.predict_proba(x_ab[va]))
-        p_ba = full(model.predict_proba(x_ba[va]))[:, [1, 0, 2]]
+        p_ba = TASK.swap_probs(full(model.predict_proba(x_ba[va])))
         out[va] = (p_ab + p_ba) / 2
     return out
 
@@ -135,9 +136,9 @@ def embedding_features(df, backbone: str, max_length: int = 256, batch_size: int
 
 
 def prior_oof(y, fold_of):
-    out = np.zeros((len(y), 3))
+    out = np.zeros((len(y), TASK.n_classes))
     for k in np.unique(fold_of):
-        counts = np.bincount(y[fold_of != k], minlength=3) + 1e-3
+        counts = np.bincount(y[fold_of != k], minlength=TASK.n_classes) + 1e-3
         out[fold_of == k] = counts / counts.sum()
     return out
 
@@ -246,14 +247,14 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def run_folds(cfg, folds, run_dir: Path, df):
     """Train ``folds`` of ``cfg`` into ``run_dir`` (a fold already trained there with the same resolved config is
-    reused); returns the (n, 3) OOF arrays with and without TTA, in ``df``'s row order, and the metrics per fold."""
+    reused); returns the (n, n_classes) OOF arrays with and without TTA, in ``df``'s row order, and the metrics per fold."""
     import pandas as pd
 
     from kagglekit.config import config_from_dict, read_yaml
     from kagglekit.train import train_fold
 
     pos = {i: n for n, i in enumerate(df["id"])}
-    kk, kk_nt, metrics = np.zeros((len(df), 3)), np.zeros((len(df), 3)), {}
+    kk, kk_nt, metrics = np.zeros((len(df), TASK.n_classes)), np.zeros((len(df), TASK.n_classes)), {}
     for k in folds:
         fd = run_dir / f"fold_{k}"
         # The saved config read by today's code (new keys at their defaults) equal to this one: the fold is reused.
@@ -261,7 +262,7 @@ def run_folds(cfg, folds, run_dir: Path, df):
         metrics[k] = json.loads((fd / "metrics.json").read_text()) if same else train_fold(cfg, k, run_dir, force=True)
         for name, arr in (("oof.csv", kk), ("oof_no_tta.csv", kk_nt)):
             o = pd.read_csv(fd / name, dtype={"id": str})
-            arr[[pos[i] for i in o["id"]]] = o[["winner_model_a", "winner_model_b", "winner_tie"]].to_numpy()
+            arr[[pos[i] for i in o["id"]]] = o[list(TASK.prob_columns)].to_numpy()
     return kk, kk_nt, metrics
 
 

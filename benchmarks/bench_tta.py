@@ -39,12 +39,14 @@ def paired_bootstrap(diff: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tup
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def analyse(run, labels_by_id: dict, shares, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Log losses and paired intervals of one run's OOF rows (see the module docstring)."""
+def analyse(run, labels_by_id: dict, shares, n_boot: int = 2000, seed: int = 0, task=None) -> dict:
+    """Log losses and paired intervals of one run's OOF rows (see the module docstring); ``task``: the run's
+    competition (default LMSYS)."""
     from kagglekit.ensemble import load_run_oof
+    from kagglekit.task import LMSYS
     from kagglekit.tta import merge_passes, uncertain_rows
 
-    rp = load_run_oof(run, "all", labels_by_id)
+    rp = load_run_oof(run, "all", labels_by_id, task=task or LMSYS)
     y = np.array([labels_by_id[i] for i in rp.oof_ids])
     p_ab, p = rp.oof_no_tta, rp.oof
     p_ba = 2 * p - p_ab  # the swapped order, mapped back: exact, since oof.csv = (p_ab + p_ba) / 2
@@ -78,6 +80,7 @@ def main(argv=None) -> dict:
 
     from kagglekit.data import load_train
     from kagglekit.predict import fold_config, trained_folds
+    from kagglekit.task import get_task
 
     shares = [float(s) for s in args.shares.split(",") if s.strip()]
     results, rows = [], []
@@ -87,8 +90,9 @@ def main(argv=None) -> dict:
 
     for run in args.run:
         cfg = fold_config(trained_folds(run, "all")[0][1])
-        train, _ = load_train(args.train or cfg.data.train, cfg.data.bad_rows)
-        res = analyse(Path(run), dict(zip(train["id"], train["label"])), shares, args.boot)
+        task = get_task(cfg.task)
+        train, _ = load_train(args.train or cfg.data.train, cfg.data.bad_rows, task)
+        res = analyse(Path(run), dict(zip(train["id"], train["label"])), shares, args.boot, task=task)
         results.append(res)
         name = Path(run).name
         rows.append([name, "no TTA (A,B only)", "0%", f"{res['none']:.4f}", ci(res["none_vs_full"]), "+0.0000", "0%"])

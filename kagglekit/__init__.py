@@ -1,5 +1,6 @@
 """kagglekit: K-fold LoRA models, swap TTA and offline kernels for Kaggle's LLM
-Classification Finetuning (LMSYS Chatbot Arena) competition.
+Classification Finetuning (LMSYS Chatbot Arena) competition and the WSDM Cup 2025
+Multilingual Chatbot Arena (``get_task("lmsys" | "wsdm")``).
 
 Heavy pieces load lazily: ``from kagglekit import Predictor`` imports torch only then.
 """
@@ -18,6 +19,7 @@ _LAZY = {
     "train_fold": ("kagglekit.train", "train_fold"),
     "Predictor": ("kagglekit.predict", "Predictor"),
     "KKError": ("kagglekit.errors", "KKError"),
+    "get_task": ("kagglekit.task", "get_task"),
 }
 
 __all__ = sorted(_LAZY)

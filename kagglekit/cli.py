@@ -15,7 +15,8 @@ from .errors import KKError
 
 app = typer.Typer(
     name="kk",
-    help="kagglekit: K-fold LoRA models for Kaggle's LLM Classification Finetuning (LMSYS arena) competition.\n\n"
+    help="kagglekit: K-fold LoRA models for Kaggle's LLM Classification Finetuning (LMSYS arena) competition "
+    "and the WSDM Cup 2025 Multilingual Chatbot Arena (task: lmsys | wsdm).\n\n"
     "Typical run: kk make-folds -> kk train --fold all -> kk ensemble -> kk kernel.",
     no_args_is_help=True,
     add_completion=False,
@@ -24,6 +25,13 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a config key, e.g. --set train.lr=1e-4 (repeatable; values are YAML scalars)."
+TASK_HELP = "The competition: lmsys (LLM Classification Finetuning: A/B/tie, log loss, CSV) or wsdm (WSDM Cup multilingual arena: A/B, accuracy, parquet)."
+
+
+def _task(name: str):
+    from .task import get_task
+
+    return get_task(name)
 PREDICT_SET_HELP = ("Inference setting for this prediction only, e.g. --set predict.max_length=8192 --set predict.quantization=8bit "
                     "(predict.* keys only; the folds' config.yaml stays as trained; repeatable).")
 CONFIG_HELP = "YAML config file (see configs/)."
@@ -80,26 +88,33 @@ def describe_os_error(e: OSError) -> str:
 
 @command("make-folds")
 def make_folds_cmd(
-    train: Path = typer.Option(Path("data/train.csv"), "--train", help="Competition train.csv."),
+    train: Path | None = typer.Option(None, "--train", help="Competition train file (default: data/train.csv, or data/train.parquet for wsdm)."),
     k: int = typer.Option(5, "--k", help="Number of folds."),
     seed: int = typer.Option(42, "--seed", help="Shuffling seed: same input, k and seed give a byte-identical file."),
     out: Path = typer.Option(Path("folds/folds.csv"), "--out", help="Where to write id,fold."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing folds file."),
     bad_rows: str = typer.Option("error", "--bad-rows", help="error | skip | repair (salvage cut-off JSON cells)."),
+    task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
+    stratify_language: bool = typer.Option(False, "--stratify-language", help="Keep each language's share even across folds too (wsdm: the language column)."),
 ):
     """Stratified, prompt-grouped K folds -> id,fold CSV.
 
     Example: kk make-folds --train data/train.csv --k 5 --seed 42 --out folds/folds.csv
+    WSDM:    kk make-folds --task wsdm --train data/train.parquet --k 5 --stratify-language
     """
     from .data import load_train
     from .folds import fold_summary, make_folds, write_folds
     from .ui import console, frame_table, info
 
-    df, report = load_train(train, _bad_rows(bad_rows))
+    t = _task(task)
+    if stratify_language and not t.language_column:
+        raise KKError(f"--stratify-language: task {t.name} has no language column")
+    train = train or Path("data") / t.train_file
+    df, report = load_train(train, _bad_rows(bad_rows), t)
     report.print_warnings()
-    folds = make_folds(df, k=k, seed=seed)
+    folds = make_folds(df, k=k, seed=seed, stratify_language=t.language_column if stratify_language else None)
     path = write_folds(folds, out, force=force)
-    console.print(frame_table(f"{k} folds of {train} (class shares)", fold_summary(df, folds), "{:.3f}"))
+    console.print(frame_table(f"{k} folds of {train} (class shares)", fold_summary(df, folds, t), "{:.3f}"))
     info(f"wrote {path}")
 
 
@@ -111,25 +126,28 @@ def _bad_rows(value: str) -> str:
 
 @command("synth")
 def synth_cmd(
-    out: Path = typer.Option(..., "--out", help="CSV file to write."),
+    out: Path = typer.Option(..., "--out", help="File to write: parquet when it ends in .parquet, CSV otherwise."),
     n: int = typer.Option(500, "--n", help="Number of rows."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same file."),
-    test: bool = typer.Option(False, "--test", help="Write a test.csv (no labels, no model names)."),
+    test: bool = typer.Option(False, "--test", help="Write a test file (no labels, no model names)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
 ):
-    """Arena-shaped synthetic data with a learnable signal (for demos and tests).
+    """Arena-shaped synthetic data with a learnable signal (for demos and tests), in the task's shape.
 
     Example: kk synth --n 500 --out data/train.csv
+    WSDM:    kk synth --task wsdm --n 500 --out data/train.parquet
     """
-    from .io import protect_existing, write_csv
+    from .io import protect_existing, write_table
     from .synthetic import make_synthetic
     from .ui import info
 
     if n < 1:
         raise KKError(f"--n must be at least 1 (got {n})")
+    t = _task(task)
     protect_existing(out, force, "file")
-    write_csv(out, make_synthetic(n, seed=seed, with_labels=not test))
-    info(f"wrote {n} rows to {out}")
+    write_table(out, make_synthetic(n, seed=seed, with_labels=not test, task=t))
+    info(f"wrote {n} {t.name} rows to {out}")
 
 
 @command("config")
@@ -192,20 +210,25 @@ def train_cmd(
 def tiny_model_cmd(
     out_dir: Path = typer.Argument(..., help="Folder to write the model and tokenizer to."),
     arch: str = typer.Option("deberta-v2", "--arch", help="deberta-v2 (relative attention, as DeBERTa-v3), or a decoder: llama, qwen2, mistral, gemma2."),
-    train: Path | None = typer.Option(None, "--train", help="Train the tokenizer on this CSV's texts (default: synthetic)."),
+    train: Path | None = typer.Option(None, "--train", help="Train the tokenizer on this file's texts, CSV or parquet (default: synthetic)."),
     vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     hidden: int = typer.Option(64, "--hidden", help="Hidden size."),
     layers: int = typer.Option(2, "--layers", help="Number of layers."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier tiny model in OUT_DIR (never a folder kk tiny-model did not make)."),
+    task: str = typer.Option("lmsys", "--task", help="The classifier head's classes: " + TASK_HELP),
+
 ):
     """Build a tiny random model + tokenizer offline (for tests, demos and CPU smoke runs).
 
     Example: kk tiny-model models/tiny-deberta --train data/train.csv
+    WSDM:    kk tiny-model models/tiny-deberta-wsdm --task wsdm --train data/train.parquet
     """
     from .tiny import build_tiny_model
     from .ui import info
 
-    path = build_tiny_model(out_dir, arch, str(train) if train else None, vocab_size, hidden, layers, force=force)
+    path = build_tiny_model(out_dir, arch, str(train) if train else None, vocab_size, hidden, layers, task=_task(task),
+                            force=force)
+
     info(f"wrote a tiny {arch} model to {path} (load it with model.backbone={path})")
 
 
@@ -213,7 +236,7 @@ def tiny_model_cmd(
 def predict_cmd(
     run: Path = typer.Option(..., "--run", help="Run folder with trained folds."),
     fold: int = typer.Option(..., "--fold", help="Fold to predict with."),
-    test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
+    test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test file (test.csv; test.parquet for wsdm)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation (average (A,B) and mapped-back (B,A))."),
     tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on the fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Override predict.batch_size."),
@@ -227,20 +250,22 @@ def predict_cmd(
     Example: kk predict --run runs/deberta-v3-base --fold 0 --test data/test.csv --threads 4
     At 8-bit and 8192 tokens: kk predict --run runs/gemma2-9b-qlora --fold 0 --set predict.quantization=8bit --set predict.max_length=8192
     """
-    from .predict import PROB_COLUMNS, predict_fold
+    from .predict import predict_fold
     from .ui import console, table
 
     df = predict_fold(run, fold, test, tta="uncertain" if tta and tta_uncertain else tta, batch_size=batch_size, force=force,
                       backbone=backbone, overrides=set_, threads=threads)
-    means = df[list(PROB_COLUMNS)].mean()
+    columns = [c for c in df.columns if c != "id"]  # the task's probability columns
+    means = df[columns].mean()
+
     console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
-                        [[c, float(means[c])] for c in PROB_COLUMNS]))
+                        [[c, float(means[c])] for c in columns]))
 
 
 @command("ensemble")
 def ensemble_cmd(
     run: list[Path] = typer.Option(..., "--run", help="Run folder (repeat to blend several runs, e.g. a DeBERTa and an LLM)."),
-    test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test.csv."),
+    test: Path = typer.Option(Path("data/test.csv"), "--test", help="Competition test file (test.csv; test.parquet for wsdm)."),
     out: Path = typer.Option(Path("submissions/submission.csv"), "--out", help="Submission file to write."),
     folds: str = typer.Option("all", "--folds", help="Folds to use: all, or e.g. 0,2,4."),
     method: str = typer.Option("mean", "--method", help="mean (arithmetic) or geo (geometric, log-space)."),
@@ -258,9 +283,11 @@ def ensemble_cmd(
     set_: list[str] = typer.Option([], "--set", help=PREDICT_SET_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: each fold's predict.threads, 0 = torch's own)."),
 ):
-    """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv.
+    """Average fold probabilities with swap TTA, calibrate on OOF, write submission.csv (the run's task:
+    probabilities for lmsys, id,winner labels by argmax for wsdm).
 
     Example: kk ensemble --run runs/deberta-v3-base --test data/test.csv --out submissions/submission.csv
+    WSDM:    kk ensemble --run runs/wsdm --test data/test.parquet --sample-submission data/sample_submission.csv
     At 8-bit: kk ensemble --run runs/gemma2-9b-qlora --test data/test.csv --set predict.quantization=8bit
     """
     from .ensemble import ensemble
@@ -284,6 +311,7 @@ def distill_labels_cmd(
     backbone: str | None = typer.Option(None, "--backbone", help="Load the teachers' backbone from here instead of the path in their config.yaml."),
     bad_rows: str = typer.Option("error", "--bad-rows", help="Bad rows of the train file: error, skip or repair."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing fold_K.csv files."),
+    task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
 ):
     """Leak-free soft labels for a student: fold K's training rows predicted by the teachers' fold-K models only.
 
@@ -299,7 +327,8 @@ def distill_labels_cmd(
     from .ui import console, info, table
 
     rows = teacher_labels(teacher, train, folds, out, weight, extra, tta=tta, batch_size=batch_size, backbone=backbone,
-                          bad_rows=_bad_rows(bad_rows), force=force, only_folds=None if fold == "all" else parse_fold_list(fold))
+                          bad_rows=_bad_rows(bad_rows), force=force, task_name=_task(task).name,
+                          only_folds=None if fold == "all" else parse_fold_list(fold))
     console.print(table(f"teacher labels in {out} ({len(teacher)} teacher(s))",
                         ["fold", "rows", "extra", "loss: own train rows", "loss: OOF", "max p: train", "max p: OOF"],
                         [[r["fold"], r["rows"], r["extra"], r["in_sample_log_loss"], r["oof_log_loss"], r["in_sample_confidence"],
@@ -314,13 +343,14 @@ def distill_labels_cmd(
 def data_import_cmd(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="arena (chatbot_arena_conversations), ultrafeedback, hh-rlhf or pairs (generic chosen/rejected JSONL)."),
     src: Path = typer.Argument(..., help="The source file: JSON, JSON lines (.gz too) or parquet."),
-    out: Path = typer.Option(..., "--out", help="The train-format CSV to write (for data.extra)."),
+    out: Path = typer.Option(..., "--out", help="The train-format file to write (for data.extra): parquet when it ends in .parquet, CSV otherwise."),
     train: Path | None = typer.Option(Path("data/train.csv"), "--train", help="Drop rows that repeat a row of this train.csv (prompt + both responses, normalised)."),
     test: Path | None = typer.Option(Path("data/test.csv"), "--test", help="Drop rows that repeat a row of this test.csv."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Do not read --train/--test (only rows repeated in the source are dropped)."),
     seed: int = typer.Option(42, "--seed", help="Draws which side (A or B) the chosen response lands on."),
     limit: int | None = typer.Option(None, "--limit", help="Read only the first N records."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+    task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
 ):
     """A public preference set in the competition's train format, deduplicated against train and test; a table of what was dropped and why.
 
@@ -330,7 +360,8 @@ def data_import_cmd(
     from .importers import import_data
     from .ui import console, info, table
 
-    report = import_data(fmt, src, out, None if no_dedup else train, None if no_dedup else test, seed=seed, limit=limit, force=force)
+    report = import_data(fmt, src, out, None if no_dedup else train, None if no_dedup else test, seed=seed, limit=limit, force=force,
+                         task_name=_task(task).name)
     console.print(table(f"{src} ({fmt}): {report.records} record(s)", ["rows", "count"], report.rows()))
     if report.first_malformed:
         info(f"first malformed record: {report.first_malformed}")
@@ -416,7 +447,8 @@ def report_cmd(
     train: Path | None = typer.Option(None, "--train", help="Train file for the OOF labels (default: the run's data.train)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing report."),
 ):
-    """One HTML page: per-fold table, learning curves, reliability diagram, confusion matrix, truncation, ensemble weights.
+    """One HTML page: task, per-fold table, accuracy per language (wsdm), learning curves, reliability diagram,
+    confusion matrix, truncation, ensemble weights.
 
     Example: kk report --run runs/deberta-v3-base --out reports/deberta.html
     """
@@ -432,14 +464,16 @@ def demo_cmd(
     n: int = typer.Option(600, "--n", help="Synthetic training rows."),
     k: int = typer.Option(3, "--k", help="Folds."),
     epochs: int | None = typer.Option(None, "--epochs", help="Override train.epochs of the tiny preset."),
+    task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
 ):
     """The whole pipeline offline on CPU: synthetic data, tiny model, folds, training, ensemble, submission.
 
     Example: kk demo --out /tmp/kk-demo
+    WSDM:    kk demo --task wsdm --out /tmp/kk-demo-wsdm
     """
     from .demo import run_demo
 
-    run_demo(out, n=n, k=k, epochs=epochs)
+    run_demo(out, n=n, k=k, epochs=epochs, task=_task(task))
 
 
 @command("tune")
@@ -494,7 +528,7 @@ def kernel_cmd(
     pin_deps: bool = typer.Option(False, "--pin-deps", help="Bundle the transformers/peft/tokenizers/accelerate wheels the run was trained with."),
     force: bool = typer.Option(False, "--force", help="Rebuild an existing kernel folder."),
     dry_run: Path | None = typer.Option(None, "--dry-run", help="Run this built kernel locally, offline, as Kaggle would."),
-    test: Path | None = typer.Option(None, "--test", help="With --dry-run: test.csv to use (default: synthetic)."),
+    test: Path | None = typer.Option(None, "--test", help="With --dry-run: the test file to use, CSV or parquet (default: synthetic)."),
     python: str | None = typer.Option(None, "--python", help="With --dry-run: run the notebook under this Python (e.g. a venv with Kaggle's package versions)."),
     gpu_factor: float = typer.Option(1.0, "--gpu-factor", help="With --dry-run: how many times faster Kaggle's GPU is than this machine, for the 25k-row estimate."),
     push: Path | None = typer.Option(None, "--push", help="Push this built kernel and its datasets with the kaggle CLI."),

@@ -35,18 +35,21 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    train: str = Field("data/train.csv", description="Competition train.csv (id, prompt, response_a/b, winner_*).")
-    test: str = Field("data/test.csv", description="Competition test.csv (id, prompt, response_a, response_b).")
+    train: str = Field("data/train.csv", description="Competition train file, CSV or parquet by its suffix (lmsys: train.csv with "
+                       "id, prompt, response_a/b, winner_model_a/b/tie; wsdm: train.parquet with id, prompt, response_a/b, winner, language).")
+    test: str = Field("data/test.csv", description="Competition test file (id, prompt, response_a, response_b): test.csv for lmsys, "
+                      "test.parquet for wsdm.")
     folds: str = Field("folds/folds.csv", description="Fold assignment written by `kk make-folds` (id,fold).")
     soft_labels: str | None = Field(
         None, description="Teacher probabilities for the training rows (distillation; the loss is train.distill): a CSV "
-        "id,winner_model_a,winner_model_b,winner_tie, or a per-fold template such as teacher_labels/fold_{fold}.csv "
+        "id + the task's probability columns (lmsys: winner_model_a,winner_model_b,winner_tie; wsdm: winner_model_a,"
+        "winner_model_b), or a per-fold template such as teacher_labels/fold_{fold}.csv "
         "(kk distill-labels writes one file per fold, predicted by the teachers' fold-K models only: no CV leak).",
     )
     extra: list[ExtraData] = Field(
         default_factory=list,
         description="Extra rows added to every fold's training rows (never validated on): [{path: train_extra.csv}] "
-        "with hard labels (kk data import), or [{path: extra.csv, soft_labels: extra_soft.csv}] pseudo-labelled. "
+        "with hard labels in the task's format (CSV or parquet) (kk data import), or [{path: extra.csv, soft_labels: extra_soft.csv}] pseudo-labelled. "
         "Rows that are train rows (same id, or same prompt+responses) are dropped, and a row whose prompt is in "
         "fold K's validation rows never trains fold K (counted in metrics.json).",
     )
@@ -56,10 +59,11 @@ class DataConfig(_Section):
 
 
 class ExtraData(_Section):
-    path: str = Field(..., description="CSV of extra rows: train.csv format (hard labels, winner_* columns; what "
-                      "kk data import writes) or test.csv format (id, prompt, response_a, response_b) with soft_labels.")
+    path: str = Field(..., description="Extra rows, CSV or parquet: the task's train format (hard labels: winner_* columns "
+                      "for lmsys, winner for wsdm; what kk data import writes) or test format (id, prompt, response_a, "
+                      "response_b) with soft_labels.")
     soft_labels: str | None = Field(
-        None, description="CSV id,winner_model_a,winner_model_b,winner_tie (or a fold_{fold} template): a teacher's "
+        None, description="CSV id + the task's probability columns (or a fold_{fold} template): a teacher's "
         "probabilities for those rows; null = the file's own hard labels.",
     )
 
@@ -197,7 +201,8 @@ class TrainConfig(_Section):
                                    "mix with the hard labels: weight and temperature.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0 = once per epoch.")
-    patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement before stopping (0 = never).")
+    patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement of the task's metric "
+                          "(val log loss for lmsys, val accuracy for wsdm) before stopping (0 = never).")
     swap_augment: bool = Field(True, description="Add every training row again with A and B exchanged (label mapped).")
     swap_same_batch: bool = Field(False, description="Put both orders of a pair in the same micro-batch.")
     eval_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when evaluating/predicting.")
@@ -278,9 +283,11 @@ class TuneParam(_Section):
 
 class Config(_Section):
     name: str = Field("experiment", min_length=1, description="Experiment name; the default run folder is runs/<name>.")
-    task: Literal["lmsys"] = Field(
-        "lmsys", description="The competition: columns, classes, A/B swap and metric (kagglekit/task.py). "
-        "lmsys = LLM Classification Finetuning (A/B/tie, log loss).",
+    task: Literal["lmsys", "wsdm"] = Field(
+        "lmsys", description="The competition (kagglekit/task.py): columns, cells, labels, classes, A/B swap, metric, files and "
+        "submission. lmsys = LLM Classification Finetuning (A/B/tie, JSON turn lists, CSV, log loss, probabilities); "
+        "wsdm = WSDM Cup 2025 Multilingual Chatbot Arena (A/B, plain strings, parquet, accuracy with log loss beside, "
+        "id,winner labels).",
     )
     seed: int = Field(42, description="Seed for folds, shuffling, initialisation and dropout.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data lives.")

@@ -1,15 +1,20 @@
-"""Reading the competition's CSV files.
+"""Reading the competition's files, through the task (kagglekit/task.py).
 
-``train.csv``: ``id, model_a, model_b, prompt, response_a, response_b,
+LMSYS ``train.csv``: ``id, model_a, model_b, prompt, response_a, response_b,
 winner_model_a, winner_model_b, winner_tie``; ``test.csv``: ``id, prompt,
 response_a, response_b``. The three text cells are JSON lists of strings, one
-item per turn.
+item per turn. WSDM ``train.parquet``: ``id, prompt, response_a, response_b,
+winner (model_a | model_b), model_a, model_b, language``; the text cells are plain
+strings (one turn). A file is read as parquet (pyarrow) when its name ends in
+``.parquet``, as CSV otherwise, whatever the task.
 
 What is an error (the row is named; with ``bad_rows="skip"`` the row is skipped
 and counted instead, never dropped silently):
-  - a text cell that is not a non-empty JSON list of strings/nulls,
+  - a text cell that is not a non-empty JSON list of strings/nulls (JSON-list tasks),
+    or not a string (plain-text tasks),
   - turn counts that differ between prompt, response_a and response_b,
-  - label columns that are not one-hot (exactly one 1, the rest 0).
+  - label columns that are not one-hot (exactly one 1, the rest 0), or a categorical
+    label that is not one of the task's values.
 Always an error, whatever ``bad_rows`` says: a missing or empty file, a missing
 column, duplicate ids.
 What is only a warning (counted in :class:`LoadReport`, then repaired):
@@ -31,14 +36,19 @@ from typing import Literal
 import pandas as pd
 
 from .errors import KKError
-
-TEXT_COLUMNS = ("prompt", "response_a", "response_b")
-LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
-TRAIN_COLUMNS = ("id", *TEXT_COLUMNS, *LABEL_COLUMNS)
-TEST_COLUMNS = ("id", *TEXT_COLUMNS)
-CLASS_NAMES = ("A", "B", "tie")
+from .task import LMSYS, Task
 
 BadRows = Literal["error", "skip", "repair"]
+
+
+def __getattr__(name: str):
+    """The column constants of the LMSYS-only days, imported from here by older code, are LMSYS's:
+    forwarded from kagglekit.task (``OLD_NAMES``). New code asks the task."""
+    from . import task
+
+    if name in task.OLD_NAMES:
+        return getattr(task, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -153,23 +163,73 @@ def check_unique_header(path: str | os.PathLike) -> None:
         seen.add(name)
 
 
-def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
+def parse_plain(cell) -> tuple[list[str], dict]:
+    """One plain-text cell (a competition whose cells are strings, not JSON lists) as a single turn.
+
+    A missing value (null in parquet) is read as empty text and counted; anything but a string is a
+    ``ValueError`` with a short reason."""
+    stats = {"nulls": 0, "surrogates": 0, "repaired": 0}
+    if cell is None or (isinstance(cell, float) and cell != cell):
+        stats["nulls"] = 1
+        return [""], stats
+    if not isinstance(cell, str):
+        raise ValueError(f"holds a {type(cell).__name__}, not a string")
+    text, fixed = clean_text(cell)
+    stats["surrogates"] += fixed
+    return [text], stats
+
+
+def parse_cell(cell, task: Task = LMSYS, bad_rows: BadRows = "error") -> tuple[list[str], dict]:
+    """A text cell parsed as the task stores it: a JSON list of turns, or one plain string."""
+    if task.cells == "plain":
+        return parse_plain(cell)
+    if not isinstance(cell, str):
+        raise ValueError(f"holds a {type(cell).__name__}, not a JSON list")
+    return parse_turns(cell, bad_rows)
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in (".parquet", ".pq")
+
+
+def read_raw(path: str | os.PathLike, what: str = "data") -> pd.DataFrame:
+    """A CSV (every cell a string, nothing read as NaN) or a parquet file (pyarrow; the file's own
+    types) as it is, with one clear line for a file that cannot be read."""
+    path = Path(path)
     if not path.exists():
         raise KKError(f"{path} does not exist")
     if path.is_dir():
-        raise KKError(f"{path} is a folder, expected a {what} CSV file")
+        raise KKError(f"{path} is a folder, expected a {what} file")
     if path.stat().st_size == 0:
         raise KKError(f"{path} is empty")
+    if is_parquet(path):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise KKError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            return pd.read_parquet(path, engine="pyarrow")
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise KKError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0][:160]})") from None
     check_unique_header(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
         raise KKError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...], what: str) -> pd.DataFrame:
+    """:func:`read_raw` plus the checks every input gets: required columns, at least one row, ids
+    present and unique (ids are strings, as in the file)."""
+    path = Path(path)
+    df = read_raw(path, what)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise KKError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} (a {what} file needs {', '.join(required)})")
     if len(df) == 0:
         raise KKError(f"{path} has a header but no rows")
+    if df["id"].dtype != object or not all(isinstance(v, str) for v in df["id"]):
+        df["id"] = ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in df["id"]]
     ids = df["id"].str.strip()
     if (ids == "").any():
         raise KKError(f"{path}: row {int((ids == '').to_numpy().argmax()) + 1} has an empty id")
@@ -180,27 +240,31 @@ def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
     return df
 
 
-def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train", bad_rows: BadRows = "error"):
-    """Load ``train.csv`` or ``test.csv`` into a frame with parsed turn lists.
+def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train", bad_rows: BadRows = "error",
+               task: Task = LMSYS):
+    """Load a train or test file of ``task``'s competition into a frame with parsed turn lists.
 
     Returns ``(df, report)``. ``df`` has ``id`` (str, as in the file), the three text
-    columns as lists of strings, and for train a ``label`` column (0 = A, 1 = B,
-    2 = tie) plus the one-hot ``winner_*`` columns as ints. Other columns are kept.
+    columns as lists of strings, and for train a ``label`` column (the class index in
+    ``task.class_names`` order: 0 = A, 1 = B, 2 = tie for LMSYS) plus the label columns
+    (one-hot ``winner_*`` as ints, or the categorical ``winner`` as it is). Other columns are kept.
     """
     path = Path(path)
-    required = TRAIN_COLUMNS if kind == "train" else TEST_COLUMNS
-    df = _read_csv(path, required, kind)
+    required = task.train_columns if kind == "train" else task.test_columns
+    df = read_table(path, required, kind)
     report = LoadReport(path=str(path))
-    parsed = {c: [] for c in TEXT_COLUMNS}
+    text_columns = task.text_columns
+    parsed = {c: [] for c in text_columns}
     labels = []
-    for row in df.itertuples(index=False):
-        rid = row.id
+    label_cols = list(task.label_columns)
+    rows = zip(df["id"], *(df[c] for c in text_columns), *((df[c] for c in label_cols) if kind == "train" else ()))
+    for rid, *values in rows:
         try:
             turns = {}
             repaired = 0
-            for col in TEXT_COLUMNS:
+            for col, cell in zip(text_columns, values):
                 try:
-                    turns[col], st = parse_turns(getattr(row, col), bad_rows)
+                    turns[col], st = parse_cell(cell, task, bad_rows)
                 except ValueError as e:
                     raise ValueError(f"column {col} {e}") from None
                 report.null_turns += st["nulls"]
@@ -212,53 +276,40 @@ def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train"
             if len(set(counts.values())) != 1 and not repaired:
                 raise ValueError("turn counts differ: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
             if kind == "train":
-                labels.append(_one_hot_label(row))
+                labels.append(task.label_of(tuple(values[len(text_columns):])))
         except ValueError as e:
             if bad_rows == "error":
                 hint = " (or skip such rows: --bad-rows skip, or data.bad_rows: skip in the config)" if kind == "train" else ""
                 raise KKError(f"{path}: row id {rid}: {e}{hint}") from None
             report.skipped.append((rid, str(e)))
             continue
-        for col in TEXT_COLUMNS:
+        for col in text_columns:
             parsed[col].append(turns[col])
     if report.skipped:
         skipped_ids = {rid for rid, _ in report.skipped}
         df = df[~df["id"].isin(skipped_ids)].reset_index(drop=True)
     if len(df) == 0:
         raise KKError(f"{path}: every row was bad ({len(report.skipped)} skipped; first: id {report.skipped[0][0]}: {report.skipped[0][1]})")
-    for col in TEXT_COLUMNS:
+    for col in text_columns:
         df[col] = pd.Series(parsed[col], index=df.index, dtype=object)
     if kind == "train":
         df["label"] = labels
-        for i, col in enumerate(LABEL_COLUMNS):
-            df[col] = (df["label"] == i).astype(int)
+        for col, values in task.label_cells(df["label"].to_numpy()).items():
+            df[col] = values
     report.rows = len(df)
     return df, report
-
-
-def _one_hot_label(row) -> int:
-    values = []
-    for col in LABEL_COLUMNS:
-        raw = getattr(row, col)
-        try:
-            v = float(raw)
-        except ValueError:
-            raise ValueError(f"label {col}={raw!r} is not a number") from None
-        values.append(v)
-    if sorted(values) != [0.0, 0.0, 1.0]:
-        shown = ", ".join(f"{c}={getattr(row, c)}" for c in LABEL_COLUMNS)
-        raise ValueError(f"labels are not one-hot ({shown})")
-    return values.index(1.0)
 
 
 PROB_TOLERANCE = 1e-3  # rows of a probability file sum to 1 within this (soft labels may be rounded)
 
 
-def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
-    """(ids, (n, 3) array) from a CSV ``id,winner_model_a,winner_model_b,winner_tie``:
-    OOF and test predictions, soft labels: the one reader of probability files. A missing column, no
-    rows, or a row that is not a probability distribution (NaN, infinite, negative, not summing to 1
-    within :data:`PROB_TOLERANCE`) is an error naming the file and the row's id."""
+def read_probs(path: str | os.PathLike, what: str = "probabilities", task: Task = LMSYS) -> tuple:
+    """(ids, (n, n_classes) array) from a CSV ``id`` + the task's probability columns
+    (``winner_model_a,winner_model_b,winner_tie`` for LMSYS): OOF and test predictions, soft labels: the one
+    reader of probability files. A missing column, no rows, or a row that is not a probability distribution
+    (NaN, infinite, negative, not summing to 1 within :data:`PROB_TOLERANCE`) is an error naming the file and
+    the row's id."""
+
     import numpy as np
 
     path = Path(path)
@@ -269,11 +320,11 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
         df = pd.read_csv(path, dtype={"id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise KKError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0][:120]})") from None
-    missing = [c for c in ("id", *LABEL_COLUMNS) if c not in df.columns]
+    missing = [c for c in ("id", *task.prob_columns) if c not in df.columns]
     if missing:
         raise KKError(f"{path}: missing column {', '.join(missing)}")
     try:
-        p = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+        p = df[list(task.prob_columns)].to_numpy(dtype=np.float64)
     except ValueError:
         raise KKError(f"{path}: probability columns hold text, not numbers") from None
     if len(df) == 0:
@@ -289,21 +340,24 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities") -> tuple:
     return df["id"].to_numpy(), p
 
 
-def load_train(path, bad_rows: BadRows = "error"):
-    return load_arena(path, "train", bad_rows)
+def load_train(path, bad_rows: BadRows = "error", task: Task = LMSYS):
+    return load_arena(path, "train", bad_rows, task)
 
 
-def load_test(path, bad_rows: BadRows = "error"):
-    return load_arena(path, "test", bad_rows)
+def load_test(path, bad_rows: BadRows = "error", task: Task = LMSYS):
+    return load_arena(path, "test", bad_rows, task)
 
 
-def swap_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """A/B exchanged: responses swapped, labels mapped (A<->B, tie stays)."""
+def swap_frame(df: pd.DataFrame, task: Task = LMSYS) -> pd.DataFrame:
+    """A/B exchanged: responses swapped, labels mapped by the task's swap (A<->B, a tie stays)."""
     out = df.copy()
     out["response_a"], out["response_b"] = df["response_b"], df["response_a"]
     if "model_a" in df.columns and "model_b" in df.columns:
         out["model_a"], out["model_b"] = df["model_b"], df["model_a"]
     if "label" in df.columns:
-        out["label"] = df["label"].map({0: 1, 1: 0, 2: 2})
-        out["winner_model_a"], out["winner_model_b"] = df["winner_model_b"], df["winner_model_a"]
+        swapped = task.swap_labels(df["label"].to_numpy())
+        out["label"] = pd.Series(swapped, index=df.index).astype(df["label"].dtype)
+        for col, values in task.label_cells(swapped).items():
+            if col in df.columns:
+                out[col] = pd.Series(values, index=df.index).astype(df[col].dtype)
     return out

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KKError
+from .task import LMSYS, Task
 
 FOLD_FIELD = "{fold}"
 
@@ -43,16 +44,16 @@ def soft_label_file(template: str | os.PathLike, fold: int) -> Path:
     return Path(str(template).replace(FOLD_FIELD, str(fold)))
 
 
-def load_soft_labels(path: str | os.PathLike, ids, what: str = "data.soft_labels") -> np.ndarray:
+def load_soft_labels(path: str | os.PathLike, ids, what: str = "data.soft_labels", task: Task = LMSYS) -> np.ndarray:
     """Teacher probabilities for ``ids`` (in that order) from a CSV id + the task's probability columns."""
-    return _lookup(path, ids, what)[0]
+    return _lookup(path, ids, what, task)[0]
 
 
-def _lookup(path, ids, what: str):
+def _lookup(path, ids, what: str, task: Task = LMSYS):
     from .data import read_probs
 
     p = Path(path)
-    soft_ids, soft = read_probs(p, what)
+    soft_ids, soft = read_probs(p, what, task)
     index = {i: n for n, i in enumerate(soft_ids)}
     ids = list(ids)
     missing = [i for i in ids if i not in index]
@@ -65,11 +66,11 @@ def _lookup(path, ids, what: str):
     return probs, index
 
 
-def fold_soft_labels(template: str, fold: int, train_ids, val_ids) -> np.ndarray:
+def fold_soft_labels(template: str, fold: int, train_ids, val_ids, task: Task = LMSYS) -> np.ndarray:
     """The teacher's probabilities for fold ``fold``'s training rows; a warning when the file also covers the
     fold's validation rows, the mark of an OOF file (one teacher model per row, trained on this fold's rows)."""
     path = soft_label_file(template, fold)
-    probs, index = _lookup(path, train_ids, "data.soft_labels")
+    probs, index = _lookup(path, train_ids, "data.soft_labels", task)
     seen = sum(1 for i in val_ids if i in index)
     if seen:
         from .ui import warn
@@ -81,11 +82,10 @@ def fold_soft_labels(template: str, fold: int, train_ids, val_ids) -> np.ndarray
     return probs
 
 
-def swap_labels(labels: np.ndarray, task) -> np.ndarray:
-    """Hard class of each pair with A and B exchanged (-1, no label, stays -1)."""
-    inverse = np.argsort(np.asarray(task.swap))  # swapped one-hot = one_hot[:, swap]: class c moves to inverse[c]
+def swap_labels(labels: np.ndarray, task: Task) -> np.ndarray:
+    """Hard class of each pair with A and B exchanged (the task's swap; -1, no label, stays -1)."""
     labels = np.asarray(labels)
-    return np.where(labels >= 0, inverse[np.clip(labels, 0, None)], -1)
+    return np.where(labels >= 0, task.swap_labels(np.clip(labels, 0, None)), -1)
 
 
 def distill_loss(logits, soft, hard, tc):
@@ -118,16 +118,18 @@ def distill_loss(logits, soft, hard, tc):
 # --- the teachers' side: kk distill-labels -----------------------------------------------------------------------------
 
 
-def _check_teacher_folds(teachers: list[Path], folds_df, fold_ids: list[int], folds_path) -> dict:
+def _check_teacher_folds(teachers: list[Path], folds_df, fold_ids: list[int], folds_path, task: Task = LMSYS) -> dict:
     """{(teacher, fold): fold folder}; every teacher has every fold, and its fold-K model validated on (so never
     trained on) every one of fold K's validation rows."""
     from .data import read_probs
-    from .predict import trained_folds
+    from .predict import fold_config, trained_folds
 
     found = {}
     for run in teachers:
         for k, path in trained_folds(run, fold_ids):
-            oof_ids, _ = read_probs(path / "oof.csv", "teacher OOF")
+            if (path / "config.yaml").exists() and fold_config(path).task != task.name:
+                raise KKError(f"{path} was trained for task {fold_config(path).task}, not {task.name} (--task)")
+            oof_ids, _ = read_probs(path / "oof.csv", "teacher OOF", task)
             val = set(folds_df.loc[folds_df["fold"] == k, "id"])
             unseen = val - set(oof_ids)
             if unseen:
@@ -149,22 +151,22 @@ def _normalised_weights(weights, n: int) -> np.ndarray:
     return w / w.sum()
 
 
-def _extra_frames(paths, train_ids: set):
-    """Extra rows to label too (test or train format); their ids must differ from the train file's and each other."""
+def _extra_frames(paths, train_ids: set, task: Task = LMSYS):
+    """Extra rows to label too (the task's test or train format); their ids must differ from the train file's and each other."""
     import pandas as pd
 
-    from .data import TEST_COLUMNS, load_test
+    from .data import load_test
 
     frames, seen = [], set(train_ids)
     for p in paths:
-        df, report = load_test(p)
+        df, report = load_test(p, task=task)
         report.print_warnings()
         clash = [i for i in df["id"] if i in seen]
         if clash:
             raise KKError(f"{p}: id {clash[0]} is also a train id or in another --extra file ({len(clash)} such ids); "
                           "a soft-label file is keyed by id")
         seen.update(df["id"])
-        frames.append(df[list(TEST_COLUMNS)])
+        frames.append(df[list(task.test_columns)])
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
@@ -174,7 +176,7 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     """Write ``out_dir/fold_K.csv`` for every fold K of ``folds_path`` (or those in ``only_folds``): the teachers'
     fold-K models' probabilities (swap TTA, averaged over teachers in logit space with ``weights``) for fold K's
     training rows and the ``extra`` rows. Returns a row per fold for the report (in-sample vs OOF log loss of the
-    teacher blend)."""
+    teacher blend). ``task_name``: the competition (a teacher trained for another one is refused)."""
     import pandas as pd
 
     from .data import load_train
@@ -191,7 +193,7 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     if not teachers:
         raise KKError("give at least one --teacher run")
     w = _normalised_weights(weights, len(teachers))
-    df, report = load_train(train_path, bad_rows)
+    df, report = load_train(train_path, bad_rows, task)
     report.print_warnings()
     folds = load_folds(folds_path, df["id"])
     folds = folds[folds["id"].isin(set(df["id"]))]
@@ -201,8 +203,8 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
         if unknown:
             raise KKError(f"fold {unknown[0]} is not in {folds_path} (folds: {', '.join(map(str, fold_ids))})")
         fold_ids = sorted(set(only_folds))
-    paths = _check_teacher_folds(teachers, folds, fold_ids, folds_path)   # before any long work
-    extra_df = _extra_frames(extra, set(df["id"]))
+    paths = _check_teacher_folds(teachers, folds, fold_ids, folds_path, task)   # before any long work
+    extra_df = _extra_frames(extra, set(df["id"]), task)
     out_dir = Path(out_dir)
     check_writable(out_dir, f"--out {out_dir}")
     outputs = {k: out_dir / f"fold_{k}.csv" for k in fold_ids}
@@ -224,7 +226,7 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
                 fm = FoldModel(paths[run, k], backbone)
                 probs.append(fm.predict(fold_rows, tta, batch_size, bar, f"{run.name} fold {k}", cache=cache)["probs"])
                 del fm  # one teacher model in memory at a time
-                oofs.append(_oof_on(paths[run, k], df, ~in_train))
+                oofs.append(_oof_on(paths[run, k], df, ~in_train, task))
             blend = combine(probs, w, "geo")  # softmax of the weighted mean log-probability
             if not np.isfinite(blend).all():
                 raise KKError(f"fold {k}: the teachers predicted non-finite probabilities")
@@ -244,10 +246,10 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     return rows
 
 
-def _oof_on(fold_path: Path, df, val_mask) -> np.ndarray:
+def _oof_on(fold_path: Path, df, val_mask, task: Task = LMSYS) -> np.ndarray:
     """The teacher fold's own OOF predictions for this fold's validation rows (in ``df``'s order)."""
     from .data import read_probs
 
-    ids, p = read_probs(fold_path / "oof.csv", "teacher OOF")
+    ids, p = read_probs(fold_path / "oof.csv", "teacher OOF", task)
     pos = {i: n for n, i in enumerate(ids)}
     return p[[pos[i] for i in df["id"][val_mask]]]

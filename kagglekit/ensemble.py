@@ -2,7 +2,10 @@
 
 Out-of-fold predictions are the currency: each run's folds together predict every
 training row once, so weights and a temperature can be fitted on them honestly.
-A calibration is applied only when it lowers the OOF log loss.
+A calibration is applied only when it lowers the OOF log loss. Weights and temperature
+are fitted on log loss whatever the task's metric (accuracy is flat almost everywhere);
+the submission is what the task scores: the probabilities (LMSYS), or the argmax
+class's label (WSDM: ``id,winner``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import numpy as np
 from .data import read_probs
 from .errors import KKError
 from .metrics import accuracy, log_loss
-from .predict import PROB_COLUMNS, trained_folds, warn_missing_folds
+from .predict import trained_folds, warn_missing_folds
+from .task import LMSYS, Task
 
 CLIP = 1e-7
 
@@ -186,7 +190,7 @@ class RunPredictions:
     borrowed: dict | None = None  # a merged run: its OOF is its source folds'; what kk merge recorded of their calibration
 
 
-def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None) -> RunPredictions:
+def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None, task: Task = LMSYS) -> RunPredictions:
     """A run's OOF predictions with their labels. ``skipped``: ids the train file's loader skipped
     (``--bad-rows skip``); their OOF rows are left out instead of being an error."""
     from .predict import read_metrics
@@ -197,9 +201,10 @@ def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None)
         m = read_metrics(path)
         if "merged_from" in m:
             borrowed = m.get("calibration") if isinstance(m.get("calibration"), dict) else {}
-        fid, p = read_probs(path / "oof.csv")
+        fid, p = read_probs(path / "oof.csv", task=task)
+
         nt_path = path / "oof_no_tta.csv"
-        _, pnt = read_probs(nt_path) if nt_path.exists() else (fid, p)
+        _, pnt = read_probs(nt_path, task=task) if nt_path.exists() else (fid, p)
         if skipped:
             keep = np.array([i not in skipped for i in fid], dtype=bool)
             fid, p, pnt = fid[keep], p[keep], pnt[keep]
@@ -222,7 +227,8 @@ def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None)
 
 def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: str, tta: bool, force: bool,
                   test_df=None, backbone: str | None = None, overrides: list[str] | None = None,
-                  threads: int | None = None) -> np.ndarray:
+                  threads: int | None = None, task: Task = LMSYS) -> np.ndarray:
+
     from .predict import predict_fold
 
     fold_probs = []
@@ -231,7 +237,10 @@ def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: s
                           threads=threads)
         if len(df) != len(test_ids) or (df["id"].to_numpy() != test_ids).any():
             raise KKError(f"{rp.run}/fold_{k}/test.csv holds other ids than {test_path}; rerun with --force")
-        p = df[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+        missing = [c for c in task.prob_columns if c not in df.columns]
+        if missing:
+            raise KKError(f"{rp.run}/fold_{k}/test.csv: missing column {', '.join(missing)}; rerun with --force")
+        p = df[list(task.prob_columns)].to_numpy(dtype=np.float64)
         if not np.isfinite(p).all():
             raise KKError(f"{rp.run}/fold_{k}/test.csv has NaN probabilities")
         fold_probs.append(p)
@@ -244,19 +253,28 @@ def finalize_probs(probs: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = "error") -> None:
-    """The format Kaggle scores: exact header, every test id once in order, rows summing to 1, no NaN."""
-    if list(sub.columns) != ["id", *PROB_COLUMNS]:
-        raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(PROB_COLUMNS)}")
+def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = "error", task: Task = LMSYS) -> None:
+    """The format Kaggle scores: exact header, every test id once in order, and the task's values: rows of
+    probabilities summing to 1 with no NaN (LMSYS), or one of the task's labels per row (WSDM)."""
+    columns = task.submission_columns
+    if list(sub.columns) != ["id", *columns]:
+        raise KKError(f"submission header is {list(sub.columns)}, expected id,{','.join(columns)}")
     if len(sub) != len(test_ids) or (sub["id"].astype(str).to_numpy() != np.asarray(test_ids, dtype=str)).any():
         raise KKError("submission ids differ from the test file's ids or order")
-    p = sub[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
-    if not np.isfinite(p).all():
-        raise KKError("submission has NaN probabilities")
-    if np.abs(p.sum(1) - 1).max() > 1e-6 or (p <= 0).any() or (p >= 1).any():
-        raise KKError("submission rows must be probabilities strictly between 0 and 1 summing to 1")
+    if task.submission == "labels":
+        values = sub[columns[0]].astype(str)
+        bad = ~values.isin(task.label_values) | sub[columns[0]].isna()
+        if bad.any():
+            raise KKError(f"submission row id {sub['id'][bad].iloc[0]}: {columns[0]}={sub[columns[0]][bad].iloc[0]!r} "
+                          f"is not one of {', '.join(task.label_values)}")
+    else:
+        p = sub[list(columns)].to_numpy(dtype=np.float64)
+        if not np.isfinite(p).all():
+            raise KKError("submission has NaN probabilities")
+        if np.abs(p.sum(1) - 1).max() > 1e-6 or (p <= 0).any() or (p >= 1).any():
+            raise KKError("submission rows must be probabilities strictly between 0 and 1 summing to 1")
     if sample_submission is not None:
-        sample = read_sample_submission(sample_submission)
+        sample = read_sample_submission(sample_submission, task)
         if set(sample["id"]) != set(sub["id"].astype(str)):
             if ids_mismatch == "warn":
                 # On Kaggle's rerun the hidden test.csv is what is scored; a stale sample must not abort it.
@@ -267,8 +285,8 @@ def check_submission(sub, test_ids, sample_submission=None, ids_mismatch: str = 
                 raise KKError(f"{sample_submission}: ids differ from the test file's")
 
 
-def read_sample_submission(path):
-    """Kaggle's sample_submission.csv, checked: a readable CSV with the submission's columns and at least one row."""
+def read_sample_submission(path, task: Task = LMSYS):
+    """Kaggle's sample_submission.csv, checked: a readable CSV with the task's submission columns and at least one row."""
     import pandas as pd
 
     from .data import check_unique_header
@@ -281,7 +299,7 @@ def read_sample_submission(path):
         sample = pd.read_csv(path, dtype={"id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
         raise KKError(f"sample submission {path}: cannot be read as CSV ({str(e).splitlines()[0][:120]})") from None
-    expected = ["id", *PROB_COLUMNS]
+    expected = ["id", *task.submission_columns]
     if list(sample.columns) != expected:
         raise KKError(f"sample submission {path}: columns {list(sample.columns)[:6]} differ from the submission's ({','.join(expected)})")
     if len(sample) == 0:
@@ -290,14 +308,13 @@ def read_sample_submission(path):
 
 
 def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, sample_submission=None,
-                     ids_mismatch: str = "error") -> Path:
-    """Checked, atomic write; an existing file is renamed with a timestamp unless ``force``."""
-    import pandas as pd
-
+                     ids_mismatch: str = "error", task: Task = LMSYS) -> Path:
+    """Checked, atomic write of the task's submission (probabilities, or argmax labels); an existing file
+    is renamed with a timestamp unless ``force``."""
     from .io import atomic_path, file_lock, protect_existing
 
-    sub = pd.DataFrame({"id": test_ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
-    check_submission(sub, test_ids, sample_submission, ids_mismatch)
+    sub = task.submission_frame(test_ids, probs)
+    check_submission(sub, test_ids, sample_submission, ids_mismatch, task)
     out = Path(out)
     with atomic_path(out) as tmp:
         sub.to_csv(tmp, index=False)
@@ -309,7 +326,7 @@ def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, samp
     return out
 
 
-def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
+def _check_inputs(test_path, sample_submission, out, force: bool, task: Task = LMSYS) -> None:
     from .io import check_writable
 
     for what, p in (("--test", test_path), ("--sample-submission", sample_submission)):
@@ -319,9 +336,9 @@ def _check_inputs(test_path, sample_submission, out, force: bool) -> None:
         if not p.exists():
             raise KKError(f"{what} {p} does not exist")
         if not p.is_file():
-            raise KKError(f"{what} {p} is a folder, expected a CSV file")
+            raise KKError(f"{what} {p} is a folder, expected a file")
     if sample_submission is not None:
-        read_sample_submission(sample_submission)  # a binary or empty file is refused before any prediction
+        read_sample_submission(sample_submission, task)  # a binary or empty file is refused before any prediction
     out = Path(out)
     if out.is_dir():
         raise KKError(f"--out {out} is a folder; give a file name such as {out / 'submission.csv'}")
@@ -343,18 +360,19 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     if not runs:
         raise KKError("give at least one --run")
     runs = [Path(r) for r in runs]
+    task = run_task(runs, folds)  # the runs' competition: its files, its submission
     # Everything that can fail after the long prediction work is checked before it starts.
-    _check_inputs(test_path, sample_submission, out, force)
+    _check_inputs(test_path, sample_submission, out, force, task)
     if folds in (None, "all"):
         for r in runs:
             warn_missing_folds(r, [k for k, _ in trained_folds(r, "all")])
     first_cfg = fold_config(trained_folds(runs[0], folds)[0][1])
     apply_predict_overrides(first_cfg, overrides, "kk ensemble")  # a bad --set fails before the long work
-    train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows)
+    train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows, task)
     train_report.print_warnings()
     labels_by_id = dict(zip(train_df["id"], train_df["label"]))
     skipped = {rid for rid, _ in train_report.skipped}
-    preds = [load_run_oof(r, folds, labels_by_id, skipped) for r in runs]
+    preds = [load_run_oof(r, folds, labels_by_id, skipped, task) for r in runs]
 
     # OOF ids common to every run: runs trained on other folds still compare on the same rows.
     oofs, y, oof_folds = common_oof(preds, labels_by_id, with_folds=True)
@@ -375,15 +393,16 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
 
         protect_existing(oof_out, force, "OOF soft labels")
         ids = sorted(set.intersection(*[set(rp.oof_ids) for rp in preds]))
-        write_csv(oof_out, pd.DataFrame({"id": ids, **{c: calibrated[:, j] for j, c in enumerate(PROB_COLUMNS)}}))
+        write_csv(oof_out, pd.DataFrame({"id": ids, **{c: calibrated[:, j] for j, c in enumerate(task.prob_columns)}}))
 
-    test_df, report = load_test(test_path)
+    test_df, report = load_test(test_path, task=task)
     report.print_warnings()
     test_ids = test_df["id"].to_numpy()
     test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone, overrides,
-                                 threads) for rp in preds]
+                                 threads, task) for rp in preds]
+
     final = finalize_probs(apply_temperature(combine(test_probs, weights, method), temperature))
-    path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission)
+    path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission, task=task)
 
     rows = []
     for rp in preds:
@@ -399,11 +418,31 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
                             [["uncalibrated", cal["uncalibrated"]], ["the rows it was fitted on (in-sample)", cal["in_sample"]],
                              [f"held-out folds (cross-fitted, {cal['folds']} folds)", cal["cross_fitted"]],
                              ["verdict", "kept" if cal["kept"] else "not kept: it does not generalise"]]))
+    if task.language_column and task.language_column in train_df.columns:
+        from .metrics import group_accuracy
+
+        lang = dict(zip(train_df["id"], train_df[task.language_column]))
+        order = sorted(set.intersection(*[set(rp.oof_ids) for rp in preds]))
+        console.print(table(f"out-of-fold accuracy per {task.language_column} (calibrated ensemble)",
+                            [task.language_column, "rows", "accuracy"],
+                            group_accuracy(calibrated, y, [lang[i] for i in order])))
     console.print(
         f"calibration: {cal_note}\nweights {', '.join(f'{w:.3f}' for w in weights)}; temperature {temperature:.3f}; "
-        f"OOF {before:.4f} -> {after:.4f}; wrote {path} ({len(test_ids)} rows)",
+        f"OOF {before:.4f} -> {after:.4f}"
+        + (f" (log loss; OOF {task.metric} {task.metric_value(base, y):.4f} -> {task.metric_value(calibrated, y):.4f})"
+           if task.metric != "log_loss" else "")
+        + f"; wrote {path} ({len(test_ids)} rows)",
         highlight=False,
     )
-    return {"submission": path, "oof_before": before, "oof_after": after, "weights": weights.tolist(), "calibration": cal,
-            "calibration_source": cal_note, "temperature": temperature, "test_probs": final, "test_ids": test_ids,
-            "per_run": preds}
+    return {"submission": path, "task": task.name, "oof_before": before, "oof_after": after, "weights": weights.tolist(),
+            "calibration": cal, "calibration_source": cal_note, "temperature": temperature, "test_probs": final,
+            "test_ids": test_ids, "per_run": preds, "oof_metric": task.metric_value(calibrated, y)}
+
+
+def run_task(runs, folds="all") -> Task:
+    """The task the runs were trained for (every fold's config.yaml); runs of two competitions are an error."""
+    from .predict import fold_config
+    from .task import same_task
+
+    return same_task([fold_config(p).task for r in runs for _, p in trained_folds(r, folds)], "runs")
+

@@ -1,10 +1,12 @@
-"""Other preference data in the competition's format.
+"""Other preference data in a competition's format (the task's: kagglekit/task.py).
 
 Anthropic's HH-RLHF (``{"chosen": transcript, "rejected": transcript}`` per JSON line,
 transcripts of ``"\\n\\nHuman: ..."`` / ``"\\n\\nAssistant: ..."`` turns) becomes arena
 rows: ``prompt`` = the human turns, ``response_a``/``response_b`` = the assistant turns
 of the chosen and the rejected transcript in a random (seeded) order, label = which of
-the two was chosen. No ties. Used by the quality benchmark and its CI test; useful as
+the two was chosen. No ties. The cells and the label are written as the task stores them
+(LMSYS: JSON lists of turns and one-hot ``winner_*``; WSDM: plain strings, turns joined
+by a blank line, and ``winner``). Used by the quality benchmark and its CI test; useful as
 extra (pseudo-labelled or pre-training) data too.
 
 In HH-RLHF the two transcripts share every turn but the last assistant one, so a model
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KKError
+from .task import LMSYS, Task
 
 _TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
@@ -68,8 +71,8 @@ def hh_pairs(path: str | os.PathLike):
                 yield n, prompt, good, bad
 
 
-def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = None):
-    """HH-RLHF pairs as a competition train frame (JSON-list cells, one-hot ``winner_*``)."""
+def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = None, task: Task = LMSYS):
+    """HH-RLHF pairs as a train frame of ``task``'s competition (its cells and label columns)."""
     import pandas as pd
 
     path = Path(path)
@@ -80,16 +83,15 @@ def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = Non
             continue  # transcripts of different shapes: no pairwise comparison
         a_wins = bool(rng.integers(2))
         a, b = (good, bad) if a_wins else (bad, good)
+        label = {c: v[0] for c, v in task.label_cells([0 if a_wins else 1]).items()}  # class 0 = A wins, 1 = B
         rows.append({
             "id": f"hh{n}",
             "model_a": "chosen" if a_wins else "rejected",
             "model_b": "rejected" if a_wins else "chosen",
-            "prompt": json.dumps(prompt, ensure_ascii=False),
-            "response_a": json.dumps(a, ensure_ascii=False),
-            "response_b": json.dumps(b, ensure_ascii=False),
-            "winner_model_a": int(a_wins),
-            "winner_model_b": int(not a_wins),
-            "winner_tie": 0,
+            "prompt": task.encode_cell(prompt),
+            "response_a": task.encode_cell(a),
+            "response_b": task.encode_cell(b),
+            **{c: (int(v) if task.one_hot_labels else v) for c, v in label.items()},
         })
         if limit and len(rows) >= limit:
             break
@@ -98,19 +100,20 @@ def read_hh_rlhf(path: str | os.PathLike, seed: int = 0, limit: int | None = Non
     return pd.DataFrame(rows)
 
 
-def preference_set(hh_path: str | os.PathLike, arena_paths=(), seed: int = 0, limit: int | None = None):
-    """HH-RLHF pairs plus real arena train files (raw cells kept) as one train frame, shuffled."""
+def preference_set(hh_path: str | os.PathLike, arena_paths=(), seed: int = 0, limit: int | None = None, task: Task = LMSYS):
+    """HH-RLHF pairs plus real arena train files of ``task``'s competition (CSV or parquet, raw cells kept)
+    as one train frame, shuffled."""
     import pandas as pd
 
-    from .data import TRAIN_COLUMNS, check_unique_header
+    from .data import read_raw
 
-    frames = [read_hh_rlhf(hh_path, seed=seed, limit=limit)]
+    frames = [read_hh_rlhf(hh_path, seed=seed, limit=limit, task=task)]
+    keep = (*task.train_columns, "model_a", "model_b", *([task.language_column] if task.language_column else []))
     for p in arena_paths:
-        check_unique_header(p)
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-        missing = [c for c in TRAIN_COLUMNS if c not in df.columns]
+        df = read_raw(p, "train")
+        missing = [c for c in task.train_columns if c not in df.columns]
         if missing:
             raise KKError(f"{p}: missing column {', '.join(missing)}")
-        frames.append(df[[c for c in df.columns if c in (*TRAIN_COLUMNS, "model_a", "model_b")]])
+        frames.append(df[[c for c in df.columns if c in keep]])
     out = pd.concat(frames, ignore_index=True)
     return out.sample(frac=1.0, random_state=seed).reset_index(drop=True)

@@ -1,7 +1,7 @@
 """``data.extra`` at training time: extra rows join a fold's training rows, never its validation.
 
-Each file is either hard-labelled (train.csv format, the one-hot label columns; what ``kk data import``
-writes) or pseudo-labelled (any format, with ``soft_labels``: a teacher's probabilities, one file or a
+Each file (CSV or parquet) is either hard-labelled (the task's train format: its label columns; what
+``kk data import`` writes) or pseudo-labelled (any format, with ``soft_labels``: a teacher's probabilities, one file or a
 per-fold template). Before a row trains fold K it must pass three checks, in this order; a row that
 fails one is dropped, counted under that reason, and the counts are printed and kept in metrics.json:
 
@@ -47,21 +47,26 @@ def _read(path: str, bad_rows: str, task):
 
     import pandas as pd
 
-    from .data import load_test, load_train
+    from .data import is_parquet, load_test, load_train
 
     p = Path(path)
     if not p.is_file():
-        raise KKError(f"data.extra: {p} does not exist" if not p.exists() else f"data.extra: {p} is a folder, expected a CSV file")
+        raise KKError(f"data.extra: {p} does not exist" if not p.exists() else f"data.extra: {p} is a folder, expected a file")
     try:
-        header = list(pd.read_csv(p, nrows=0).columns)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise KKError(f"data.extra: {p}: cannot be read as CSV ({str(e).splitlines()[0][:120]})") from None
+        if is_parquet(p):
+            import pyarrow.parquet as pq
+
+            header = list(pq.read_schema(p).names)
+        else:
+            header = list(pd.read_csv(p, nrows=0).columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as e:
+        raise KKError(f"data.extra: {p}: cannot be read ({str(e).splitlines()[0][:120]})") from None
     present = [c for c in task.label_columns if c in header]
     if present and len(present) < len(task.label_columns):
         missing = [c for c in task.label_columns if c not in header]
         raise KKError(f"data.extra: {p} has {', '.join(present)} but not {', '.join(missing)} (hard labels need all of "
                       f"{', '.join(task.label_columns)})")
-    df, report = (load_train if present else load_test)(p, bad_rows)
+    df, report = (load_train if present else load_test)(p, bad_rows, task)
     report.print_warnings()
     return df, bool(present)
 
@@ -105,7 +110,7 @@ def load_extra(cfg, fold: int, train_df, val_df) -> ExtraRows:
             continue
         hard = df["label"].to_numpy() if has_hard else np.full(len(df), -1)
         if extra.soft_labels is not None:
-            soft = fold_soft_labels(extra.soft_labels, fold, df["id"], val_df["id"])
+            soft = fold_soft_labels(extra.soft_labels, fold, df["id"], val_df["id"], task)
         else:
             soft = np.full((len(df), task.n_classes), np.nan)
         frames.append(df[cols])

@@ -80,6 +80,7 @@ class FoldGroup:
         from .io import safetensors_errors
         from .modeling import device_and_dtype, fold_base_weights, inference_weight_dtype, load_backbone, load_tokenizer, quiet_libraries
         from .predict import fold_config
+        from .task import same_task
 
         quiet_libraries()
         self.folds = [Path(p) for p in fold_paths]
@@ -89,6 +90,7 @@ class FoldGroup:
         self.cfgs = {p: fold_config(p) for p in self.folds}
         self.models = {p: c.inference_model() for p, c in self.cfgs.items()}
         cfg0, m0 = self.cfgs[self.folds[0]], self.models[self.folds[0]]
+        self.task = same_task([c.task for c in self.cfgs.values()], "folds of a group")  # one head size for the base
         self.backbone = backbone or fold_base_weights(self.folds[0], m0)
         if device_map:  # inputs go to the first GPU of a split model; accelerate's hooks move activations on
             device = f"cuda:{min(v for v in device_map.values() if isinstance(v, int))}"
@@ -109,7 +111,7 @@ class FoldGroup:
                 # A head of another size in the base checkpoint is expected: each adapter carries its trained head.
                 base = load_backbone(model_cfg, tokenizer, self.device, self.dtype,
                                      inference_weight_dtype(model_cfg, self.device, self.dtype), report_mismatch=False,
-                                     device_map=device_map)
+                                     device_map=device_map, num_labels=self.task.n_classes)
                 for p in self.folds:
                     check_adapter_fits(p, adapter_cfgs[p], base)
                 first = adapter_name(self.folds[0])
@@ -152,7 +154,8 @@ class FoldGroup:
         cfg = self.cfgs[Path(fold_path)]
         return predict_order(self.model, self.formatters[Path(fold_path)], df, swap=swap, rows=rows,
                              batch_size=cfg.predict.batch_size, device=self.device, autocast_dtype=self.dtype,
-                             progress=progress, task=task, cache=cache, max_tokens=cfg.predict.max_tokens)
+                             progress=progress, task=task, cache=cache, max_tokens=cfg.predict.max_tokens,
+                             competition=self.task)
 
     def close(self) -> None:
         """Drop the model and free its memory on its own GPU(s) (:func:`release`)."""

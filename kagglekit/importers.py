@@ -15,8 +15,9 @@ lines, optionally gzipped, or parquet):
   of turns or a list of ``{role, content}`` messages, with an optional ``id``.
 
 For the chosen/rejected layouts the chosen response lands in A or B by a draw from ``seed``. Rows
-become train.csv rows: ``id`` (``<format>-<record number>``), ``source_id``, ``model_a``,
-``model_b``, the text columns as JSON lists of turns, and the one-hot label columns. Dropped, each
+become rows of the task's train format: ``id`` (``<format>-<record number>``), ``source_id``, ``model_a``,
+``model_b``, the text columns as the task stores them (LMSYS: JSON lists of turns; WSDM: plain strings)
+and its label columns (LMSYS: one-hot; WSDM: ``winner``, ties dropped), CSV or parquet by ``--out``'s suffix. Dropped, each
 counted under its reason: records that do not hold a usable comparison (no response, prompts that
 differ between the two sides, an unknown winner, identical chosen and rejected), rows repeated in the
 source, and rows whose prompt and both responses are those of a train or test row
@@ -262,12 +263,12 @@ def read_pairs(fmt: str, src, report: ImportReport, limit: int | None = None):
 # --- import: convert, deduplicate, write ------------------------------------------------------------------------------
 
 
-def _known_keys(path) -> tuple[set, set]:
-    """(pair keys, prompt keys) of a competition file (train or test format)."""
+def _known_keys(path, task) -> tuple[set, set]:
+    """(pair keys, prompt keys) of a competition file (the task's train or test format)."""
     from .data import load_arena
     from .dedup import frame_keys
 
-    df, report = load_arena(path, "test", bad_rows="repair")
+    df, report = load_arena(path, "test", bad_rows="repair", task=task)
     report.print_warnings()
     pairs, prompts = frame_keys(df)
     return set(pairs), set(prompts)
@@ -279,7 +280,7 @@ def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit
     import pandas as pd
 
     from .dedup import pair_key, prompt_key
-    from .io import check_writable, protect_existing, write_csv
+    from .io import check_writable, protect_existing, write_table
     from .task import get_task
 
     task = get_task(task_name)
@@ -289,8 +290,8 @@ def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit
     for what, path in (("--train", train), ("--test", test)):
         if path is not None and not Path(path).is_file():
             raise KKError(f"{what} {path} does not exist: give the competition's file to deduplicate against (or --no-dedup)")
-    train_pairs, train_prompts = _known_keys(train) if train is not None else (set(), set())
-    test_pairs, _ = _known_keys(test) if test is not None else (set(), set())
+    train_pairs, train_prompts = _known_keys(train, task) if train is not None else (set(), set())
+    test_pairs, _ = _known_keys(test, task) if test is not None else (set(), set())
     report = ImportReport(out=str(out))
     rng = np.random.default_rng(seed)
     cls = {name: j for j, name in enumerate(task.class_names)}
@@ -315,16 +316,15 @@ def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit
             a, b, model_a, model_b = b, a, model_b, model_a
             winner = {"A": "B", "B": "A"}.get(winner, winner)
         report.shared_prompts += prompt_key(pair.prompt) in train_prompts
-        label = np.zeros(task.n_classes, dtype=int)
-        label[cls[winner]] = 1
+        label = {c: v[0] for c, v in task.label_cells([cls[winner]]).items()}
         p_col, a_col, b_col = task.text_columns
         rows.append({"id": f"{fmt}-{n}", "source_id": pair.source_id, "model_a": model_a, "model_b": model_b,
-                     p_col: json.dumps(pair.prompt, ensure_ascii=False), a_col: json.dumps(a, ensure_ascii=False),
-                     b_col: json.dumps(b, ensure_ascii=False), **dict(zip(task.label_columns, label.tolist()))})
+                     p_col: task.encode_cell(pair.prompt), a_col: task.encode_cell(a), b_col: task.encode_cell(b),
+                     **{c: (int(v) if task.one_hot_labels else v) for c, v in label.items()}})
     report.kept = len(rows)
     if not rows:
         first = f" (first malformed: {report.first_malformed})" if report.first_malformed else ""
         reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.most_common()) or "the source is empty"
         raise KKError(f"{src}: no usable {fmt} rows of {report.records} record(s): {reasons}{first}")
-    write_csv(out, pd.DataFrame(rows))
+    write_table(out, pd.DataFrame(rows))
     return report

@@ -12,8 +12,7 @@ import numpy as np
 
 from .batching import auto_max_tokens, length_sorted_batches
 from .errors import KKError
-
-SWAP = [1, 0, 2]  # (A, B, tie) of a swapped pair -> the original order
+from .task import LMSYS, Task
 
 
 def pad_segments(segs, width: int):
@@ -50,7 +49,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8, device=None, autocast_dtype=None,
                  progress=None, task=None, sort: bool = True, pad_to: int | None = None, counts: dict | None = None,
                  segs: list | None = None, max_tokens: int | str | None = None) -> np.ndarray:
-    """Logits (n, 3) for token sequences, in input order.
+    """Logits (n, number of labels) for token sequences, in input order.
 
     Rows whose half-precision logits are not finite (fp16 overflow, a known DeBERTa-v3 issue on
     T4) are recomputed one by one truly in fp32 (:func:`kagglekit.modeling.true_fp32`: also for weights
@@ -71,6 +70,7 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     from .ui import warn
 
     device = device or next(model.parameters()).device
+
     if max_tokens == "auto" and seqs:
         max_tokens = inference_budget(model, seqs, pad_id, device, autocast_dtype, segs)
     if sort:
@@ -78,7 +78,7 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     else:
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
     cuda = device.type == "cuda"
-    out = torch.empty((len(seqs), 3), dtype=torch.float32, device=device)
+    out = torch.empty((len(seqs), _num_labels(model)), dtype=torch.float32, device=device)  # the task's classes
 
     def run(idx):
         ids, mask = pad_batch([seqs[i] for i in idx], pad_id, pad_to, pin=cuda)
@@ -107,6 +107,7 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
                 pieces *= 2
                 warn(f"out of GPU memory: inference batches now run in {pieces} pieces "
                      "(a lower predict.max_tokens or predict.batch_size avoids this)")
+
             if progress is not None:
                 progress.advance(task, len(idx))
         bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist() if autocast_dtype is not None else []
@@ -133,6 +134,15 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     return out.cpu().numpy()
 
 
+def _num_labels(model) -> int:
+    """The classifier's number of outputs (the task's classes), from the model's config under any wrapper."""
+    m = getattr(model, "module", model)  # DDP
+    if hasattr(m, "get_base_model"):  # peft
+        m = m.get_base_model()
+    return int(getattr(getattr(m, "config", None), "num_labels", 0))
+
+
+
 def inference_budget(model, seqs, pad_id: int, device, autocast_dtype=None, segs=None) -> int | None:
     """``predict.max_tokens: auto``: the token budget measured with a forward pass of the longest sequence
     (cached on the model per length); None on CPU."""
@@ -156,13 +166,13 @@ def inference_budget(model, seqs, pad_id: int, device, autocast_dtype=None, segs
     return cache[width]
 
 
-def tta_average(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
-    """Average a prediction with its swapped prediction mapped back.
+def tta_average(p_ab: np.ndarray, p_ba: np.ndarray, task: Task = LMSYS) -> np.ndarray:
+    """Average a prediction with its swapped prediction mapped back (the task's swap of the classes).
 
     Exactly swap-equivariant: exchanging A and B in the input exchanges the A and B
     columns of the output, bit for bit (the two terms just trade places in a sum).
     """
-    return (p_ab + p_ba[:, SWAP]) / 2.0
+    return (p_ab + task.swap_probs(p_ba)) / 2.0
 
 
 def order_sequences(formatter, df, swap: bool = False, cache: dict | None = None):
@@ -185,10 +195,11 @@ def order_sequences(formatter, df, swap: bool = False, cache: dict | None = None
 
 def predict_order(model, formatter, df, swap: bool = False, rows=None, batch_size: int = 8, device=None,
                   autocast_dtype=None, progress=None, task=None, cache: dict | None = None,
-                  max_tokens: int | str | None = None, counts: dict | None = None) -> np.ndarray:
+                  max_tokens: int | str | None = None, counts: dict | None = None, competition: Task = LMSYS) -> np.ndarray:
     """Probabilities of one A/B order for ``rows`` of ``df`` (every row when None), in the original class
-    order: a (B,A) prediction is mapped back. Both orders of a row are laid out identically, which keeps
-    the TTA average exactly swap-equivariant. The kernel's passes and :func:`predict_pairs` both run this."""
+    order: a (B,A) prediction is mapped back by ``competition``'s swap of the classes (``task`` is the
+    progress bar's). Both orders of a row are laid out identically, which keeps the TTA average exactly
+    swap-equivariant. The kernel's passes and :func:`predict_pairs` both run this."""
     seqs, stats = order_sequences(formatter, df, swap, cache)
     segs = formatter.segments(stats) if uses_segments(model) else None
     if rows is not None:
@@ -196,39 +207,40 @@ def predict_order(model, formatter, df, swap: bool = False, rows=None, batch_siz
         seqs = [seqs[i] for i in rows]
         segs = [segs[i] for i in rows] if segs is not None else None
     if not len(seqs):
-        return np.zeros((0, len(SWAP)))
+        return np.zeros((0, competition.n_classes))
     p = softmax(infer_logits(model, seqs, formatter.tokenizer.pad_token_id, batch_size, device, autocast_dtype, progress,
                              task, counts=counts, segs=segs, max_tokens=max_tokens))
-    return p[:, SWAP] if swap else p
+    return competition.swap_probs(p) if swap else p
 
 
 def predict_pairs(model, formatter, df, batch_size: int = 8, tta=True, device=None, autocast_dtype=None,
                   progress=None, description: str = "predict", remove_task: bool = False, cache: dict | None = None,
-                  max_tokens: int | str | None = None, tta_share: float = 0.3) -> dict:
+                  max_tokens: int | str | None = None, tta_share: float = 0.3, task: Task = LMSYS) -> dict:
     """Probabilities for a frame of parsed rows (see :func:`kagglekit.data.load_arena`).
 
     Returns ``probs`` (TTA-averaged where the second pass ran), ``probs_ab`` (the given order),
     ``probs_ba`` (swapped, mapped back, for ``tta_rows``; None without TTA), ``tta_rows`` (the rows the
     second pass ran on: every row with ``tta=True``, the ``tta_share`` least confident with
     ``tta="uncertain"``, see :mod:`kagglekit.tta`) and truncation stats.
-    ``cache``: see :func:`order_sequences`; ``max_tokens``: see :func:`infer_logits` (``predict.max_tokens``).
+    ``cache``: see :func:`order_sequences`; ``max_tokens``: see :func:`infer_logits` (``predict.max_tokens``);
+    ``task``: the competition, whose swap maps the (B,A) pass back.
     """
     from .tta import merge_passes, tta_mode, uncertain_rows
 
     mode = tta_mode(tta)
     n = len(df)
     total = n * {"full": 2, "none": 1}.get(mode, 1 + tta_share)
-    task = progress.add_task(description, total=total, status="") if progress is not None else None
+    bar_task = progress.add_task(description, total=total, status="") if progress is not None else None
     counts = {"fp32_rows": 0}
-    run = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, progress=progress, task=task,
-               cache=cache, max_tokens=max_tokens, counts=counts)
+    run = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, progress=progress, task=bar_task,
+               cache=cache, max_tokens=max_tokens, counts=counts, competition=task)
     p_ab = predict_order(model, formatter, df, swap=False, **run)
     _, stats = order_sequences(formatter, df, False, cache)
     rows = None if mode == "full" else uncertain_rows(p_ab, tta_share) if mode == "uncertain" else np.zeros(0, np.int64)
     p_ba = predict_order(model, formatter, df, swap=True, rows=rows, **run) if mode != "none" else None
     probs = merge_passes(p_ab, p_ba, rows)
     if progress is not None and remove_task:
-        progress.remove_task(task)
+        progress.remove_task(bar_task)
     if counts["fp32_rows"]:
         from .ui import warn
 

@@ -80,6 +80,15 @@ def write_csv(path: str | os.PathLike, df, **kwargs) -> None:
         df.to_csv(tmp, index=False, **kwargs)
 
 
+def write_table(path: str | os.PathLike, df) -> None:
+    """A data file as its name says: parquet (pyarrow) for ``.parquet``, CSV otherwise."""
+    if Path(path).suffix.lower() in (".parquet", ".pq"):
+        with atomic_path(path) as tmp:
+            df.to_parquet(tmp, index=False, engine="pyarrow")
+    else:
+        write_csv(path, df)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; swap it in for ``path`` on success.

@@ -137,7 +137,9 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
     from .data import read_probs
     from .io import atomic_dir, claim_output_dir, mark_output_dir, write_json, write_text
     from .modeling import load_backbone, load_tokenizer, quiet_libraries, save_model
-    from .predict import PROB_COLUMNS, fold_config, read_metrics, trained_folds
+    from .predict import fold_config, read_metrics, trained_folds
+    from .task import get_task
+
 
     quiet_libraries()
     if method not in ("factors", "delta"):
@@ -154,8 +156,9 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
         raise KKError("a quantized base cannot take merged weights; use --method factors without --unload")
     check_same_base(found)
     source = [read_metrics(p) for _, p in found]
-    oof = [read_probs(p / "oof.csv", "OOF") for _, p in found]
-    oof_nt = [read_probs(p / "oof_no_tta.csv", "OOF") for _, p in found if (p / "oof_no_tta.csv").exists()]
+    task = get_task(cfg.task)
+    oof = [read_probs(p / "oof.csv", "OOF", task) for _, p in found]
+    oof_nt = [read_probs(p / "oof_no_tta.csv", "OOF", task) for _, p in found if (p / "oof_no_tta.csv").exists()]
     states, adapter_cfg = _load_adapters(found)
     t0 = time.time()
     with atomic_dir(out) as tmp:
@@ -171,7 +174,7 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
             shutil.copy2(found[0][1] / "adapter_config.json", dst / "adapter_config.json")
             tokenizer.save_pretrained(dst)
         else:
-            model = load_backbone(cfg.model, tokenizer, torch.device("cpu"))
+            model = load_backbone(cfg.model, tokenizer, torch.device("cpu"), num_labels=get_task(cfg.task).n_classes)
             params = dict(model.named_parameters())
             if method == "delta":
                 for path, delta in lora_deltas(states, adapter_cfg).items():
@@ -195,15 +198,17 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
         def frame(parts):
             ids = np.concatenate([i for i, _ in parts])
             probs = np.concatenate([p for _, p in parts])
-            return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+            return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(task.prob_columns)}})
 
         frame(oof).to_csv(dst / "oof.csv", index=False)
         if len(oof_nt) == len(oof):
             frame(oof_nt).to_csv(dst / "oof_no_tta.csv", index=False)
         calibration, check = _judge_against_source(run_dir, found, cfg, tmp, check_rows)
         write_json(dst / "metrics.json", {
-            "fold": 0, "generation": uuid.uuid4().hex, "merged_from": str(run_dir), "source_folds": [k for k, _ in found],
-            "method": method, "unloaded": bool(method == "delta" or unload), "oof": "the source folds' OOF, not this model's own",
+            "fold": 0, "task": cfg.task, "generation": uuid.uuid4().hex, "merged_from": str(run_dir),
+            "source_folds": [k for k, _ in found], "method": method, "unloaded": bool(method == "delta" or unload),
+            "oof": "the source folds' OOF, not this model's own",
+
             "val_log_loss": float(np.average([m["val_log_loss"] for m in source], weights=[m["n_val"] for m in source])),
             "n_val": int(sum(m["n_val"] for m in source)), "merge_s": merge_s, "versions": source[0].get("versions"),
             # what kk ensemble applies to this model instead of fitting on OOF it did not produce
@@ -217,12 +222,14 @@ def _judge_against_source(run_dir, found, cfg, merged, check_rows: int) -> tuple
     on ``check_rows`` OOF rows); either is None, with a warning, when the train file cannot be read."""
     from .data import load_train
     from .ensemble import calibrate, load_run_oof
+    from .task import get_task
     from .ui import warn
 
+    task = get_task(cfg.task)
     try:
-        train_df, report = load_train(cfg.data.train, cfg.data.bad_rows)
+        train_df, report = load_train(cfg.data.train, cfg.data.bad_rows, task=task)
         labels = dict(zip(train_df["id"], train_df["label"]))
-        rp = load_run_oof(run_dir, [k for k, _ in found], labels, {rid for rid, _ in report.skipped})
+        rp = load_run_oof(run_dir, [k for k, _ in found], labels, {rid for rid, _ in report.skipped}, task=task)
     except (KKError, OSError) as e:
         warn(f"kk merge: no calibration carried over and no comparison with the fold ensemble: {e}")
         return None, None
@@ -267,12 +274,18 @@ def compare_with_folds(run_dir, merged, test_path=None, folds="all", rows=None) 
     of ``test_path`` (or the parsed ``rows``): mean and max |p_merged - p_folds|, a single fold's mean distance
     from the ensemble for scale, and the speed-up of one pass instead of K."""
     from .data import load_test
-    from .predict import FoldModel, trained_folds
+    from .predict import FoldModel, fold_config, trained_folds
+    from .task import get_task
 
-    df = rows if rows is not None else load_test(test_path)[0]
+    if rows is not None:
+        df = rows
+    else:
+        found = trained_folds(run_dir, folds)
+        df, _ = load_test(test_path, task=get_task(fold_config(found[0][1]).task))
     t = time.time()
     parts = [FoldModel(p).predict(df)["probs"] for _, p in trained_folds(run_dir, folds)]
     ens = np.mean(parts, axis=0)
+
     t_folds = time.time() - t
     t = time.time()
     one = FoldModel(Path(merged) / "fold_0").predict(df)["probs"]

@@ -1,8 +1,11 @@
-"""Log loss, accuracy and swap diagnostics on (n, 3) probability arrays."""
+"""Log loss, accuracy and swap diagnostics on (n, n_classes) probability arrays (classes in the task's
+order; the first two are always "A wins" and "B wins")."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from .task import LMSYS
 
 EPS = 1e-15
 
@@ -17,15 +20,24 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == labels).mean())
 
 
-def per_class_accuracy(probs: np.ndarray, labels: np.ndarray, names=("A", "B", "tie")) -> dict:
+def per_class_accuracy(probs: np.ndarray, labels: np.ndarray, names=LMSYS.class_names) -> dict:
     pred = probs.argmax(axis=1)
     return {n: float((pred[labels == i] == i).mean()) if (labels == i).any() else float("nan") for i, n in enumerate(names)}
 
 
-def prior_log_loss(labels: np.ndarray) -> float:
+def prior_log_loss(labels: np.ndarray, n_classes: int = LMSYS.n_classes) -> float:
     """The log loss of always predicting the class shares: the bar a model must clear."""
-    shares = np.bincount(labels, minlength=3) / len(labels)
+    shares = np.bincount(labels, minlength=n_classes) / len(labels)
     return log_loss(np.tile(shares, (len(labels), 1)), labels)
+
+
+def group_accuracy(probs: np.ndarray, labels: np.ndarray, groups) -> list[tuple[str, int, float]]:
+    """(group, rows, accuracy) per value of ``groups`` (a language column), most rows first."""
+    groups = np.asarray(groups, dtype=object)
+    hit = probs.argmax(axis=1) == labels
+    names, counts = np.unique(groups.astype(str), return_counts=True)
+    order = sorted(zip(names, counts), key=lambda nc: (-nc[1], nc[0]))
+    return [(str(g), int(c), float(hit[groups.astype(str) == g].mean())) for g, c in order]
 
 
 def swap_flip_rate(p_ab: np.ndarray, p_ba_mapped: np.ndarray) -> float:

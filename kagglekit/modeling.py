@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .errors import KKError
+from .task import LMSYS, get_task
 
 # LoRA targets per architecture. For DeBERTa-v2/v3 the encoder's projections and
 # dense layers; the pattern is anchored on the encoder so that the pooler's dense
@@ -142,15 +143,15 @@ def _quantization_config(kind: str, compute_dtype):
 FP32_INFERENCE_MAX_BYTES = 2 * 1024**3
 
 
-def count_parameters(name_or_path: str) -> int | None:
-    """Parameters of a backbone from its config alone (instantiated on the meta device: no weights
-    read, no memory used); None when its config cannot be read here."""
+def count_parameters(name_or_path: str, num_labels: int = LMSYS.n_classes) -> int | None:
+    """Parameters of a backbone with a head of ``num_labels`` (the task's classes) from its config alone
+    (instantiated on the meta device: no weights read, no memory used); None when its config cannot be read here."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
         conf = AutoConfig.from_pretrained(name_or_path)
-        conf.num_labels = 3
+        conf.num_labels = num_labels
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(conf)
     except (OSError, ValueError, KeyError):
@@ -276,10 +277,10 @@ def _device_index(device) -> int | str:
 
 
 def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight_dtype=None, report_mismatch: bool = True,
-                  device_map=None, packing: bool = False):
-    """AutoModelForSequenceClassification with 3 labels from ``model_cfg.backbone`` (or ``model.init_from``'s full
-    weights); ``weight_dtype`` loads the weights in that dtype (inference of big models) instead of fp32. A head whose
-    size differs from the checkpoint's is re-initialised, in one line when ``report_mismatch``. ``device_map``: one
+                  device_map=None, packing: bool = False, num_labels: int = LMSYS.n_classes):
+    """AutoModelForSequenceClassification with ``num_labels`` outputs (the task's classes) from ``model_cfg.backbone``
+    (or ``model.init_from``'s full weights); ``weight_dtype`` loads the weights in that dtype (inference of big models)
+    instead of fp32. A head whose size differs from the checkpoint's is re-initialised, in one line when ``report_mismatch``. ``device_map``: one
     model over several GPUs (``{module: gpu index}``, the kernel's split plan) instead of ``device``. ``packing``: it
     will train on packed rows (see :func:`attention_implementation`)."""
     import torch
@@ -295,10 +296,11 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
         conf = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise KKError(f"cannot load {what} {source!r}: {str(e).splitlines()[0]}") from None
-    # ignore_mismatched_sizes: a head of another size (a reward model's 1 logit) is re-initialised, not an error;
+    # ignore_mismatched_sizes: a head of another size (a reward model's 1 logit, the other competition's classes) is re-initialised, not an error;
     # output_loading_info says which weights those were.
-    kwargs = {"num_labels": 3, "ignore_mismatched_sizes": True, "output_loading_info": True,
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True, "output_loading_info": True,
               "attn_implementation": attention_implementation(conf, device, packing)}
+
     if weight_dtype is not None and qconf is None:
         kwargs["dtype"] = weight_dtype
     if qconf is not None:
@@ -364,7 +366,9 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
     init = init_source(cfg.model)
     if init is not None and init[0] == "adapter" and not cfg.lora.enabled:
         raise KKError(f"model.init_from {init[1]} is a LoRA fold: continue it with lora.enabled=true")
-    model = load_backbone(cfg.model, tokenizer, device, autocast_dtype, packing=cfg.train.packing)
+    model = load_backbone(cfg.model, tokenizer, device, autocast_dtype, packing=cfg.train.packing,
+                          num_labels=get_task(cfg.task).n_classes)
+
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -474,6 +478,7 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
     """A fold's trained model for inference: backbone + adapter (merged), or full weights."""
 
     fold_dir = Path(fold_dir)
+    n_labels = get_task(cfg.task).n_classes
     tokenizer = load_tokenizer(str(fold_dir))
     if (fold_dir / "adapter_config.json").exists():
         from peft import PeftModel
@@ -486,7 +491,7 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
         model_cfg = cfg.model.model_copy(update={"backbone": backbone or fold_base_weights(fold_dir, cfg.model), "init_from": None})
         # A head of another size in the base checkpoint is expected here: the fold's adapter carries the trained one.
         base = load_backbone(model_cfg, tokenizer, device, autocast_dtype, inference_weight_dtype(model_cfg, device, autocast_dtype),
-                             report_mismatch=False)
+                             report_mismatch=False, num_labels=n_labels)
         check_adapter_fits(fold_dir, adapter_cfg, base)
         with safetensors_errors(fold_dir / "adapter_model.safetensors"):
             model = PeftModel.from_pretrained(base, str(fold_dir))
@@ -499,7 +504,8 @@ def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str
 
         with safetensors_errors(fold_dir):
             attn = attention_implementation(AutoConfig.from_pretrained(str(fold_dir)))
-            model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=3, attn_implementation=attn)
+            model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=n_labels, attn_implementation=attn)
+
         model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.model.pooling != "cls":
             # The pooling wrapper's weights (and the pooler under it) are saved under the wrapper's names:
@@ -646,7 +652,7 @@ def _classifier(model):
 
 
 def packed_logits(model, seqs, device):
-    """Logits (len(seqs), 3) of sequences run as ONE padding-free row.
+    """Logits (len(seqs), number of labels) of sequences run as ONE padding-free row.
 
     The rows are concatenated and ``position_ids`` restart at 0 for each; with no attention mask,
     transformers builds a block-diagonal causal mask from the restarts (SDPA/eager) or passes the

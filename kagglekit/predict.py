@@ -1,6 +1,6 @@
 """`kk predict`: one fold's test probabilities, with swap TTA and length-sorted batches.
 
-Each fold writes ``fold_K/test.csv`` (id + the three probabilities) and
+Each fold writes ``fold_K/test.csv`` (id + the task's class probabilities) and
 ``fold_K/test.json`` (which test file, by sha256, whether TTA was on, the inference settings, and
 which training of the fold made it: its generation), so that ensembling never re-runs a model that
 already predicted the same file, and never reuses another model's. Inference settings other than
@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KKError
-
-PROB_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+from .task import get_task, same_task
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -161,6 +160,8 @@ class FoldModel:
             import torch
 
             torch.set_num_threads(threads)
+        self.task = get_task(self.cfg.task)
+
         model_cfg = self.cfg.inference_model()
         self.device, self.dtype = device_and_dtype(precision or model_cfg.precision, device)
         try:
@@ -184,7 +185,7 @@ class FoldModel:
 
         return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
                              self.device, self.dtype, progress, description, cache=cache,
-                             max_tokens=self.cfg.predict.max_tokens, tta_share=self.cfg.predict.tta_share)
+                             max_tokens=self.cfg.predict.max_tokens, tta_share=self.cfg.predict.tta_share, task=self.task)
 
     def release(self) -> None:
         """Free the model's memory now (the next fold can load into it); the object cannot predict afterwards."""
@@ -196,7 +197,8 @@ class FoldModel:
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_size: int | None = None, force: bool = False,
                  backbone: str | None = None, test_df=None, overrides: list[str] | None = None, threads: int | None = None):
-    """Test probabilities of one fold as a frame ``id, winner_model_a, winner_model_b, winner_tie``.
+    """Test probabilities of one fold as a frame ``id`` + the task's probability columns
+    (``winner_model_a, winner_model_b, winner_tie`` for LMSYS).
 
     Reuses the cached prediction when the same training of the fold (its generation) made it from the same
     test file with the same TTA and inference settings (unless ``force``). ``overrides``: ``--set predict.*``
@@ -209,8 +211,10 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
     from .ui import progress
 
     (k, path), = trained_folds(run_dir, [fold])
+    task = get_task(fold_config(path).task)
     if not Path(test_path).is_file():
-        raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists() else f"{test_path} is a folder, expected test.csv")
+        raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists()
+                      else f"{test_path} is a folder, expected {task.test_file}")
     sha = file_sha256(test_path)
     cfg = inference_config(path, overrides)  # a --set typo fails here, before any model loads
     if tta == "uncertain":  # the cache must tell the share apart too
@@ -219,13 +223,13 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
     generation = fold_generation(path)  # read before the weights: a retrain swapped in later is seen below
     expected = cache_key(sha, tta, cfg, generation)
     if not force:
-        cached = _cached_prediction(out_path, meta_path, expected)
+        cached = _cached_prediction(out_path, meta_path, expected, task)
         if cached is not None:
             return cached
     check_writable(path, f"fold {k}")
     with file_lock(path / ".predict.lock", f"fold {k} of {run_dir} (kk predict)"):
         if test_df is None:
-            test_df, report = load_test(test_path)
+            test_df, report = load_test(test_path, task=task)
             report.print_warnings()
         fm = FoldModel(path, backbone, overrides=overrides, threads=threads)
         with progress() as bar:
@@ -234,7 +238,7 @@ def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_si
         probs = res["probs"]
         if not np.isfinite(probs).all():
             raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
-        out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+        out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(task.prob_columns)}})
         # `kk train --force` swaps a retrained fold in by renaming folders: if that happened while this model
         # predicted, these are the old model's probabilities and the folder at `path` is the new fold's.
         _check_generation(path, generation, f"fold {k} of {run_dir}")
@@ -274,7 +278,7 @@ def _check_generation(path: Path, generation: str, what: str) -> None:
                       "not written: run kk predict again")
 
 
-def _cached_prediction(out_path: Path, meta_path: Path, expected: dict):
+def _cached_prediction(out_path: Path, meta_path: Path, expected: dict, task):
     """The cached fold prediction when its test.json matches every entry of ``expected`` (:func:`cache_key`), else None."""
     import pandas as pd
 
@@ -296,11 +300,11 @@ def _cached_prediction(out_path: Path, meta_path: Path, expected: dict):
         warn(f"{out_path} does not match {meta_path}; predicting again")
         return None
     try:
-        ids, probs = read_probs(out_path, "fold test predictions")
+        ids, probs = read_probs(out_path, "fold test predictions", task)
     except KKError as e:
         warn(f"{e}; predicting again")
         return None
-    return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(PROB_COLUMNS)}})
+    return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(task.prob_columns)}})
 
 
 class Predictor:
@@ -322,6 +326,9 @@ class Predictor:
         self.fold_models = fold_models  # FoldModel objects, or fold folders loaded one at a time
         self.tta = tta
         self.backbone = backbone
+        self.task = same_task([fm.task.name if isinstance(fm, FoldModel) else fold_config(Path(fm)).task for fm in fold_models],
+                              "folds")
+
 
     @classmethod
     def from_run(cls, run_dir, folds="all", tta: bool = True, backbone: str | None = None) -> Predictor:
@@ -348,4 +355,4 @@ class Predictor:
         if not (len(df["prompt"][0]) == len(df["response_a"][0]) == len(df["response_b"][0])):
             raise KKError("prompt, response_a and response_b must have the same number of turns")
         probs = self.predict_frame(df)[0]
-        return {c: float(probs[j]) for j, c in enumerate(PROB_COLUMNS)}
+        return {c: float(probs[j]) for j, c in enumerate(self.task.prob_columns)}

@@ -3,10 +3,12 @@
 Reads CSV and JSON only (metrics.json, train_log.csv, oof.csv of every fold, the train file's labels):
 no model, no torch. Figures are matplotlib PNGs embedded as base64, so the page is one file:
 
+- the task (competition) and its metric;
 - per-fold and overall table: log loss with and without TTA, accuracy, swap flip rate, class prior;
+- accuracy per language, where the task has a language column (WSDM);
 - learning curves: train and validation loss per step, per fold;
-- a reliability diagram of the OOF probabilities (all three classes, 10 bins);
-- the confusion matrix of the OOF argmax;
+- a reliability diagram of the OOF probabilities (every class of the task, 10 bins);
+- the confusion matrix of the OOF argmax (classes x classes);
 - truncation: the share of each field kept, per fold;
 - the ensemble's cross-fitted weights and temperature, as `kk ensemble` would fit them.
 """
@@ -21,8 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KKError
-
-CLASSES = ("A", "B", "tie")
 
 
 def _png(fig) -> str:
@@ -46,18 +46,22 @@ def _table(columns, rows) -> str:
 def collect(runs: list, train_path=None) -> dict:
     """Everything the report shows, from the runs' files."""
     from .data import load_train
-    from .ensemble import load_run_oof
+    from .ensemble import load_run_oof, run_task
     from .predict import fold_config, read_metrics, trained_folds, warn_missing_folds
+
 
     runs = [Path(r) for r in runs]
     first = fold_config(trained_folds(runs[0])[0][1])
-    train_df, _ = load_train(train_path or first.data.train, first.data.bad_rows)
+    task = run_task(runs)
+    train_df, _ = load_train(train_path or first.data.train, first.data.bad_rows, task)
     labels = dict(zip(train_df["id"], train_df["label"]))
-    out = {"runs": []}
+    lang = task.language_column if task.language_column in train_df.columns else None
+    out = {"runs": [], "task": task, "groups": dict(zip(train_df["id"], train_df[lang])) if lang else None}
     for r in runs:
         found = trained_folds(r)
         warn_missing_folds(r, [k for k, _ in found])  # a fold without metrics.json is named, not left out silently
-        rp = load_run_oof(r, "all", labels)
+        rp = load_run_oof(r, "all", labels, task=task)
+
         folds = []
         for k, path in found:
             log = _train_log(path / "train_log.csv") if (path / "train_log.csv").exists() else None
@@ -93,6 +97,8 @@ def _figures(data: dict) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     figs = {}
+    classes = data["task"].class_names
+    n = len(classes)
     # learning curves
     fig, axes = plt.subplots(1, len(data["runs"]), figsize=(6 * len(data["runs"]), 3.6), squeeze=False)
     for ax, run in zip(axes[0], data["runs"]):
@@ -114,7 +120,7 @@ def _figures(data: dict) -> dict[str, str]:
         p, y = run["oof"], run["y"]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         bins = np.linspace(0, 1, 11)
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(classes):
             conf, hit = p[:, c], (y == c).astype(float)
             idx = np.clip(np.digitize(conf, bins) - 1, 0, 9)
             xs = [conf[idx == b].mean() for b in range(10) if (idx == b).any()]
@@ -125,14 +131,14 @@ def _figures(data: dict) -> dict[str, str]:
         ax1.set_xlabel("predicted probability")
         ax1.set_ylabel("observed frequency")
         ax1.legend()
-        cm = np.zeros((3, 3), dtype=int)
+        cm = np.zeros((n, n), dtype=int)
         np.add.at(cm, (y, p.argmax(1)), 1)
         ax2.imshow(cm, cmap="Blues")
-        for i in range(3):
-            for j in range(3):
+        for i in range(n):
+            for j in range(n):
                 ax2.text(j, i, str(cm[i, j]), ha="center", va="center")
-        ax2.set_xticks(range(3), CLASSES)
-        ax2.set_yticks(range(3), CLASSES)
+        ax2.set_xticks(range(n), classes)
+        ax2.set_yticks(range(n), classes)
         ax2.set_xlabel("predicted")
         ax2.set_ylabel("true")
         ax2.set_title("confusion matrix (OOF argmax)")
@@ -161,13 +167,14 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
     """Write the HTML report for ``runs`` to ``out`` (atomically); returns the path."""
     from .ensemble import choose_calibration, common_oof
     from .io import protect_existing, write_text
-    from .metrics import accuracy, log_loss
+    from .metrics import accuracy, group_accuracy, log_loss
 
     if not runs:
         raise KKError("give at least one --run")
     out = Path(out)
     protect_existing(out, force, "report")
     data = collect(runs, train_path)
+    task = data["task"]
     figs = _figures(data)
     rows = []
     for run in data["runs"]:
@@ -176,31 +183,42 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
             rows.append([run["run"].name, f["fold"], m.get("n_val", ""), m.get("val_log_loss_no_tta", ""), m.get("val_log_loss", ""),
                          m.get("val_accuracy", ""), m.get("swap_flip_rate", ""), m.get("prior_log_loss", "")])
         p, pnt, y = run["oof"], run["oof_no_tta"], run["y"]
-        prior = np.bincount(y, minlength=3) / len(y)
+        prior = np.bincount(y, minlength=task.n_classes) / len(y)
         rows.append([run["run"].name, "all", len(y), log_loss(pnt, y), log_loss(p, y), accuracy(p, y),
                      float(np.mean([f["metrics"].get("swap_flip_rate", np.nan) for f in run["folds"]])),
                      log_loss(np.tile(prior, (len(y), 1)), y)])
     labels_by_id = {i: c for run in data["runs"] for i, c in zip(run["rp"].oof_ids, run["y"])}
     oofs, y, folds = common_oof([run["rp"] for run in data["runs"]], labels_by_id, with_folds=True)
-    weights, t, _, cal, note = choose_calibration([run["rp"] for run in data["runs"]], oofs, y, folds)
+    weights, t, calibrated, cal, note = choose_calibration([run["rp"] for run in data["runs"]], oofs, y, folds)
     cal_rows = [["source", note], ["temperature", float(t)]]
     if cal is not None:
         cal_rows = [["uncalibrated", cal["uncalibrated"]], ["in-sample", cal["in_sample"]],
                     [f"cross-fitted ({cal['folds']} folds)", cal["cross_fitted"]], *cal_rows,
                     ["verdict", "kept" if cal["kept"] else "not kept"]]
+
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>kagglekit report</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
         f"<h1>kagglekit report: {html.escape(', '.join(r['run'].name for r in data['runs']))}</h1>",
+        f"<p>task: {html.escape(task.name)} ({html.escape(task.title)}); metric: {html.escape(task.metric.replace('_', ' '))}"
+        f"{'' if task.metric == 'log_loss' else ' (log loss beside it)'}; {task.n_classes} classes: "
+        f"{html.escape(', '.join(task.class_names))}</p>",
         "<h2>Out-of-fold results</h2>",
         _table(["run", "fold", "rows", "log loss (no TTA)", "log loss (TTA)", "accuracy", "swap flip rate", "class prior"], rows),
         "<h2>Ensemble calibration (cross-fitted)</h2>",
         _table(["run", "weight"], [[r["run"].name, float(w)] for r, w in zip(data["runs"], weights)]),
         _table(["judged on", "log loss"], cal_rows),
-        "<h2>Learning curves</h2>", f"<img alt='learning curves' src='data:image/png;base64,{figs['curves']}'>",
+
     ]
+    if data["groups"] is not None:
+        # Per language: the calibrated ensemble of the runs, on the OOF rows they share.
+        order = sorted(set.intersection(*[set(run["rp"].oof_ids) for run in data["runs"]]))  # common_oof's order
+        per = group_accuracy(calibrated, y, [data["groups"][i] for i in order])
+        parts += [f"<h2>Accuracy per {html.escape(task.language_column)} (OOF ensemble)</h2>",
+                  _table([task.language_column, "rows", "accuracy"], per)]
+    parts += ["<h2>Learning curves</h2>", f"<img alt='learning curves' src='data:image/png;base64,{figs['curves']}'>"]
     for run in data["runs"]:
         parts += [f"<h2>Calibration and errors: {html.escape(run['run'].name)}</h2>",
                   f"<img alt='reliability and confusion' src='data:image/png;base64,{figs['calibration-' + run['run'].name]}'>"]

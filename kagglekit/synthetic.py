@@ -6,6 +6,10 @@ a simple content rule a small model can learn: a response that contains
 "quality" words beats one that contains "hedging" words; two hedging responses tie.
 A share of labels is flipped at random so the task is not trivially separable.
 Deterministic for a seed.
+
+The shape follows the task: LMSYS rows have JSON-list cells and one-hot ``winner_*``
+columns; WSDM rows have plain-string cells (one turn), a ``winner`` column (model_a /
+model_b, no tie: two bad responses are decided at random) and a ``language`` column.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from .data import LABEL_COLUMNS
+from .task import LMSYS, Task
 
 FILLER = (
     "the a of to and in is that it for on with as was this be by are from or an at have not "
@@ -27,6 +31,9 @@ FILLER = (
 GOOD = "excellent thorough accurate precise detailed insightful helpful correct".split()
 BAD = "unsure sorry cannot unclear wrong vague incomplete refuse".split()
 EMOJI = ["😀", "🚀", "🎉", "👍", "🤖", "🌍", "🔥", "✨"]
+# WSDM's languages, roughly in the shares of its train set (English about half).
+LANGUAGES = ["English", "Russian", "Chinese", "Vietnamese", "German", "Spanish", "Japanese", "Korean"]
+LANGUAGE_P = [0.52, 0.13, 0.1, 0.06, 0.06, 0.05, 0.05, 0.03]
 MODELS = ["gpt-4-1106-preview", "claude-2.1", "llama-2-70b-chat", "mixtral-8x7b-instruct", "gemini-pro", "vicuna-13b"]
 
 
@@ -69,19 +76,23 @@ def make_synthetic(
     long_p: float = 0.05,
     null_p: float = 0.02,
     repeat_prompt_p: float = 0.1,
+    task: Task = LMSYS,
 ) -> pd.DataFrame:
-    """``n`` rows in the competition's CSV format (text cells as JSON strings)."""
+    """``n`` rows in the competition's format (text cells as JSON strings or plain strings, as ``task``
+    stores them); :func:`kagglekit.io.write_table` writes them as CSV or parquet."""
     if n < 1:
         raise ValueError("n must be at least 1")
+    plain = task.cells == "plain"
     rng = np.random.default_rng(seed)
     ids = rng.choice(np.arange(10_000, 10_000 + 50 * n), size=n, replace=False)
     rows = []
+    labels = []
     prompts: list[list[str]] = []
     for i in range(n):
         if prompts and rng.random() < repeat_prompt_p:
             prompt = prompts[int(rng.integers(0, len(prompts)))]
         else:
-            turns = 1 if rng.random() < 0.75 else int(rng.integers(2, 5))
+            turns = 1 if plain or rng.random() < 0.75 else int(rng.integers(2, 5))  # plain cells: one turn
             prompt = [_text(rng, int(rng.integers(3, 40))) + "?" for _ in range(turns)]
             prompts.append(prompt)
         label = int(rng.choice(3, p=[0.35, 0.34, 0.31]))
@@ -101,20 +112,26 @@ def make_synthetic(
                     resp[t] = None
         if rng.random() < noise:
             label = int(rng.integers(0, 3))
+        if label >= task.n_classes:
+            label = int(rng.integers(0, task.n_classes))  # no ties in this competition: the judge picks one
         models = rng.choice(MODELS, size=2, replace=False)
         row = {
-            "id": int(ids[i]),
+            "id": f"{int(ids[i]):08x}" if plain else int(ids[i]),
             "model_a": str(models[0]),
             "model_b": str(models[1]),
-            "prompt": json.dumps(prompt),
-            "response_a": json.dumps(resp_a),
-            "response_b": json.dumps(resp_b),
+            # Plain cells are one string (None where the turn is null, as a parquet null); else JSON lists.
+            "prompt": prompt[0] if plain else json.dumps(prompt),
+            "response_a": resp_a[0] if plain else json.dumps(resp_a),
+            "response_b": resp_b[0] if plain else json.dumps(resp_b),
         }
-        if with_labels:
-            for j, col in enumerate(LABEL_COLUMNS):
-                row[col] = int(label == j)
+        if task.language_column:
+            row[task.language_column] = str(rng.choice(LANGUAGES, p=LANGUAGE_P))
         rows.append(row)
+        labels.append(label)
     df = pd.DataFrame(rows)
     if not with_labels:
-        df = df[["id", "prompt", "response_a", "response_b"]]
-    return df
+        return df[list(task.test_columns)]
+    for col, values in task.label_cells(labels).items():
+        df[col] = values
+    extra = [c for c in df.columns if c not in task.train_columns]
+    return df[[*task.train_columns, *extra]] if plain else df

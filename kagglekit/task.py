@@ -1,18 +1,28 @@
-"""What is specific to one competition, in one place: columns, classes, the A/B swap, the metric.
+"""What is specific to one competition, in one place: columns, cells, labels, classes, the A/B swap,
+the metric, the files and the submission.
 
 kagglekit serves a family of Kaggle "which response wins" competitions. Everything that differs
 between them lives in a :class:`Task`; the rest of the code asks the task instead of hard-coding
-three classes or the LMSYS column names. Chosen in the config (``task: lmsys``) and recorded in
-every run.
+three classes or the LMSYS column names. Chosen in the config (``task: lmsys | wsdm``) and recorded
+in every run (config.yaml, metrics.json), in the kernel's manifest and in reports.
 
 - ``lmsys``: LLM Classification Finetuning (LMSYS Chatbot Arena): 3 classes (A, B, tie),
-  one-hot ``winner_model_a/b/tie`` columns, text cells are JSON lists of turns, log loss.
+  one-hot ``winner_model_a/b/tie`` columns, text cells are JSON lists of turns, CSV files,
+  log loss; the submission is the three probabilities.
+- ``wsdm``: WSDM Cup 2025 Multilingual Chatbot Arena: 2 classes (A, B; no tie), one label column
+  ``winner`` holding ``model_a`` / ``model_b``, text cells are plain strings (one turn), a
+  ``language`` column, parquet files, accuracy; the submission is ``id,winner`` (argmax labels).
 
-New code takes the task from the config: ``get_task(cfg.task)``.
+Log loss is always reported beside a task's own metric, and ensemble weights and temperatures are
+always fitted on log loss (accuracy has no gradient and ties everywhere).
+
+New code takes the task from the config, ``get_task(cfg.task)``, or is handed it (a ``task``
+argument defaulting to :data:`LMSYS` where a function has no config). There is no global state.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,13 +33,31 @@ from .errors import KKError
 @dataclass(frozen=True)
 class Task:
     name: str
+    title: str  # the competition's name, for help texts and reports
+    competition: str  # Kaggle slug: the kernel's competition source and its input folder
     text_columns: tuple[str, ...]  # prompt, first response, second response
-    label_columns: tuple[str, ...]  # one-hot label columns of train.csv, in class order
-    prob_columns: tuple[str, ...]  # probability columns of OOF/test/soft-label files and the submission
+    label_columns: tuple[str, ...]  # one-hot label columns in class order, or the one categorical label column
+    prob_columns: tuple[str, ...]  # probability columns of OOF/test/soft-label files (and a probability submission)
     class_names: tuple[str, ...]  # short names for tables (A, B, tie)
     swap: tuple[int, ...]  # class j of a pair with A and B exchanged is class swap[j] of the original
     metric: str  # what early stopping, tuning and reports optimise: "log_loss" or "accuracy"
-    cells: str = "json_turns"  # how text cells are stored: JSON lists of turns, or plain strings
+    cells: str = "json_turns"  # how text cells are stored: "json_turns" (JSON lists of turns) or "plain" (one string)
+    label_values: tuple[str, ...] = ()  # a categorical label: the label column's value of each class; () = one-hot
+    train_file: str = "train.csv"  # the competition's file names (the reader itself goes by the suffix)
+    test_file: str = "test.csv"
+    submission: str = "probs"  # "probs": id + prob_columns; "labels": id + the label column (argmax, label_values)
+    language_column: str | None = None  # a column to stratify folds by and to break accuracy down by
+
+    def __post_init__(self):
+        n = len(self.class_names)
+        if sorted(self.swap) != list(range(n)) or len(self.prob_columns) != n:
+            raise ValueError(f"task {self.name}: swap and prob_columns must cover the {n} classes")
+        if self.label_values and (len(self.label_columns) != 1 or len(self.label_values) != n):
+            raise ValueError(f"task {self.name}: a categorical label is one column with a value per class")
+        if not self.label_values and len(self.label_columns) != n:
+            raise ValueError(f"task {self.name}: one-hot labels need a column per class")
+
+    # --- classes ---------------------------------------------------------------------------------------------------
 
     @property
     def n_classes(self) -> int:
@@ -43,9 +71,104 @@ class Task:
         """Probabilities of the swapped pair mapped back to the original order (and vice versa)."""
         return probs[:, list(self.swap)]
 
+    def swap_labels(self, labels) -> np.ndarray:
+        """Class indices of the pairs with A and B exchanged."""
+        inverse = np.argsort(self.swap)  # class i of the original is class inverse[i] of the swapped pair
+        return inverse[np.asarray(labels, dtype=np.int64)]
+
+    # --- columns and cells -----------------------------------------------------------------------------------------
+
+    @property
+    def one_hot_labels(self) -> bool:
+        return not self.label_values
+
+    @property
+    def train_columns(self) -> tuple[str, ...]:
+        return ("id", *self.text_columns, *self.label_columns)
+
+    @property
+    def test_columns(self) -> tuple[str, ...]:
+        return ("id", *self.text_columns)
+
+    def label_of(self, raw_values: tuple) -> int:
+        """The class index of one row from the raw values of its label columns; ValueError with a short
+        reason when they are not a label (not one-hot; not one of label_values)."""
+        if not self.one_hot_labels:
+            col, raw = self.label_columns[0], raw_values[0]
+            value = "" if raw is None else str(raw).strip()
+            if value not in self.label_values:
+                raise ValueError(f"label {col}={raw!r} is not one of {', '.join(self.label_values)}")
+            return self.label_values.index(value)
+        values = []
+        for col, raw in zip(self.label_columns, raw_values):
+            try:
+                values.append(float(raw))
+            except (TypeError, ValueError):
+                raise ValueError(f"label {col}={raw!r} is not a number") from None
+        if sorted(values) != [0.0] * (self.n_classes - 1) + [1.0]:
+            shown = ", ".join(f"{c}={r}" for c, r in zip(self.label_columns, raw_values))
+            raise ValueError(f"labels are not one-hot ({shown})")
+        return values.index(1.0)
+
+    def label_cells(self, labels) -> dict:
+        """The label columns of a train file for these class indices: one-hot ints, or the categorical values."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if self.one_hot_labels:
+            return {c: (labels == j).astype(int) for j, c in enumerate(self.label_columns)}
+        return {self.label_columns[0]: np.asarray(self.label_values, dtype=object)[labels]}
+
+    def encode_cell(self, turns: list[str]) -> str:
+        """A text cell as this competition's files store it: a JSON list of turns, or one plain string
+        (turns joined by a blank line: a plain-text competition has one turn; more are context)."""
+        if self.cells == "plain":
+            return "\n\n".join("" if t is None else t for t in turns)
+        return json.dumps(turns, ensure_ascii=False)
+
+    # --- metric ----------------------------------------------------------------------------------------------------
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    def metric_value(self, probs: np.ndarray, labels) -> float:
+        from .metrics import accuracy, log_loss
+
+        return (accuracy if self.metric == "accuracy" else log_loss)(probs, np.asarray(labels))
+
+    def improves(self, loss: float, value: float, best_loss: float, best_value: float | None) -> bool:
+        """Whether an evaluation (log loss, task metric) beats the best so far. Log loss: lower wins.
+        Accuracy: higher wins, and at equal accuracy the lower log loss (small validation sets tie often);
+        an evaluation whose log loss is not finite never wins."""
+        if self.metric == "log_loss":
+            return loss < best_loss
+        if not np.isfinite(loss):  # NaN probabilities still have an argmax: never keep such a model
+            return False
+        return best_value is None or value > best_value or (value == best_value and loss < best_loss)
+
+    # --- submission ------------------------------------------------------------------------------------------------
+
+    @property
+    def submission_columns(self) -> tuple[str, ...]:
+        return self.prob_columns if self.submission == "probs" else self.label_columns
+
+    def submission_frame(self, ids, probs: np.ndarray):
+        """The submission as Kaggle scores it: probabilities, or the argmax class's label value."""
+        import pandas as pd
+
+        if self.submission == "probs":
+            return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(self.prob_columns)}})
+        return pd.DataFrame({"id": ids, **self.label_cells(np.asarray(probs).argmax(axis=1))})
+
+    def sample_submission(self, ids):
+        """A frame shaped like the competition's sample_submission.csv (uniform probabilities, or the first label)."""
+        n = len(ids)
+        return self.submission_frame(ids, np.full((n, self.n_classes), 1.0 / self.n_classes))
+
 
 LMSYS = Task(
     name="lmsys",
+    title="LLM Classification Finetuning (LMSYS Chatbot Arena)",
+    competition="llm-classification-finetuning",
     text_columns=("prompt", "response_a", "response_b"),
     label_columns=("winner_model_a", "winner_model_b", "winner_tie"),
     prob_columns=("winner_model_a", "winner_model_b", "winner_tie"),
@@ -54,11 +177,49 @@ LMSYS = Task(
     metric="log_loss",
 )
 
-TASKS: dict[str, Task] = {t.name: t for t in (LMSYS,)}
+WSDM = Task(
+    name="wsdm",
+    title="WSDM Cup 2025 Multilingual Chatbot Arena",
+    competition="wsdm-cup-multilingual-chatbot-arena",
+    text_columns=("prompt", "response_a", "response_b"),
+    label_columns=("winner",),
+    prob_columns=("winner_model_a", "winner_model_b"),
+    class_names=("A", "B"),
+    swap=(1, 0),
+    metric="accuracy",
+    cells="plain",
+    label_values=("model_a", "model_b"),
+    train_file="train.parquet",
+    test_file="test.parquet",
+    submission="labels",
+    language_column="language",
+)
+
+TASKS: dict[str, Task] = {t.name: t for t in (LMSYS, WSDM)}
+
+# LMSYS's columns and classes under their old names, for code written before tasks existed
+# (``from kagglekit.data import LABEL_COLUMNS`` is forwarded here). New code asks the task instead.
+TEXT_COLUMNS = LMSYS.text_columns
+LABEL_COLUMNS = LMSYS.label_columns
+PROB_COLUMNS = LMSYS.prob_columns
+CLASS_NAMES = LMSYS.class_names
+TRAIN_COLUMNS = LMSYS.train_columns
+TEST_COLUMNS = LMSYS.test_columns
+OLD_NAMES = ("TEXT_COLUMNS", "LABEL_COLUMNS", "PROB_COLUMNS", "CLASS_NAMES", "TRAIN_COLUMNS", "TEST_COLUMNS")
 
 
-def get_task(name: str = "lmsys") -> Task:
+def get_task(name: str | Task = "lmsys") -> Task:
+    if isinstance(name, Task):
+        return name
     try:
         return TASKS[name]
     except KeyError:
         raise KKError(f"task {name!r} is not known (known: {', '.join(TASKS)})") from None
+
+
+def same_task(names, what: str = "runs") -> Task:
+    """The one task of several runs (or folds); mixing competitions is an error."""
+    tasks = {get_task(n).name for n in names}
+    if len(tasks) > 1:
+        raise KKError(f"the {what} belong to different tasks ({', '.join(sorted(tasks))}); combine runs of one competition")
+    return get_task(tasks.pop() if tasks else "lmsys")

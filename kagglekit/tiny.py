@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .errors import KKError
+from .task import LMSYS, Task
 
 ARCHS = ("deberta-v2", "llama", "qwen2", "mistral", "gemma2")
 DECODERS = ("llama", "qwen2", "mistral", "gemma2")
@@ -21,7 +22,11 @@ DECODERS = ("llama", "qwen2", "mistral", "gemma2")
 def _corpus(train_csv: str | None, n_synthetic: int = 800) -> list[str]:
     import pandas as pd
 
-    if train_csv:
+    if train_csv and str(train_csv).lower().endswith((".parquet", ".pq")):
+        from .data import read_raw
+
+        df = read_raw(train_csv)
+    elif train_csv:
         df = pd.read_csv(train_csv, dtype=str, keep_default_na=False)
     else:
         from .synthetic import make_synthetic
@@ -34,7 +39,7 @@ def _corpus(train_csv: str | None, n_synthetic: int = 800) -> list[str]:
         for cell in df[col]:
             try:
                 turns = json.loads(cell)
-            except ValueError:
+            except (TypeError, ValueError):  # a plain-text cell (WSDM), or a null one
                 turns = [cell]
             texts.extend(t for t in (turns if isinstance(turns, list) else [turns]) if isinstance(t, str) and t)
     from .formatting import END_MARKER, HEADERS, TURN_SEP
@@ -86,12 +91,15 @@ def build_tiny_model(
     heads: int = 2,
     max_positions: int = 1024,
     seed: int = 0,
+    task: Task = LMSYS,
     force: bool = False,
 ) -> Path:
-    """Write a tiny ``arch`` model + tokenizer to ``out_dir``; returns the path.
+    """Write a tiny ``arch`` model + tokenizer to ``out_dir``, its head sized for ``task``'s classes;
+    returns the path. ``train_csv``: a train file (CSV or parquet) whose texts the tokenizer learns.
 
     A non-empty ``out_dir`` is refused (a mistyped path must not overwrite a real backbone); ``force`` replaces
     only an earlier tiny model. The folder is written whole, then swapped in."""
+
     if arch not in ARCHS:
         raise KKError(f"--arch must be one of {', '.join(ARCHS)} (got {arch!r})")
     import torch
@@ -124,7 +132,7 @@ def build_tiny_model(
             pos_att_type=["p2c", "c2p"],
             position_biased_input=False,
             pooler_hidden_size=hidden,
-            num_labels=3,
+            num_labels=task.n_classes,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.cls_token_id,
             eos_token_id=tok.sep_token_id,
@@ -151,7 +159,7 @@ def build_tiny_model(
             num_key_value_heads=heads,
             intermediate_size=hidden * 2,
             max_position_embeddings=max_positions,
-            num_labels=3,
+            num_labels=task.n_classes,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,

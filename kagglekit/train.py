@@ -1,15 +1,16 @@
 """`kk train`: one model per fold, read top to bottom.
 
 For fold K: train on the other folds, evaluate on fold K with swap TTA, keep the
-best adapter by validation log loss, and leave a self-contained run folder::
+best adapter by the task's metric (validation log loss for LMSYS, accuracy for WSDM,
+log loss breaking ties), and leave a self-contained run folder::
 
     runs/<experiment>/fold_K/
       adapter_config.json, adapter_model.safetensors, tokenizer files
       config.yaml      the fully resolved config (the fold can be rebuilt from it)
-      metrics.json     val log loss (with/without TTA), accuracy, swap flip rate, timing, truncation
-      oof.csv          id,winner_model_a,winner_model_b,winner_tie for the fold's validation ids (TTA)
+      metrics.json     task, val log loss (with/without TTA), accuracy, swap flip rate, timing, truncation
+      oof.csv          id + the task's probability columns for the fold's validation ids (TTA)
       oof_no_tta.csv   the same in the given A/B order only
-      train_log.csv    step, epoch, lr, train loss, val loss when evaluated
+      train_log.csv    step, epoch, lr, train loss, val loss (and the task's metric) when evaluated
       checkpoint/      only while unfinished: what --resume needs
 """
 
@@ -30,6 +31,7 @@ import numpy as np
 from .batching import plan_batches
 from .config import Config
 from .errors import KKError
+from .task import Task, get_task
 
 
 class Interrupted(KKError):
@@ -53,6 +55,7 @@ class Progress:
     step: int = 0  # optimizer steps done
     samples: int = 0
     best_loss: float = float("inf")
+    best_metric: float | None = None  # the task's metric at the best evaluation (accuracy tasks choose by it)
     best_step: int = 0
     bad_evals: int = 0
     evals: int = 0
@@ -82,7 +85,7 @@ def load_fold_frames(cfg: Config, fold: int):
     from .data import load_train
     from .folds import load_folds, select_fold
 
-    df, report = load_train(cfg.data.train, cfg.data.bad_rows)
+    df, report = load_train(cfg.data.train, cfg.data.bad_rows, get_task(cfg.task))
     report.print_warnings()
     folds = load_folds(cfg.data.folds, df["id"])
     train_ids, val_ids = select_fold(folds, fold, cfg.data.folds)
@@ -214,8 +217,8 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
                on_eval=None, on_step=None) -> dict:
     """Train one fold; returns its metrics (also written to metrics.json).
 
-    ``on_eval(step, val_loss)`` is called after every evaluation (``kk tune`` reports
-    to Optuna and prunes there); ``on_step(step)`` after every optimizer step.
+    ``on_eval(step, value)`` is called after every evaluation with the task's metric (val log loss for
+    LMSYS, val accuracy for WSDM; ``kk tune`` reports it to Optuna and prunes there); ``on_step(step)`` after every optimizer step.
     """
     out = fold_dir(run_dir_for(cfg, run_dir), fold)
     rank, world, _ = distributed()
@@ -305,7 +308,6 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
 
     from .distill import fold_soft_labels, swap_labels
     from .extra import load_extra
-    from .task import get_task
 
     tc, task = cfg.train, get_task(cfg.task)
     train_df, val_df = load_fold_frames(cfg, fold)
@@ -313,7 +315,7 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
     # mixes the two (train.distill). A per-fold file holds labels made without fold K's validation rows.
     labels = train_df["label"].to_numpy()
     if cfg.data.soft_labels:
-        targets = fold_soft_labels(cfg.data.soft_labels, fold, train_df["id"], val_df["id"])
+        targets = fold_soft_labels(cfg.data.soft_labels, fold, train_df["id"], val_df["id"], task)
     else:
         targets = np.full((len(train_df), task.n_classes), np.nan)
     # Extra rows join the training rows only: never validated on, and never one that is a train row or shares a
@@ -329,8 +331,8 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
     n = len(seqs)
     units = [[i] for i in range(n)]
     if tc.swap_augment:
-        # Each pair again with A and B exchanged and the label mapped (A<->B, tie stays):
-        # the model cannot learn a position bias, and the data doubles for free.
+        # Each pair again with A and B exchanged and the label mapped by the task's swap (A<->B, a tie
+        # stays): the model cannot learn a position bias, and the data doubles for free.
         seqs_ba, trunc_ba = fmt.sequences(enc, swap=True)
         seqs = seqs + seqs_ba
         if segs is not None:
@@ -372,6 +374,7 @@ class Session:
     rng: object = None  # torch RNG state at the start of the current optimizer step
     last_checkpoint: float = 0.0
     max_tokens: int = 0  # token budget of a micro-batch (train.max_tokens resolved); 0 = train.batch_size rows
+    last_metric: float | None = None  # the task's metric at the last evaluation
     eval_fmt: object = None  # the validation's formatter: predict.max_length, as the test rows will be formatted
     max_packed: int = 0  # train.packing: the longest packed row (0 = no cap; see packed_cap)
     pieces: int = 1  # each micro-batch runs in this many pieces (after an out-of-memory error, or on a smaller GPU)
@@ -383,6 +386,10 @@ class Session:
     @property
     def ckpt_dir(self) -> Path:
         return self.work / "checkpoint"
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.cfg.task)
 
 
 def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
@@ -804,17 +811,21 @@ def check_resumed_progress(s: Session, inputs: FoldInputs) -> None:
 
 
 def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
-    """Validation log loss with swap TTA; the best adapter so far is what the fold keeps."""
+    """Validation log loss with swap TTA (returned), and the task's metric (``s.last_metric``: log loss
+    again for LMSYS, accuracy for WSDM); the best adapter so far by the task's metric is what the fold keeps."""
     from .metrics import log_loss
     from .modeling import save_model
 
-    state, loss = s.state, None
+    state, loss, value, task = s.state, None, None, s.task
     res = predict_validation(s, inputs.val_df, bar)
     if s.main:
         val_df = inputs.val_df
-        loss = log_loss(res["probs"], val_df["label"].to_numpy())
-        if loss < state.best_loss:
-            state.best_loss, state.best_step, state.bad_evals = loss, state.step, 0
+        labels = val_df["label"].to_numpy()
+        loss = log_loss(res["probs"], labels)
+        value = task.metric_value(res["probs"], labels)
+        if task.improves(loss, value, state.best_loss, state.best_metric):
+            state.best_loss, state.best_metric, state.best_step, state.bad_evals = loss, value, state.step, 0
+
             s.best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
             save_model(s.model, s.tokenizer, s.work)
         else:
@@ -823,10 +834,11 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     if s.world > 1:  # every rank takes rank 0's verdict, so early stopping is decided once
         import torch.distributed as dist
 
-        shared = [loss, state.best_loss, state.best_step, state.bad_evals]
+        shared = [loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals]
         dist.broadcast_object_list(shared, src=0)
-        loss, state.best_loss, state.best_step, state.bad_evals = shared
+        loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals = shared
     state.evals += 1
+    s.last_metric = value
     return loss
 
 
@@ -838,15 +850,17 @@ def predict_validation(s: Session, val_df, bar=None) -> dict | None:
     from .inference import predict_pairs
 
     kw = dict(batch_size=s.cfg.train.eval_batch_size, tta=True, device=s.device, autocast_dtype=s.amp_dtype, progress=bar,
-              description=f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens)
+              description=f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens,
+              task=s.task)
     if s.world == 1:
         return predict_pairs(s.model, s.eval_fmt or s.fmt, val_df, **kw)
     import torch.distributed as dist
 
     rows = np.arange(s.rank, len(val_df), s.world)
     part = predict_pairs(s.model, s.eval_fmt or s.fmt, val_df.iloc[rows].reset_index(drop=True), **kw)
+    st = part["stats"]
     share = {"rows": rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
-             "kept": part["stats"].kept, "total": part["stats"].total}
+             **{f: getattr(st, f) for f in STATS_FIELDS if getattr(st, f) is not None}}
     gathered = [None] * s.world if s.main else None
     dist.gather_object(share, gathered, dst=0)
     if not s.main:
@@ -859,13 +873,29 @@ def assemble_shares(shares: list[dict], n: int) -> dict:
     from .formatting import TruncationStats
 
     out = {}
-    for key in ("probs", "probs_ab", "probs_ba", "kept", "total"):
+    for key in ("probs", "probs_ab", "probs_ba", *STATS_FIELDS):
+        if key not in shares[0]:
+            continue  # an optional truncation field (char_cut, rounds) this layout does not record
         first = shares[0][key]
         out[key] = np.empty((n, *first.shape[1:]), dtype=first.dtype)
         for share in shares:
             out[key][share["rows"]] = share[key]
-    out["stats"] = TruncationStats(out.pop("kept"), out.pop("total"))
+    out["stats"] = TruncationStats(**{f: out.pop(f) for f in STATS_FIELDS if f in out})
     return out
+
+
+STATS_FIELDS = ("kept", "total", "char_cut", "rounds_kept", "rounds_total")  # TruncationStats' per-row arrays
+
+
+def _evaluate_into(s: Session, inputs: FoldInputs, row: dict, bar=None) -> float:
+    """Evaluate; the log row gets the val log loss (and the task's metric when it is another); returns
+    the task's metric, what early stopping and ``kk tune`` go by."""
+    row["val_loss"] = evaluate(s, inputs, bar)
+    if s.task.metric == "log_loss":
+        return row["val_loss"]
+    row[f"val_{s.task.metric}"] = s.last_metric
+    return s.last_metric
+
 
 
 def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
@@ -873,8 +903,9 @@ def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
     decide early stopping, checkpoint, call back. Returns whether training is done."""
     tc, state = s.cfg.train, s.state
     row = state.log[-1]
+    value = None
     if state.pending_eval:
-        row["val_loss"] = evaluate(s, inputs, bar)
+        value = _evaluate_into(s, inputs, row, bar)
         state.pending_eval = False
         if tc.patience and state.bad_evals >= tc.patience:
             state.stopped_early = True
@@ -882,7 +913,7 @@ def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
     if row["val_loss"] is not None:
         save_checkpoint(s)
         if on_eval is not None:
-            on_eval(state.step, row["val_loss"])
+            on_eval(state.step, value)
     elif tc.checkpoint_minutes and time.time() - s.last_checkpoint >= 60 * tc.checkpoint_minutes:
         save_checkpoint(s)  # preemption costs at most a few minutes, whatever eval_every says
     if on_step is not None:
@@ -1025,7 +1056,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     bar.update(task, completed=state.step, status=f"loss {row['train_loss']:.4f} lr {row['lr']:.2e} {rate:.1f} samples/s")
                     done = _end_of_step(s, inputs, bar, on_eval, on_step)
                     if row["val_loss"] is not None:
-                        bar.update(task, status=f"val {row['val_loss']:.4f} (best {state.best_loss:.4f} @ {state.best_step})")
+                        bar.update(task, status=_eval_status(s, row))
                 if state.micro >= len(plan):
                     state.epoch, state.micro = state.epoch + 1, 0
         except KeyboardInterrupt:
@@ -1039,7 +1070,16 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
             raise Interrupted(f"interrupted at step {state.step} of fold {s.fold}; checkpoint saved in {s.ckpt_dir}; "
                               f"continue with --resume{' --force' if retrain else ''}") from None
     if state.evals == 0:
-        state.log.append({"step": state.step, "epoch": state.epoch, "lr": 0.0, "train_loss": None, "val_loss": evaluate(s, inputs)})
+        row = {"step": state.step, "epoch": state.epoch, "lr": 0.0, "train_loss": None}
+        _evaluate_into(s, inputs, row)
+        state.log.append(row)
+
+
+def _eval_status(s: Session, row: dict) -> str:
+    state, metric = s.state, s.task.metric
+    if metric == "log_loss":
+        return f"val {row['val_loss']:.4f} (best {state.best_loss:.4f} @ {state.best_step})"
+    return f"val {metric} {row[f'val_{metric}']:.4f}, log loss {row['val_loss']:.4f} (best {state.best_metric:.4f} @ {state.best_step})"
 
 
 # --- outputs ----------------------------------------------------------------------------------------------------------
@@ -1049,7 +1089,6 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
     """oof.csv, oof_no_tta.csv, train_log.csv and metrics.json of the best evaluation; the checkpoint goes."""
     import pandas as pd
 
-    from .data import LABEL_COLUMNS
     from .io import write_csv, write_json
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
     from .modeling import _classifier, init_record
@@ -1057,24 +1096,30 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
 
     if "probs" not in s.best:
         raise KKError(f"fold {s.fold}: the validation log loss was never finite; nothing to keep")
-    out, state, val_df = s.work, s.state, inputs.val_df
+    out, state, val_df, task = s.work, s.state, inputs.val_df, s.task
     labels = val_df["label"].to_numpy()
     probs, probs_ab, probs_ba = s.best["probs"], s.best["probs_ab"], s.best["probs_ba"]
-    write_csv(out / "oof.csv", pd.DataFrame({"id": val_df["id"], **{c: probs[:, j] for j, c in enumerate(LABEL_COLUMNS)}}))
-    write_csv(out / "oof_no_tta.csv", pd.DataFrame({"id": val_df["id"], **{c: probs_ab[:, j] for j, c in enumerate(LABEL_COLUMNS)}}))
-    write_csv(out / "train_log.csv", pd.DataFrame(state.log, columns=["step", "epoch", "lr", "train_loss", "val_loss"]))
+    cols = task.prob_columns
+    write_csv(out / "oof.csv", pd.DataFrame({"id": val_df["id"], **{c: probs[:, j] for j, c in enumerate(cols)}}))
+    write_csv(out / "oof_no_tta.csv", pd.DataFrame({"id": val_df["id"], **{c: probs_ab[:, j] for j, c in enumerate(cols)}}))
+    log_columns = ["step", "epoch", "lr", "train_loss", "val_loss"] + ([f"val_{task.metric}"] if task.metric != "log_loss" else [])
+    write_csv(out / "train_log.csv", pd.DataFrame(state.log, columns=log_columns))
     wall = state.train_seconds
     metrics = {
         "fold": s.fold,
         # Which training made these weights: kk predict keys its cache by it and refuses to write into a fold
         # that a forced retrain replaced while it ran.
         "generation": uuid.uuid4().hex,
+        "task": task.name,
+        "metric": task.metric,
+
         "val_log_loss": log_loss(probs, labels),
         "val_log_loss_no_tta": log_loss(probs_ab, labels),
         "val_accuracy": accuracy(probs, labels),
-        "val_per_class_accuracy": per_class_accuracy(probs, labels),
+        "val_accuracy_no_tta": accuracy(probs_ab, labels),
+        "val_per_class_accuracy": per_class_accuracy(probs, labels, task.class_names),
         "swap_flip_rate": swap_flip_rate(probs_ab, probs_ba),
-        "prior_log_loss": prior_log_loss(labels),
+        "prior_log_loss": prior_log_loss(labels, task.n_classes),
         "best_step": state.best_step,
         "steps": state.step,
         "epochs_run": round(state.step / s.steps_per_epoch, 3),
@@ -1101,13 +1146,14 @@ def _print_metrics(out: Path, metrics: dict) -> None:
 
     console.print(
         table(
-            f"fold {metrics['fold']}: {out}",
+            f"fold {metrics['fold']} ({metrics['task']}): {out}",
             ["metric", "value"],
             [
                 ["val log loss (TTA)", metrics["val_log_loss"]],
                 ["val log loss (no TTA)", metrics["val_log_loss_no_tta"]],
                 ["class-prior log loss", metrics["prior_log_loss"]],
-                ["accuracy", metrics["val_accuracy"]],
+                ["accuracy (TTA)" if metrics["metric"] == "accuracy" else "accuracy", metrics["val_accuracy"]],
+                *([["accuracy (no TTA)", metrics["val_accuracy_no_tta"]]] if metrics["metric"] == "accuracy" else []),
                 ["swap flip rate", metrics["swap_flip_rate"]],
                 ["best step / steps", f"{metrics['best_step']} / {metrics['steps']}"],
                 ["rows truncated (train)", metrics["truncation"]["train"]["share_truncated"]],

@@ -1,7 +1,8 @@
 """`kk tune`: Optuna search over the config's `tune:` section.
 
 Each trial is an ordinary `kk train` of one fold (the same function, no second
-loop) with the trial's values applied as overrides. The validation log loss is
+loop) with the trial's values applied as overrides. The task's metric (validation
+log loss, minimised, for LMSYS; validation accuracy, maximised, for WSDM) is
 reported to Optuna at every evaluation, so the pruner stops trials that fall
 behind. Storage is Optuna's own RDB storage: a SQLite file by default, or any
 SQLAlchemy URL (PostgreSQL, MySQL) that several machines share: every
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .config import Config, config_from_dict
 from .errors import KKError
+from .task import LMSYS, Task, get_task
 
 
 def _optuna():
@@ -73,7 +75,8 @@ def _storage(url: str):
             raise KKError(f"cannot open storage {url}: {str(e).splitlines()[0]}") from None
 
 
-def open_study(study_name: str, storage: str, pruner=None, seed: int = 0, create: bool = True):
+def open_study(study_name: str, storage: str, pruner=None, seed: int = 0, create: bool = True, task: Task = LMSYS):
+    """Create or continue a study that optimises ``task``'s metric in its direction."""
     optuna = _optuna()
     store = _storage(storage)
     if not create:
@@ -81,14 +84,15 @@ def open_study(study_name: str, storage: str, pruner=None, seed: int = 0, create
             return optuna.load_study(study_name=study_name, storage=store)
         except KeyError:
             raise KKError(f"no study named {study_name!r} in {storage}") from None
+    direction = "maximize" if task.higher_is_better else "minimize"
     try:
-        study = optuna.create_study(study_name=study_name, storage=store, direction="minimize", load_if_exists=True,
+        study = optuna.create_study(study_name=study_name, storage=store, direction=direction, load_if_exists=True,
                                     pruner=pruner)
     except ValueError as e:
         raise KKError(f"study {study_name!r} in {storage}: {e}") from None
-    if study.direction != optuna.study.StudyDirection.MINIMIZE:
+    if study.direction.name.lower() != direction:
         raise KKError(f"study {study_name!r} in {storage} exists with direction {study.direction.name.lower()}; "
-                      "kk tune minimises val log loss: choose another --study")
+                      f"kk tune {direction[:-1]}es val {task.metric.replace('_', ' ')} ({task.name}): choose another --study")
     # Seeded, but offset by the trials already stored: a resumed study must not replay the
     # same first suggestions. (Workers that start at the same moment may share early ones.)
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
@@ -122,7 +126,8 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
     study_name = study_name or cfg.name
     storage = storage or f"sqlite:///{Path(runs_root) / 'tune.db'}"
     pruner = make_pruner(pruner) if isinstance(pruner, str) else pruner
-    study = open_study(study_name, storage, pruner, cfg.seed)
+    task = get_task(cfg.task)
+    study = open_study(study_name, storage, pruner, cfg.seed, task=task)
     study.set_user_attr("base_config", cfg.model_dump(mode="json"))
     study.set_user_attr("fold", fold)
     root = Path(runs_root) / study_name
@@ -135,10 +140,10 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
         params = {k: _suggest(trial, k, spec, cfg.get(k)) for k, spec in cfg.tune.items()}
         tcfg = trial_config(cfg, params, f"trial_{trial.number}")
 
-        def report(step: int, val_loss: float) -> None:
-            trial.report(val_loss, step)
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val log loss {val_loss:.4f} at step {step}")
+                raise optuna.TrialPruned(f"val {task.metric.replace('_', ' ')} {value:.4f} at step {step}")
 
         try:
             metrics = train_fold(tcfg, fold, root / f"trial_{trial.number}", on_eval=report)
@@ -154,7 +159,8 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             raise
         finally:
             free_memory("cuda")  # the trial's model goes before the next one loads (a no-op on CPU)
-        return metrics["val_log_loss"]
+        return metrics[f"val_{task.metric}"]
+
 
     mine: list[int] = []  # the trials this worker ran
 
@@ -188,18 +194,27 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
 def _best_trial(study):
     optuna = _optuna()
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    return min(done, key=lambda t: t.value) if done else None
+    if not done:
+        return None
+    return (max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min)(done, key=lambda t: t.value)
 
 
 def print_trials(study, top: int | None = None) -> None:
     from .ui import console, table
 
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: (t.value is None, t.value if t.value is not None else 0, t.number))
+    sign = -1 if study.direction == _optuna().study.StudyDirection.MAXIMIZE else 1  # best first either way
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: (t.value is None, sign * t.value if t.value is not None else 0, t.number))
     if top:
         trials = trials[:top]
     rows = [[t.number, t.state.name, "" if t.value is None else t.value, ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())]
             for t in trials]
-    console.print(table(f"study {study.study_name}: {len(study.trials)} trials", ["trial", "state", "val log loss", "params"], rows))
+    console.print(table(f"study {study.study_name}: {len(study.trials)} trials", ["trial", "state", _metric_name(study), "params"], rows))
+
+
+def _metric_name(study) -> str:
+    """What the study's values are: the task of its base config decides (studies made before tasks: log loss)."""
+    task = get_task((study.user_attrs.get("base_config") or {}).get("task", "lmsys"))
+    return f"val {task.metric.replace('_', ' ')}"
 
 
 def write_best_config(study_name: str, storage: str, out: str | Path | None = None, force: bool = False) -> Path:
@@ -216,7 +231,7 @@ def write_best_config(study_name: str, storage: str, out: str | Path | None = No
     cfg = trial_config(config_from_dict(base), best.params, f"{study_name}-best")
     out = Path(out or Path("configs") / f"{study_name}-best.yaml")
     protect_existing(out, force, "config")
-    header = f"# Best of study {study_name} (trial {best.number}, val log loss {best.value:.5f})\n"
+    header = f"# Best of study {study_name} (trial {best.number}, {_metric_name(study)} {best.value:.5f})\n"
     write_text(out, header + cfg.to_yaml())
     print_trials(study, top=5)
     return out

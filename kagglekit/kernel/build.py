@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from .common import COMPETITION, FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
+from .common import FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
 from .notebook import make_notebook
 
 # --- who pushes ---------------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
 
     from ..config import apply_predict_overrides
     from ..data import load_train
-    from ..ensemble import choose_calibration, common_oof, load_run_oof
+    from ..ensemble import choose_calibration, common_oof, load_run_oof, run_task
     from ..io import atomic_dir, claim_output_dir, mark_output_dir, write_json, write_text
     from ..modeling import fold_base_weights
     from ..predict import fold_config, trained_folds, warn_missing_folds
@@ -169,6 +169,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     if not plan_only:  # --plan writes nothing
         claim_output_dir(out, force, "kernel", sources=runs)  # --force replaces an earlier kernel, nothing else
     run_folds = [(r, trained_folds(r, folds)) for r in runs]
+    task = run_task(runs, folds)  # the competition the kernel enters: its test file, input folder, submission
     if folds in (None, "all"):
         for r, found in run_folds:
             warn_missing_folds(r, [k for k, _ in found])
@@ -190,7 +191,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     # Weights and temperature are fitted on the runs' OOF now, so the kernel needs no labels.
     weights, temperature = [1.0] * len(runs), 1.0
     try:
-        train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows)
+        train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows, task)
     except KKError as e:
         from ..ui import warn
 
@@ -198,10 +199,11 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         train_df = None
     if fit and train_df is not None:
         labels = dict(zip(train_df["id"], train_df["label"]))
-        preds = [load_run_oof(r, folds, labels) for r in runs]
+        preds = [load_run_oof(r, folds, labels, task=task) for r in runs]
         oofs, y, oof_folds = common_oof(preds, labels, with_folds=True)
         if len(y):  # never fitted on a merged run's borrowed OOF (choose_calibration says what it did)
             w, temperature, _, _, note = choose_calibration(preds, oofs, y, oof_folds)
+
             weights = w.tolist()
             info(f"calibration: {note}")
 
@@ -209,7 +211,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         mark_output_dir(tmp, "kernel")
         art = tmp / "datasets" / f"{slug}-artifacts"
         whl = tmp / "datasets" / f"{slug}-wheels"
-        manifest = {"name": slug, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
+        manifest = {"name": slug, "task": task.name, "runs": [], "weights": weights, "temperature": temperature, "method": "mean",
                     "backbone_source": backbone_source, "time_budget_h": budget_h,
                     "created": time.strftime("%Y-%m-%d %H:%M:%S"), "predict": list(overrides or [])}
         copied_backbones: dict[str, str] = {}
@@ -253,7 +255,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
 
         kdir = tmp / "kernel"
         kdir.mkdir(parents=True)
-        nb = make_notebook(slug, budget_h)
+        nb = make_notebook(slug, budget_h, task)
         nbformat.validate(nb)
         nbformat.write(nb, str(kdir / f"{slug}.ipynb"))
         meta = {
@@ -267,7 +269,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             "machine_shape": machine_shape,
             "enable_internet": False,  # explicit: the kaggle CLI's own default is true
             "dataset_sources": [f"{user}/{slug}-artifacts", f"{user}/{slug}-wheels"],
-            "competition_sources": [COMPETITION],
+            "competition_sources": [task.competition],
             "kernel_sources": [],
             "model_sources": [],
         }
@@ -275,7 +277,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
             key = "model_sources" if backbone_source.count("/") > 1 else "dataset_sources"
             meta[key].append(backbone_source)
         write_json(kdir / "kernel-metadata.json", meta)
-    info(f"wrote {out}: {sum(len(e['folds']) for e in manifest['runs'])} fold(s), weights {weights}, temperature {temperature:.3f}, "
+    info(f"wrote {out}: {task.name}, {sum(len(e['folds']) for e in manifest['runs'])} fold(s), weights {weights}, temperature {temperature:.3f}, "
          f"time budget {budget_h:g} h")
     return out
 

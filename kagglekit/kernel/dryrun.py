@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from .common import COMPETITION, HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H
+from .common import HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H, MANIFEST
 
 
 def _offline_kernelspec(tmp: Path, env: dict, python: str | None = None) -> str:
@@ -130,22 +130,27 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    from ..data import load_test
+    from ..data import load_test, read_raw
     from ..ensemble import check_submission
-    from ..io import atomic_dir
+    from ..io import atomic_dir, write_table
     from ..synthetic import make_synthetic
     from ..ui import console, table
 
     root = tmp / "kaggle"
-    comp = root / "input" / "competitions" / COMPETITION
+    task = kernel_task(kernel_dir)
+    comp = root / "input" / "competitions" / task.competition
     comp.mkdir(parents=True, exist_ok=True)
+    test_file = comp / task.test_file  # where Kaggle puts it: test.csv (LMSYS), test.parquet (WSDM)
     if test_csv is not None:
-        test_df, _ = load_test(test_csv)  # the same checks as everywhere: a bad file is one clear line
-        shutil.copy2(test_csv, comp / "test.csv")
+        test_df, _ = load_test(test_csv, task=task)  # the same checks as everywhere: a bad file is one clear line
+        if Path(test_csv).suffix.lower() == test_file.suffix:
+            shutil.copy2(test_csv, test_file)
+        else:  # a CSV for a parquet competition (or the reverse): the kernel finds the file Kaggle would give it
+            write_table(test_file, read_raw(test_csv, "test"))
     else:
-        make_synthetic(50, seed=7, with_labels=False).to_csv(comp / "test.csv", index=False)
-        test_df, _ = load_test(comp / "test.csv")
-    sample = pd.DataFrame({"id": test_df["id"], "winner_model_a": 1 / 3, "winner_model_b": 1 / 3, "winner_tie": 1 / 3})
+        write_table(test_file, make_synthetic(50, seed=7, with_labels=False, task=task))
+        test_df, _ = load_test(test_file, task=task)
+    sample = task.sample_submission(test_df["id"])
     sample.to_csv(comp / "sample_submission.csv", index=False)
     for ds, (owner, slug) in datasets:
         mount = root / "input" / "datasets" / owner / slug
@@ -191,7 +196,7 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
     if not sub_path.exists():
         raise KKError(f"the kernel ran but wrote no {root / 'working' / 'submission.csv'}")
     sub = pd.read_csv(sub_path, dtype={"id": str})
-    check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv")
+    check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv", task=task)
 
     report = _report_from_outputs(nb)
     passes_log = {}
@@ -208,7 +213,7 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
     # for the passes the kernel plans (its budget decides on Kaggle how many of them run).
     fixed_s = max(0.0, wall - per_row_pass * len(test_df) * passes_run)
     estimate_h = (fixed_s + per_row_pass * HIDDEN_TEST_ROWS * passes / gpu_factor) / 3600
-    result = {"submission": str(sub_path), "rows": len(sub), "wall_s": round(wall, 1), "network": network,
+    result = {"submission": str(sub_path), "task": task.name, "rows": len(sub), "wall_s": round(wall, 1), "network": network,
               "inference_s": report.get("seconds"), "passes_per_row": passes, "passes_run": passes_run,
               "submission_from": report.get("submission_from"), "passes_log": passes_log,
               "estimate_hidden_h": estimate_h, "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor,
@@ -230,6 +235,20 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
          ["kept", str(out_dir)]],
     ))
     return result
+
+
+def kernel_task(kernel_dir: Path):
+    """The task a built kernel is for (its manifest). A kernel built before tasks existed is LMSYS's; one
+    without a readable manifest too (the notebook then stops on it with its own message)."""
+    from ..task import get_task
+
+    datasets = Path(kernel_dir) / "datasets"
+    art = next((d for d in datasets.iterdir() if (d / MANIFEST).exists()), None) if datasets.is_dir() else None
+    try:
+        manifest = json.loads((art / MANIFEST).read_text()) if art is not None else {}
+    except (OSError, ValueError):
+        manifest = {}
+    return get_task(manifest.get("task", "lmsys") if isinstance(manifest, dict) else "lmsys")
 
 
 def _report_from_outputs(nb) -> dict:

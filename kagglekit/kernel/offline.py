@@ -85,7 +85,8 @@ def detect_devices(devices=None) -> tuple[list[str], int]:
 
 def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=None, tta=None, started: float | None = None,
                 budget_h: float | None = None, devices=None, clock=time.time, group_factory=None) -> dict:
-    """Predict ``test_csv`` with every fold in the artifacts dataset and write the submission, in budgeted
+    """Predict ``test_csv`` (the task's test file, CSV or parquet) with every fold in the artifacts dataset and
+    write the task's submission (the manifest's task: probabilities, or id,winner labels), in budgeted
     passes (kagglekit.kernel.passes): the (A,B) pass of every fold first and a complete submission at its
     end, then the (B,A) pass as far as ``budget_h`` (default: the kernel's predict.time_budget_h) allows.
 
@@ -109,8 +110,9 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     t0 = clock()
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
+    task = get_task(manifest.get("task", "lmsys"))  # kernels built before tasks existed are LMSYS's
     _compare_versions(manifest)
-    test_df, _ = load_test(test_csv)
+    test_df, _ = load_test(test_csv, task=task)
     n = len(test_df)
     workers, gpu_bytes = detect_devices(devices)
     n_gpu = sum(str(w).startswith("cuda") for w in workers)
@@ -153,7 +155,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
         passes.run_pass(1)
         first_probs = passes.first_pass()
         done = [j for x in runs for j in x["jobs"] if j in first_probs]
-        path = _write_ensemble(manifest, runs, first_probs, {}, test_df, out, sample_submission)
+        path = _write_ensemble(manifest, runs, first_probs, {}, test_df, out, sample_submission, task)
         state["passes"].append({"pass": 1, "order": "A,B", "status": "done", "rows": n, "folds": len(done),
                                 "skipped_folds": [j.name for j in passes.skipped], "at_h": round(budget.elapsed() / 3600, 4)})
         state["submission_from"] = "pass 1"
@@ -170,7 +172,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
             complete = passes.run_pass(2, rows2)
             entry2["status"] = "done" if complete else "stopped"
             if complete:
-                path = _write_ensemble(manifest, runs, first_probs, passes.second_pass(), test_df, out, sample_submission)
+                path = _write_ensemble(manifest, runs, first_probs, passes.second_pass(), test_df, out, sample_submission, task)
                 state["submission_from"] = "pass 2"
                 info(f"pass 2 done: {path} replaced by the TTA ensemble at {budget.elapsed() / 3600:.2f} h")
         else:
@@ -187,7 +189,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     rows_run = n * len(jobs_done) + (sum(len(v[0]) for v in passes.second_pass().values())
                                      if state["submission_from"] == "pass 2" else 0)
     planned = sum(len(x["jobs"]) * (1 + {"full": 1.0, "none": 0.0}.get(x["mode"], x["share"])) for x in runs)
-    return {"submission": str(Path(out)), "rows": n, "folds": len(jobs_done), "passes": round(planned, 4),
+    return {"submission": str(Path(out)), "task": task.name, "rows": n, "folds": len(jobs_done), "passes": round(planned, 4),
             "passes_run": round(rows_run / max(n, 1), 4), "submission_from": state["submission_from"],
             "devices": workers, "seconds": round(clock() - t0, 2),
             "load_s": round(sum(u.load_s or 0 for u in units) / len(workers), 2),
@@ -231,7 +233,7 @@ def _fold_mean(probs: list):
     return np.mean(probs, axis=0)
 
 
-def _write_ensemble(manifest: dict, runs: list, first: dict, second: dict, test_df, out, sample_submission) -> Path:
+def _write_ensemble(manifest: dict, runs: list, first: dict, second: dict, test_df, out, sample_submission, task) -> Path:
     """Folds (``first``: job -> (A,B) probabilities; ``second``: job -> (rows, (B,A) mapped back), merged
     where it ran) -> runs -> the weighted, calibrated ensemble -> submission.csv, checked and written
     atomically."""
@@ -252,7 +254,7 @@ def _write_ensemble(manifest: dict, runs: list, first: dict, second: dict, test_
     if not np.isfinite(final).all():
         raise KKError("the ensemble produced NaN probabilities")
     return write_submission(test_df["id"].to_numpy(), final, out, force=True, sample_submission=sample_submission,
-                            ids_mismatch="warn")
+                            ids_mismatch="warn", task=task)
 
 
 def check_gpus_usable() -> None:

@@ -252,6 +252,7 @@ def sample_lengths(fold_path: Path, cfg, rows_source=None, n: int = 2000, seed: 
     from ..data import load_test
     from ..formatting import Formatter
     from ..modeling import load_tokenizer
+    from ..task import get_task
 
     df = rows_source
     if df is None or isinstance(df, (str, Path)):
@@ -259,7 +260,7 @@ def sample_lengths(fold_path: Path, cfg, rows_source=None, n: int = 2000, seed: 
         df = None
         for path in candidates:
             try:
-                got, _ = load_test(path)
+                got, _ = load_test(path, task=get_task(cfg.task))
             except (KKError, OSError, ValueError):
                 continue
             if len(got) >= 50 or path == candidates[-1]:
