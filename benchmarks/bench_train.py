@@ -210,6 +210,9 @@ def child(args) -> dict:
         sync(device)
         wall = time.perf_counter() - t0
         ran_lengths = [[lengths[i] for i in b] for b in plan[1:]]
+    if not ran_lengths:
+        sys.exit(f"{args.mode}: no optimizer step after the warm-up was timed (--rows {args.rows} is too few for "
+                 f"--batch-size {args.batch_size} x --grad-accum {getattr(args, 'grad_accum', 1)}): give more rows")
     samples = sum(len(b) for b in ran_lengths)
     real_tokens = sum(sum(b) for b in ran_lengths)
     computed = sum(len(b) * (args.max_length if args.mode == "naive" else max(b)) for b in ran_lengths)

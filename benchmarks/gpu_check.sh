@@ -28,10 +28,11 @@ WHEELS=${WHEELS:-wheels}
 if [ "${1:-}" = "--smoke" ]; then
   LEN=64; ROWS=24; STEPS=2; ROUNDS=1; IB=4; TRAIN_PRECS="fp32"; IPREC=fp32; REC=""
   LLM="--layers 2 --scale 64 --quantization none --steps 2 --max-length 64 --infer-rows 8"; GP="--smoke"
+  GA="--batch-size 2"  # 24 rows: at batch 8 x grad_accum 8 the epoch holds no timed optimizer step
   PRESET="--layers 2 --scale 64 --steps 2 --max-length 64 --predict-max-length 128 --infer-rows 4"
 else
   LEN=1280; ROWS=400; STEPS=12; ROUNDS=1; IB=32; TRAIN_PRECS="bf16 fp16"; IPREC=fp16; REC="--record"
-  LLM="--steps 4 --batch-size 4"; GP=""
+  LLM="--steps 4 --batch-size 4"; GP=""; GA="--batch-size 8"
   PRESET="--steps 4 --infer-rows 32"
   if [ -d "$WHEELS" ]; then
     $PY -m pip install -q --no-index --find-links "$WHEELS" bitsandbytes flashdeberta einops 2>&1 | tail -2 || true
@@ -59,7 +60,7 @@ else
 fi
 [ "${1:-}" = "--smoke" ] || step $PY benchmarks/bench_quant.py $REC  # fp16/8-bit/4-bit ratios vs the kernel plan's factors (CPU smoke: tests/test_benchmarks.py)
 step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROWS --steps 4 --rounds 1 \
-    --max-length $LEN --precision ${TRAIN_PRECS%% *} --batch-size 8 --grad-accum 8 --contenders kagglekit $REC
+    --max-length $LEN --precision ${TRAIN_PRECS%% *} $GA --grad-accum 8 --contenders kagglekit $REC
 step $PY benchmarks/gpu_paths.py $GP $REC
 [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

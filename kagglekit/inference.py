@@ -78,14 +78,18 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
     else:
         batches = [list(range(i, min(i + batch_size, len(seqs)))) for i in range(0, len(seqs), batch_size)]
     cuda = device.type == "cuda"
-    out = torch.empty((len(seqs), _num_labels(model)), dtype=torch.float32, device=device)  # the task's classes
+    out = None  # (n, the task's classes): sized by the first batch's logits, kept on the device
 
     def run(idx):
+        nonlocal out
         ids, mask = pad_batch([seqs[i] for i in idx], pad_id, pad_to, pin=cuda)
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         set_segments(model, pad_segments([segs[i] for i in idx], ids.shape[1]).to(device) if segs is not None else None)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out[idx] = model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        if out is None:
+            out = torch.empty((len(seqs), logits.shape[1]), dtype=torch.float32, device=device)
+        out[idx] = logits
 
     pieces = 1  # after an out-of-memory error every batch runs in this many pieces
     was_training = model.training
@@ -110,7 +114,7 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
 
             if progress is not None:
                 progress.advance(task, len(idx))
-        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist() if autocast_dtype is not None else []
+        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist() if autocast_dtype is not None and out is not None else []
         if bad:
             try:
                 with true_fp32(model):
@@ -131,6 +135,8 @@ def infer_logits(model, seqs: list[list[int]], pad_id: int, batch_size: int = 8,
             if counts is not None:
                 counts["fp32_rows"] = counts.get("fp32_rows", 0) + len(bad)
     model.train(was_training)
+    if out is None:  # no rows
+        return np.zeros((0, _num_labels(model)), dtype=np.float32)
     return out.cpu().numpy()
 
 

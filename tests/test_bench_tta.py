@@ -3,6 +3,7 @@ from a run's OOF files, with paired bootstrap intervals, on a tiny run whose ans
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -28,7 +29,7 @@ def _fake_oof_run(tiny_project, run_dir, seed=0):
         fold = run_dir / f"fold_{k}"
         fold.mkdir(parents=True)
         (fold / "config.yaml").write_text(cfg.to_yaml())
-        (fold / "metrics.json").write_text("{}")
+        (fold / "metrics.json").write_text(json.dumps({"val_log_loss": 1.0, "n_val": len(part)}))  # what training writes
         ids = train["id"].to_numpy()[part]
         pd.DataFrame({"id": ids, **dict(zip(cols, p_ab[part].T))}).to_csv(fold / "oof_no_tta.csv", index=False)
         pd.DataFrame({"id": ids, **dict(zip(cols, ((p_ab[part] + p_ba[part]) / 2).T))}).to_csv(fold / "oof.csv", index=False)
