@@ -195,8 +195,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of optimizer steps spent warming up.")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the hard labels' cross-entropy "
-                                   "(a teacher's soft labels are never smoothed: train.distill.temperature softens them).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the hard labels' cross-entropy "
+                                   "(a teacher's soft labels are never smoothed: train.distill.temperature softens them). "
+                                   "0.1 cost +0.032 OOF log loss [95% paired bootstrap +0.021, +0.043] on the real-data "
+                                   "benchmark (benchmarks/RESULTS.md, bench_quality): it pulls every prediction toward "
+                                   "uniform on a log-loss metric.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="How a teacher's soft labels (data.soft_labels) "
                                    "mix with the hard labels: weight and temperature.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
@@ -204,7 +207,9 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=0, description="Early stopping: evaluations without improvement of the task's metric "
                           "(val log loss for lmsys, val accuracy for wsdm) before stopping (0 = never).")
     swap_augment: bool = Field(True, description="Add every training row again with A and B exchanged (label mapped).")
-    swap_same_batch: bool = Field(False, description="Put both orders of a pair in the same micro-batch.")
+    swap_same_batch: bool = Field(False, description="Put both orders of a pair in the same micro-batch (the LLM presets "
+                                  "do, as the LMSYS 3rd place did; on the MiniLM real-data benchmark it cost +0.023 OOF log "
+                                  "loss [+0.004, +0.042], benchmarks/RESULTS.md, so the default stays off).")
     eval_batch_size: int = Field(8, ge=1, description="Sequences per forward pass when evaluating/predicting.")
     max_tokens: TokenBudget = Field(
         0, description="Size training micro-batches by padded tokens (rows x longest row <= this) instead of "

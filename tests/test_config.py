@@ -23,7 +23,8 @@ def test_deberta_preset_has_the_seed_settings():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.1)
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum) == (5, 2, 16)
     assert cfg.train.lr == 2e-5 and cfg.train.scheduler == "cosine"
-    assert cfg.train.label_smoothing == 0.1 and cfg.train.patience == 3
+    # the seed's 0.1 smoothing measured worse on log loss (benchmarks/RESULTS.md): the preset follows the measurement
+    assert cfg.train.label_smoothing == 0.0 and cfg.train.patience == 3
     assert cfg.seed == 42 and cfg.train.swap_augment is True
 
 
