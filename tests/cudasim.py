@@ -182,9 +182,21 @@ def inject_oom(module, when=None, at=None):
     ``at``: on the n-th call (1-based; an int or a collection of ints); ``when(ids)``: on any call whose input
     (first positional argument or ``input_ids``: rows x length token ids for an embedding layer) satisfies it;
     neither: every call. Yields an :class:`OOMRecord`."""
-    import torch
 
     record = OOMRecord()
+    hook = _oom_hook(record, when, at)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def _oom_hook(record, when=None, at=None):
+    """The forward pre-hook of :func:`inject_oom` and :func:`oom_after_load`: counts calls in ``record`` and raises
+    CUDA's out-of-memory error at the ``at``-th call(s), or where ``when(input ids)`` is true, or always."""
+    import torch
+
     at = {at} if isinstance(at, int) else set(at or ())
 
     def hook(mod, args, kwargs):
@@ -194,11 +206,7 @@ def inject_oom(module, when=None, at=None):
             record.raised += 1
             raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield record
-    finally:
-        handle.remove()
+    return hook
 
 
 @contextlib.contextmanager
@@ -207,19 +215,11 @@ def oom_after_load(when=None, at=None):
     ids of every forward pass, padded or packed) of every model ``AutoModelForSequenceClassification
     .from_pretrained`` loads inside the block: for models built deep inside ``train_fold`` or ``FoldModel``.
     The yielded :class:`OOMRecord` counts over all of them; the hooks go when the block ends."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     record = OOMRecord()
-    at = {at} if isinstance(at, int) else set(at or ())
+    hook = _oom_hook(record, when, at)
     real = AutoModelForSequenceClassification.from_pretrained
-
-    def hook(mod, args, kwargs):
-        record.calls += 1
-        hit = record.calls in at if at else (when(_ids_of(args, kwargs)) if when is not None else True)
-        if hit:
-            record.raised += 1
-            raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
 
     handles = []
 
