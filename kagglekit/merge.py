@@ -277,13 +277,13 @@ def compare_with_folds(run_dir, merged, test_path=None, folds="all", rows=None) 
     from .predict import FoldModel, fold_config, trained_folds
     from .task import get_task
 
+    found = trained_folds(run_dir, folds)
     if rows is not None:
         df = rows
     else:
-        found = trained_folds(run_dir, folds)
         df, _ = load_test(test_path, task=get_task(fold_config(found[0][1]).task))
     t = time.time()
-    parts = [FoldModel(p).predict(df)["probs"] for _, p in trained_folds(run_dir, folds)]
+    parts = [FoldModel(p).predict(df)["probs"] for _, p in found]
     ens = np.mean(parts, axis=0)
 
     t_folds = time.time() - t

@@ -241,7 +241,9 @@ def test_resume_refuses_a_config_that_changes_the_training(tiny_project, tmp_pat
         train_fold(tiny_config(tiny_project, *base), 0, run, on_step=stop)
     saved = (run / "fold_0" / "config.yaml").read_bytes()
     for change, keys in ((("lora.r=4",), "lora.r 8 -> 4"), (("train.lr=0.01",), "train.lr 0.003 -> 0.01"),
-                         (("train.batch_size=4", "seed=1"), "seed 42 -> 1, train.batch_size 16 -> 4")):
+                         (("train.batch_size=4", "seed=1"), "seed 42 -> 1, train.batch_size 16 -> 4"),
+                         # predict.* may change, but not the length validation formats rows at
+                         (("predict.max_length=128",), "predict.max_length None -> 128")):
         with pytest.raises(KKError) as e:
             train_fold(tiny_config(tiny_project, *base, *change), 0, run, resume=True)
         msg = str(e.value)
