@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one script, about 8 minutes on an H100/H200, every table appended to
-# benchmarks/RESULTS.md (and copied to $OUT/RESULTS.md when $OUT is set, as the device tool collects it).
-#   1. DeBERTa-v3-base architecture (random weights), LoRA r16, 1,280 tokens, lengths of the real rows:
-#      kagglekit's training loop in bf16 and in fp16 (as on a T4), with and without gradient checkpointing
-#      (samples/s, MFU, peak memory), and the Hugging Face Trainer beside it in bf16.
-#   2. Inference: kagglekit's path (the one the kernel runs) vs Trainer.predict, the bare sorted loop and
-#      fixed padding, fp16; flashdeberta too when its wheel is given.
-#   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
-#      samples/s padded and packed (train.packing), inference with max_tokens auto, peak memory.
-#   4. The Gemma-2 preset (configs/gemma2-9b-qlora.yaml) on that architecture: a few training steps at 4-bit, then the
-#      adapter predicting at 8-bit and the preset's predict.max_length (8,192): tokens/s and peak memory of both.
-#   5. Inference of the Gemma-2-9B width in fp16, 8-bit and 4-bit (bench_quant.py): the throughput ratios the
-#      kernel's time estimate assumes (kagglekit/kernel/plan.py THROUGHPUT), measured.
-#   6. The training loop's host syncs per optimizer step at grad_accum 8 (torch's sync debug mode), beside its speed.
-#   7. benchmarks/gpu_paths.py: every GPU-only path for real, one table (QLoRA kk train + kk predict of a Gemma-2
+# The prepared GPU check: one script, at most GPU_CHECK_BUDGET_S seconds (default 420) on an H100/H200, every
+# table appended to benchmarks/RESULTS.md (copied to $OUT/RESULTS.md after every step when $OUT is set, so a run
+# cut short still brings back what it measured). The steps run most important first: the GPU-only code paths
+# (correctness) before the speed tables. A step starts only while the budget lasts and is stopped at the budget
+# plus GPU_CHECK_GRACE_S (default 90); the end prints one table of steps, seconds and outcome, and the exit
+# status is 1 if a step failed, 2 if none failed but some were skipped or stopped for time.
+# In the order they run:
+#   1. benchmarks/gpu_paths.py: every GPU-only path for real, one table (QLoRA kk train + kk predict of a Gemma-2
 #      architecture, a real out-of-memory in training and inference, a real fp16 overflow recomputed in fp32 for
 #      fp16 and 4-bit weights, flash-attention packing or its refusal, one fold model at a time, DDP on 2+ GPUs).
+#   2. The Gemma-2 preset (configs/gemma2-9b-qlora.yaml) on that architecture: a few training steps at 4-bit, then the
+#      adapter predicting at 8-bit and the preset's predict.max_length (8,192): tokens/s and peak memory of both.
+#   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
+#      samples/s padded and packed (train.packing), inference with max_tokens auto, peak memory.
+#   4. Inference of the Gemma-2-9B width in fp16, 8-bit and 4-bit (bench_quant.py): the throughput ratios the
+#      kernel's time estimate assumes (kagglekit/kernel/plan.py THROUGHPUT), measured.
+#   5. DeBERTa-v3-base architecture (random weights), LoRA r16, 1,280 tokens, lengths of the real rows:
+#      kagglekit's training loop in bf16 and in fp16 (as on a T4), with and without gradient checkpointing
+#      (samples/s, MFU, peak memory), and the Hugging Face Trainer beside it in bf16.
+#   6. Inference: kagglekit's path (the one the kernel runs) vs Trainer.predict, the bare sorted loop and
+#      fixed padding, fp16; flashdeberta too when its wheel is given.
+#   7. The training loop's host syncs per optimizer step at grad_accum 8 (torch's sync debug mode), beside its speed.
 # Wheels the GPU image lacks (bitsandbytes, flashdeberta + einops) are installed from $WHEELS (default: wheels/)
 # with --no-index when present: `make gpu-wheels` downloads them here, and the device tool carries the folder.
 #   bash benchmarks/gpu_check.sh            # on the GPU
@@ -39,8 +44,35 @@ else
   fi
 fi
 export PYTHONUNBUFFERED=1 KK_QUIET=1
+BUDGET=${GPU_CHECK_BUDGET_S:-$([ "${1:-}" = "--smoke" ] && echo 3600 || echo 420)}
+GRACE=${GPU_CHECK_GRACE_S:-90}
+START=$SECONDS
 status=0
-step() { echo "== $*"; "$@" || { echo "FAILED: $*"; status=1; }; }
+SUMMARY=""
+step() {
+  local used=$((SECONDS - START)) t0=$SECONDS rc outcome
+  if [ "$used" -ge "$BUDGET" ]; then
+    echo "== SKIPPED (budget ${BUDGET}s spent): $*"
+    SUMMARY+="skipped	-	$*"$'\n'; [ "$status" -eq 0 ] && status=2; return
+  fi
+  echo "== $*"
+  timeout --signal=INT --kill-after=20 $((BUDGET - used + GRACE)) "$@"; rc=$?
+  if [ "$rc" -eq 0 ]; then outcome=ok
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then outcome="stopped (time)"; echo "STOPPED (time): $*"; [ "$status" -eq 0 ] && status=2
+  else outcome="FAILED ($rc)"; echo "FAILED: $*"; status=1; fi
+  SUMMARY+="$outcome	$((SECONDS - t0))	$*"$'\n'
+  [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  return 0
+}
+step $PY benchmarks/gpu_paths.py $GP $REC
+if $PY -c "import bitsandbytes" 2>/dev/null || [ "${1:-}" = "--smoke" ]; then
+  step $PY benchmarks/bench_llm.py --preset configs/gemma2-9b-qlora.yaml --quantization 4bit --predict-quantization 8bit $PRESET $REC
+  step $PY benchmarks/bench_llm.py $LLM $REC
+else
+  echo "bitsandbytes is not installed: the Gemma-2-9B QLoRA rows are missing (put its wheel in $WHEELS/)"
+  [ -n "$REC" ] && printf '\n### bench_llm: %s\n\nnot run: no bitsandbytes wheel on the GPU machine\n' "$(date '+%Y-%m-%d %H:%M')" >> benchmarks/RESULTS.md
+fi
+[ "${1:-}" = "--smoke" ] || step $PY benchmarks/bench_quant.py $REC  # fp16/8-bit/4-bit ratios vs the kernel plan's factors (CPU smoke: tests/test_benchmarks.py)
 for prec in $TRAIN_PRECS; do
   for ck in "" "--grad-ckpt"; do
     step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROWS --steps $STEPS --rounds $ROUNDS \
@@ -51,16 +83,10 @@ step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROW
     --max-length $LEN --precision ${TRAIN_PRECS%% *} --batch-size 8 --contenders kagglekit,hf-trainer $REC
 step $PY benchmarks/bench_infer.py --arch deberta-v3-base --data sim --rows $ROWS --max-length $LEN --precision $IPREC \
     --batch-size $IB --rounds $ROUNDS $REC
-if $PY -c "import bitsandbytes" 2>/dev/null || [ "${1:-}" = "--smoke" ]; then
-  step $PY benchmarks/bench_llm.py $LLM $REC
-  step $PY benchmarks/bench_llm.py --preset configs/gemma2-9b-qlora.yaml --quantization 4bit --predict-quantization 8bit $PRESET $REC
-else
-  echo "bitsandbytes is not installed: the Gemma-2-9B QLoRA rows are missing (put its wheel in $WHEELS/)"
-  [ -n "$REC" ] && printf '\n### bench_llm: %s\n\nnot run: no bitsandbytes wheel on the GPU machine\n' "$(date '+%Y-%m-%d %H:%M')" >> benchmarks/RESULTS.md
-fi
-[ "${1:-}" = "--smoke" ] || step $PY benchmarks/bench_quant.py $REC  # fp16/8-bit/4-bit ratios vs the kernel plan's factors (CPU smoke: tests/test_benchmarks.py)
 step $PY benchmarks/bench_train.py --arch deberta-v3-base --data sim --rows $ROWS --steps 4 --rounds 1 \
     --max-length $LEN --precision ${TRAIN_PRECS%% *} $GA --grad-accum 8 --contenders kagglekit $REC
-step $PY benchmarks/gpu_paths.py $GP $REC
+echo
+echo "gpu_check steps (budget ${BUDGET}s, used $((SECONDS - START))s):"
+printf 'outcome\tseconds\tcommand\n%s' "$SUMMARY" | sed 's/^/  /'
 [ -n "${OUT:-}" ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

@@ -68,6 +68,21 @@ def test_gpu_check_script_smoke():
     # the Gemma-2 preset: trained at 4-bit, its adapter predicting at 8-bit
     assert "preset gemma2-9b-qlora: training" in r.stdout and "tokens/s at 4bit" in r.stdout and "tokens/s at 8bit" in r.stdout
     assert "gpu paths:" in r.stdout and "FAILED" not in r.stdout
+    # the closing table: every step ran and ended ok
+    table = r.stdout[r.stdout.index("gpu_check steps (budget"):].splitlines()[2:]
+    assert len(table) == 8 and all(line.strip().startswith("ok\t") for line in table), table
+
+
+def test_gpu_check_keeps_to_its_budget():
+    """A device run has minutes: a step is stopped at the budget plus the grace, the rest are skipped, the table
+    says which, and the exit status (2) tells "cut short" apart from a failure (1) and success (0)."""
+    r = _run("bash", BENCH / "gpu_check.sh", "--smoke", timeout=300, PY=sys.executable,
+             GPU_CHECK_BUDGET_S="1", GPU_CHECK_GRACE_S="1")
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    table = r.stdout[r.stdout.index("gpu_check steps (budget 1s"):].splitlines()[2:]
+    assert table[0].strip().startswith("stopped (time)\t") and "gpu_paths.py" in table[0], table
+    assert len(table) == 8 and all(line.strip().startswith("skipped\t-\t") for line in table[1:]), table
+    assert "FAILED" not in r.stdout
 
 
 
