@@ -156,13 +156,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                    help="also train the folds with these overrides; compared with the preset row by row (repeatable)")
+                    help="also train the folds with these overrides; compared row by row with the preset, or with "
+                         "--against (repeatable)")
     ap.add_argument("--against", default="preset", metavar="NAME",
                     help="the row the variants are compared with: 'preset' or one of the --variant names "
                          "(e.g. two layouts that both need another pooling than the preset's)")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     ap.add_argument("--no-probe", action="store_true",
-                    help="skip the frozen-embedding probe (the slow baseline): for comparing variants with the preset")
+                    help="skip the frozen-embedding probe (the slow baseline): for comparing variants")
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
     if args.against != "preset" and args.against not in {name for name, _ in variants}:

@@ -435,12 +435,13 @@ STATS_FIELDS = ("kept", "total", "char_cut", "rounds_kept", "rounds_total")  # T
 
 
 # Keys that may change between a checkpoint and --resume: they do not change how the fold trains (threads, how
-# often to checkpoint, evaluation and inference batching, the test file, the run's name, the tuning space).
-# Every other key (lr, batch sizes, schedule, lora.*, model.*, seed, data...) would train the rest differently,
-# and so would the RESUME_MUST_KEEP exceptions: validation formats rows at predict.max_length, so changing it
-# changes the scores early stopping compares and the OOF predictions written.
-RESUME_MAY_CHANGE = ("name", "data.test", "train.threads", "train.checkpoint_minutes", "train.eval_batch_size", "predict.", "tune.")
-RESUME_MUST_KEEP = ("predict.max_length",)
+# often to checkpoint, evaluation and inference batching, inference-only settings, the test file, the run's name,
+# the tuning space). Every other key (lr, batch sizes, schedule, lora.*, model.*, seed, data...) would train the
+# rest differently, and so would predict.max_length: validation formats rows at it, so changing it changes the
+# scores early stopping compares and the OOF predictions written. A new key is refused until it is listed here.
+RESUME_MAY_CHANGE = ("name", "data.test", "train.threads", "train.checkpoint_minutes", "train.eval_batch_size",
+                     "predict.batch_size", "predict.tta", "predict.tta_share", "predict.time_budget_h", "predict.max_tokens",
+                     "predict.quantization", "predict.precision", "predict.threads", "tune.")
 
 
 def check_resumed_config(cfg: Config, work: Path) -> None:
@@ -458,8 +459,7 @@ def check_resumed_config(cfg: Config, work: Path) -> None:
     saved = config_from_dict(read_yaml(saved_path), str(saved_path)).model_dump(mode="json")
     now = cfg.model_dump(mode="json")
     changed = [key for key in _changed_keys(saved, now)
-               if key in RESUME_MUST_KEEP
-               or not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)]
+               if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)]
     if changed:
         def short(v) -> str:
             r = repr(v)
@@ -889,8 +889,6 @@ def assemble_shares(shares: list[dict], n: int) -> dict:
             out[key][share["rows"]] = share[key]
     out["stats"] = TruncationStats(**{f: out.pop(f) for f in STATS_FIELDS if f in out})
     return out
-
-
 
 
 def _evaluate_into(s: Session, inputs: FoldInputs, row: dict, bar=None) -> float:

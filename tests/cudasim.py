@@ -182,7 +182,6 @@ def inject_oom(module, when=None, at=None):
     ``at``: on the n-th call (1-based; an int or a collection of ints); ``when(ids)``: on any call whose input
     (first positional argument or ``input_ids``: rows x length token ids for an embedding layer) satisfies it;
     neither: every call. Yields an :class:`OOMRecord`."""
-
     record = OOMRecord()
     hook = _oom_hook(record, when, at)
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
