@@ -101,11 +101,11 @@ def scores(run: Path, work: Path, labels_by_id: dict, data: dict) -> dict:
     """Per-row log losses of a run: on its OOF rows (sorted by id) and on the held-out slice (fold mean, swap TTA)."""
     from kagglekit.data import read_probs
     from kagglekit.ensemble import ensemble
-    from kagglekit.predict import trained_folds
+    from kagglekit.runs import open_run
 
     ids, probs = [], []
-    for _, path in trained_folds(run, "all"):
-        i, p = read_probs(path / "oof.csv")
+    for fold in open_run(run).folds:
+        i, p = read_probs(fold.path / "oof.csv")
         ids.append(i)
         probs.append(p)
     ids, probs = np.concatenate(ids), np.concatenate(probs)

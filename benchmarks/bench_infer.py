@@ -4,7 +4,7 @@ TTA as `kk ensemble` runs it (every row in both A/B orders):
   fixed padding            every sequence padded to max_length, file order (the seed notebook)
   Trainer.predict          transformers.Trainer.predict, DataCollatorWithPadding, file order
   bare sorted loop         a plain loop over length-sorted batches padded before the clock starts (the upper bound)
-  kagglekit                kagglekit.inference.infer_logits: sorted, padded per batch, order restored
+  kagglekit                kagglekit.engine.infer_logits: sorted, padded per batch, order restored
   kagglekit max_tokens     the same with a token budget of batch_size x max_length: the peak memory of a
                            row batch of full-length rows, but short rows travel in bigger batches
 
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from kagglekit.inference import infer_logits, length_sorted_batches, pad_batch
+    from kagglekit.engine import infer_logits, length_sorted_batches, pad_batch
 
     torch.manual_seed(0)
     from kagglekit.modeling import device_and_dtype

@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
 
     from kagglekit.config import load_config
     from kagglekit.errors import KKError
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.modeling import build_model, device_and_dtype, load_tokenizer, quiet_libraries
 
     quiet_libraries()
@@ -157,7 +157,7 @@ def run_preset(args, argv) -> dict:
     import torch
 
     from kagglekit.config import load_config
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.io import write_text
     from kagglekit.modeling import build_model, device_and_dtype, load_tokenizer, quiet_libraries, save_model
     from kagglekit.predict import FoldModel

@@ -1,5 +1,5 @@
 """Inference throughput of one backbone loaded in fp16, 8-bit and 4-bit (bitsandbytes), the way the Kaggle
-kernel loads it (kagglekit.modeling.load_backbone) and predicts (kagglekit.inference.infer_logits,
+kernel loads it (kagglekit.modeling.load_backbone) and predicts (kagglekit.engine.infer_logits,
 length-sorted batches, fp16 autocast): the measured ratios beside the factors the kernel's time estimate
 uses (kagglekit.kernel.plan.THROUGHPUT), and the fp16 utilisation of the GPU's peak beside
 T4_FP16_UTILISATION. On a T4 this checks the estimate's numbers directly; on another GPU the ratios
@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     from bench_llm import GEMMA2_9B, write_model
 
     from kagglekit.config import load_config
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.kernel.plan import T4_FP16_UTILISATION, THROUGHPUT, meta_model
     from kagglekit.modeling import device_and_dtype, load_backbone, load_tokenizer, quiet_libraries
 

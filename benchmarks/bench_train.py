@@ -168,7 +168,7 @@ def child(args) -> dict:
     else:  # bare-loop / bare-hf (batches padded before the clock starts) or naive (fixed padding, file order)
         import torch.nn.functional as F
 
-        from kagglekit.inference import pad_batch
+        from kagglekit.engine import pad_batch
         from kagglekit.train import _lr_scheduler, param_groups
 
         plan = plan_batches(lengths, [[i] for i in range(n)], args.batch_size, cfg.seed, 0)  # exactly kagglekit's epoch

@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from kagglekit.data import load_train
-    from kagglekit.predict import fold_config, trained_folds
+    from kagglekit.runs import open_run
     from kagglekit.task import get_task
 
     shares = [float(s) for s in args.shares.split(",") if s.strip()]
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         return f"{t[0]:+.4f} [{t[1]:+.4f}, {t[2]:+.4f}]"
 
     for run in args.run:
-        cfg = fold_config(trained_folds(run, "all")[0][1])
+        cfg = open_run(run).folds[0].cfg
         task = get_task(cfg.task)
         train, _ = load_train(args.train or cfg.data.train, cfg.data.bad_rows, task)
         res = analyse(Path(run), dict(zip(train["id"], train["label"])), shares, args.boot, task=task)

@@ -142,7 +142,7 @@ def check_oom(work: Path, device) -> list[list]:
     import numpy as np
     import torch
 
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.predict import FoldModel
     from kagglekit.train import train_fold
 
@@ -191,7 +191,7 @@ def check_recompute(work: Path, device, quant: str) -> tuple[str, str]:
     import numpy as np
     import torch
 
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.modeling import load_backbone, load_tokenizer
 
     if quant == "4bit":

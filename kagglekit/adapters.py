@@ -4,7 +4,7 @@ kk train writes both files, but a damaged or hand-edited one must give one line 
 not a traceback from deep inside peft, nor an allocation sized by whatever ``r`` says (``r: 1e9`` asks for
 hundreds of GB). :func:`read_adapter_config` checks the config's types and ranges and the weights' shapes
 (read from the safetensors header: no tensor is loaded); :func:`check_adapter_fits` then checks the modules
-against the loaded backbone. kk predict / ensemble / kernel (through ``modeling.load_trained``) and kk merge
+against the loaded backbone. kk predict / ensemble / kernel (through the HF engine, kagglekit.engine) and kk merge
 use them.
 """
 

@@ -323,7 +323,7 @@ def distill_labels_cmd(
     Then:    kk train --fold all --config configs/student.yaml     (data.soft_labels: data/teacher_labels/fold_{fold}.csv)
     """
     from .distill import teacher_labels
-    from .predict import parse_fold_list
+    from .runs import parse_fold_list
     from .ui import console, info, table
 
     rows = teacher_labels(teacher, train, folds, out, weight, extra, tta=tta, batch_size=batch_size, backbone=backbone,
@@ -417,6 +417,7 @@ def merge_cmd(
     import json
 
     from .merge import compare_with_folds, merge_run
+    from .runs import open_run
     from .ui import console, info, table
 
     path = merge_run(run, out or run.with_name(f"{run.name}-merged"), folds, method, unload, force, check_rows)
@@ -432,7 +433,7 @@ def merge_cmd(
     info(f"wrote {path} (a one-fold run: kk ensemble --run {path}); calibration carried over for kk ensemble: "
          + (f"temperature {cal['temperature']:.3f} (the source folds' cross-fitted choice)" if cal and cal["kept"] else "none"))
     if test is not None:
-        c = compare_with_folds(run, path, test, folds)
+        c = compare_with_folds(open_run(run, folds), path, test)
         console.print(table(f"merged ({method}) vs the fold ensemble on {c['rows']} rows of {test}", ["measure", "value"],
                             [["mean |p_merged - p_folds|", c["mean_abs_diff"]], ["max |p_merged - p_folds|", c["max_abs_diff"]],
                              ["KL(folds || merged)", c["kl_ensemble_to_merged"]], ["same argmax", c["argmax_agreement"]],

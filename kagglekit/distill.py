@@ -13,14 +13,8 @@ predictions, which is why the loss has a temperature (``train.distill.temperatur
 the command's table shows both log losses and mean top probabilities, so how much is visible). Several teachers are averaged in logit
 space: the weighted mean of their log-probabilities, then a softmax.
 
-The student's loss, per training row (``train.distill``: weight w, temperature T)::
-
-    (1 - w) * CE(hard label, smoothed by train.label_smoothing) + w * T^2 * KL(teacher at T || student at T)
-
-with the teacher at T = softmax(log p / T) and the student at T = softmax(logits / T); T^2 keeps the
-gradient scale of the KL term independent of T (Hinton et al., 2015). A row with only a hard label
-uses the cross-entropy alone, a row with only a teacher's probabilities (pseudo-labelled extra rows)
-the KL term alone.
+The student's loss (cross-entropy and KL at a temperature) is the training side's:
+:func:`kagglekit.train.training_loss`.
 """
 
 from __future__ import annotations
@@ -42,11 +36,6 @@ FOLD_FIELD = "{fold}"
 def soft_label_file(template: str | os.PathLike, fold: int) -> Path:
     """``data.soft_labels`` for ``fold``: one file for every fold, or a per-fold template (``DIR/fold_{fold}.csv``)."""
     return Path(str(template).replace(FOLD_FIELD, str(fold)))
-
-
-def load_soft_labels(path: str | os.PathLike, ids, what: str = "data.soft_labels", task: Task = LMSYS) -> np.ndarray:
-    """Teacher probabilities for ``ids`` (in that order) from a CSV id + the task's probability columns."""
-    return _lookup(path, ids, what, task)[0]
 
 
 def _lookup(path, ids, what: str, task: Task = LMSYS):
@@ -82,39 +71,6 @@ def fold_soft_labels(template: str, fold: int, train_ids, val_ids, task: Task = 
     return probs
 
 
-def swap_labels(labels: np.ndarray, task: Task) -> np.ndarray:
-    """Hard class of each pair with A and B exchanged (the task's swap; -1, no label, stays -1)."""
-    labels = np.asarray(labels)
-    return np.where(labels >= 0, task.swap_labels(np.clip(labels, 0, None)), -1)
-
-
-def distill_loss(logits, soft, hard, tc):
-    """Summed training loss of a micro-batch (the caller normalises per sequence).
-
-    ``logits`` (n, C) float; ``hard`` (n,) long, -1 where a row has no hard label; ``soft`` (n, C) the
-    teacher's probabilities, NaN rows where a row has none, or None when no row has any (then this is the
-    plain label-smoothed cross-entropy). ``tc``: the train config (label_smoothing, distill.weight/temperature).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    has_hard = hard >= 0
-    ce = F.cross_entropy(logits, hard.clamp(min=0), label_smoothing=tc.label_smoothing, reduction="none")
-    if soft is None:
-        return (ce * has_hard).sum()
-    w, t = tc.distill.weight, tc.distill.temperature
-    has_soft = ~torch.isnan(soft).any(dim=1)
-    # Rows without a teacher get a placeholder distribution; their KL term is multiplied by 0 below.
-    teacher = torch.where(has_soft[:, None], soft, torch.full_like(soft, 1.0 / soft.shape[1]))
-    teacher_t = torch.softmax(torch.log(teacher.clamp_min(torch.finfo(teacher.dtype).tiny)) / t, dim=1)
-    student_t = torch.log_softmax(logits / t, dim=1)
-    kl = F.kl_div(student_t, teacher_t, reduction="none").sum(dim=1) * (t * t)
-    one = ce.new_ones(())
-    w_hard = torch.where(has_soft, one * (1.0 - w), one) * has_hard
-    w_soft = torch.where(has_hard, one * w, one) * has_soft
-    return (w_hard * ce + w_soft * kl).sum()
-
-
 # --- the teachers' side: kk distill-labels -----------------------------------------------------------------------------
 
 
@@ -122,13 +78,14 @@ def _check_teacher_folds(teachers: list[Path], folds_df, fold_ids: list[int], fo
     """{(teacher, fold): fold folder}; every teacher has every fold, and its fold-K model validated on (so never
     trained on) every one of fold K's validation rows."""
     from .data import read_probs
-    from .predict import fold_config, trained_folds
+    from .runs import open_run
 
     found = {}
     for run in teachers:
-        for k, path in trained_folds(run, fold_ids):
-            if (path / "config.yaml").exists() and fold_config(path).task != task.name:
-                raise KKError(f"{path} was trained for task {fold_config(path).task}, not {task.name} (--task)")
+        for fold in open_run(run, fold_ids).folds:
+            k, path = fold.index, fold.path
+            if fold.cfg.task != task.name:
+                raise KKError(f"{path} was trained for task {fold.cfg.task}, not {task.name} (--task)")
             oof_ids, _ = read_probs(path / "oof.csv", "teacher OOF", task)
             val = set(folds_df.loc[folds_df["fold"] == k, "id"])
             unseen = val - set(oof_ids)
@@ -182,9 +139,11 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     from .data import load_train
     from .ensemble import combine
     from .folds import load_folds
+    from .inference import TokenCache
     from .io import check_writable, protect_existing, write_csv, write_json
     from .metrics import log_loss
-    from .predict import FoldModel, file_sha256
+    from .predict import FoldModel
+    from .runs import file_sha256, open_run, run_oof
     from .task import get_task
     from .ui import progress
 
@@ -212,6 +171,10 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
         protect_existing(path, force, "teacher labels")
     fold_of = dict(zip(folds["id"], folds["fold"]))
     labels = df["label"].to_numpy()
+    # The teachers' own OOF predictions (what they score on rows they never trained on), for the table.
+    skipped = {rid for rid, _ in report.skipped}
+    teacher_oof = [run_oof(open_run(t, fold_ids), dict(zip(df["id"], labels)), skipped) for t in teachers]
+    teacher_oof = [dict(zip(rp.ids, rp.probs)) for rp in teacher_oof]
     rows = []
     with progress() as bar:
         for k in fold_ids:
@@ -220,18 +183,17 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
             n_train = len(fold_rows)
             if extra_df is not None:
                 fold_rows = pd.concat([fold_rows[list(extra_df.columns)], extra_df], ignore_index=True)
-            probs, oofs = [], []
-            cache: dict = {}  # teachers with one tokenizer and formatting tokenize this fold's rows once
+            probs = []
+            cache = TokenCache()  # teachers with one tokenizer and formatting tokenize this fold's rows once
             for run in teachers:
                 fm = FoldModel(paths[run, k], backbone)
                 probs.append(fm.predict(fold_rows, tta, batch_size, bar, f"{run.name} fold {k}", cache=cache)["probs"])
-                del fm  # one teacher model in memory at a time
-                oofs.append(_oof_on(paths[run, k], df, ~in_train, task))
+                fm.release()  # one teacher model in memory at a time
+            oofs = [np.array([t[i] for i in df["id"][~in_train]]) for t in teacher_oof]
             blend = combine(probs, w, "geo")  # softmax of the weighted mean log-probability
             if not np.isfinite(blend).all():
                 raise KKError(f"fold {k}: the teachers predicted non-finite probabilities")
-            write_csv(outputs[k], pd.DataFrame({"id": fold_rows["id"].to_numpy(),
-                                                **{c: blend[:, j] for j, c in enumerate(task.prob_columns)}}))
+            write_csv(outputs[k], task.prob_frame(fold_rows["id"].to_numpy(), blend))
             oof = combine(oofs, w, "geo")
             y_tr, y_va = labels[in_train], labels[~in_train]
             rows.append({"fold": k, "rows": len(fold_rows), "extra": len(fold_rows) - n_train,
@@ -244,12 +206,3 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
         "extra": [str(p) for p in extra], "per_fold": rows,
     })
     return rows
-
-
-def _oof_on(fold_path: Path, df, val_mask, task: Task = LMSYS) -> np.ndarray:
-    """The teacher fold's own OOF predictions for this fold's validation rows (in ``df``'s order)."""
-    from .data import read_probs
-
-    ids, p = read_probs(fold_path / "oof.csv", "teacher OOF", task)
-    pos = {i: n for n, i in enumerate(ids)}
-    return p[[pos[i] for i in df["id"][val_mask]]]

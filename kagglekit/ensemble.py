@@ -11,15 +11,12 @@ class's label (WSDM: ``id,winner``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .data import read_probs
 from .errors import KKError
 from .metrics import accuracy, log_loss
-from .predict import trained_folds, warn_missing_folds
 from .task import LMSYS, Task
 
 CLIP = 1e-7
@@ -129,15 +126,16 @@ def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean", folds
     return np.ones(len(oofs)) / len(oofs), 1.0, base, report
 
 
-def choose_calibration(preds: list, oofs: list[np.ndarray], y: np.ndarray, folds=None, method: str = "mean",
-                       fit: bool = True) -> tuple:
+def choose_calibration(oof, method: str = "mean", fit: bool = True) -> tuple:
     """(weights, temperature, calibrated OOF, cross-fitting report or None, a note saying where they come from).
 
     Weights and a temperature are fitted only on OOF the runs' own models produced. A merged run's OOF is
     its source folds' (``kk merge``): fitting on it would calibrate one model on another's predictions. Alone,
     it carries over what ``kk merge`` recorded: its source fold ensemble's cross-fitted temperature when that
-    was kept, else none; blended with other runs, nothing is fitted (equal weights, temperature 1).
+    was kept, else none; blended with other runs, nothing is fitted (equal weights, temperature 1). ``oof``:
+    :func:`kagglekit.runs.oof_set`.
     """
+    preds, oofs, y, folds = oof.runs, oof.oofs, oof.y, oof.folds
     equal = np.ones(len(oofs)) / len(oofs)
     base = combine(oofs, method=method)
     if not fit:
@@ -146,7 +144,7 @@ def choose_calibration(preds: list, oofs: list[np.ndarray], y: np.ndarray, folds
     if not borrowed:
         weights, t, calibrated, report = calibrate(oofs, y, method, folds)
         return weights, t, calibrated, report, "cross-fitted on the runs' OOF" + ("" if report["kept"] else ": not kept")
-    why = f"{borrowed[0].run}'s OOF is its source folds' (kk merge), not its own predictions"
+    why = f"{borrowed[0].run.path}'s OOF is its source folds' (kk merge), not its own predictions"
     if len(preds) > 1:
         return equal, 1.0, base, None, f"none (equal weights, temperature 1): {why}"
     rec = borrowed[0].borrowed
@@ -158,93 +156,13 @@ def choose_calibration(preds: list, oofs: list[np.ndarray], y: np.ndarray, folds
     return equal, 1.0, base, None, f"none: the source fold ensemble's calibration was not kept or not recorded ({why})"
 
 
-def common_oof(preds: list, labels_by_id: dict, with_folds: bool = False):
-    """The runs' OOF arrays on the ids they all cover (sorted), and those ids' labels
-    (and, ``with_folds``, the first run's fold of each row: what cross-fitting splits by)."""
-    common = set(preds[0].oof_ids)
-    for rp in preds[1:]:
-        common &= set(rp.oof_ids)
-    order = sorted(common)
-    oofs = []
-    for rp in preds:
-        pos = {i: n for n, i in enumerate(rp.oof_ids)}
-        oofs.append(rp.oof[[pos[i] for i in order]])
-    y = np.array([labels_by_id[i] for i in order], dtype=int)
-    if not with_folds:
-        return oofs, y
-    pos = {i: n for n, i in enumerate(preds[0].oof_ids)}
-    folds = preds[0].oof_folds[[pos[i] for i in order]] if preds[0].oof_folds is not None else None
-    return oofs, y, folds
-
-
-@dataclass
-class RunPredictions:
-    run: Path
-    folds: list[int]
-    oof_ids: np.ndarray
-    oof: np.ndarray
-    oof_no_tta: np.ndarray
-    per_fold: list[dict] = field(default_factory=list)
-    test: np.ndarray | None = None
-    oof_folds: np.ndarray | None = None  # the fold each OOF row was validated in
-    borrowed: dict | None = None  # a merged run: its OOF is its source folds'; what kk merge recorded of their calibration
-
-
-def load_run_oof(run_dir, folds, labels_by_id: dict, skipped: set | None = None, task: Task = LMSYS) -> RunPredictions:
-    """A run's OOF predictions with their labels. ``skipped``: ids the train file's loader skipped
-    (``--bad-rows skip``); their OOF rows are left out instead of being an error."""
-    from .predict import read_metrics
-
-    ids, oof, oof_nt, per_fold, fold_ids = [], [], [], [], []
-    borrowed = None
-    for k, path in trained_folds(run_dir, folds):
-        m = read_metrics(path)
-        if "merged_from" in m:
-            borrowed = m.get("calibration") if isinstance(m.get("calibration"), dict) else {}
-        fid, p = read_probs(path / "oof.csv", task=task)
-
-        nt_path = path / "oof_no_tta.csv"
-        _, pnt = read_probs(nt_path, task=task) if nt_path.exists() else (fid, p)
-        if skipped:
-            keep = np.array([i not in skipped for i in fid], dtype=bool)
-            fid, p, pnt = fid[keep], p[keep], pnt[keep]
-        unknown = [i for i in fid if i not in labels_by_id]
-        if unknown:
-            raise KKError(f"{path / 'oof.csv'}: id {unknown[0]} is not in the train file")
-        y = np.array([labels_by_id[i] for i in fid])
-        per_fold.append({"fold": k, "rows": len(fid), "tta": log_loss(p, y), "no_tta": log_loss(pnt, y), "acc": accuracy(p, y)})
-        ids.append(fid)
-        oof.append(p)
-        oof_nt.append(pnt)
-        fold_ids.append(k)
-    all_ids = np.concatenate(ids)
-    if len(set(all_ids)) != len(all_ids):
-        raise KKError(f"{run_dir}: an id appears in the OOF of two folds (were the folds changed between trainings?)")
-    row_folds = np.concatenate([np.full(len(i), k) for i, k in zip(ids, fold_ids)])
-    return RunPredictions(Path(run_dir), fold_ids, all_ids, np.concatenate(oof), np.concatenate(oof_nt), per_fold,
-                          oof_folds=row_folds, borrowed=borrowed)
-
-
-def load_run_test(rp: RunPredictions, test_path, test_ids: np.ndarray, method: str, tta: bool, force: bool,
-                  test_df=None, backbone: str | None = None, overrides: list[str] | None = None,
-                  threads: int | None = None, task: Task = LMSYS) -> np.ndarray:
-
-    from .predict import predict_fold
-
-    fold_probs = []
-    for k in rp.folds:
-        df = predict_fold(rp.run, k, test_path, tta=tta, force=force, backbone=backbone, test_df=test_df, overrides=overrides,
-                          threads=threads)
-        if len(df) != len(test_ids) or (df["id"].to_numpy() != test_ids).any():
-            raise KKError(f"{rp.run}/fold_{k}/test.csv holds other ids than {test_path}; rerun with --force")
-        missing = [c for c in task.prob_columns if c not in df.columns]
-        if missing:
-            raise KKError(f"{rp.run}/fold_{k}/test.csv: missing column {', '.join(missing)}; rerun with --force")
-        p = df[list(task.prob_columns)].to_numpy(dtype=np.float64)
-        if not np.isfinite(p).all():
-            raise KKError(f"{rp.run}/fold_{k}/test.csv has NaN probabilities")
-        fold_probs.append(p)
-    return combine(fold_probs, method=method)
+def blend(fold_probs: list[list[np.ndarray]], weights, temperature: float = 1.0, method: str = "mean") -> np.ndarray:
+    """The submission's probabilities, the one blend of ``kk ensemble`` and the kernel: each run's folds combined,
+    the runs combined with ``weights``, the temperature applied, then clipped (:func:`finalize_probs`)."""
+    final = finalize_probs(apply_temperature(combine([combine(p, method=method) for p in fold_probs], weights, method), temperature))
+    if not np.isfinite(final).all():
+        raise KKError("the ensemble produced NaN probabilities")
+    return final
 
 
 def finalize_probs(probs: np.ndarray) -> np.ndarray:
@@ -352,64 +270,51 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     """Average folds (and runs), calibrate on OOF, write the submission; returns a report. ``overrides``:
     ``--set predict.*`` inference settings for every fold (its config.yaml stays as trained). ``threads``: torch's CPU
     threads (default: each fold's ``predict.threads``)."""
-    from .config import apply_predict_overrides
     from .data import load_test, load_train
-    from .predict import fold_config
+    from .predict import predict_runs
+    from .runs import oof_set, open_runs, runs_task
     from .ui import console, table, warn
 
-    if not runs:
-        raise KKError("give at least one --run")
-    runs = [Path(r) for r in runs]
-    task = run_task(runs, folds)  # the runs' competition: its files, its submission
+    runs = open_runs([Path(r) for r in runs], folds)
+    task = runs_task(runs)  # the runs' competition: its files, its submission
+    overrides = [*(overrides or []), *([f"predict.threads={threads}"] if threads else [])] or None
     # Everything that can fail after the long prediction work is checked before it starts.
     _check_inputs(test_path, sample_submission, out, force, task)
-    if folds in (None, "all"):
-        for r in runs:
-            warn_missing_folds(r, [k for k, _ in trained_folds(r, "all")])
-    first_cfg = fold_config(trained_folds(runs[0], folds)[0][1])
-    apply_predict_overrides(first_cfg, overrides, "kk ensemble")  # a bad --set fails before the long work
+    first_cfg = runs[0].folds[0].inference(overrides)  # a bad --set fails before the long work
     train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows, task)
     train_report.print_warnings()
-    labels_by_id = dict(zip(train_df["id"], train_df["label"]))
-    skipped = {rid for rid, _ in train_report.skipped}
-    preds = [load_run_oof(r, folds, labels_by_id, skipped, task) for r in runs]
-
     # OOF ids common to every run: runs trained on other folds still compare on the same rows.
-    oofs, y, oof_folds = common_oof(preds, labels_by_id, with_folds=True)
+    oof = oof_set(runs, train_df, {rid for rid, _ in train_report.skipped})
+    y = oof.y
     if len(y) == 0:
         raise KKError("the runs' out-of-fold ids do not overlap; were they trained on the same train file?")
-    if any(len(y) != len(rp.oof_ids) for rp in preds):
+    if any(len(y) != len(rp.ids) for rp in oof.runs):
         warn(f"runs cover different OOF rows; weights are fitted on the {len(y)} rows they share")
 
-    base = combine(oofs, method=method)
+    base = combine(oof.oofs, method=method)
     before = log_loss(base, y)
-    weights, temperature, calibrated, cal, cal_note = choose_calibration(preds, oofs, y, oof_folds, method, fit)
+    weights, temperature, calibrated, cal, cal_note = choose_calibration(oof, method, fit)
     after = log_loss(calibrated, y)
     if oof_out is not None:
         # The calibrated OOF ensemble: a teacher's soft labels for every training row (distillation).
-        import pandas as pd
-
         from .io import protect_existing, write_csv
 
         protect_existing(oof_out, force, "OOF soft labels")
-        ids = sorted(set.intersection(*[set(rp.oof_ids) for rp in preds]))
-        write_csv(oof_out, pd.DataFrame({"id": ids, **{c: calibrated[:, j] for j, c in enumerate(task.prob_columns)}}))
+        write_csv(oof_out, task.prob_frame(oof.ids, calibrated))
 
     test_df, report = load_test(test_path, task=task)
     report.print_warnings()
     test_ids = test_df["id"].to_numpy()
-    test_probs = [load_run_test(rp, test_path, test_ids, method, tta, force, test_df, backbone, overrides,
-                                 threads, task) for rp in preds]
-
-    final = finalize_probs(apply_temperature(combine(test_probs, weights, method), temperature))
+    fold_probs = predict_runs(runs, test_df, test_path, tta, force, backbone, overrides)
+    final = blend(fold_probs, weights, temperature, method)
     path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission, task=task)
 
     rows = []
-    for rp in preds:
+    for rp in oof.runs:
         for f in rp.per_fold:
-            rows.append([str(rp.run), f["fold"], f["rows"], f["no_tta"], f["tta"], f["acc"]])
-        yr = np.array([labels_by_id[i] for i in rp.oof_ids])
-        rows.append([str(rp.run), "all", len(yr), log_loss(rp.oof_no_tta, yr), log_loss(rp.oof, yr), accuracy(rp.oof, yr)])
+            rows.append([str(rp.run.path), f["fold"], f["rows"], f["no_tta"], f["tta"], f["acc"]])
+        yr = _labels(train_df, rp.ids)
+        rows.append([str(rp.run.path), "all", len(yr), log_loss(rp.probs_no_tta, yr), log_loss(rp.probs, yr), accuracy(rp.probs, yr)])
     rows.append(["ensemble", "all", len(y), "", before, accuracy(base, y)])
     rows.append(["ensemble (calibrated)", "all", len(y), "", after, accuracy(calibrated, y)])
     console.print(table("out-of-fold log loss", ["run", "fold", "rows", "no TTA", "TTA", "accuracy"], rows))
@@ -422,27 +327,21 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
         from .metrics import group_accuracy
 
         lang = dict(zip(train_df["id"], train_df[task.language_column]))
-        order = sorted(set.intersection(*[set(rp.oof_ids) for rp in preds]))
         console.print(table(f"out-of-fold accuracy per {task.language_column} (calibrated ensemble)",
-                            [task.language_column, "rows", "accuracy"],
-                            group_accuracy(calibrated, y, [lang[i] for i in order])))
+                            [task.language_column, "rows", "accuracy"], group_accuracy(calibrated, y, [lang[i] for i in oof.ids])))
+    metric = task.metric
     console.print(
         f"calibration: {cal_note}\nweights {', '.join(f'{w:.3f}' for w in weights)}; temperature {temperature:.3f}; "
         f"OOF {before:.4f} -> {after:.4f}"
-        + (f" (log loss; OOF {task.metric} {task.metric_value(base, y):.4f} -> {task.metric_value(calibrated, y):.4f})"
-           if task.metric != "log_loss" else "")
+        + (f" (log loss; OOF {metric.title} {metric(base, y):.4f} -> {metric(calibrated, y):.4f})" if metric.name != "log_loss" else "")
         + f"; wrote {path} ({len(test_ids)} rows)",
         highlight=False,
     )
     return {"submission": path, "task": task.name, "oof_before": before, "oof_after": after, "weights": weights.tolist(),
             "calibration": cal, "calibration_source": cal_note, "temperature": temperature, "test_probs": final,
-            "test_ids": test_ids, "per_run": preds, "oof_metric": task.metric_value(calibrated, y)}
+            "test_ids": test_ids, "per_run": oof.runs, "oof_metric": metric(calibrated, y)}
 
 
-def run_task(runs, folds="all") -> Task:
-    """The task the runs were trained for (every fold's config.yaml); runs of two competitions are an error."""
-    from .predict import fold_config
-    from .task import same_task
-
-    return same_task([fold_config(p).task for r in runs for _, p in trained_folds(r, folds)], "runs")
-
+def _labels(train_df, ids) -> np.ndarray:
+    labels = dict(zip(train_df["id"], train_df["label"]))
+    return np.array([labels[i] for i in ids])

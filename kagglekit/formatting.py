@@ -173,8 +173,12 @@ class Formatter:
 
     def signature(self) -> str:
         """Identifies what this formatter produces: the tokenizer's full definition and the settings.
-        Two folds with equal signatures turn the same rows into the same token ids."""
+        Two folds with equal signatures turn the same rows into the same token ids (computed once: it hashes the
+        tokenizer's whole definition)."""
         import hashlib
+
+        if "_signature" in self.__dict__:
+            return self.__dict__["_signature"]
 
         tok = self.tokenizer
         core = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
@@ -182,7 +186,8 @@ class Formatter:
         h.update(repr((type(tok).__name__, self.max_length, self.truncation, self.shares, self.max_turns)).encode())
         if self.layout != "blocks" or self.instruction or self.chat_template:
             h.update(repr((self.layout, self.instruction, self.prefix.tolist(), self.suffix.tolist())).encode())
-        return h.hexdigest()
+        self._signature = h.hexdigest()
+        return self._signature
 
     def _tok(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -351,7 +356,7 @@ class Formatter:
         """The decoded sequence of one pair, to see what the model sees."""
         import pandas as pd
 
-        df = pd.DataFrame({"prompt": [_as_turns(prompt)], "response_a": [_as_turns(a)], "response_b": [_as_turns(b)]})
+        df = pd.DataFrame({"prompt": [as_turns(prompt)], "response_a": [as_turns(a)], "response_b": [as_turns(b)]})
         ids, _ = self.assemble(self.encode_rows(df), 0)
         return self.tokenizer.decode(ids.tolist())
 
@@ -391,7 +396,7 @@ def _ids(x) -> np.ndarray:
     return np.asarray(x, dtype=np.int32)
 
 
-def _as_turns(x) -> list[str]:
+def as_turns(x) -> list[str]:
     if x is None:
         return [""]
     if isinstance(x, str):

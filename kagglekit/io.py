@@ -272,38 +272,6 @@ def normal_mode(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; when the block succeeds, its files move into ``out_dir``
-    (created if needed) with the normal mode. On any error the temporary folder goes, and ``out_dir`` is
-    as it was (never created when it did not exist): no half-written model folder. Unlike
-    :func:`atomic_dir`, files already in ``out_dir`` that the block did not write stay."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    except OSError as e:
-        raise _naming(e, out_dir) from None
-    try:
-        with safetensors_errors(out_dir):
-            yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                normal_mode(f)
-        if not out_dir.exists():
-            os.chmod(tmp, 0o777 & ~_umask())
-            os.replace(tmp, out_dir)
-            return
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out_dir / f.name)
-    except OSError as e:
-        if e.filename is None or str(e.filename).startswith(str(tmp)):
-            raise _naming(e, out_dir) from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
     """safetensors' own errors (a damaged header, a full disk while writing) as one line naming ``path``
     (for a folder, the damaged file in it): an OSError when the cause is the OS (the CLI prints

@@ -29,13 +29,21 @@ def is_oom(exc: BaseException) -> bool:
     return should_reduce_batch_size(exc)
 
 
-def free_memory(device=None) -> None:
-    """Collect the garbage an out-of-memory error left (tensors held by its traceback) and return the
-    allocator's cached blocks to the GPU, so the retry starts from a clean slate."""
+def free_memory(device=None, device_map: dict | None = None) -> None:
+    """Collect the garbage a model or an out-of-memory error left (peft and transformers models hold reference cycles,
+    so ``del`` alone frees nothing; an error's traceback holds its tensors), then return the allocator's cached blocks
+    to the driver on the GPU(s) of ``device`` / ``device_map`` ONLY (inside ``torch.cuda.device(i)``: ``empty_cache``
+    on another device would stall the thread working there, the kernel's other GPU)."""
     import gc
 
     import torch
 
     gc.collect()
-    if getattr(device, "type", str(device)) == "cuda":
-        torch.cuda.empty_cache()
+    indices = set()
+    for d in [device, *(device_map or {}).values()]:
+        if isinstance(d, int) or str(getattr(d, "type", d)).startswith("cuda"):
+            index = d if isinstance(d, int) else torch.device(d).index
+            indices.add(torch.cuda.current_device() if index is None else index)
+    for i in sorted(indices):
+        with torch.cuda.device(i):
+            torch.cuda.empty_cache()

@@ -50,7 +50,7 @@ def load_adapter_weights(fold_path) -> dict:
 def _base_record(fold_path: Path) -> dict:
     """What a fold's adapter was trained over: the backbone (a local folder by its resolved path), how it
     was read (pooling, quantization) and the tokenizer's files by hash."""
-    from .predict import fold_config
+    from .runs import fold_config
 
     cfg = fold_config(fold_path)
     backbone = cfg.model.backbone
@@ -131,32 +131,30 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
 
     ``check_rows``: compare the merged model with the fold ensemble on this many OOF rows (0: skip); the result
     is in its metrics.json (``fold_ensemble_check``), with a warning when it is far."""
-    import pandas as pd
     import torch
 
     from .data import read_probs
     from .io import atomic_dir, claim_output_dir, mark_output_dir, write_json, write_text
     from .modeling import load_backbone, load_tokenizer, quiet_libraries, save_model
-    from .predict import fold_config, read_metrics, trained_folds
-    from .task import get_task
-
+    from .runs import open_run
 
     quiet_libraries()
     if method not in ("factors", "delta"):
         raise KKError(f"--method must be factors or delta (got {method!r})")
     out = Path(out)
     claim_output_dir(out, force, "merge", sources=[run_dir])  # --force replaces an earlier merge, nothing else
-    found = trained_folds(run_dir, folds)
+    run = open_run(run_dir, folds)
+    found = [(f.index, f.path) for f in run.folds]
     if len(found) < 2:
         raise KKError(f"{run_dir}: merging needs at least two trained folds (found {len(found)})")
     if not all((p / "adapter_config.json").exists() for _, p in found):
         raise KKError(f"{run_dir}: only LoRA folds merge (a fold without adapter_config.json was fully fine-tuned)")
-    cfg = fold_config(found[0][1])
+    cfg = run.folds[0].cfg
     if cfg.model.quantization != "none" and (method == "delta" or unload):
         raise KKError("a quantized base cannot take merged weights; use --method factors without --unload")
     check_same_base(found)
-    source = [read_metrics(p) for _, p in found]
-    task = get_task(cfg.task)
+    source = [f.metrics for f in run.folds]
+    task = run.task
     oof = [read_probs(p / "oof.csv", "OOF", task) for _, p in found]
     oof_nt = [read_probs(p / "oof_no_tta.csv", "OOF", task) for _, p in found if (p / "oof_no_tta.csv").exists()]
     states, adapter_cfg = _load_adapters(found)
@@ -174,7 +172,7 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
             shutil.copy2(found[0][1] / "adapter_config.json", dst / "adapter_config.json")
             tokenizer.save_pretrained(dst)
         else:
-            model = load_backbone(cfg.model, tokenizer, torch.device("cpu"), num_labels=get_task(cfg.task).n_classes)
+            model = load_backbone(cfg.model, tokenizer, torch.device("cpu"), num_labels=task.n_classes)
             params = dict(model.named_parameters())
             if method == "delta":
                 for path, delta in lora_deltas(states, adapter_cfg).items():
@@ -196,14 +194,12 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
         write_text(dst / "config.yaml", merged_cfg.to_yaml())
 
         def frame(parts):
-            ids = np.concatenate([i for i, _ in parts])
-            probs = np.concatenate([p for _, p in parts])
-            return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(task.prob_columns)}})
+            return task.prob_frame(np.concatenate([i for i, _ in parts]), np.concatenate([p for _, p in parts]))
 
         frame(oof).to_csv(dst / "oof.csv", index=False)
         if len(oof_nt) == len(oof):
             frame(oof_nt).to_csv(dst / "oof_no_tta.csv", index=False)
-        calibration, check = _judge_against_source(run_dir, found, cfg, tmp, check_rows)
+        calibration, check = _judge_against_source(run, tmp, check_rows)
         write_json(dst / "metrics.json", {
             "fold": 0, "task": cfg.task, "generation": uuid.uuid4().hex, "merged_from": str(run_dir),
             "source_folds": [k for k, _ in found], "method": method, "unloaded": bool(method == "delta" or unload),
@@ -217,32 +213,30 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
     return out
 
 
-def _judge_against_source(run_dir, found, cfg, merged, check_rows: int) -> tuple[dict | None, dict | None]:
+def _judge_against_source(run, merged, check_rows: int) -> tuple[dict | None, dict | None]:
     """(the source fold ensemble's cross-fitted calibration, the merged model's distance from the fold ensemble
     on ``check_rows`` OOF rows); either is None, with a warning, when the train file cannot be read."""
     from .data import load_train
-    from .ensemble import calibrate, load_run_oof
-    from .task import get_task
+    from .ensemble import calibrate
+    from .runs import oof_set
     from .ui import warn
 
-    task = get_task(cfg.task)
+    cfg = run.folds[0].cfg
     try:
-        train_df, report = load_train(cfg.data.train, cfg.data.bad_rows, task=task)
-        labels = dict(zip(train_df["id"], train_df["label"]))
-        rp = load_run_oof(run_dir, [k for k, _ in found], labels, {rid for rid, _ in report.skipped}, task=task)
+        train_df, report = load_train(cfg.data.train, cfg.data.bad_rows, task=run.task)
+        rp = oof_set([run], train_df, {rid for rid, _ in report.skipped})
     except (KKError, OSError) as e:
         warn(f"kk merge: no calibration carried over and no comparison with the fold ensemble: {e}")
         return None, None
-    y = np.array([labels[i] for i in rp.oof_ids])
-    _, t, _, cal = calibrate([rp.oof], y, folds=rp.oof_folds)
-    calibration = {"source": str(run_dir), "temperature": float(t), "kept": bool(cal["kept"]),
+    _, t, _, cal = calibrate(rp.oofs, rp.y, folds=rp.folds)
+    calibration = {"source": str(run.path), "temperature": float(t), "kept": bool(cal["kept"]),
                    "uncalibrated": cal["uncalibrated"], "cross_fitted": cal["cross_fitted"]}
     if check_rows <= 0:
         return calibration, None
     rng = np.random.default_rng(cfg.seed)
-    ids = set(rng.choice(rp.oof_ids, size=min(check_rows, len(rp.oof_ids)), replace=False).tolist())
+    ids = set(rng.choice(rp.runs[0].ids, size=min(check_rows, len(rp.ids)), replace=False).tolist())
     rows = train_df[train_df["id"].isin(ids)].reset_index(drop=True)
-    check = compare_with_folds(run_dir, merged, rows=rows, folds=[k for k, _ in found])
+    check = compare_with_folds(run, merged, rows=rows)
     check = {k: check[k] for k in ("rows", "mean_abs_diff", "max_abs_diff", "fold_mean_abs_diff", "argmax_agreement")}
     check["far"] = far_from_ensemble(check)
     if check["far"]:
@@ -269,26 +263,28 @@ def _base_param(path: str, params: dict, leaf: str = "weight") -> str:
     raise KKError(f"merging: the base model has no parameter for {path}.{leaf}")
 
 
-def compare_with_folds(run_dir, merged, test_path=None, folds="all", rows=None) -> dict:
-    """How far the merged model's probabilities are from the fold ensemble's (both with swap TTA) on the rows
-    of ``test_path`` (or the parsed ``rows``): mean and max |p_merged - p_folds|, a single fold's mean distance
-    from the ensemble for scale, and the speed-up of one pass instead of K."""
+def compare_with_folds(run, merged, test_path=None, rows=None) -> dict:
+    """How far the merged model's probabilities are from the fold ensemble's (both with swap TTA) on the rows of
+    ``test_path`` (or the parsed ``rows``): mean and max |p_merged - p_folds|, a single fold's mean distance from the
+    ensemble for scale, and the speed-up of one pass instead of K. ``run``: the source run (a folder, or a Run)."""
     from .data import load_test
-    from .predict import FoldModel, fold_config, trained_folds
-    from .task import get_task
+    from .inference import TokenCache
+    from .predict import FoldModel
+    from .runs import Run, open_run
 
-    found = trained_folds(run_dir, folds)
-    if rows is not None:
-        df = rows
-    else:
-        df, _ = load_test(test_path, task=get_task(fold_config(found[0][1]).task))
+    run = run if isinstance(run, Run) else open_run(run)
+    df = rows if rows is not None else load_test(test_path, task=run.task)[0]
+    cache = TokenCache()  # the folds and the merged model share a tokenizer: the rows are tokenized once
     t = time.time()
-    parts = [FoldModel(p).predict(df)["probs"] for _, p in found]
+    parts = []
+    for f in run.folds:
+        fm = FoldModel(f.path)
+        parts.append(fm.predict(df, cache=cache)["probs"])
+        fm.release()
     ens = np.mean(parts, axis=0)
-
     t_folds = time.time() - t
     t = time.time()
-    one = FoldModel(Path(merged) / "fold_0").predict(df)["probs"]
+    one = FoldModel(Path(merged) / "fold_0").predict(df, cache=cache)["probs"]
     t_merged = time.time() - t
     diff = np.abs(one - ens)
     kl = float(np.mean(np.sum(ens * (np.log(np.clip(ens, 1e-12, 1)) - np.log(np.clip(one, 1e-12, 1))), axis=1)))

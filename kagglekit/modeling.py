@@ -167,14 +167,6 @@ def inference_weight_dtype(model_cfg, device, autocast_dtype):
     return autocast_dtype if n is not None and 4 * n > FP32_INFERENCE_MAX_BYTES else None
 
 
-def estimate_inference_bytes(params: int, quantization: str, precision_bytes: int = 2) -> int:
-    """GPU memory a fold model needs for inference: weights in their precision (4-bit NF4 with double
-    quantization ~0.55 bytes a parameter, 8-bit ~1.1, half 2, fp32 4) plus 1.5 GB for activations,
-    the CUDA context and the allocator's slack."""
-    per = {"4bit": 0.55, "8bit": 1.1}.get(quantization, precision_bytes)
-    return int(params * per + 1.5 * 1024**3)
-
-
 def init_source(model_cfg) -> tuple[str, str] | None:
     """What ``model.init_from`` names: ``("adapter", folder)`` for an earlier fold trained with LoRA (its adapter and
     heads are loaded once the model is wrapped), ``("weights", path)`` for full weights (an earlier fold trained in
@@ -462,7 +454,7 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out_dir))
     try:
-        # Saved as it is, pooling wrappers included: load_trained applies the same pooling before the weights.
+        # Saved as it is, pooling wrappers included: the HF engine applies the same pooling before the weights.
         with safetensors_errors(out_dir):  # a full disk: 'out_dir: No space left on device'
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -472,52 +464,6 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
             os.replace(f, out_dir / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_trained(fold_dir: Path, cfg, device, autocast_dtype=None, backbone: str | None = None):
-    """A fold's trained model for inference: backbone + adapter (merged), or full weights."""
-
-    fold_dir = Path(fold_dir)
-    n_labels = get_task(cfg.task).n_classes
-    tokenizer = load_tokenizer(str(fold_dir))
-    if (fold_dir / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        from .adapters import check_adapter_fits, read_adapter_config
-        from .io import safetensors_errors
-
-        adapter_cfg = read_adapter_config(fold_dir)  # before anything is built: a hostile r never allocates
-        # --backbone (or the kernel's copy) replaces where the base weights load from, init_from's included.
-        model_cfg = cfg.model.model_copy(update={"backbone": backbone or fold_base_weights(fold_dir, cfg.model), "init_from": None})
-        # A head of another size in the base checkpoint is expected here: the fold's adapter carries the trained one.
-        base = load_backbone(model_cfg, tokenizer, device, autocast_dtype, inference_weight_dtype(model_cfg, device, autocast_dtype),
-                             report_mismatch=False, num_labels=n_labels)
-        check_adapter_fits(fold_dir, adapter_cfg, base)
-        with safetensors_errors(fold_dir / "adapter_model.safetensors"):
-            model = PeftModel.from_pretrained(base, str(fold_dir))
-        if cfg.model.quantization == "none":
-            model = model.merge_and_unload()  # plain weights: no LoRA overhead at inference
-    elif (fold_dir / "config.json").exists():
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        from .io import load_safetensors, safetensors_errors
-
-        with safetensors_errors(fold_dir):
-            attn = attention_implementation(AutoConfig.from_pretrained(str(fold_dir)))
-            model = AutoModelForSequenceClassification.from_pretrained(str(fold_dir), num_labels=n_labels, attn_implementation=attn)
-
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if cfg.model.pooling != "cls":
-            # The pooling wrapper's weights (and the pooler under it) are saved under the wrapper's names:
-            # wrap first, then load them.
-            apply_pooling(model, cfg.model.pooling)
-            for f in sorted(fold_dir.glob("model*.safetensors")):
-                model.load_state_dict(load_safetensors(f), strict=False)
-        model.to(device)
-    else:
-        raise KKError(f"{fold_dir} has no adapter_config.json or config.json: not a trained fold")
-    model.eval()
-    return model, tokenizer
 
 
 # --- pooling -------------------------------------------------------------------------------------------------------
@@ -637,13 +583,13 @@ def apply_pooling(model, pooling: str) -> None:
 
 def check_packing(model) -> None:
     """``train.packing`` needs a decoder whose attention reads sequence boundaries from ``position_ids``."""
-    model_type = _classifier(model).config.model_type
+    model_type = classifier_of(model).config.model_type
     if model_type not in DECODER_TYPES:
         raise KKError(f"train.packing: {model_type} is an encoder with no per-sequence position_ids path "
                       "(packing is for decoder LLMs: llama, mistral, qwen2, gemma2...); set train.packing=false")
 
 
-def _classifier(model):
+def classifier_of(model):
     """The transformers *ForSequenceClassification inside DDP and peft wrappers."""
     m = getattr(model, "module", model)  # DDP
     if hasattr(m, "get_base_model"):  # peft
@@ -662,7 +608,7 @@ def packed_logits(model, seqs, device):
     """
     import torch
 
-    cls = _classifier(model)
+    cls = classifier_of(model)
     backbone = getattr(cls, cls.base_model_prefix)
     lengths = torch.tensor([len(s) for s in seqs])
     ids = torch.cat([torch.as_tensor(s, dtype=torch.long) for s in seqs])[None].to(device)

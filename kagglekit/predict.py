@@ -1,139 +1,29 @@
-"""`kk predict`: one fold's test probabilities, with swap TTA and length-sorted batches.
+"""`kk predict` / `kk ensemble`'s test predictions: the passes on one device, each fold's cache, the Python API.
 
-Each fold writes ``fold_K/test.csv`` (id + the task's class probabilities) and
-``fold_K/test.json`` (which test file, by sha256, whether TTA was on, the inference settings, and
-which training of the fold made it: its generation), so that ensembling never re-runs a model that
-already predicted the same file, and never reuses another model's. Inference settings other than
-the fold's own (``--set predict.max_length=8192``, ``predict.quantization=8bit``...) are cached beside
-them as ``fold_K/test.<key>.csv/.json``, so predictions at several settings coexist.
+Test rows go through :mod:`kagglekit.passes`, as in the kernel: pass 1 in the given (A,B) order for every fold, then
+the swapped (B,A) order on the rows swap TTA chooses (every row, or the run's least confident by its fold mean).
+Each fold keeps what it predicted beside it, at each inference setting (``--set predict.max_length=8192``, ...):
+
+- ``fold_K/test.npz``: the two passes ((A,B) of every row; (B,A) where it ran, NaN elsewhere), what a later call
+  reuses (a later call that wants the (B,A) order on more rows predicts only the missing ones);
+- ``fold_K/test.json``: what made them (the test file's sha256, the inference settings, the fold's generation: a
+  retrained fold never reuses the old model's) and the sha256 of the two files it describes;
+- ``fold_K/test.csv``: id + the task's probabilities after swap TTA, for reading.
+
+At settings other than the fold's own they are ``test.<key>.*`` (the key a hash of the settings).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import KKError
-from .task import get_task, same_task
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def trained_folds(run_dir: str | os.PathLike, folds: str | list[int] | None = "all") -> list[tuple[int, Path]]:
-    """(fold, folder) of every finished fold of a run (or of the ``folds`` asked for)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise KKError(f"run folder {run_dir} does not exist (train a fold first: kk train --fold 0)")
-    found = {}
-    for d in run_dir.glob("fold_*"):
-        try:
-            k = int(d.name.split("_", 1)[1])
-        except ValueError:
-            continue
-        if (d / "metrics.json").exists():
-            found[k] = d
-    if folds in (None, "all"):
-        if not found:
-            raise KKError(f"{run_dir} has no trained fold (no fold_*/metrics.json)")
-        chosen = sorted(found.items())
-    else:
-        wanted = parse_fold_list(folds)
-        missing = [k for k in wanted if k not in found]
-        if missing:
-            raise KKError(f"fold {missing[0]} of {run_dir} is not trained (trained: {', '.join(map(str, sorted(found))) or 'none'})")
-        chosen = [(k, found[k]) for k in wanted]
-    for _, d in chosen:
-        read_metrics(d)  # a damaged fold is one line naming its file, before any work
-    return chosen
-
-
-def read_metrics(fold_path) -> dict:
-    """A fold's metrics.json, checked: a JSON object with a numeric ``val_log_loss`` and ``n_val`` (what a
-    finished training writes); anything else (cut off, a list, keys missing) is one line naming the file."""
-    import math
-
-    f = Path(fold_path) / "metrics.json"
-    try:
-        m = json.loads(f.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise KKError(f"{f}: not valid JSON (cut off or damaged); retrain the fold with kk train --force") from None
-    if not isinstance(m, dict):
-        raise KKError(f"{f}: expected a JSON object of metrics, found a {type(m).__name__}; retrain the fold with kk train --force")
-    for key in ("val_log_loss", "n_val"):
-        v = m.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise KKError(f"{f}: {key} is {'missing' if key not in m else f'not a number ({v!r})'}; retrain the fold with kk train --force")
-    return m
-
-
-def fold_generation(fold_path) -> str:
-    """Which training made the weights in ``fold_path``: the id ``kk train`` (or ``kk merge``) writes into
-    metrics.json, or for a fold trained before there were ids, the hash of its metrics.json (every training
-    writes other metrics: wall time, rates). A forced retrain that swaps a new fold in changes it."""
-    m = read_metrics(fold_path)
-    if isinstance(m.get("generation"), str) and m["generation"]:
-        return m["generation"]
-    return "metrics-" + file_sha256(Path(fold_path) / "metrics.json")
-
-
-def warn_missing_folds(run_dir, trained: list[int]) -> list[int]:
-    """Warn, naming them, about folds of the run's folds file that have no trained model: an ensemble
-    of 3 of 5 folds is legitimate but should never happen by accident. Returns the missing folds."""
-    from .ui import warn
-
-    try:
-        if trained and "merged_from" in read_metrics(Path(run_dir) / f"fold_{trained[0]}"):
-            return []  # a merged run is one model: the folds file is its source's
-    except (KKError, OSError):
-        pass
-    expected = set(range(max(trained) + 1)) if trained else set()
-    for d in Path(run_dir).glob("fold_*"):  # a fold folder without metrics.json: unfinished or damaged
-        if d.is_dir() and d.name[5:].isdigit():
-            expected.add(int(d.name[5:]))
-    try:
-        import pandas as pd
-
-        cfg = fold_config(Path(run_dir) / f"fold_{trained[0]}")
-        expected |= {int(f) for f in pd.read_csv(cfg.data.folds, usecols=["fold"])["fold"].unique()}
-    except (KKError, OSError, ValueError, KeyError, IndexError):
-        pass  # the folds file moved or is unreadable: judge by the fold numbers alone
-    missing = sorted(expected - set(trained))
-    if missing:
-        warn(f"{run_dir}: fold{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} not trained; "
-             f"using {len(trained)} fold(s): {', '.join(map(str, trained))}")
-    return missing
-
-
-def parse_fold_list(folds) -> list[int]:
-    if isinstance(folds, (list, tuple)):
-        return [int(f) for f in folds]
-    try:
-        return [int(f) for f in str(folds).split(",") if f.strip() != ""]
-    except ValueError:
-        raise KKError(f"--folds must be 'all' or a list like 0,2,4 (got {folds!r})") from None
-
-
-def fold_config(fold_path: Path):
-    from .config import config_from_dict, read_yaml
-
-    return config_from_dict(read_yaml(fold_path / "config.yaml"), str(fold_path / "config.yaml"))
-
-
-def inference_config(fold_path: Path, overrides: list[str] | None = None):
-    """A fold's config with ``--set predict.*`` overrides (others refused); its config.yaml stays as trained."""
-    from .config import apply_predict_overrides
-
-    return apply_predict_overrides(fold_config(Path(fold_path)), overrides)
+from .runs import Fold, file_sha256, fold_generation, open_fold, open_run
 
 
 def inference_settings(cfg) -> dict:
@@ -142,169 +32,220 @@ def inference_settings(cfg) -> dict:
     return {"max_length": m.max_length, "quantization": m.quantization, "precision": m.precision}
 
 
-class FoldModel:
-    """A trained fold loaded for inference: model, tokenizer, formatter, device. ``overrides``: ``predict.*``
-    settings (``predict.max_length/quantization/precision`` replace the trained ``model.*`` values).
-    ``threads``: torch's CPU threads (default: the fold's ``predict.threads``)."""
+class FoldCache:
+    """One fold's cached test predictions at one inference setting (see the module docstring)."""
 
-    def __init__(self, fold_path: Path, backbone: str | None = None, precision: str | None = None, device: str | None = None,
-                 overrides: list[str] | None = None, threads: int | None = None):
-        from .formatting import Formatter
-        from .modeling import device_and_dtype, load_trained, quiet_libraries
+    def __init__(self, fold, cfg, sha: str, test_path: Path):
+        settings = inference_settings(cfg)
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        stem = "test" if settings == inference_settings(fold.cfg) else f"test.{key}"
+        self.fold, self.cfg, self.test_path, self.meta = fold, cfg, test_path, {}
+        self.csv, self.json, self.npz = (fold.path / f"{stem}.{ext}" for ext in ("csv", "json", "npz"))
+        self.key = {"sha256": sha, "inference": settings, "generation": fold.generation}
 
-        quiet_libraries()
-        self.path = Path(fold_path)
-        self.cfg = inference_config(self.path, overrides)
-        threads = self.cfg.predict.threads if threads is None else threads
-        if threads:
-            import torch
+    def load(self, n: int):
+        """(A,B) probabilities (n, C) and (B,A) probabilities (n, C; NaN rows where it did not run), or None."""
+        from .ui import warn
 
-            torch.set_num_threads(threads)
-        self.task = get_task(self.cfg.task)
-
-        model_cfg = self.cfg.inference_model()
-        self.device, self.dtype = device_and_dtype(precision or model_cfg.precision, device)
+        if not (self.json.exists() and self.npz.exists()):
+            return None
         try:
-            self.model, self.tokenizer = load_trained(self.path, self.cfg.model_copy(update={"model": model_cfg}), self.device,
-                                                      self.dtype, backbone)
-        except Exception as e:
-            from .memory import OutOfMemory, is_oom
+            meta = json.loads(self.json.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            warn(f"{self.json} is corrupt ({e}); predicting again")
+            return None
+        if any(meta.get(k) != v for k, v in self.key.items()):
+            return None
+        self.meta = meta
+        if meta.get("passes_sha256") != file_sha256(self.npz):
+            warn(f"{self.npz} does not match {self.json}; predicting again")
+            return None
+        try:
+            with np.load(self.npz, allow_pickle=False) as z:  # arrays only: nothing in it can run
+                ab, ba = z["ab"].astype(np.float64), z["ba"].astype(np.float64)
+        except (OSError, ValueError, KeyError) as e:
+            warn(f"{self.npz} is damaged ({e}); predicting again")
+            return None
+        c = self.fold.task.n_classes
+        done = np.isfinite(ba).all(axis=1)
+        if ab.shape != (n, c) or ba.shape != (n, c) or not _probabilities(ab) or not _probabilities(ba[done]):
+            warn(f"{self.npz} does not hold {n} rows of probabilities; predicting again")
+            return None
+        return ab, ba
 
-            if not is_oom(e):
-                raise
-            raise OutOfMemory(f"out of GPU memory loading {self.path} on {self.device}: free the GPU (another model "
-                              "loaded?), or predict with --set predict.quantization=4bit") from None
-        # The truncation rules apply at the inference length.
-        self.formatter = Formatter.from_config(self.tokenizer, model_cfg)
+    def save(self, ids, ab, ba, probs, tta, stats) -> None:
+        """The passes, then the csv, then the json naming both: a kill in between is a cache miss, never a mispairing."""
+        from .io import atomic_path, write_csv, write_json
 
-    def predict(self, df, tta: bool | str = True, batch_size: int | None = None, progress=None, description="predict",
-                cache: dict | None = None) -> dict:
-        """``tta``: True, False or "uncertain" (the swapped order on the fold's predict.tta_share least
-        confident rows, kagglekit.tta)."""
-        from .inference import predict_pairs
+        self.json.unlink(missing_ok=True)
+        with atomic_path(self.npz) as tmp, open(tmp, "wb") as f:
+            np.savez(f, ab=ab, ba=ba)
+        write_csv(self.csv, self.fold.task.prob_frame(ids, probs))
+        write_json(self.json, {"test_file": str(self.test_path), **self.key, "tta": tta, "rows": len(ids),
+                               "output_sha256": file_sha256(self.csv), "passes_sha256": file_sha256(self.npz),
+                               "truncation": stats.summary()})
 
-        return predict_pairs(self.model, self.formatter, df, batch_size or self.cfg.predict.batch_size, tta,
-                             self.device, self.dtype, progress, description, cache=cache,
-                             max_tokens=self.cfg.predict.max_tokens, tta_share=self.cfg.predict.tta_share, task=self.task)
 
-    def release(self) -> None:
-        """Free the model's memory now (the next fold can load into it); the object cannot predict afterwards."""
-        from .memory import free_memory
+def _probabilities(p) -> bool:
+    return bool(np.isfinite(p).all() and (p >= 0).all() and (np.abs(p.sum(axis=1) - 1) <= 1e-3).all())
 
-        self.model = None
-        free_memory(self.device)  # collected now, not when the cyclic GC gets round to it
+
+def tta_label(mode: str, share: float):
+    """How test.json names the swap TTA its csv holds."""
+    return {"full": True, "none": False}.get(mode, f"uncertain:{share:g}")
+
+
+def predict_runs(runs: list, test_df, test_path, tta=True, force: bool = False, backbone: str | None = None,
+                 overrides: list[str] | None = None, device=None) -> list[list[np.ndarray]]:
+    """Per run, per fold: test probabilities after swap TTA (``tta``: True, False or "uncertain"; None: each run's
+    predict.tta), through the passes on one device with no time budget. Each fold's cache is reused where it holds
+    what is asked (unless ``force``) and rewritten where it did not. ``overrides``: ``--set predict.*``."""
+    from .io import check_writable, file_lock
+    from .modeling import fold_base_weights
+    from .passes import Budget, Job, Passes, RunPlan, make_units
+    from .tta import tta_mode
+    from .ui import progress
+
+    test_path = Path(test_path)
+    if not test_path.is_file():
+        raise KKError(f"test file {test_path} does not exist" if not test_path.exists() else f"{test_path} is a folder, expected a file")
+    sha, n = file_sha256(test_path), len(test_df)
+    plans, caches = [], {}
+    for r, run in enumerate(runs):
+        cfg = run.folds[0].inference(overrides)  # a --set typo fails here, before any model loads
+        jobs = [Job(r, f, f.name) for f in run.folds]
+        plans.append(RunPlan(run.path.name, jobs, backbone or fold_base_weights(run.folds[0].path, cfg.inference_model()),
+                             tta_mode(cfg.predict.tta if tta is None else tta), cfg.predict.tta_share))
+        for j in jobs:
+            caches[j] = FoldCache(j.fold, j.fold.inference(overrides), sha, test_path)
+    with contextlib.ExitStack() as locks:
+        for j in caches:
+            check_writable(j.fold.path, f"fold {j.fold.index}")
+            locks.enter_context(file_lock(j.fold.path / ".predict.lock", f"fold {j.fold.index} of {j.fold.run} (kk predict)"))
+        hits = {j: None if force else c.load(n) for j, c in caches.items()}
+        passes = Passes(make_units(plans, [device], n, overrides), [device], test_df, Budget.unlimited(), log=lambda m: None,
+                        overrides=overrides)
+        for j, hit in hits.items():
+            if hit is not None:
+                passes.known(j, hit[0])
+        try:
+            with progress() as bar:
+                task = bar.add_task("predict (A,B)", total=n * sum(hit is None for hit in hits.values()))
+                passes.on_rows = lambda k: bar.advance(task, k)
+                passes.run_pass(1)
+                wanted = passes.wanted(plans)
+                for j, hit in hits.items():
+                    if hit is not None:
+                        rows = np.intersect1d(wanted[j.run], np.flatnonzero(np.isfinite(hit[1]).all(axis=1)))
+                        passes.known2[j] = (rows, hit[1][rows])
+                todo = sum(len(np.setdiff1d(wanted[j.run], passes.known2[j][0] if j in passes.known2 else [])) for j in caches)
+                bar.update(task, description="predict (B,A)", total=todo, completed=0)
+                passes.run_pass(2, wanted)
+        finally:
+            passes.free_all()
+        first, second, out = passes.first_pass(), passes.second_pass(), passes.fold_probs(plans)
+        for x, probs in zip(plans, out):
+            for j, p in zip(x.jobs, probs):
+                if not np.isfinite(p).all():
+                    raise KKError(f"fold {j.fold.index} of {j.fold.run} predicted NaN probabilities for {test_path}")
+                computed = hits[j] is None or any(k is j for k, _ in passes.parts2)
+                if not computed and caches[j].meta.get("tta") == tta_label(x.mode, x.share):
+                    continue  # served from the cache as it stands
+                if computed:
+                    # `kk train --force` swaps a retrained fold in by renaming folders: if that happened while this model
+                    # predicted, these are the old model's probabilities and the folder is the new fold's.
+                    _check_generation(j.fold)
+                ba = np.full_like(first[j], np.nan) if hits[j] is None else hits[j][1].copy()
+                if j in second:
+                    ba[second[j][0]] = second[j][1]
+                stats = passes.stats.get(j) or _stats(j.fold, caches[j].cfg, test_df, passes.cache)
+                caches[j].save(test_df["id"].to_numpy(), first[j], ba, p, tta_label(x.mode, x.share), stats)
+    return out
+
+
+def _stats(fold, cfg, df, cache):
+    """Truncation stats of a fold's (A,B) sequences when no model ran this time (from its tokenizer alone)."""
+    from .formatting import Formatter
+    from .modeling import load_tokenizer
+
+    return cache.sequences(Formatter.from_config(load_tokenizer(str(fold.path)), cfg.inference_model()), df)[1]
+
+
+def _check_generation(fold) -> None:
+    try:
+        now = fold_generation(fold.path)
+    except (KKError, OSError):
+        now = None  # mid-swap, or damaged: not the fold these predictions came from either
+    if now != fold.generation:
+        raise KKError(f"fold {fold.index} of {fold.run} was retrained while it predicted (its weights changed under it); its "
+                      "predictions were not written: run kk predict again")
 
 
 def predict_fold(run_dir, fold: int, test_path, tta: bool | str = True, batch_size: int | None = None, force: bool = False,
                  backbone: str | None = None, test_df=None, overrides: list[str] | None = None, threads: int | None = None):
-    """Test probabilities of one fold as a frame ``id`` + the task's probability columns
-    (``winner_model_a, winner_model_b, winner_tie`` for LMSYS).
-
-    Reuses the cached prediction when the same training of the fold (its generation) made it from the same
-    test file with the same TTA and inference settings (unless ``force``). ``overrides``: ``--set predict.*``
-    for this prediction only. ``threads``: torch's CPU threads (default: the fold's ``predict.threads``).
-    """
-    import pandas as pd
-
+    """Test probabilities of one fold as a frame ``id`` + the task's probability columns (``kk predict``).
+    ``batch_size``/``threads``: predict.batch_size/threads for this prediction."""
     from .data import load_test
-    from .io import check_writable, file_lock, write_csv, write_json
-    from .ui import progress
 
-    (k, path), = trained_folds(run_dir, [fold])
-    task = get_task(fold_config(path).task)
-    if not Path(test_path).is_file():
-        raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists()
-                      else f"{test_path} is a folder, expected {task.test_file}")
-    sha = file_sha256(test_path)
-    cfg = inference_config(path, overrides)  # a --set typo fails here, before any model loads
-    if tta == "uncertain":  # the cache must tell the share apart too
-        tta = f"uncertain:{cfg.predict.tta_share:g}"
-    out_path, meta_path = cache_paths(path, cfg)
-    generation = fold_generation(path)  # read before the weights: a retrain swapped in later is seen below
-    expected = cache_key(sha, tta, cfg, generation)
-    if not force:
-        cached = _cached_prediction(out_path, meta_path, expected, task)
-        if cached is not None:
-            return cached
-    check_writable(path, f"fold {k}")
-    with file_lock(path / ".predict.lock", f"fold {k} of {run_dir} (kk predict)"):
-        if test_df is None:
-            test_df, report = load_test(test_path, task=task)
-            report.print_warnings()
-        fm = FoldModel(path, backbone, overrides=overrides, threads=threads)
-        with progress() as bar:
-            res = fm.predict(test_df, "uncertain" if str(tta).startswith("uncertain") else tta, batch_size, bar, f"fold {k}")
-        fm.release()  # kk ensemble predicts the next fold next: its model must not load beside this one
-        probs = res["probs"]
-        if not np.isfinite(probs).all():
-            raise KKError(f"fold {k} of {run_dir} predicted NaN probabilities for {test_path}")
-        out = pd.DataFrame({"id": test_df["id"].to_numpy(), **{c: probs[:, j] for j, c in enumerate(task.prob_columns)}})
-        # `kk train --force` swaps a retrained fold in by renaming folders: if that happened while this model
-        # predicted, these are the old model's probabilities and the folder at `path` is the new fold's.
-        _check_generation(path, generation, f"fold {k} of {run_dir}")
-        # The pair test.csv + test.json is replaced file by file; test.json names the sha256 of the
-        # test.csv it belongs to, so a kill between the two renames is a cache miss, never a wrong pairing.
-        meta_path.unlink(missing_ok=True)
-        write_csv(out_path, out)
-        write_json(meta_path, {"test_file": str(test_path), **expected, "rows": len(out),
-                               "output_sha256": file_sha256(out_path), "truncation": res["stats"].summary()})
-    return out
+    run = open_run(run_dir, [fold])
+    overrides = [*(overrides or []), *([f"predict.batch_size={batch_size}"] if batch_size else []),
+                 *([f"predict.threads={threads}"] if threads else [])]
+    run.folds[0].inference(overrides)  # a --set typo fails before the test file is read
+    if test_df is None:
+        if not Path(test_path).is_file():
+            raise KKError(f"test file {test_path} does not exist" if not Path(test_path).exists()
+                          else f"{test_path} is a folder, expected {run.task.test_file}")
+        test_df, report = load_test(test_path, task=run.task)
+        report.print_warnings()
+    probs = predict_runs([run], test_df, test_path, tta, force, backbone, overrides or None)[0][0]
+    return run.task.prob_frame(test_df["id"].to_numpy(), probs)
 
 
-def cache_key(sha: str, tta: bool | str, cfg, generation: str) -> dict:
-    """What a cached prediction must have been made with to be reused (all of it is written to its test.json):
-    the test file, TTA, the inference settings, and this training of the fold (a cache older than generation
-    ids, or another training's, never matches)."""
-    return {"sha256": sha, "tta": tta, "inference": inference_settings(cfg), "generation": generation}
+class FoldModel:
+    """A trained fold loaded for inference: ``FoldModel(path).predict(df)["probs"]``. ``overrides``: ``predict.*``
+    settings (``predict.max_length/quantization/precision`` replace the trained ``model.*`` values); ``threads``:
+    torch's CPU threads (default: the fold's ``predict.threads``)."""
 
+    def __init__(self, fold_path, backbone: str | None = None, device: str | None = None, overrides: list[str] | None = None,
+                 threads: int | None = None):
+        from .engine import open_engine
 
-def cache_paths(fold_path: Path, cfg) -> tuple[Path, Path]:
-    """(csv, json) of the prediction cache for these inference settings: ``test.csv/.json`` at the fold's own
-    (its config.yaml's), ``test.<key>.csv/.json`` at others (the key a hash of the settings), so both can be kept."""
-    settings = inference_settings(cfg)
-    if settings == inference_settings(fold_config(fold_path)):
-        return fold_path / "test.csv", fold_path / "test.json"
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return fold_path / f"test.{key}.csv", fold_path / f"test.{key}.json"
+        self.fold = fold_path if isinstance(fold_path, Fold) else open_fold(fold_path)
+        overrides = [*(overrides or []), *([f"predict.threads={threads}"] if threads else [])]
+        self.engine = open_engine([self.fold], backbone, device, None, overrides or None)
+        self.path, self.cfg, self.task = self.fold.path, self.engine.config(self.fold), self.engine.task
+        self.formatter = self.engine.formatter(self.fold)
 
+    model = property(lambda self: self.engine.model)
+    device = property(lambda self: self.engine.device)
+    dtype = property(lambda self: self.engine.dtype)
+    tokenizer = property(lambda self: self.formatter.tokenizer)
 
-def _check_generation(path: Path, generation: str, what: str) -> None:
-    try:
-        now = fold_generation(path)
-    except (KKError, OSError):
-        now = None  # mid-swap, or damaged: not the fold these predictions came from either
-    if now != generation:
-        raise KKError(f"{what} was retrained while it predicted (its weights changed under it); its predictions were "
-                      "not written: run kk predict again")
+    def predict(self, df, tta: bool | str = True, batch_size: int | None = None, progress=None, description: str = "predict",
+                cache=None) -> dict:
+        """``tta``: True, False or "uncertain" (the swapped order on the fold's predict.tta_share least confident
+        rows); ``batch_size``: predict.batch_size for this call; ``progress``: a Rich progress to add a bar to; see
+        :func:`kagglekit.inference.predict_tta`."""
+        from .inference import predict_tta
+        from .tta import second_pass_share
 
+        on_rows = None
+        if progress is not None:
+            bar = progress.add_task(description, total=len(df) * (1 + second_pass_share(tta, self.cfg.predict.tta_share)))
+            on_rows = lambda k: progress.advance(bar, k)  # noqa: E731
+        cfgs = self.engine.cfgs
+        if batch_size:
+            cfgs[self.fold] = self.cfg.model_copy(update={"predict": self.cfg.predict.model_copy(update={"batch_size": batch_size})})
+        try:
+            return predict_tta(self.engine, self.fold, df, tta, cache, on_rows, description)
+        finally:
+            cfgs[self.fold] = self.cfg
 
-def _cached_prediction(out_path: Path, meta_path: Path, expected: dict, task):
-    """The cached fold prediction when its test.json matches every entry of ``expected`` (:func:`cache_key`), else None."""
-    import pandas as pd
-
-    from .data import read_probs
-    from .ui import warn
-
-    if not (out_path.exists() and meta_path.exists()):
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        warn(f"{meta_path} is corrupt ({e}); predicting again")
-        return None
-    if any(meta.get(k) != v for k, v in expected.items()):
-        return None
-    if meta.get("output_sha256") != file_sha256(out_path):
-        warn(f"{out_path} does not match {meta_path}; predicting again")
-        return None
-    try:
-        ids, probs = read_probs(out_path, "fold test predictions", task)
-    except KKError as e:
-        warn(f"{e}; predicting again")
-        return None
-    return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(task.prob_columns)}})
+    def release(self) -> None:
+        """Free the model's memory now (the next fold can load into it); the object cannot predict afterwards."""
+        self.engine.close()
 
 
 class Predictor:
@@ -314,25 +255,23 @@ class Predictor:
     >>> p.predict_one("What is 2+2?", "4", "5")
     {'winner_model_a': 0.61, 'winner_model_b': 0.12, 'winner_tie': 0.27}
 
-    ``from_run`` keeps no model in memory between calls: every ``predict_frame`` / ``predict_one`` loads,
-    predicts with and frees one fold at a time, so K folds of an LLM never share the GPU. The price is one
-    load per fold per call: predict many pairs in one ``predict_frame`` call. ``Predictor([FoldModel...])``
-    uses fold models the caller has loaded (and keeps them).
+    ``from_run`` keeps no model in memory between calls: every ``predict_frame`` / ``predict_one`` loads, predicts
+    with and frees one fold at a time, so K folds of an LLM never share the GPU. ``Predictor([FoldModel...])`` uses
+    fold models the caller has loaded (and keeps them).
     """
 
     def __init__(self, fold_models: list, tta: bool = True, backbone: str | None = None):
+        from .task import same_task
+
         if not fold_models:
             raise KKError("Predictor needs at least one trained fold")
         self.fold_models = fold_models  # FoldModel objects, or fold folders loaded one at a time
-        self.tta = tta
-        self.backbone = backbone
-        self.task = same_task([fm.task.name if isinstance(fm, FoldModel) else fold_config(Path(fm)).task for fm in fold_models],
-                              "folds")
-
+        self.tta, self.backbone = tta, backbone
+        self.task = same_task([fm.task.name if isinstance(fm, FoldModel) else open_fold(fm).cfg.task for fm in fold_models], "folds")
 
     @classmethod
     def from_run(cls, run_dir, folds="all", tta: bool = True, backbone: str | None = None) -> Predictor:
-        return cls([p for _, p in trained_folds(run_dir, folds)], tta, backbone)
+        return cls([f.path for f in open_run(run_dir, folds).folds], tta, backbone)
 
     def predict_frame(self, df) -> np.ndarray:
         """Mean of the folds' probabilities for parsed rows."""
@@ -348,10 +287,10 @@ class Predictor:
         """``prompt``/``response_*``: a string or a list of turns."""
         import pandas as pd
 
-        from .formatting import _as_turns
+        from .formatting import as_turns
 
-        df = pd.DataFrame({"id": ["0"], "prompt": [_as_turns(prompt)], "response_a": [_as_turns(response_a)],
-                           "response_b": [_as_turns(response_b)]})
+        df = pd.DataFrame({"id": ["0"], "prompt": [as_turns(prompt)], "response_a": [as_turns(response_a)],
+                           "response_b": [as_turns(response_b)]})
         if not (len(df["prompt"][0]) == len(df["response_a"][0]) == len(df["response_b"][0])):
             raise KKError("prompt, response_a and response_b must have the same number of turns")
         probs = self.predict_frame(df)[0]

@@ -46,28 +46,21 @@ def _table(columns, rows) -> str:
 def collect(runs: list, train_path=None) -> dict:
     """Everything the report shows, from the runs' files."""
     from .data import load_train
-    from .ensemble import load_run_oof, run_task
-    from .predict import fold_config, read_metrics, trained_folds, warn_missing_folds
+    from .runs import oof_set, open_runs, runs_task
 
-
-    runs = [Path(r) for r in runs]
-    first = fold_config(trained_folds(runs[0])[0][1])
-    task = run_task(runs)
+    runs = open_runs([Path(r) for r in runs])  # a fold without metrics.json is named, not left out silently
+    first = runs[0].folds[0].cfg
+    task = runs_task(runs)
     train_df, _ = load_train(train_path or first.data.train, first.data.bad_rows, task)
-    labels = dict(zip(train_df["id"], train_df["label"]))
     lang = task.language_column if task.language_column in train_df.columns else None
-    out = {"runs": [], "task": task, "groups": dict(zip(train_df["id"], train_df[lang])) if lang else None}
-    for r in runs:
-        found = trained_folds(r)
-        warn_missing_folds(r, [k for k, _ in found])  # a fold without metrics.json is named, not left out silently
-        rp = load_run_oof(r, "all", labels, task=task)
-
-        folds = []
-        for k, path in found:
-            log = _train_log(path / "train_log.csv") if (path / "train_log.csv").exists() else None
-            folds.append({"fold": k, "metrics": read_metrics(path), "log": log})
-        y = np.array([labels[i] for i in rp.oof_ids])
-        out["runs"].append({"run": r, "oof": rp.oof, "oof_no_tta": rp.oof_no_tta, "y": y, "folds": folds, "rp": rp})
+    oof = oof_set(runs, train_df)
+    labels = dict(zip(train_df["id"], train_df["label"]))
+    out = {"runs": [], "task": task, "groups": dict(zip(train_df["id"], train_df[lang])) if lang else None, "oof": oof}
+    for run, rp in zip(runs, oof.runs):
+        folds = [{"fold": f.index, "metrics": f.metrics,
+                  "log": _train_log(f.path / "train_log.csv") if (f.path / "train_log.csv").exists() else None} for f in run.folds]
+        out["runs"].append({"run": run.path, "oof": rp.probs, "oof_no_tta": rp.probs_no_tta,
+                            "y": np.array([labels[i] for i in rp.ids]), "folds": folds})
     return out
 
 
@@ -165,7 +158,7 @@ def _figures(data: dict) -> dict[str, str]:
 
 def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
     """Write the HTML report for ``runs`` to ``out`` (atomically); returns the path."""
-    from .ensemble import choose_calibration, common_oof
+    from .ensemble import choose_calibration
     from .io import protect_existing, write_text
     from .metrics import accuracy, group_accuracy, log_loss
 
@@ -176,20 +169,21 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
     data = collect(runs, train_path)
     task = data["task"]
     figs = _figures(data)
-    rows = []
+    rows, metric = [], task.metric
+    extra = [] if metric.name in ("log_loss", "accuracy") else [f"{metric.title} (the task's metric)"]
     for run in data["runs"]:
         for f in run["folds"]:
             m = f["metrics"]
             rows.append([run["run"].name, f["fold"], m.get("n_val", ""), m.get("val_log_loss_no_tta", ""), m.get("val_log_loss", ""),
-                         m.get("val_accuracy", ""), m.get("swap_flip_rate", ""), m.get("prior_log_loss", "")])
+                         m.get("val_accuracy", ""), *[m.get(f"val_{metric.name}", "")][:len(extra)], m.get("swap_flip_rate", ""),
+                         m.get("prior_log_loss", "")])
         p, pnt, y = run["oof"], run["oof_no_tta"], run["y"]
         prior = np.bincount(y, minlength=task.n_classes) / len(y)
-        rows.append([run["run"].name, "all", len(y), log_loss(pnt, y), log_loss(p, y), accuracy(p, y),
+        rows.append([run["run"].name, "all", len(y), log_loss(pnt, y), log_loss(p, y), accuracy(p, y), *[metric(p, y)][:len(extra)],
                      float(np.mean([f["metrics"].get("swap_flip_rate", np.nan) for f in run["folds"]])),
                      log_loss(np.tile(prior, (len(y), 1)), y)])
-    labels_by_id = {i: c for run in data["runs"] for i, c in zip(run["rp"].oof_ids, run["y"])}
-    oofs, y, folds = common_oof([run["rp"] for run in data["runs"]], labels_by_id, with_folds=True)
-    weights, t, calibrated, cal, note = choose_calibration([run["rp"] for run in data["runs"]], oofs, y, folds)
+    weights, t, calibrated, cal, note = choose_calibration(data["oof"])
+    y = data["oof"].y
     cal_rows = [["source", note], ["temperature", float(t)]]
     if cal is not None:
         cal_rows = [["uncalibrated", cal["uncalibrated"]], ["in-sample", cal["in_sample"]],
@@ -202,11 +196,12 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
         f"<h1>kagglekit report: {html.escape(', '.join(r['run'].name for r in data['runs']))}</h1>",
-        f"<p>task: {html.escape(task.name)} ({html.escape(task.title)}); metric: {html.escape(task.metric.replace('_', ' '))}"
-        f"{'' if task.metric == 'log_loss' else ' (log loss beside it)'}; {task.n_classes} classes: "
+        f"<p>task: {html.escape(task.name)} ({html.escape(task.title)}); metric: {html.escape(task.metric.title)} "
+        f"({'higher' if task.metric.higher_is_better else 'lower'} is better)"
+        f"{'' if task.metric.name == 'log_loss' else '; log loss beside it'}; {task.n_classes} classes: "
         f"{html.escape(', '.join(task.class_names))}</p>",
         "<h2>Out-of-fold results</h2>",
-        _table(["run", "fold", "rows", "log loss (no TTA)", "log loss (TTA)", "accuracy", "swap flip rate", "class prior"], rows),
+        _table(["run", "fold", "rows", "log loss (no TTA)", "log loss (TTA)", "accuracy", *extra, "swap flip rate", "class prior"], rows),
         "<h2>Ensemble calibration (cross-fitted)</h2>",
         _table(["run", "weight"], [[r["run"].name, float(w)] for r, w in zip(data["runs"], weights)]),
         _table(["judged on", "log loss"], cal_rows),
@@ -214,8 +209,7 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
     ]
     if data["groups"] is not None:
         # Per language: the calibrated ensemble of the runs, on the OOF rows they share.
-        order = sorted(set.intersection(*[set(run["rp"].oof_ids) for run in data["runs"]]))  # common_oof's order
-        per = group_accuracy(calibrated, y, [data["groups"][i] for i in order])
+        per = group_accuracy(calibrated, y, [data["groups"][i] for i in data["oof"].ids])
         parts += [f"<h2>Accuracy per {html.escape(task.language_column)} (OOF ensemble)</h2>",
                   _table([task.language_column, "rows", "accuracy"], per)]
     parts += ["<h2>Learning curves</h2>", f"<img alt='learning curves' src='data:image/png;base64,{figs['curves']}'>"]

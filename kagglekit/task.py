@@ -23,11 +23,45 @@ argument defaulting to :data:`LMSYS` where a function has no config). There is n
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import KKError
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a competition scores, declared once: early stopping, ``kk tune``'s direction, reports and
+    metrics.json's ``val_<name>`` all follow it. ``fn(x, labels)`` gets the probabilities (``scores="probs"``)
+    or the predicted classes (``scores="labels"``)."""
+
+    name: str
+    fn: Callable
+    higher_is_better: bool = False
+    scores: str = "probs"
+
+    def __call__(self, probs: np.ndarray, labels) -> float:
+        probs = np.asarray(probs)
+        return float(self.fn(probs if self.scores == "probs" else probs.argmax(axis=1), np.asarray(labels)))
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+    @property
+    def title(self) -> str:
+        return self.name.replace("_", " ")
+
+
+def _log_loss(probs, labels) -> float:
+    from .metrics import log_loss
+
+    return log_loss(probs, labels)
+
+
+LOG_LOSS = Metric("log_loss", _log_loss)
+ACCURACY = Metric("accuracy", lambda pred, labels: (pred == labels).mean(), higher_is_better=True, scores="labels")
 
 
 @dataclass(frozen=True)
@@ -40,7 +74,7 @@ class Task:
     prob_columns: tuple[str, ...]  # probability columns of OOF/test/soft-label files (and a probability submission)
     class_names: tuple[str, ...]  # short names for tables (A, B, tie)
     swap: tuple[int, ...]  # class j of a pair with A and B exchanged is class swap[j] of the original
-    metric: str  # what early stopping, tuning and reports optimise: "log_loss" or "accuracy"
+    metric: Metric  # what early stopping, tuning and reports optimise
     cells: str = "json_turns"  # how text cells are stored: "json_turns" (JSON lists of turns) or "plain" (one string)
     label_values: tuple[str, ...] = ()  # a categorical label: the label column's value of each class; () = one-hot
     train_file: str = "train.csv"  # the competition's file names (the reader itself goes by the suffix)
@@ -72,9 +106,10 @@ class Task:
         return probs[:, list(self.swap)]
 
     def swap_labels(self, labels) -> np.ndarray:
-        """Class indices of the pairs with A and B exchanged."""
+        """Class indices of the pairs with A and B exchanged (-1, no label, stays -1)."""
         inverse = np.argsort(self.swap)  # class i of the original is class inverse[i] of the swapped pair
-        return inverse[np.asarray(labels, dtype=np.int64)]
+        labels = np.asarray(labels, dtype=np.int64)
+        return np.where(labels >= 0, inverse[np.clip(labels, 0, None)], -1)
 
     # --- columns and cells -----------------------------------------------------------------------------------------
 
@@ -126,24 +161,13 @@ class Task:
 
     # --- metric ----------------------------------------------------------------------------------------------------
 
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric == "accuracy"
-
-    def metric_value(self, probs: np.ndarray, labels) -> float:
-        from .metrics import accuracy, log_loss
-
-        return (accuracy if self.metric == "accuracy" else log_loss)(probs, np.asarray(labels))
-
     def improves(self, loss: float, value: float, best_loss: float, best_value: float | None) -> bool:
-        """Whether an evaluation (log loss, task metric) beats the best so far. Log loss: lower wins.
-        Accuracy: higher wins, and at equal accuracy the lower log loss (small validation sets tie often);
-        an evaluation whose log loss is not finite never wins."""
-        if self.metric == "log_loss":
-            return loss < best_loss
-        if not np.isfinite(loss):  # NaN probabilities still have an argmax: never keep such a model
+        """Whether an evaluation (log loss, the task's metric) beats the best so far: a better metric, or at an equal
+        one (small validation sets tie often on accuracy) the lower log loss. An evaluation whose log loss is not
+        finite never wins (NaN probabilities still have an argmax)."""
+        if not (np.isfinite(loss) and np.isfinite(value)):
             return False
-        return best_value is None or value > best_value or (value == best_value and loss < best_loss)
+        return best_value is None or self.metric.better(value, best_value) or (value == best_value and loss < best_loss)
 
     # --- submission ------------------------------------------------------------------------------------------------
 
@@ -151,12 +175,18 @@ class Task:
     def submission_columns(self) -> tuple[str, ...]:
         return self.prob_columns if self.submission == "probs" else self.label_columns
 
+    def prob_frame(self, ids, probs: np.ndarray):
+        """``id`` + the probability columns: OOF, test predictions, soft labels (and a probability submission)."""
+        import pandas as pd
+
+        return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(self.prob_columns)}})
+
     def submission_frame(self, ids, probs: np.ndarray):
         """The submission as Kaggle scores it: probabilities, or the argmax class's label value."""
         import pandas as pd
 
         if self.submission == "probs":
-            return pd.DataFrame({"id": ids, **{c: probs[:, j] for j, c in enumerate(self.prob_columns)}})
+            return self.prob_frame(ids, probs)
         return pd.DataFrame({"id": ids, **self.label_cells(np.asarray(probs).argmax(axis=1))})
 
     def sample_submission(self, ids):
@@ -174,7 +204,7 @@ LMSYS = Task(
     prob_columns=("winner_model_a", "winner_model_b", "winner_tie"),
     class_names=("A", "B", "tie"),
     swap=(1, 0, 2),
-    metric="log_loss",
+    metric=LOG_LOSS,
 )
 
 WSDM = Task(
@@ -186,7 +216,7 @@ WSDM = Task(
     prob_columns=("winner_model_a", "winner_model_b"),
     class_names=("A", "B"),
     swap=(1, 0),
-    metric="accuracy",
+    metric=ACCURACY,
     cells="plain",
     label_values=("model_a", "model_b"),
     train_file="train.parquet",

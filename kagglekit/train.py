@@ -293,7 +293,7 @@ class FoldInputs:
         return [len(x) for x in self.seqs]
 
     def loss_targets(self):
-        """(teacher probabilities or None when no row has any, hard labels) as tensors for distill_loss."""
+        """(teacher probabilities or None when no row has any, hard labels) as tensors for training_loss."""
         import torch
 
         if self.labels is None:
@@ -306,7 +306,7 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
     """Rows of the fold, tokenized once through the shared formatter, swap-augmented."""
     import pandas as pd
 
-    from .distill import fold_soft_labels, swap_labels
+    from .distill import fold_soft_labels
     from .extra import load_extra
 
     tc, task = cfg.train, get_task(cfg.task)
@@ -338,7 +338,7 @@ def prepare_inputs(cfg: Config, fold: int, fmt) -> FoldInputs:
         if segs is not None:
             segs = segs + fmt.segments(trunc_ba)
         targets = np.concatenate([targets, task.swap_probs(targets)])
-        labels = np.concatenate([labels, swap_labels(labels, task)])
+        labels = np.concatenate([labels, task.swap_labels(labels)])
         units = [[i, i + n] for i in range(n)] if tc.swap_same_batch else [[i] for i in range(2 * n)]
     batch_size = tc.batch_size + (tc.batch_size % 2 if tc.swap_same_batch and tc.swap_augment else 0)
     return FoldInputs(train_df, val_df, seqs, targets, units, trunc, batch_size, n_extra=len(rows) - len(train_df), segs=segs,
@@ -378,6 +378,10 @@ class Session:
     eval_fmt: object = None  # the validation's formatter: predict.max_length, as the test rows will be formatted
     max_packed: int = 0  # train.packing: the longest packed row (0 = no cap; see packed_cap)
     pieces: int = 1  # each micro-batch runs in this many pieces (after an out-of-memory error, or on a smaller GPU)
+    val_rows: object = None  # validation (predict_validation): this rank's rows, their frame, token cache and engine
+    val_part: object = None
+    val_cache: object = None
+    val_engine: object = None
 
     @property
     def main(self) -> bool:
@@ -561,7 +565,7 @@ def forward_logits(s: Session, seqs, segs=None):
     """One micro-batch's logits: padded to its longest row, or (train.packing) one padding-free row."""
     import torch
 
-    from .inference import pad_batch, pad_segments, set_segments
+    from .engine import pad_batch, set_segments
 
     with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
         if s.cfg.train.packing:
@@ -569,9 +573,9 @@ def forward_logits(s: Session, seqs, segs=None):
 
             return packed_logits(s.model, seqs, s.device)
         # Page-locked host tensors copied without blocking: the copy overlaps the GPU's work on the last batch.
-        ids, mask = pad_batch(seqs, s.tokenizer.pad_token_id, pin=s.device.type == "cuda")
-        if segs is not None:
-            set_segments(s.model, pad_segments(segs, ids.shape[1]).to(s.device))
+        ids, mask, *seg = pad_batch(seqs, s.tokenizer.pad_token_id, pin=s.device.type == "cuda", segs=segs)
+        if seg:
+            set_segments(s.model, seg[0].to(s.device))
         return s.ddp_model(input_ids=ids.to(s.device, non_blocking=True), attention_mask=mask.to(s.device, non_blocking=True)).logits
 
 
@@ -580,9 +584,9 @@ def packed_cap(s: Session) -> int:
     memory is linear in the row: no cap beyond the budget. Without them (SDPA/eager: CPU runs and tests)
     every packed row attends through a dense L x L mask, quadratic in its length: capped at model.max_length,
     a packed row costs no more attention than one padded row could."""
-    from .modeling import _classifier
+    from .modeling import classifier_of
 
-    attn = getattr(_classifier(s.model).config, "_attn_implementation", None) or "eager"
+    attn = getattr(classifier_of(s.model).config, "_attn_implementation", None) or "eager"
     return 0 if attn.startswith("flash_attention") else s.cfg.model.max_length
 
 
@@ -829,7 +833,7 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
         val_df = inputs.val_df
         labels = val_df["label"].to_numpy()
         loss = log_loss(res["probs"], labels)
-        value = task.metric_value(res["probs"], labels)
+        value = task.metric(res["probs"], labels)
         if task.improves(loss, value, state.best_loss, state.best_metric):
             state.best_loss, state.best_metric, state.best_step, state.bad_evals = loss, value, state.step, 0
 
@@ -850,23 +854,30 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
 
 
 def predict_validation(s: Session, val_df, bar=None) -> dict | None:
-    """``predict_pairs`` of the validation rows. Under DDP every rank predicts every N-th row (rows come in
-    file order, so each gets a like share of long and short ones) and rank 0 gathers them in order: the
-    ranks share the work instead of waiting for rank 0 in a collective that NCCL's watchdog would abort.
-    Returns None on the other ranks."""
-    from .inference import predict_pairs
+    """The validation rows' probabilities with swap TTA (:func:`kagglekit.inference.predict_tta`), tokenized once for
+    the whole training (the session's token cache). Under DDP every rank predicts every N-th row (rows come in file
+    order, so each gets a like share of long and short ones) and rank 0 gathers them in order: the ranks share the
+    work instead of waiting for rank 0 in a collective that NCCL's watchdog would abort. None on the other ranks."""
+    from .engine import HFEngine
+    from .inference import TokenCache, predict_tta
 
-    kw = dict(batch_size=s.cfg.train.eval_batch_size, tta=True, device=s.device, autocast_dtype=s.amp_dtype, progress=bar,
-              description=f"fold {s.fold} eval", remove_task=True, max_tokens=s.cfg.predict.max_tokens,
-              task=s.task)
+    if s.val_rows is None:  # once per fold: this rank's rows, a token cache, an engine over the model in training
+        s.val_rows = np.arange(s.rank, len(val_df), s.world)
+        s.val_part = val_df if s.world == 1 else val_df.iloc[s.val_rows].reset_index(drop=True)
+        s.val_cache = TokenCache()
+        cfg = s.cfg.model_copy(update={"predict": s.cfg.predict.model_copy(update={"batch_size": s.cfg.train.eval_batch_size})})
+        s.val_engine = HFEngine.live(s.model, s.eval_fmt or s.fmt, cfg, s.device, s.amp_dtype, s.task)
+    task = bar.add_task(f"fold {s.fold} eval", total=2 * len(s.val_part), status="") if bar is not None else None
+    part = predict_tta(s.val_engine, None, s.val_part, True, s.val_cache, (lambda k: bar.advance(task, k)) if bar else None,
+                       f"fold {s.fold} eval")
+    if bar is not None:
+        bar.remove_task(task)
     if s.world == 1:
-        return predict_pairs(s.model, s.eval_fmt or s.fmt, val_df, **kw)
+        return part
     import torch.distributed as dist
 
-    rows = np.arange(s.rank, len(val_df), s.world)
-    part = predict_pairs(s.model, s.eval_fmt or s.fmt, val_df.iloc[rows].reset_index(drop=True), **kw)
     st = part["stats"]
-    share = {"rows": rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
+    share = {"rows": s.val_rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
              **{f: getattr(st, f) for f in STATS_FIELDS if getattr(st, f) is not None}}
     gathered = [None] * s.world if s.main else None
     dist.gather_object(share, gathered, dst=0)
@@ -895,9 +906,9 @@ def _evaluate_into(s: Session, inputs: FoldInputs, row: dict, bar=None) -> float
     """Evaluate; the log row gets the val log loss (and the task's metric when it is another); returns
     the task's metric, what early stopping and ``kk tune`` go by."""
     row["val_loss"] = evaluate(s, inputs, bar)
-    if s.task.metric == "log_loss":
+    if s.task.metric.name == "log_loss":
         return row["val_loss"]
-    row[f"val_{s.task.metric}"] = s.last_metric
+    row[f"val_{s.task.metric.name}"] = s.last_metric
     return s.last_metric
 
 
@@ -929,13 +940,45 @@ def _no_sync(model, defer: bool):
     return model.no_sync() if defer else contextlib.nullcontext()
 
 
+def training_loss(logits, soft, hard, tc):
+    """Summed training loss of a micro-batch (the caller normalises per sequence), per row (``train.distill``:
+    weight w, temperature T)::
+
+        (1 - w) * CE(hard label, smoothed by train.label_smoothing) + w * T^2 * KL(teacher at T || student at T)
+
+    with the teacher at T = softmax(log p / T) and the student at T = softmax(logits / T); T^2 keeps the gradient
+    scale of the KL term independent of T (Hinton et al., 2015). A row with only a hard label uses the cross-entropy
+    alone, a row with only a teacher's probabilities (pseudo-labelled extra rows) the KL term alone.
+
+    ``logits`` (n, C) float; ``hard`` (n,) long, -1 where a row has no hard label; ``soft`` (n, C) the
+    teacher's probabilities, NaN rows where a row has none, or None when no row has any (then this is the
+    plain label-smoothed cross-entropy). ``tc``: the train config (label_smoothing, distill.weight/temperature).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    has_hard = hard >= 0
+    ce = F.cross_entropy(logits, hard.clamp(min=0), label_smoothing=tc.label_smoothing, reduction="none")
+    if soft is None:
+        return (ce * has_hard).sum()
+    w, t = tc.distill.weight, tc.distill.temperature
+    has_soft = ~torch.isnan(soft).any(dim=1)
+    # Rows without a teacher get a placeholder distribution; their KL term is multiplied by 0 below.
+    teacher = torch.where(has_soft[:, None], soft, torch.full_like(soft, 1.0 / soft.shape[1]))
+    teacher_t = torch.softmax(torch.log(teacher.clamp_min(torch.finfo(teacher.dtype).tiny)) / t, dim=1)
+    student_t = torch.log_softmax(logits / t, dim=1)
+    kl = F.kl_div(student_t, teacher_t, reduction="none").sum(dim=1) * (t * t)
+    one = ce.new_ones(())
+    w_hard = torch.where(has_soft, one * (1.0 - w), one) * has_hard
+    w_soft = torch.where(has_hard, one * w, one) * has_soft
+    return (w_hard * ce + w_soft * kl).sum()
+
+
 def _accumulate(s: Session, inputs: FoldInputs, targets, batch: list[int], n_group: int, syncs: bool):
     """Forward and backward of one micro-batch, in ``s.pieces`` pieces (after an out-of-memory error); returns
     its summed loss, still on the device. The loss is a per-sequence sum divided by the step's sequence count,
     so the pieces' gradients add up to the whole micro-batch's. ``syncs``: the step's last micro-batch, whose
     (last piece's) backward lets DDP average the gradients across ranks."""
-    from .distill import distill_loss
-
     tc = s.cfg.train
     pieces = np.array_split(np.asarray(batch), min(s.pieces, len(batch)))
     total = 0.0
@@ -947,7 +990,7 @@ def _accumulate(s: Session, inputs: FoldInputs, targets, batch: list[int], n_gro
             # Hard labels (cross-entropy), a teacher's probabilities (KL at train.distill.temperature) or a mix;
             # summed here, normalised per sequence by the division below.
             soft, hard = targets
-            loss = distill_loss(logits.float(), soft[rows] if soft is not None else None, hard[rows], tc)
+            loss = training_loss(logits.float(), soft[rows] if soft is not None else None, hard[rows], tc)
             s.scaler.scale(loss / n_group).backward()
         total = total + loss.detach()
     return total
@@ -1080,10 +1123,10 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
 
 
 def _eval_status(s: Session, row: dict) -> str:
-    state, metric = s.state, s.task.metric
+    state, metric = s.state, s.task.metric.name
     if metric == "log_loss":
         return f"val {row['val_loss']:.4f} (best {state.best_loss:.4f} @ {state.best_step})"
-    return f"val {metric} {row[f'val_{metric}']:.4f}, log loss {row['val_loss']:.4f} (best {state.best_metric:.4f} @ {state.best_step})"
+    return f"val {s.task.metric.title} {row[f'val_{metric}']:.4f}, log loss {row['val_loss']:.4f} (best {state.best_metric:.4f} @ {state.best_step})"
 
 
 # --- outputs ----------------------------------------------------------------------------------------------------------
@@ -1095,7 +1138,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
 
     from .io import write_csv, write_json
     from .metrics import accuracy, log_loss, per_class_accuracy, prior_log_loss, swap_flip_rate
-    from .modeling import _classifier, init_record
+    from .modeling import classifier_of, init_record
     from .versions import library_versions
 
     if "probs" not in s.best:
@@ -1103,10 +1146,10 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
     out, state, val_df, task = s.work, s.state, inputs.val_df, s.task
     labels = val_df["label"].to_numpy()
     probs, probs_ab, probs_ba = s.best["probs"], s.best["probs_ab"], s.best["probs_ba"]
-    cols = task.prob_columns
-    write_csv(out / "oof.csv", pd.DataFrame({"id": val_df["id"], **{c: probs[:, j] for j, c in enumerate(cols)}}))
-    write_csv(out / "oof_no_tta.csv", pd.DataFrame({"id": val_df["id"], **{c: probs_ab[:, j] for j, c in enumerate(cols)}}))
-    log_columns = ["step", "epoch", "lr", "train_loss", "val_loss"] + ([f"val_{task.metric}"] if task.metric != "log_loss" else [])
+    write_csv(out / "oof.csv", task.prob_frame(val_df["id"], probs))
+    write_csv(out / "oof_no_tta.csv", task.prob_frame(val_df["id"], probs_ab))
+    metric = task.metric.name
+    log_columns = ["step", "epoch", "lr", "train_loss", "val_loss"] + ([f"val_{metric}"] if metric != "log_loss" else [])
     write_csv(out / "train_log.csv", pd.DataFrame(state.log, columns=log_columns))
     wall = state.train_seconds
     metrics = {
@@ -1115,12 +1158,12 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         # that a forced retrain replaced while it ran.
         "generation": uuid.uuid4().hex,
         "task": task.name,
-        "metric": task.metric,
-
+        "metric": metric,
         "val_log_loss": log_loss(probs, labels),
         "val_log_loss_no_tta": log_loss(probs_ab, labels),
         "val_accuracy": accuracy(probs, labels),
         "val_accuracy_no_tta": accuracy(probs_ab, labels),
+        f"val_{metric}": task.metric(probs, labels),  # the task's metric (one of the two above for lmsys and wsdm)
         "val_per_class_accuracy": per_class_accuracy(probs, labels, task.class_names),
         "swap_flip_rate": swap_flip_rate(probs_ab, probs_ba),
         "prior_log_loss": prior_log_loss(labels, task.n_classes),
@@ -1136,7 +1179,7 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),
         "truncation": {"train": inputs.trunc.summary(), "val": s.best["stats"].summary()},
         "device": str(s.device),
-        "attn_implementation": getattr(_classifier(s.model).config, "_attn_implementation", None),
+        "attn_implementation": getattr(classifier_of(s.model).config, "_attn_implementation", None),
         "versions": library_versions(),
         "init_from": init_record(s.cfg.model),
     }

@@ -6,8 +6,9 @@ rows whose (A,B) prediction is least confident (lowest top probability), the tri
 1st place used to spend the second pass where it can change most (what it gives up against full TTA
 on your runs: ``benchmarks/bench_tta.py``). A row without the second pass keeps its (A,B) prediction.
 
-One definition for every caller: ``kk predict`` / ``kk ensemble`` (through
-:func:`kagglekit.inference.predict_pairs`), the Kaggle kernel's passes and ``benchmarks/bench_tta.py``.
+One rule for every caller (:func:`second_pass_rows`): ``kk predict`` / ``kk ensemble`` and the Kaggle kernel's
+passes (:mod:`kagglekit.passes`: the rows are ranked by the run's fold-mean (A,B) probabilities, the uncertainty of
+what is submitted), validation during training and ``benchmarks/bench_tta.py``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def uncertain_rows(probs: np.ndarray, share: float) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(probs.max(axis=1), kind="stable")
     return np.sort(order[:k]).astype(np.int64)
+
+
+def second_pass_rows(tta, share: float, first_probs: np.ndarray) -> np.ndarray:
+    """The rows the (B,A) pass runs on, from the (A,B) probabilities (a run's fold mean, or one fold's own)."""
+    mode = tta_mode(tta)
+    if mode == "full":
+        return np.arange(len(first_probs))
+    return uncertain_rows(first_probs, share) if mode == "uncertain" else np.zeros(0, dtype=np.int64)
 
 
 def merge_passes(p_ab: np.ndarray, p_ba: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:

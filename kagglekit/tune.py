@@ -84,7 +84,7 @@ def open_study(study_name: str, storage: str, pruner=None, seed: int = 0, create
             return optuna.load_study(study_name=study_name, storage=store)
         except KeyError:
             raise KKError(f"no study named {study_name!r} in {storage}") from None
-    direction = "maximize" if task.higher_is_better else "minimize"
+    direction = "maximize" if task.metric.higher_is_better else "minimize"
     try:
         study = optuna.create_study(study_name=study_name, storage=store, direction=direction, load_if_exists=True,
                                     pruner=pruner)
@@ -92,7 +92,7 @@ def open_study(study_name: str, storage: str, pruner=None, seed: int = 0, create
         raise KKError(f"study {study_name!r} in {storage}: {e}") from None
     if study.direction.name.lower() != direction:
         raise KKError(f"study {study_name!r} in {storage} exists with direction {study.direction.name.lower()}; "
-                      f"kk tune {direction[:-1]}es val {task.metric.replace('_', ' ')} ({task.name}): choose another --study")
+                      f"kk tune {direction[:-1]}es val {task.metric.title} ({task.name}): choose another --study")
     # Seeded, but offset by the trials already stored: a resumed study must not replay the
     # same first suggestions. (Workers that start at the same moment may share early ones.)
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
@@ -143,7 +143,7 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
         def report(step: int, value: float) -> None:
             trial.report(value, step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val {task.metric.replace('_', ' ')} {value:.4f} at step {step}")
+                raise optuna.TrialPruned(f"val {task.metric.title} {value:.4f} at step {step}")
 
         try:
             metrics = train_fold(tcfg, fold, root / f"trial_{trial.number}", on_eval=report)
@@ -159,7 +159,7 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             raise
         finally:
             free_memory("cuda")  # the trial's model goes before the next one loads (a no-op on CPU)
-        return metrics[f"val_{task.metric}"]
+        return metrics[f"val_{task.metric.name}"]
 
 
     mine: list[int] = []  # the trials this worker ran
@@ -214,7 +214,7 @@ def print_trials(study, top: int | None = None) -> None:
 def _metric_name(study) -> str:
     """What the study's values are: the task of its base config decides (studies made before tasks: log loss)."""
     task = get_task((study.user_attrs.get("base_config") or {}).get("task", "lmsys"))
-    return f"val {task.metric.replace('_', ' ')}"
+    return f"val {task.metric.title}"
 
 
 def write_best_config(study_name: str, storage: str, out: str | Path | None = None, force: bool = False) -> Path:

@@ -84,3 +84,17 @@ def tiny_run(tiny_project, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train_folds(tiny_config(tiny_project), "all", run)
     return run
+
+
+def predict_model(model, fmt, df, cfg, tta=True, batch_size: int | None = None):
+    """A model in memory predicting parsed rows through the prediction core (what validation during training runs)."""
+    import torch
+
+    from kagglekit.engine import HFEngine
+    from kagglekit.inference import predict_tta
+    from kagglekit.task import get_task
+
+    if batch_size:
+        cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"batch_size": batch_size})})
+    engine = HFEngine.live(model, fmt, cfg, next(model.parameters()).device or torch.device("cpu"), None, get_task(cfg.task))
+    return predict_tta(engine, None, df, tta)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import predict_model, tiny_config
 from kagglekit.predict import predict_fold
 from kagglekit.tiny import DECODERS, build_tiny_model
 from kagglekit.train import train_fold
@@ -213,7 +213,6 @@ def test_pair_pooling_is_swap_antisymmetric_and_reloads(tiny_project, tmp_path, 
 
     from kagglekit.data import load_train
     from kagglekit.formatting import Formatter
-    from kagglekit.inference import predict_pairs
     from kagglekit.modeling import build_model, load_tokenizer
     from kagglekit.predict import FoldModel
 
@@ -222,10 +221,10 @@ def test_pair_pooling_is_swap_antisymmetric_and_reloads(tiny_project, tmp_path, 
     tok = load_tokenizer(str(bert))
     model = build_model(cfg, tok, torch.device("cpu")).eval()
     train_df, _ = load_train(tiny_project / "train.csv")
-    res = predict_pairs(model, Formatter.from_config(tok, cfg.model), train_df.head(12), 4, True, torch.device("cpu"))
+    res = predict_model(model, Formatter.from_config(tok, cfg.model), train_df.head(12), cfg, batch_size=4)
     assert np.isfinite(res["probs"]).all()
     # the pooler's input for a pair and for its swap: exact negatives in the a - b half, equal in |a - b|
-    from kagglekit.inference import pad_batch, pad_segments, set_segments
+    from kagglekit.engine import pad_batch, set_segments
     from kagglekit.modeling import segment_poolers
 
     fmt = Formatter.from_config(tok, cfg.model)
@@ -234,8 +233,8 @@ def test_pair_pooling_is_swap_antisymmetric_and_reloads(tiny_project, tmp_path, 
     hooks = [p.mix.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach())) for p in segment_poolers(model)]
     for swap in (False, True):
         seqs, stats = fmt.sequences(enc, swap=swap)
-        ids, mask = pad_batch(seqs, tok.pad_token_id)
-        set_segments(model, pad_segments(fmt.segments(stats), ids.shape[1]))
+        ids, mask, seg = pad_batch(seqs, tok.pad_token_id, segs=fmt.segments(stats))
+        set_segments(model, seg)
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
     for hook in hooks:

@@ -93,7 +93,7 @@ def test_auto_budget_is_rows_on_cpu_and_inference_matches_row_batches(tiny_proje
     import torch
 
     from kagglekit.batching import auto_max_tokens
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.modeling import load_backbone, load_tokenizer
 
     def never(rows, length):
@@ -139,7 +139,7 @@ def test_training_with_a_token_budget(tiny_project, tmp_path, monkeypatch):
 def test_packed_logits_match_the_padded_path(tiny_project, tmp_path, arch):
     import torch
 
-    from kagglekit.inference import pad_batch
+    from kagglekit.engine import pad_batch
     from kagglekit.modeling import build_model, load_tokenizer, packed_logits
     from kagglekit.tiny import build_tiny_model
 

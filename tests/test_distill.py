@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, run_cli, tiny_config
+from kagglekit.config import load_config
 from kagglekit.errors import KKError
 from kagglekit.task import get_task
 
@@ -34,7 +35,7 @@ def test_distill_loss_matches_a_hand_computation():
     import torch
 
     from kagglekit.config import load_config
-    from kagglekit.distill import distill_loss
+    from kagglekit.train import training_loss as distill_loss
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, (5, 3))
@@ -70,7 +71,7 @@ def test_smoothing_never_touches_the_teacher_and_no_teacher_is_plain_cross_entro
     import torch.nn.functional as F
 
     from kagglekit.config import load_config
-    from kagglekit.distill import distill_loss
+    from kagglekit.train import training_loss as distill_loss
 
     z = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]], dtype=torch.float64)
     p = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
@@ -88,11 +89,9 @@ def test_smoothing_never_touches_the_teacher_and_no_teacher_is_plain_cross_entro
 
 
 def test_swapped_hard_labels_follow_the_task():
-    from kagglekit.distill import swap_labels
-
-    assert swap_labels(np.array([0, 1, 2, -1]), TASK).tolist() == [1, 0, 2, -1]
+    assert TASK.swap_labels(np.array([0, 1, 2, -1])).tolist() == [1, 0, 2, -1]
     one_hot = TASK.one_hot([0, 1, 2])
-    assert (TASK.swap_probs(one_hot).argmax(1) == swap_labels(np.array([0, 1, 2]), TASK)).all()
+    assert (TASK.swap_probs(one_hot).argmax(1) == TASK.swap_labels(np.array([0, 1, 2]))).all()
 
 
 # --- soft labels per fold, and the leak warning ------------------------------------------------------------------------
@@ -156,6 +155,9 @@ class FakeFoldModel:
     def predict(self, df, tta=True, batch_size=None, progress=None, description="", cache=None):
         return {"probs": fake_probs(self.teacher, self.fold, df["id"])}
 
+    def release(self):
+        pass
+
 
 def fake_probs(teacher, fold, ids):
     rows = np.array([int(str(i)[-3:]) % 7 for i in ids], dtype=float)
@@ -170,6 +172,7 @@ def _fake_teacher(root, name, folds, train, skip_val_of=None):
         d = root / name / f"fold_{k}"
         d.mkdir(parents=True)
         (d / "metrics.json").write_text('{"val_log_loss": 1.0, "n_val": 1}')  # the keys a finished fold has
+        (d / "config.yaml").write_text(load_config(None, []).to_yaml())  # and its config
         val = folds.loc[folds["fold"] == k, "id"]
         if skip_val_of == k:
             val = val.iloc[1:]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cudasim import OOM_MESSAGE, Stop, distributed_env, inject_oom, oom_after_load, simulated_cuda, spy
 
-from conftest import REPO, run_cli, tiny_config
+from conftest import REPO, predict_model, run_cli, tiny_config
 from kagglekit.errors import KKError
 
 
@@ -137,8 +137,8 @@ def _sharded_eval_worker(rank: int, world: int, port: int, project: str, out: st
     val_df = T.load_fold_frames(cfg, 0)[1].head(15)  # an odd count: unequal shares
     s = T.Session(cfg, 0, Path(out), torch.device("cpu"), None, tok, Formatter.from_config(tok, cfg.model), model=model,
                   rank=rank, world=world)
-    seen, real = [], inference.predict_pairs
-    inference.predict_pairs = lambda m, f, df, **kw: seen.append(len(df)) or real(m, f, df, **kw)
+    seen, real = [], inference.predict_tta
+    inference.predict_tta = lambda engine, fold, df, *a, **kw: seen.append(len(df)) or real(engine, fold, df, *a, **kw)
     res = T.predict_validation(s, val_df)
     np.save(f"{out}/rows_{rank}.npy", np.array(seen))
     if rank == 0:
@@ -163,7 +163,6 @@ def test_ddp_evaluation_is_sharded_and_gathered_in_order(tiny_project, tmp_path)
 
     from kagglekit import train as T
     from kagglekit.formatting import Formatter
-    from kagglekit.inference import predict_pairs
     from kagglekit.modeling import build_model, load_tokenizer
 
     with socket.socket() as sock:
@@ -175,7 +174,7 @@ def test_ddp_evaluation_is_sharded_and_gathered_in_order(tiny_project, tmp_path)
     torch.manual_seed(0)
     model = build_model(cfg, tok, torch.device("cpu"))
     val_df = T.load_fold_frames(cfg, 0)[1].head(15)  # an odd count: unequal shares
-    alone = predict_pairs(model, Formatter.from_config(tok, cfg.model), val_df, cfg.train.eval_batch_size, True, torch.device("cpu"))
+    alone = predict_model(model, Formatter.from_config(tok, cfg.model), val_df, cfg, batch_size=cfg.train.eval_batch_size)
     got = np.load(tmp_path / "gathered.npz")
     shares = [int(np.load(tmp_path / f"rows_{r}.npy").sum()) for r in range(2)]
     assert shares == [(len(val_df) + 1) // 2, len(val_df) // 2]  # each rank predicted its half only
@@ -224,7 +223,7 @@ def test_half_precision_weights_are_recomputed_in_true_fp32(tiny_project):
 
     import torch
 
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.modeling import load_backbone, load_tokenizer
 
     cfg = _llama(tiny_project)
@@ -253,7 +252,7 @@ def test_four_bit_layers_are_recomputed_in_fp32_and_eight_bit_fails_in_one_line(
     bnb = pytest.importorskip("bitsandbytes")
     import torch
 
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.modeling import load_backbone, load_tokenizer
 
     cpu = torch.device("cpu")
@@ -353,7 +352,7 @@ def test_a_sequence_that_never_fits_is_one_line(tiny_project, tmp_path):
 def test_inference_out_of_memory_retries_in_pieces(tiny_project):
     import torch
 
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
     from kagglekit.memory import OutOfMemory
     from kagglekit.modeling import load_backbone, load_tokenizer
 

@@ -15,6 +15,7 @@ import pytest
 from kernel_fakes import make_artifacts, make_fake_run, simulate_cuda
 
 from kagglekit.data import load_test
+from kagglekit.task import LMSYS
 from kagglekit.tta import uncertain_rows
 
 
@@ -41,23 +42,52 @@ class Clock:
             self.ends.append(self.local.t)
 
 
+class FakeFormatter:
+    """Turns row i of a frame into the 'token sequence' [i, swap]: the fake engine reads which rows it predicts."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def signature(self):
+        return self.name
+
+    def encode_rows(self, df):
+        return len(df)
+
+    def sequences(self, n, swap=False):
+        return [np.array([i, int(swap)]) for i in range(n)], None
+
+
 class FakeGroup:
-    """A loaded 'model' whose predictions are fixed per fold and whose cost is ``seconds_per_row`` of the
+    """A loaded engine whose predictions are fixed per fold and whose cost is ``seconds_per_row`` of the
     fake clock (x ``slow2`` in the second pass)."""
+
+    task = LMSYS
 
     def __init__(self, unit, clock, truth, seconds_per_row, calls, slow2=1.0, release=None):
         self.unit, self.clock, self.truth, self.spr, self.calls, self.slow2, self._release = unit, clock, truth, seconds_per_row, calls, slow2, release
+        self.active = None
 
-    def predict(self, fold, df, swap=False, rows=None, progress=None, cache=None):
-        rows = np.arange(len(df)) if rows is None else np.asarray(rows)
+    def config(self, fold):
+        return fold.cfg
+
+    def formatter(self, fold):
+        return FakeFormatter(fold.name)
+
+    def use(self, fold):
+        self.active = fold
+
+    def logits(self, seqs, segs=None, on_rows=None):
+        rows, swap = np.array([s[0] for s in seqs]), bool(seqs[0][1])
         start = self.clock()
         for i in range(0, len(rows), 8):  # batches of 8 rows, reported as inference reports them
             self.clock.advance(min(8, len(rows) - i) * self.spr * (self.slow2 if swap else 1.0))
-            progress.advance(None, min(8, len(rows) - i))
-        self.calls.append({"fold": fold.name, "run": fold.parent.name, "swap": swap, "rows": rows, "device": self.unit.device,
+            on_rows(min(8, len(rows) - i))
+        fold = self.active
+        self.calls.append({"fold": fold.path.name, "run": fold.run.name, "swap": swap, "rows": rows, "device": self.unit.device,
                            "thread": threading.current_thread().name, "start": start, "end": self.clock()})
-        p_ab, p_ba = self.truth[(fold.parent.name, fold.name)]
-        return (p_ba if swap else p_ab)[rows]
+        p_ab, p_ba = self.truth[(fold.run.name, fold.path.name)]
+        return np.log(LMSYS.swap_probs(p_ba[rows]) if swap else p_ab[rows])  # the core maps a (B,A) prediction back
 
     def close(self):
         if self._release is not None:
@@ -135,7 +165,7 @@ def test_one_order_submission_first_then_the_swapped_pass(fake_kernel, tmp_path,
 
 def test_budget_too_small_for_tta_keeps_the_one_order_submission(fake_kernel, tmp_path, monkeypatch):
     """Pass 1 takes 60 s a GPU (3 folds x 20 rows x 1 s); the budget leaves no time for pass 2."""
-    from kagglekit.kernel.passes import WRITE_RESERVE_S
+    from kagglekit.passes import WRITE_RESERVE_S
 
     rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=60 + WRITE_RESERVE_S + 0.5, monkeypatch=monkeypatch)
     assert log["passes"][1]["status"] == "skipped" and "SKIPPED" in log["passes"][1]["decision"]
@@ -145,7 +175,7 @@ def test_budget_too_small_for_tta_keeps_the_one_order_submission(fake_kernel, tm
 
 
 def test_a_budget_for_half_the_swapped_pass_runs_it_on_the_least_confident_rows(fake_kernel, tmp_path, monkeypatch):
-    from kagglekit.kernel.passes import WRITE_RESERVE_S
+    from kagglekit.passes import WRITE_RESERVE_S
 
     rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=60 + WRITE_RESERVE_S + 30, monkeypatch=monkeypatch)
     assert log["passes"][1]["status"] == "done" and log["passes"][1]["decision"].startswith("CUT")
@@ -159,7 +189,7 @@ def test_a_budget_for_half_the_swapped_pass_runs_it_on_the_least_confident_rows(
 
 
 def test_a_second_pass_slower_than_measured_stops_and_the_first_submission_stays(fake_kernel, tmp_path, monkeypatch):
-    from kagglekit.kernel.passes import WRITE_RESERVE_S
+    from kagglekit.passes import WRITE_RESERVE_S
 
     rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=60 + WRITE_RESERVE_S + 65, slow2=5.0,
                                          monkeypatch=monkeypatch)
@@ -180,7 +210,7 @@ def test_folds_that_would_cross_kaggles_limit_are_dropped_never_a_runs_first(fak
 def test_each_gpu_works_alone_and_frees_memory_on_its_own_device(fake_kernel, tmp_path, monkeypatch):
     """Two GPU threads, two groups (two backbones) on each: each thread works on its own GPU only; when it
     releases one group's model for the next, empty_cache runs on its own GPU."""
-    from kagglekit.foldgroup import release
+    from kagglekit.memory import free_memory as release
 
     seen = simulate_cuda(monkeypatch)
     rep, log, calls, written, sub = _run(fake_kernel, tmp_path, budget_s=8 * 3600, monkeypatch=monkeypatch, release=release,
@@ -197,19 +227,19 @@ def test_each_gpu_works_alone_and_frees_memory_on_its_own_device(fake_kernel, tm
 def test_uncertain_runs_the_second_pass_on_exactly_the_chosen_rows(fake_kernel, tiny_project, tmp_path, monkeypatch):
     """Real tiny models: with tta uncertain (share 0.3), pass 2 runs on exactly the 30% rows with the lowest
     top probability of the run's pass-1 mean, and the submission is TTA-averaged there only."""
+    from kagglekit import passes
     from kagglekit.ensemble import finalize_probs
-    from kagglekit.foldgroup import FoldGroup
     from kagglekit.kernel.offline import run_offline
 
     seen = []
-    real = FoldGroup.predict
+    real = passes.predict_order
 
-    def spy(self, fold, df, swap=False, rows=None, **kw):
-        p = real(self, fold, df, swap=swap, rows=rows, **kw)
-        seen.append((fold.name, swap, np.arange(len(df)) if rows is None else np.asarray(rows), p))
+    def spy(engine, fold, df, swap=False, rows=None, *a):
+        p = real(engine, fold, df, swap, rows, *a)
+        seen.append((fold.path.name, swap, np.arange(len(df)) if rows is None else np.asarray(rows), p))
         return p
 
-    monkeypatch.setattr(FoldGroup, "predict", spy)
+    monkeypatch.setattr(passes, "predict_order", spy)
     out = tmp_path / "working" / "submission.csv"
     run_offline(fake_kernel["art"], fake_kernel["test"], out, devices=["cpu", "cpu"], tta="uncertain")
     n = fake_kernel["n"]

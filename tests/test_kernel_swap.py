@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from kernel_fakes import make_artifacts, make_fake_run, simulate_cuda
 
+from conftest import predict_model
+
 from kagglekit.data import load_test
 
 
@@ -49,11 +51,12 @@ def test_adapters_switched_on_one_base_equal_each_fold_alone(fake_runs, tiny_pro
     import torch
     from peft import PeftModel
 
-    from kagglekit.foldgroup import FoldGroup
+    from kagglekit.engine import HFEngine
     from kagglekit.formatting import Formatter
-    from kagglekit.inference import predict_pairs
+    from kagglekit.inference import predict_order
     from kagglekit.modeling import load_backbone, load_tokenizer
-    from kagglekit.predict import FoldModel, fold_config
+    from kagglekit.predict import FoldModel
+    from kagglekit.runs import fold_config, open_fold
 
     df, _ = load_test(tiny_project / "test.csv")
     folds = sorted(fake_runs[arch].glob("fold_*"))[:3]
@@ -62,17 +65,18 @@ def test_adapters_switched_on_one_base_equal_each_fold_alone(fake_runs, tiny_pro
         cfg = fold_config(f)
         tok = load_tokenizer(str(f))
         model = PeftModel.from_pretrained(load_backbone(cfg.model, tok, torch.device("cpu")), str(f)).eval()
-        res = predict_pairs(model, Formatter.from_config(tok, cfg.model), df, 16, True, torch.device("cpu"))
+        res = predict_model(model, Formatter.from_config(tok, cfg.model), df, cfg, batch_size=16)
         alone[f] = (res["probs_ab"], res["probs_ba"])
     merged = FoldModel(folds[0]).predict(df, tta=False)["probs"]
     n_before = len(spy_loads)
-    group = FoldGroup(folds, device="cpu")
+    opened = {f: open_fold(f) for f in folds}
+    group = HFEngine(list(opened.values()), device="cpu")
     assert len(spy_loads) == n_before + 1  # the base, once
     for i, f in enumerate([folds[-1], folds[0], folds[1], folds[-1]]):  # switch back and forth
-        p_ab = group.predict(f, df, swap=False)
+        p_ab = predict_order(group, opened[f], df, swap=False)
         assert np.abs(p_ab - alone[f][0]).max() < 1e-6, f
         if i % 2:
-            assert np.abs(group.predict(f, df, swap=True) - alone[f][1]).max() < 1e-6, f
+            assert np.abs(predict_order(group, opened[f], df, swap=True) - alone[f][1]).max() < 1e-6, f
         if f == folds[0]:
             assert np.abs(p_ab - merged).max() < 1e-5
     # the folds really differ, so a head or adapter left from another fold could not pass
@@ -126,7 +130,7 @@ def test_memory_is_freed_on_the_models_own_gpu_only(monkeypatch):
     """empty_cache runs inside torch.cuda.device(d) of the model's GPU(s), never on another one."""
     import gc
 
-    from kagglekit.foldgroup import release
+    from kagglekit.memory import free_memory as release
 
     seen = simulate_cuda(monkeypatch)
     collected = []

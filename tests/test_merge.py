@@ -18,22 +18,24 @@ def _params(model):
 def test_delta_merge_is_the_exact_average_of_the_fold_updates(tiny_run, tiny_project, tmp_path):
     import torch
 
+    from kagglekit.engine import HFEngine
     from kagglekit.merge import merge_run
-    from kagglekit.modeling import load_trained
-    from kagglekit.predict import fold_config
+    from kagglekit.runs import open_fold
+
+    def load_trained(path):  # the fold's model, its adapter (if any) merged into its base
+        model = HFEngine([open_fold(path)], device="cpu").model
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
     out = merge_run(tiny_run, tmp_path / "delta", method="delta")
-    cfg = fold_config(tiny_run / "fold_0")
-    cpu = torch.device("cpu")
     # each fold merged alone is W + dW_k; their mean is W + mean dW_k, which delta must equal
-    folds = [_params(load_trained(tiny_run / f"fold_{k}", cfg, cpu)[0]) for k in range(3)]
-    merged = _params(load_trained(out / "fold_0", fold_config(out / "fold_0"), cpu)[0])
+    folds = [_params(load_trained(tiny_run / f"fold_{k}")) for k in range(3)]
+    merged = _params(load_trained(out / "fold_0"))
     assert set(merged) == set(folds[0])
     for name, value in merged.items():
         torch.testing.assert_close(value, torch.stack([f[name] for f in folds]).mean(0), atol=1e-6, rtol=1e-5)
     # factors is a different (approximate) model when the folds differ
     fac = merge_run(tiny_run, tmp_path / "factors", method="factors", unload=True)
-    fac_params = _params(load_trained(fac / "fold_0", fold_config(fac / "fold_0"), cpu)[0])
+    fac_params = _params(load_trained(fac / "fold_0"))
     lora_target = next(n for n in merged if "query_proj.weight" in n)
     assert not torch.allclose(fac_params[lora_target], merged[lora_target])
 

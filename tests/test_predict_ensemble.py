@@ -196,20 +196,21 @@ def test_ensemble_errors(tiny_run, tiny_project, tmp_path):
 def test_nan_fold_predictions_are_named(tiny_run, tiny_project, tmp_path, monkeypatch):
     import shutil
 
-    from kagglekit.predict import FoldModel
+    from kagglekit import passes
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     for f in run.glob("fold_*/test.*"):
         f.unlink()
-    real = FoldModel.predict
+    real = passes.predict_order
 
-    def nan_predict(self, *a, **k):
-        res = real(self, *a, **k)
-        res["probs"][3, 2] = np.nan
-        return res
+    def nan_predict(engine, fold, df, *a, **k):  # fold 0's first pass: one row NaN
+        p = real(engine, fold, df, *a, **k)
+        if fold.index == 0 and len(p) == len(df):
+            p[3, 2] = np.nan
+        return p
 
-    monkeypatch.setattr(FoldModel, "predict", nan_predict)
+    monkeypatch.setattr(passes, "predict_order", nan_predict)
     with pytest.raises(KKError, match="fold 0 of .* predicted NaN"):
         ensemble([run], tiny_project / "test.csv", tmp_path / "s.csv")
     assert not (run / "fold_0" / "test.csv").exists()
@@ -228,7 +229,7 @@ def test_rows_that_overflow_in_half_precision_are_recomputed_in_fp32():
     """A stub model whose fp16 logits are inf for some rows: those rows come back finite (fp32), counted."""
     import torch
 
-    from kagglekit.inference import infer_logits
+    from kagglekit.engine import infer_logits
 
     class Out:
         def __init__(self, logits):
@@ -271,7 +272,9 @@ def test_folds_sharing_a_tokenizer_tokenize_the_test_set_once(tiny_run, tiny_pro
         return real(self, *a, **k)
 
     monkeypatch.setattr(Formatter, "encode_rows", counting)
-    cache: dict = {}
+    from kagglekit.inference import TokenCache
+
+    cache = TokenCache()
     cached = [m.predict(df, cache=cache)["probs"] for m in models]
     assert calls["n"] == 1
     fresh = [m.predict(df)["probs"] for m in models]

@@ -93,7 +93,8 @@ def test_kernel_carries_the_inference_settings(tiny_project, tmp_path):
     """kk kernel --set predict.*: the kernel's copy of each fold's config holds them (the run's stays as trained), so
     the notebook's FoldModel predicts at them."""
     from kagglekit.kernel import build_kernel
-    from kagglekit.predict import FoldModel, fold_config
+    from kagglekit.predict import FoldModel
+    from kagglekit.runs import fold_config
 
     run = tmp_path / "run"
     train_fold(tiny_config(tiny_project, "train.max_steps=1"), 0, run)

@@ -141,7 +141,7 @@ def _interrupt_on_call(fn, n: int):
 # --- 4./6. exact resume after Ctrl-C mid-step, after SIGTERM; time-based checkpoints ---------------------------------
 
 def test_resume_after_ctrl_c_in_the_middle_of_an_optimizer_step_is_exact(tiny_project, tmp_path, monkeypatch):
-    import kagglekit.inference as inference
+    import kagglekit.engine as inference
 
     cfg = tiny_config(tiny_project, "train.epochs=2", "train.grad_accum=2", "train.batch_size=8", "lora.dropout=0.3")
     full = train_fold(cfg, 1, tmp_path / "full")

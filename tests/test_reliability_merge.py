@@ -197,34 +197,37 @@ def test_prediction_cache_is_keyed_by_the_folds_weights(tiny_run, tiny_project, 
     assert threads == [1] and json.loads((fold / "test.json").read_text())["generation"] == generation
 
     # a forced retrain swaps a new fold in while kk predict runs: nothing is written into the new fold
-    real = predict.FoldModel.predict
+    from kagglekit import passes
 
-    def predict_then_swap(self, *a, **k):
-        res = real(self, *a, **k)
+    real = passes.predict_order
+
+    def predict_then_swap(*a, **k):
+        res = real(*a, **k)
         new = run / "fold_0.retrain"
         shutil.copytree(fold, new, ignore=shutil.ignore_patterns("test.*"))
         m = json.loads((new / "metrics.json").read_text())
         (new / "metrics.json").write_text(json.dumps({**m, "generation": "retrained"}))
         os.replace(fold, run / ".fold_0.old")
         os.replace(new, fold)
+        monkeypatch.setattr(passes, "predict_order", real)
         return res
 
-    monkeypatch.setattr(predict.FoldModel, "predict", predict_then_swap)
+    monkeypatch.setattr(passes, "predict_order", predict_then_swap)
     with pytest.raises(KKError, match="retrained while it predicted"):
         predict.predict_fold(run, 0, tiny_project / "test.csv", force=True)
     assert not (fold / "test.csv").exists() and not (fold / "test.json").exists()
-    monkeypatch.setattr(predict.FoldModel, "predict", real)
+    monkeypatch.setattr(passes, "predict_order", real)
 
     # a cache entry written by another training of the fold (same test file, same TTA) is a miss
-    shutil.copy2(run / ".fold_0.old" / "test.csv", fold / "test.csv")
-    shutil.copy2(run / ".fold_0.old" / "test.json", fold / "test.json")
+    for name in ("test.csv", "test.json", "test.npz"):
+        shutil.copy2(run / ".fold_0.old" / name, fold / name)
     calls = []
-    monkeypatch.setattr(predict.FoldModel, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(passes, "predict_order", lambda e, f, df, swap=False, *a: calls.append(1) or real(e, f, df, swap, *a))
     again = predict.predict_fold(run, 0, tiny_project / "test.csv")
-    assert calls == [1] and json.loads((fold / "test.json").read_text())["generation"] == "retrained"
+    assert calls == [1, 1] and json.loads((fold / "test.json").read_text())["generation"] == "retrained"  # both passes ran
     pd.testing.assert_frame_equal(first, again)  # the same weights here: the same probabilities
     predict.predict_fold(run, 0, tiny_project / "test.csv")
-    assert calls == [1]  # and now it is the new fold's own cache
+    assert calls == [1, 1]  # and now it is the new fold's own cache
 
 
 # --- 6. --resume with a changed config -------------------------------------------------------------------------------

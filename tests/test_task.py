@@ -30,9 +30,9 @@ def test_swap_of_labels_and_of_probabilities_agree(task):
 
 
 def test_the_two_tasks():
-    assert (LMSYS.n_classes, LMSYS.metric, LMSYS.cells, LMSYS.test_file, LMSYS.submission_columns) == (
+    assert (LMSYS.n_classes, LMSYS.metric.name, LMSYS.cells, LMSYS.test_file, LMSYS.submission_columns) == (
         3, "log_loss", "json_turns", "test.csv", ("winner_model_a", "winner_model_b", "winner_tie"))
-    assert (WSDM.n_classes, WSDM.metric, WSDM.cells, WSDM.test_file, WSDM.submission_columns) == (
+    assert (WSDM.n_classes, WSDM.metric.name, WSDM.cells, WSDM.test_file, WSDM.submission_columns) == (
         2, "accuracy", "plain", "test.parquet", ("winner",))
     with pytest.raises(KKError, match="known: lmsys, wsdm"):
         get_task("kaggle")

@@ -29,12 +29,12 @@ Layout, by where the code runs:
 """
 
 from .build import build_kernel, build_wheel, kaggle_user, slugify
-from .common import COMPETITION, FOLD_FILES, HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
+from .common import FOLD_FILES, HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
 from .dryrun import dry_run
 from .notebook import CELL_DONE, CELL_FIND, CELL_INSTALL, CELL_RUN, NOTEBOOK_INTRO, make_notebook
 from .offline import run_offline
 from .push import push
 
 __all__ = ["build_kernel", "build_wheel", "kaggle_user", "slugify", "dry_run", "make_notebook", "run_offline", "push",
-           "CELL_DONE", "CELL_FIND", "CELL_INSTALL", "CELL_RUN", "NOTEBOOK_INTRO", "COMPETITION", "FOLD_FILES",
+           "CELL_DONE", "CELL_FIND", "CELL_INSTALL", "CELL_RUN", "NOTEBOOK_INTRO", "FOLD_FILES",
            "HIDDEN_TEST_ROWS", "KAGGLE_LIMIT_H", "MACHINE_SHAPES", "MANIFEST", "WHEELS_SENTINEL"]

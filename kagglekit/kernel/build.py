@@ -152,35 +152,29 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     check_machine_shape(machine_shape)
     wheels = [check_wheel(w) for w in extra_wheels or []]  # checked before any long work
 
-    from ..config import apply_predict_overrides
     from ..data import load_train
-    from ..ensemble import choose_calibration, common_oof, load_run_oof, run_task
+    from ..ensemble import choose_calibration
     from ..io import atomic_dir, claim_output_dir, mark_output_dir, write_json, write_text
     from ..modeling import fold_base_weights
-    from ..predict import fold_config, trained_folds, warn_missing_folds
+    from ..runs import oof_set, open_runs, runs_task
     from ..ui import info
+    from ..versions import library_versions
 
     if not runs:
         raise KKError("give at least one --run")
     slug = slugify(name)
     user = kaggle_user(user) if not plan_only else None
     out = Path(out) if out else Path("kernels") / slug
-    runs = [Path(r) for r in runs]
     if not plan_only:  # --plan writes nothing
-        claim_output_dir(out, force, "kernel", sources=runs)  # --force replaces an earlier kernel, nothing else
-    run_folds = [(r, trained_folds(r, folds)) for r in runs]
-    task = run_task(runs, folds)  # the competition the kernel enters: its test file, input folder, submission
-    if folds in (None, "all"):
-        for r, found in run_folds:
-            warn_missing_folds(r, [k for k, _ in found])
-    first_cfg = fold_config(run_folds[0][1][0][1])
-    apply_predict_overrides(first_cfg, overrides, "kk kernel")  # a bad --set fails before anything is built
-    budget_h = float(time_budget_h or min(apply_predict_overrides(fold_config(fl[0][1]), overrides).predict.time_budget_h
-                                          for _, fl in run_folds))
+        claim_output_dir(out, force, "kernel", sources=[Path(r) for r in runs])  # --force replaces an earlier kernel only
+    runs = open_runs([Path(r) for r in runs], folds)
+    task = runs_task(runs)  # the competition the kernel enters: its test file, input folder, submission
+    first_cfg = runs[0].folds[0].inference(overrides)  # a bad --set fails before anything is built
+    budget_h = float(time_budget_h or min(r.folds[0].inference(overrides).predict.time_budget_h for r in runs))
     if not 0 < budget_h <= 24:
         raise KKError(f"--time-budget-h must be in (0, 24] hours (got {budget_h:g})")
 
-    plan = kernel_plan(run_folds, backbone_source, machine_shape, budget_h, rows_for_estimate, overrides)
+    plan = kernel_plan(runs, backbone_source, machine_shape, budget_h, rows_for_estimate, overrides)
     print_plan(plan, machine_shape, budget_h)
     for row in plan:
         if row["placement"] is not None and row["placement"].kind == "refused":
@@ -188,22 +182,19 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     if plan_only:
         return None
 
-    # Weights and temperature are fitted on the runs' OOF now, so the kernel needs no labels.
+    # Weights and temperature are fitted on the runs' OOF now (as kk ensemble fits them), so the kernel needs no labels.
     weights, temperature = [1.0] * len(runs), 1.0
     try:
-        train_df, _ = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows, task)
+        train_df, train_report = load_train(train_path or first_cfg.data.train, first_cfg.data.bad_rows, task)
     except KKError as e:
         from ..ui import warn
 
         warn(f"no OOF calibration in the kernel (equal weights, temperature 1): {e}")
         train_df = None
     if fit and train_df is not None:
-        labels = dict(zip(train_df["id"], train_df["label"]))
-        preds = [load_run_oof(r, folds, labels, task=task) for r in runs]
-        oofs, y, oof_folds = common_oof(preds, labels, with_folds=True)
-        if len(y):  # never fitted on a merged run's borrowed OOF (choose_calibration says what it did)
-            w, temperature, _, _, note = choose_calibration(preds, oofs, y, oof_folds)
-
+        oof = oof_set(runs, train_df, {rid for rid, _ in train_report.skipped})
+        if len(oof.y):  # never fitted on a merged run's borrowed OOF (choose_calibration says what it did)
+            w, temperature, _, _, note = choose_calibration(oof)
             weights = w.tolist()
             info(f"calibration: {note}")
 
@@ -216,16 +207,16 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
                     "created": time.strftime("%Y-%m-%d %H:%M:%S"), "predict": list(overrides or [])}
         copied_backbones: dict[str, str] = {}
         used: set[str] = set()
-        for r, fl in run_folds:
-            rname = r.name if r.name not in used else f"{r.name}-{len(used)}"  # two runs named alike stay apart
+        for run in runs:
+            rname = run.path.name if run.path.name not in used else f"{run.path.name}-{len(used)}"  # two runs named alike stay apart
             used.add(rname)
-            cfg0 = apply_predict_overrides(fold_config(fl[0][1]), overrides)
-            entry = {"name": rname, "folds": [], "versions": trained_versions(fl[0][1]),
+            cfg0 = run.folds[0].inference(overrides)
+            entry = {"name": rname, "folds": [], "versions": run.folds[0].metrics.get("versions") or library_versions(),
                      "quantization": cfg0.inference_model().quantization, "tta": cfg0.predict.tta,
                      "tta_share": cfg0.predict.tta_share}
-            for k, path in fl:
-                cfg = apply_predict_overrides(fold_config(path), overrides)
-                backbone = fold_base_weights(path, cfg.model)  # model.init_from's full weights when the fold started there
+            for fold in run.folds:
+                cfg = fold.inference(overrides)
+                backbone = fold_base_weights(fold.path, cfg.model)  # model.init_from's full weights when the fold started there
                 if Path(backbone).expanduser().is_dir():
                     src = str(Path(backbone).expanduser().resolve())
                     if src not in copied_backbones:
@@ -236,12 +227,12 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
                 elif backbone_source:
                     entry["backbone"] = {"source": backbone_source, "name": backbone}
                 else:
-                    raise KKError(f"{path}: backbone {backbone!r} is not a local folder and Kaggle kernels run offline; "
+                    raise KKError(f"{fold.path}: backbone {backbone!r} is not a local folder and Kaggle kernels run offline; "
                                   "pass --backbone-source <owner>/<slug> of a Kaggle dataset or model holding it")
-                _copy_fold(path, art / rname / f"fold_{k}")
+                _copy_fold(fold.path, art / rname / f"fold_{fold.index}")
                 if overrides:  # the kernel predicts with these settings; the run's own config.yaml is untouched
-                    write_text(art / rname / f"fold_{k}" / "config.yaml", cfg.to_yaml())
-                entry["folds"].append(k)
+                    write_text(art / rname / f"fold_{fold.index}" / "config.yaml", cfg.to_yaml())
+                entry["folds"].append(fold.index)
             manifest["runs"].append(entry)
         write_json(art / MANIFEST, manifest)
         write_json(art / "dataset-metadata.json", _dataset_metadata(user, f"{slug}-artifacts", f"{slug} artifacts"))
@@ -298,40 +289,22 @@ def _backbone_config(backbone: str):
         return None
 
 
-def kernel_plan(run_folds, backbone_source, machine_shape: str, budget_h: float, rows_for_estimate=None,
+def kernel_plan(runs, backbone_source, machine_shape: str, budget_h: float, rows_for_estimate=None,
                 overrides: list[str] | None = None) -> list[dict]:
-    """Per run: where its model goes on the machine's GPUs (kagglekit.kernel.plan.place) and the hours of
-    its passes over the hidden test rows (kagglekit.kernel.plan.run_hours), at the inference settings
-    (``--set predict.*``: predict.quantization/max_length where set)."""
-    import numpy as np
-
-    from ..config import apply_predict_overrides
+    """Per run: where its model goes on the machine's GPUs and the hours of its passes over the hidden test rows
+    (kagglekit.kernel.plan.estimate_run), at the inference settings (``--set predict.*``)."""
     from ..modeling import fold_base_weights
-    from ..predict import fold_config
-    from ..task import get_task
-    from ..tta import second_pass_share, tta_mode
-    from .common import HIDDEN_TEST_ROWS
-    from .plan import MACHINES, adapter_bytes, place, run_hours, sample_lengths
+    from .plan import estimate_run
 
-    gpus, gpu_bytes = MACHINES[machine_shape]
     rows = []
-    for r, fl in run_folds:
-        path = fl[0][1]
-        cfg = apply_predict_overrides(fold_config(path), overrides)
-        cfg = cfg.model_copy(update={"model": cfg.inference_model()})
-        share = second_pass_share(cfg.predict.tta, cfg.predict.tta_share)
-        row = {"run": r.name, "path": str(r), "folds": len(fl), "tta": tta_mode(cfg.predict.tta), "share": share,
-               "quantization": cfg.model.quantization, "placement": None, "tokens": None, "hours": None}
-        backbone = fold_base_weights(path, cfg.model)
+    for run in runs:
+        cfg = run.folds[0].inference(overrides)
+        backbone = fold_base_weights(run.folds[0].path, cfg.inference_model())
         conf = _backbone_config(backbone)
+        row = {"run": run.path.name, "path": str(run.path),
+               **estimate_run(run.folds, conf, machine_shape, rows_for_estimate, overrides)}
         if conf is None:
             row["note"] = f"{backbone} is attached from Kaggle: the notebook places it from its config there"
-        else:
-            pl = place(conf, cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes, adapter_bytes(p for _, p in fl))
-            lengths = sample_lengths(path, cfg, rows_for_estimate) or [cfg.model.max_length]
-            row.update(placement=pl, tokens=float(np.mean(lengths)))
-            if pl.kind != "refused":
-                row["hours"] = run_hours(pl, lengths, HIDDEN_TEST_ROWS, len(fl), share)
         rows.append(row)
     return rows
 
@@ -375,17 +348,6 @@ def print_plan(plan: list[dict], machine_shape: str, budget_h: float) -> None:
 KAGGLE_PYTHON = "3.12"
 KAGGLE_PLATFORMS = ("manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 PINNABLE = ("transformers", "peft", "tokenizers", "accelerate")
-
-
-def trained_versions(fold_path: Path) -> dict:
-    """The library versions a fold was trained with (metrics.json), else this environment's."""
-    from ..versions import library_versions
-
-    try:
-        recorded = json.loads((Path(fold_path) / "metrics.json").read_text()).get("versions")
-    except (OSError, ValueError):
-        recorded = None
-    return recorded or library_versions()
 
 
 def download_wheels(specs: list[str], dest: Path) -> None:

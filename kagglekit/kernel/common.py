@@ -1,9 +1,6 @@
 """What the user's machine and the Kaggle notebook agree on: names of the sentinel files,
 the competition's slug, the files of a fold that travel, Kaggle's limits."""
 
-from ..task import LMSYS
-
-COMPETITION = LMSYS.competition  # the default; a kernel takes its runs' task's competition (task.competition)
 MANIFEST = "kk_manifest.json"
 WHEELS_SENTINEL = "kk_wheels.json"
 HIDDEN_TEST_ROWS = 25_000

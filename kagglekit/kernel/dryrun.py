@@ -267,50 +267,32 @@ def _report_from_outputs(nb) -> dict:
 
 
 def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT4") -> dict | None:
-    """Hours for the hidden test from the models' size and the test's token counts under each fold's
-    formatter: the kernel plan's estimate (kagglekit.kernel.plan: FLOPs over a T4's throughput at the
-    run's precision, the placement's parallelism, folds x planned passes). None where a backbone is not in
-    the artifacts (attached from Kaggle: its config is not here)."""
-    from ..predict import fold_config
-    from ..task import get_task
-    from ..tta import second_pass_share
-    from .plan import (
-        MACHINES,
-        T4_FP16_UTILISATION,
-        T4_PEAK_TFLOPS,
-        THROUGHPUT,
-        adapter_bytes,
-        flops_per_row,
-        place,
-        run_hours,
-        sample_lengths,
-    )
+    """Hours for the hidden test from the models' size and the test's token counts under each fold's formatter:
+    the kernel plan's estimate (kagglekit.kernel.plan.estimate_run). None where a backbone is not in the artifacts
+    (attached from Kaggle: its config is not here)."""
+    from ..runs import open_run
+    from .plan import MACHINES, T4_FP16_UTILISATION, T4_PEAK_TFLOPS, THROUGHPUT, estimate_run
 
-    art = next((d for d in (kernel_dir / "datasets").iterdir() if (d / "kk_manifest.json").exists()), None)
+    art = next((d for d in (kernel_dir / "datasets").iterdir() if (d / MANIFEST).exists()), None)
     if art is None:
         return None
-    manifest = json.loads((art / "kk_manifest.json").read_text())
-    gpus, gpu_bytes = MACHINES.get(machine_shape, MACHINES["NvidiaTeslaT4"])
-    total_flops, hours, runs = 0.0, 0.0, []
+    manifest = json.loads((art / MANIFEST).read_text())
+    tflop, hours, runs = 0.0, 0.0, []
     for entry in manifest["runs"]:
         if "path" not in entry.get("backbone", {}):
             return None
-        fold = art / entry["name"] / f"fold_{entry['folds'][0]}"
-        cfg = fold_config(fold)
-        cfg = cfg.model_copy(update={"model": cfg.inference_model()})  # predict.quantization/max_length where set
-        pl = place(art / entry["backbone"]["path"], cfg.model.quantization, gpus, gpu_bytes, get_task(cfg.task).n_classes,
-                   adapter_bytes(art / entry["name"] / f"fold_{k}" for k in entry["folds"]))
-        if pl.kind == "refused":
+        run = open_run(art / entry["name"], entry["folds"])
+        est = estimate_run(run.folds, art / entry["backbone"]["path"], machine_shape, test_df, tta=entry.get("tta"),
+                           tta_share=entry.get("tta_share"))
+        pl = est["placement"]
+        if est["hours"] is None:
             return None
-        lengths = sample_lengths(fold, cfg, test_df, n=len(test_df))
-        share = second_pass_share(entry.get("tta", cfg.predict.tta), entry.get("tta_share", cfg.predict.tta_share))
-        passes = len(entry["folds"]) * (1 + share)
-        total_flops += flops_per_row(pl, lengths) * HIDDEN_TEST_ROWS * passes
-        hours += run_hours(pl, lengths, HIDDEN_TEST_ROWS, len(entry["folds"]), share)["total_h"]
-        runs.append({"run": entry["name"], "params": int(pl.params - pl.embed_params), "mean_tokens": float(sum(lengths) / len(lengths)),
-                     "passes": passes, "placement": pl.describe(), "weights": pl.weights})
+        tflop, hours = tflop + est["tflop"], hours + est["hours"]["total_h"]
+        runs.append({"run": entry["name"], "params": int(pl.params - pl.embed_params), "mean_tokens": est["tokens"],
+                     "passes": est["passes"], "placement": pl.describe(), "weights": pl.weights})
+    gpus = MACHINES.get(machine_shape, MACHINES["NvidiaTeslaT4"])[0]
     factors = ", ".join(f"{k} x{v:g}" for k, v in THROUGHPUT.items() if k != "fp32")
-    return {"hours": hours, "tflop": total_flops / 1e12, "runs": runs,
+    return {"hours": hours, "tflop": tflop, "runs": runs,
             "assumption": f"{gpus} x T4 at {T4_FP16_UTILISATION:.0%} of {T4_PEAK_TFLOPS:g} fp16 TFLOP/s ({factors})"}
 
 

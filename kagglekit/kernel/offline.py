@@ -87,7 +87,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
                 budget_h: float | None = None, devices=None, clock=time.time, group_factory=None) -> dict:
     """Predict ``test_csv`` (the task's test file, CSV or parquet) with every fold in the artifacts dataset and
     write the task's submission (the manifest's task: probabilities, or id,winner labels), in budgeted
-    passes (kagglekit.kernel.passes): the (A,B) pass of every fold first and a complete submission at its
+    passes (kagglekit.passes): the (A,B) pass of every fold first and a complete submission at its
     end, then the (B,A) pass as far as ``budget_h`` (default: the kernel's predict.time_budget_h) allows.
 
     Before anything loads, each run's model is placed on the GPUs this notebook really has, from its
@@ -96,15 +96,13 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     (its budget counts from there); ``devices``: worker devices instead of the detected GPUs; ``clock`` and
     ``group_factory`` (unit -> loaded model): replaced by tests.
     """
-    import numpy as np
-
     from ..data import load_test
     from ..io import write_json
-    from ..predict import fold_config
+    from ..passes import PASSES_JSON, Budget, Job, Passes, RunPlan, make_units, plan_second_pass
+    from ..runs import open_run
     from ..task import get_task
-    from ..tta import tta_mode, uncertain_rows
+    from ..tta import tta_mode
     from ..ui import info
-    from .passes import PASSES_JSON, Budget, Job, Passes, plan_second_pass
     from .plan import adapter_bytes, place
 
     t0 = clock()
@@ -120,26 +118,24 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     budget_h = budget_h or os.environ.get("KK_TIME_BUDGET_H") or manifest.get("time_budget_h") or 8.0
     budget = Budget(float(budget_h), t0 if started is None else started, clock)
 
-    runs = []
+    plans = []
     for r, entry in enumerate(manifest["runs"]):
         bb = entry["backbone"]
         backbone = str(artifacts / bb["path"]) if "path" in bb else str(find_backbone(Path(input_root or artifacts.parent), bb["source"], bb.get("name")))
-        folds = [artifacts / entry["name"] / f"fold_{k}" for k in entry["folds"]]
-        cfg = fold_config(folds[0])
-        mode = tta_mode(entry.get("tta", cfg.predict.tta) if tta is None else tta)
+        run = open_run(artifacts / entry["name"], entry["folds"])
+        cfg = run.folds[0].cfg
         placement = None
         if n_gpu:
             # The attached backbone is checked here too: kk kernel could not see its size.
-            placement = place(backbone, cfg.model.quantization, n_gpu, gpu_bytes, get_task(cfg.task).n_classes,
-                              adapter_bytes(folds))
+            placement = place(backbone, cfg.model.quantization, n_gpu, gpu_bytes, task.n_classes, adapter_bytes(f.path for f in run.folds))
             if placement.kind == "refused":
                 raise KKError(f"run {entry['name']} does not fit this machine's GPUs: {placement.reason}")
-        runs.append({"name": entry["name"], "backbone": backbone, "folds": folds, "mode": mode,
-                     "share": float(entry.get("tta_share", cfg.predict.tta_share)), "placement": placement,
-                     "jobs": [Job(r, f, f"{entry['name']}/{f.name}") for f in folds]})
-    units = make_units(runs, workers, n)
-    plan_lines = [{"run": x["name"], "folds": len(x["folds"]), "tta": x["mode"], "tta_share": x["share"],
-                   "placement": x["placement"].describe() if x["placement"] else f"{workers[0]}"} for x in runs]
+        plans.append(RunPlan(entry["name"], [Job(r, f, f.name) for f in run.folds], backbone,
+                             tta_mode(entry.get("tta", cfg.predict.tta) if tta is None else tta),
+                             float(entry.get("tta_share", cfg.predict.tta_share)), placement))
+    units = make_units(plans, workers, n)
+    plan_lines = [{"run": x.name, "folds": len(x.jobs), "tta": x.mode, "tta_share": x.share,
+                   "placement": x.placement.describe() if x.placement else f"{workers[0]}"} for x in plans]
     for line in plan_lines:
         info(f"plan: {line['run']}: {line['folds']} fold(s), TTA {line['tta']}, {line['placement']}")
     state: dict = {"budget_h": budget.hours, "workers": workers, "runs": plan_lines, "passes": [], "submission_from": None}
@@ -150,29 +146,33 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
         state["events"] = list(passes.events)
         write_json(passes_path, state)
 
+    def submit(second: bool) -> Path:
+        from ..ensemble import blend, write_submission
+
+        final = blend(passes.fold_probs(plans, second), manifest["weights"], manifest["temperature"], manifest.get("method", "mean"))
+        return write_submission(test_df["id"].to_numpy(), final, out, force=True, sample_submission=sample_submission,
+                                ids_mismatch="warn", task=task)
+
     passes = Passes(units, workers, test_df, budget, log=info, record=record, group_factory=group_factory)
     try:
         passes.run_pass(1)
-        first_probs = passes.first_pass()
-        done = [j for x in runs for j in x["jobs"] if j in first_probs]
-        path = _write_ensemble(manifest, runs, first_probs, {}, test_df, out, sample_submission, task)
+        done = [j for j in passes.jobs() if j in passes.first_pass()]
+        path = submit(False)
         state["passes"].append({"pass": 1, "order": "A,B", "status": "done", "rows": n, "folds": len(done),
                                 "skipped_folds": [j.name for j in passes.skipped], "at_h": round(budget.elapsed() / 3600, 4)})
         state["submission_from"] = "pass 1"
         info(f"pass 1 done: {path} written from {len(done)} fold(s), one order (A,B), at {budget.elapsed() / 3600:.2f} h")
         record()
 
-        first = {r: _fold_mean([first_probs[j] for j in x["jobs"] if j in first_probs]) for r, x in enumerate(runs)}
-        wanted = {r: (np.arange(n) if x["mode"] == "full" else uncertain_rows(first[r], x["share"]) if x["mode"] == "uncertain"
-                      else np.zeros(0, np.int64)) for r, x in enumerate(runs)}
-        rows2, decision = plan_second_pass(passes, wanted, first)
+        wanted = passes.wanted(plans)
+        rows2, decision = plan_second_pass(passes, wanted, plans)
         info(f"pass 2 (B,A): {decision}")
-        entry2 = {"pass": 2, "order": "B,A", "decision": decision, "rows": {runs[r]["name"]: int(len(v)) for r, v in rows2.items()}}
+        entry2 = {"pass": 2, "order": "B,A", "decision": decision, "rows": {plans[r].name: int(len(v)) for r, v in rows2.items()}}
         if rows2:
             complete = passes.run_pass(2, rows2)
             entry2["status"] = "done" if complete else "stopped"
             if complete:
-                path = _write_ensemble(manifest, runs, first_probs, passes.second_pass(), test_df, out, sample_submission, task)
+                path = submit(True)
                 state["submission_from"] = "pass 2"
                 info(f"pass 2 done: {path} replaced by the TTA ensemble at {budget.elapsed() / 3600:.2f} h")
         else:
@@ -183,78 +183,17 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     finally:
         passes.free_all()
 
-    first_probs = passes.first_pass()
-    jobs_done = [j for x in runs for j in x["jobs"] if j in first_probs]
+    jobs_done = [j for j in passes.jobs() if j in passes.first_pass()]
     predict_s = sum(t.get("pass1_s", 0) + t.get("pass2_s", 0) for t in passes.timing.values()) / len(workers)
     rows_run = n * len(jobs_done) + (sum(len(v[0]) for v in passes.second_pass().values())
                                      if state["submission_from"] == "pass 2" else 0)
-    planned = sum(len(x["jobs"]) * (1 + {"full": 1.0, "none": 0.0}.get(x["mode"], x["share"])) for x in runs)
+    planned = sum(len(x.jobs) * (1 + {"full": 1.0, "none": 0.0}.get(x.mode, x.share)) for x in plans)
     return {"submission": str(Path(out)), "task": task.name, "rows": n, "folds": len(jobs_done), "passes": round(planned, 4),
             "passes_run": round(rows_run / max(n, 1), 4), "submission_from": state["submission_from"],
             "devices": workers, "seconds": round(clock() - t0, 2),
             "load_s": round(sum(u.load_s or 0 for u in units) / len(workers), 2),
             "seconds_per_row_pass": predict_s / max(1, rows_run), "passes_json": str(passes_path),
             "timings": [{"fold": j.name, **t} for (j, _), t in passes.timing.items()]}
-
-
-def make_units(runs: list, workers: list, n_rows: int) -> list:
-    """Loaded-model units (kagglekit.kernel.passes.Unit). Folds of any run sharing a backbone (and its
-    quantization, precision, pooling) form a group. A group that fits one GPU is loaded once on every GPU,
-    each predicting every fold on its share of the rows (row i on GPU i mod n: the same mix of lengths on
-    each); a group split over the GPUs is one unit over every row."""
-    import numpy as np
-
-    from ..foldgroup import group_key
-    from .passes import Unit
-    from .plan import device_map_for
-
-    groups: dict = {}
-    for x in runs:
-        split = x["placement"] is not None and x["placement"].kind == "split"
-        for job in x["jobs"]:
-            key = (split, group_key(job.fold, x["backbone"]))
-            groups.setdefault(key, {"jobs": [], "run": x})["jobs"].append(job)
-    units = []
-    for (split, _), g in groups.items():
-        x = g["run"]
-        if split:
-            units.append(Unit(g["jobs"], x["backbone"], "cuda:0", None, device_map_for(x["placement"])))
-            continue
-        for w, device in enumerate(workers):
-            shard = None if len(workers) == 1 else np.arange(w, n_rows, len(workers))
-            units.append(Unit(g["jobs"], x["backbone"], device, w, shard=shard))
-    return units
-
-
-def _fold_mean(probs: list):
-    """The pass-1 probabilities of a run: the mean of its folds' (what uncertain TTA ranks rows by)."""
-    import numpy as np
-
-    return np.mean(probs, axis=0)
-
-
-def _write_ensemble(manifest: dict, runs: list, first: dict, second: dict, test_df, out, sample_submission, task) -> Path:
-    """Folds (``first``: job -> (A,B) probabilities; ``second``: job -> (rows, (B,A) mapped back), merged
-    where it ran) -> runs -> the weighted, calibrated ensemble -> submission.csv, checked and written
-    atomically."""
-    import numpy as np
-
-    from ..ensemble import apply_temperature, combine, finalize_probs, write_submission
-    from ..tta import merge_passes
-
-    per_run = []
-    for x in runs:
-        folds = []
-        for j in x["jobs"]:
-            if j in first:
-                rows, p_ba = second.get(j, (None, None))
-                folds.append(merge_passes(first[j], p_ba, rows))
-        per_run.append(combine(folds, method=manifest.get("method", "mean")))
-    final = finalize_probs(apply_temperature(combine(per_run, manifest["weights"]), manifest["temperature"]))
-    if not np.isfinite(final).all():
-        raise KKError("the ensemble produced NaN probabilities")
-    return write_submission(test_df["id"].to_numpy(), final, out, force=True, sample_submission=sample_submission,
-                            ids_mismatch="warn", task=task)
 
 
 def check_gpus_usable() -> None:

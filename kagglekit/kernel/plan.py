@@ -245,6 +245,34 @@ def run_hours(placement: Placement, lengths, rows: int, folds: int, second_share
             "passes": 1 + second_share, "gpus_busy": parallel}
 
 
+def estimate_run(folds: list, backbone_conf, machine_shape: str, rows_source=None, overrides: list[str] | None = None,
+                 tta=None, tta_share: float | None = None, rows: int | None = None) -> dict:
+    """One run's plan on a Kaggle machine: where its model goes (:func:`place`, at the inference settings), the mean
+    tokens of its rows under its formatter, and the hours and FLOPs of ``rows`` (default: the hidden test's) x folds x
+    passes. ``backbone_conf``: a config.json folder or a config; None (attached from Kaggle): no placement or hours.
+    The one estimate of ``kk kernel --plan`` and of the dry run."""
+    from ..tta import second_pass_share, tta_mode
+    from .common import HIDDEN_TEST_ROWS
+
+    rows = rows or HIDDEN_TEST_ROWS
+    gpus, gpu_bytes = MACHINES.get(machine_shape, MACHINES["NvidiaTeslaT4"])
+    cfg = folds[0].inference(overrides)
+    cfg = cfg.model_copy(update={"model": cfg.inference_model()})  # predict.quantization/max_length where set
+    tta = cfg.predict.tta if tta is None else tta
+    share = second_pass_share(tta, cfg.predict.tta_share if tta_share is None else tta_share)
+    out = {"folds": len(folds), "tta": tta_mode(tta), "share": share, "quantization": cfg.model.quantization,
+           "passes": len(folds) * (1 + share), "placement": None, "tokens": None, "hours": None, "tflop": None}
+    if backbone_conf is None:
+        return out
+    pl = place(backbone_conf, cfg.model.quantization, gpus, gpu_bytes, folds[0].task.n_classes, adapter_bytes(f.path for f in folds))
+    lengths = sample_lengths(folds[0].path, cfg, rows_source, n=len(rows_source) if hasattr(rows_source, "columns") else 2000)
+    lengths = lengths or [cfg.model.max_length]
+    out.update(placement=pl, tokens=float(sum(lengths) / len(lengths)))
+    if pl.kind != "refused":
+        out.update(hours=run_hours(pl, lengths, rows, len(folds), share), tflop=flops_per_row(pl, lengths) * rows * out["passes"] / 1e12)
+    return out
+
+
 def sample_lengths(fold_path: Path, cfg, rows_source=None, n: int = 2000, seed: int = 0):
     """Token lengths of up to ``n`` rows under a fold's formatter: the rows of ``rows_source`` (a frame or a
     CSV), else the run's data.test when it has more than a handful of rows, else its data.train. None when

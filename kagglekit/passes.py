@@ -1,4 +1,6 @@
-"""Runs ON KAGGLE: the kernel's passes over the test rows, in order of value, inside a time budget.
+"""Passes over the test rows, fold by fold, in order of value, inside a time budget: the one orchestrator of test
+prediction. ``kk predict`` / ``kk ensemble`` run it on one device with no budget (and each fold's cache,
+:mod:`kagglekit.predict`); the Kaggle kernel (:func:`kagglekit.kernel.offline.run_offline`) on its GPUs with one.
 
 Kaggle stops a notebook at 9 hours and then scores nothing, so the kernel never bets the submission on
 an estimate made elsewhere:
@@ -15,7 +17,7 @@ an estimate made elsewhere:
 ``kk_passes.json`` beside the submission records the plan, the measured speed and which passes ran.
 
 Models: folds (of any run) sharing a backbone, quantization and precision form a group that loads its
-base once per GPU and switches adapters (:class:`kagglekit.foldgroup.FoldGroup`). A group that fits one
+base once per GPU and switches adapters (an :class:`kagglekit.engine.Engine`). A group that fits one
 GPU is loaded on every GPU, one thread each, and the rows are dealt between them (row i to GPU i mod n:
 both get the same mix of lengths), so two GPUs finish together whatever the number of folds; a group
 split over both GPUs runs its folds one after another on all rows. Between groups a GPU's memory is
@@ -28,11 +30,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from .common import KAGGLE_LIMIT_H
+from .inference import TokenCache, predict_order
+from .kernel.common import KAGGLE_LIMIT_H
 
 PASSES_JSON = "kk_passes.json"
 # Kept free at the end of the budget: combining and writing the submission, the notebook's last cell.
@@ -53,13 +55,13 @@ class Job:
     """One fold of one run."""
 
     run: int
-    fold: Path
+    fold: object  # kagglekit.runs.Fold
     name: str  # "<run>/fold_K", for the log
 
 
 @dataclass(eq=False)
 class Unit:
-    """Folds served by one loaded model (a :class:`FoldGroup`), and where it runs: a worker (one GPU, or
+    """Folds served by one loaded model (an engine), and where it runs: a worker (one GPU, or
     the CPU) on its ``shard`` of the rows, or, with ``device_map``, all GPUs (split) on every row."""
 
     jobs: list
@@ -73,6 +75,42 @@ class Unit:
     @property
     def slot(self):
         return self.worker if self.worker is not None else "split"
+
+
+@dataclass(eq=False)
+class RunPlan:
+    """One run's part in the passes: its folds' jobs, where its base loads from, its swap TTA and its placement on
+    the GPUs (the kernel's plan; None: one worker device)."""
+
+    name: str
+    jobs: list
+    backbone: str
+    mode: str  # tta_mode: full, none or uncertain
+    share: float  # predict.tta_share
+    placement: object = None
+
+
+def make_units(plans: list, workers: list, n_rows: int, overrides: list[str] | None = None) -> list:
+    """Loaded-model units. Folds of any run sharing a backbone (and its quantization, precision, pooling) form a
+    group. A group that fits one GPU is loaded once on every worker, each predicting every fold on its share of the
+    rows (row i on worker i mod n: the same mix of lengths on each); a group split over the GPUs is one unit over
+    every row."""
+    from .engine import group_key
+    from .kernel.plan import device_map_for
+
+    groups: dict = {}
+    for x in plans:
+        split = x.placement is not None and x.placement.kind == "split"
+        for job in x.jobs:
+            groups.setdefault((split, group_key(job.fold, x.backbone, overrides)), (x, []))[1].append(job)
+    units = []
+    for (split, _), (x, jobs) in groups.items():
+        if split:
+            units.append(Unit(jobs, x.backbone, "cuda:0", None, device_map_for(x.placement)))
+            continue
+        for w, device in enumerate(workers):
+            units.append(Unit(jobs, x.backbone, device, w, shard=None if len(workers) == 1 else np.arange(w, n_rows, len(workers))))
+    return units
 
 
 @dataclass
@@ -93,22 +131,25 @@ class Budget:
     def hard_left(self) -> float:
         return self.hard_limit_s - self.elapsed()
 
+    @classmethod
+    def unlimited(cls) -> Budget:
+        return cls(float("inf"), time.time(), hard_limit_s=float("inf"))
+
 
 class Meter:
-    """What a GPU's inference reports its progress to (``add_task``/``advance``, the calls
-    inference.infer_logits makes): counts rows and time; after its first batches it calls ``on_first``."""
+    """What an engine reports its progress to (``on_rows``, after each chunk of rows): counts rows and time; after its
+    first batches it calls ``on_first``; ``also`` (a progress bar's advance) hears every chunk too."""
 
-    def __init__(self, clock, on_first=None, first_rows: int = MEASURE_ROWS):
-        self.clock, self.on_first, self.first_rows = clock, on_first, first_rows
+    def __init__(self, clock, on_first=None, first_rows: int = MEASURE_ROWS, also=None):
+        self.clock, self.on_first, self.first_rows, self.also = clock, on_first, first_rows, also
         self.rows, self.seconds, self._t0, self._reported = 0, 0.0, None, False
 
     def start(self):
         self._t0 = self.clock()
 
-    def add_task(self, description, total=None, status=""):
-        return None
-
-    def advance(self, task, n):
+    def __call__(self, n):
+        if self.also is not None:
+            self.also(n)
         now = self.clock()
         if self._t0 is not None:
             self.seconds += now - self._t0
@@ -133,11 +174,15 @@ class Passes:
     budget: Budget
     log: object = print
     record: object = None
-    group_factory: object = None  # (unit) -> FoldGroup; tests replace it
-    cache: dict = field(default_factory=dict)
+    group_factory: object = None  # (unit) -> engine; tests replace it
+    overrides: list | None = None  # --set predict.* for every engine (kk predict / ensemble; the kernel's are in its configs)
+    on_rows: object = None  # a progress bar's advance: hears every chunk of rows
+    cache: object = field(default_factory=TokenCache)  # every fold and pass tokenizes the rows once
     parts1: dict = field(default_factory=dict)  # (Job, Unit) -> probabilities of the unit's rows, (A,B)
     parts2: dict = field(default_factory=dict)  # (Job, Unit) -> (rows, probabilities mapped back), (B,A)
     timing: dict = field(default_factory=dict)  # (Job, Unit) -> {"pass1_s", "rows", "pass2_s"}
+    known2: dict = field(default_factory=dict)  # Job -> (rows, (B,A) probabilities) already known (kk predict's cache)
+    stats: dict = field(default_factory=dict)  # Job -> truncation stats of its (A,B) sequences
     skipped: list = field(default_factory=list)  # Jobs pass 1 could not afford
     events: list = field(default_factory=list)
     rates: dict = field(default_factory=dict)  # slot -> rows/s measured on its first batches
@@ -177,8 +222,8 @@ class Passes:
         return out
 
     def second_pass(self) -> dict:
-        """Job -> (rows, (B,A) probabilities mapped back) of the folds pass 2 ran on."""
-        by_job: dict = {}
+        """Job -> (rows, (B,A) probabilities mapped back) of the folds pass 2 ran on (and what was known before)."""
+        by_job: dict = {job: [part] for job, part in self.known2.items()}
         for (job, _), (rows, p) in self.parts2.items():
             by_job.setdefault(job, []).append((rows, p))
         out = {}
@@ -187,6 +232,35 @@ class Passes:
             order = np.argsort(rows, kind="stable")
             out[job] = (rows[order], np.concatenate([p for _, p in parts])[order])
         return out
+
+    def wanted(self, plans: list) -> dict:
+        """Run -> the rows its (B,A) pass should cover: the one rule (kagglekit.tta.second_pass_rows) on the run's
+        fold-mean (A,B) probabilities, the uncertainty of what is submitted."""
+        from .tta import second_pass_rows
+
+        first = self.first_pass()
+        out = {}
+        for r, x in enumerate(plans):
+            done = [first[j] for j in x.jobs if j in first]
+            out[r] = second_pass_rows(x.mode, x.share, np.mean(done, axis=0)) if done else np.zeros(0, np.int64)
+        return out
+
+    def fold_probs(self, plans: list, second: bool = True) -> list[list[np.ndarray]]:
+        """Per run, per fold that completed pass 1: its probabilities, TTA-averaged where pass 2 ran."""
+        from .tta import merge_passes
+
+        first, done2 = self.first_pass(), self.second_pass() if second else {}
+        out = []
+        for x in plans:
+            out.append([merge_passes(first[j], done2[j][1], done2[j][0]) if j in done2 else first[j].copy()
+                        for j in x.jobs if j in first])
+        return out
+
+    def known(self, job: Job, p_ab: np.ndarray) -> None:
+        """``job``'s (A,B) probabilities of every row are known already (a cache): pass 1 skips it."""
+        for u in self.units:
+            if job in u.jobs:
+                self.parts1[(job, u)] = p_ab[self._rows(u)]
 
     # --- loading ------------------------------------------------------------------------------------------------
 
@@ -197,11 +271,16 @@ class Passes:
             return held[1]
         self._free(unit.slot)
         t = self.budget.clock()
-        group = (self.group_factory or _default_group)(unit)
+        group = (self.group_factory or self._load)(unit)
         if unit.load_s is None:
             unit.load_s = self.budget.clock() - t
         self._resident[unit.slot] = (unit, group)
         return group
+
+    def _load(self, unit: Unit):
+        from .engine import open_engine
+
+        return open_engine([j.fold for j in unit.jobs], unit.backbone, unit.device, unit.device_map, self.overrides)
 
     def _free(self, slot) -> None:
         held = self._resident.pop(slot, None)
@@ -253,10 +332,12 @@ class Passes:
         if not swap:
             return None if unit.shard is None else self._rows(unit)
         wanted = np.asarray(rows_by_run.get(job.run, ()), dtype=np.int64)
+        if job in self.known2:
+            wanted = np.setdiff1d(wanted, self.known2[job][0])
         return wanted if unit.shard is None else np.intersect1d(wanted, self._rows(unit))
 
     def _run_unit(self, unit: Unit, swap: bool, rows_by_run, done: dict, stop) -> bool:
-        todo = [j for j in unit.jobs if j not in self.skipped and (not swap or j in done)]
+        todo = [j for j in unit.jobs if j not in self.skipped and (j in done if swap else (j, unit) not in self.parts1)]
         if swap:
             todo = [j for j in todo if len(self._unit_rows(j, unit, True, rows_by_run))]
         if not todo:
@@ -282,10 +363,12 @@ class Passes:
                          f"(the submission has the other folds)")
                 continue
             first = None if unit.slot in self.rates else (lambda r, u=unit: self._measured(u, r))
-            meter = Meter(self.budget.clock, first, min(MEASURE_ROWS, count))
+            meter = Meter(self.budget.clock, first, min(MEASURE_ROWS, count), self.on_rows)
             t = self.budget.clock()
             meter.start()
-            p = group.predict(job.fold, self.test_df, swap=swap, rows=rows, progress=meter, cache=self.cache)
+            p = predict_order(group, job.fold, self.test_df, swap, rows, self.cache, meter)
+            if not swap:
+                self.stats[job] = self.cache.sequences(group.formatter(job.fold), self.test_df)[1]
             seconds = self.budget.clock() - t
             with self._lock:
                 if swap:
@@ -370,17 +453,11 @@ def _in_threads(fn, n: int) -> None:
         raise errors[0]
 
 
-def _default_group(unit: Unit):
-    from ..foldgroup import FoldGroup
-
-    return FoldGroup([j.fold for j in unit.jobs], unit.backbone, unit.device, unit.device_map)
-
-
-def plan_second_pass(passes: Passes, wanted: dict, first_probs: dict) -> tuple[dict, str]:
+def plan_second_pass(passes: Passes, wanted: dict, plans: list) -> tuple[dict, str]:
     """The rows pass 2 can afford: ``wanted`` (run -> rows) if it fits the budget; else, per run, the same
-    share of ``wanted``'s least confident rows (by ``first_probs``: run -> fold-mean pass-1
-    probabilities), as large as fits; else nothing. Returns (run -> rows, a line saying what was decided)."""
-    from ..tta import uncertain_rows
+    share of ``wanted``'s least confident rows (by the run's fold-mean pass-1 probabilities), as large as fits;
+    else nothing. Returns (run -> rows, a line saying what was decided)."""
+    from .tta import uncertain_rows
 
     wanted = {r: np.asarray(rows, dtype=np.int64) for r, rows in wanted.items() if len(rows)}
     total = sum(len(r) for r in wanted.values())
@@ -392,13 +469,15 @@ def plan_second_pass(passes: Passes, wanted: dict, first_probs: dict) -> tuple[d
     hours = f"{max(left, 0) / 3600:.2f} h left of the {passes.budget.hours:g} h budget"
     if cost <= available:
         return wanted, f"on {total} rows (all runs): ~{cost / 3600:.2f} h, {hours}"
+    first = passes.first_pass()
+    means = {r: np.mean([first[j] for j in plans[r].jobs if j in first], axis=0) for r in wanted}
     lo, hi = 0.0, 1.0  # the largest share that fits (cost grows with the share)
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if passes.second_pass_cost(wanted, mid) <= available else (lo, mid)
 
     def cut_to(share):
-        cut = {r: rows[uncertain_rows(first_probs[r][rows], share)] for r, rows in wanted.items()}
+        cut = {r: rows[uncertain_rows(means[r][rows], share)] for r, rows in wanted.items()}
         return {r: rows for r, rows in cut.items() if len(rows)}
 
     cut = cut_to(lo)
