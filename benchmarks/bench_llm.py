@@ -84,8 +84,8 @@ def main(argv=None) -> dict:
     import torch
 
     from kagglekit.config import load_config
-    from kagglekit.errors import KKError
     from kagglekit.engine import infer_logits
+    from kagglekit.errors import KKError
     from kagglekit.modeling import build_model, device_and_dtype, load_tokenizer, quiet_libraries
 
     quiet_libraries()

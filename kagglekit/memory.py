@@ -39,6 +39,8 @@ def free_memory(device=None, device_map: dict | None = None) -> None:
     import torch
 
     gc.collect()
+    if not torch.cuda.is_available():
+        return
     indices = set()
     for d in [device, *(device_map or {}).values()]:
         if isinstance(d, int) or str(getattr(d, "type", d)).startswith("cuda"):

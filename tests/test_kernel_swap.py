@@ -13,7 +13,6 @@ import pytest
 from kernel_fakes import make_artifacts, make_fake_run, simulate_cuda
 
 from conftest import predict_model
-
 from kagglekit.data import load_test
 
 
