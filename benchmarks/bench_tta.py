@@ -39,16 +39,14 @@ def paired_bootstrap(diff: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tup
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def analyse(run, labels_by_id: dict, shares, n_boot: int = 2000, seed: int = 0, task=None) -> dict:
-    """Log losses and paired intervals of one run's OOF rows (see the module docstring); ``task``: the run's
-    competition (default LMSYS)."""
-    from kagglekit.ensemble import load_run_oof
-    from kagglekit.task import LMSYS
+def analyse(run, labels_by_id: dict, shares, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Log losses and paired intervals of one run's OOF rows (see the module docstring)."""
+    from kagglekit.runs import open_run, run_oof
     from kagglekit.tta import merge_passes, uncertain_rows
 
-    rp = load_run_oof(run, "all", labels_by_id, task=task or LMSYS)
-    y = np.array([labels_by_id[i] for i in rp.oof_ids])
-    p_ab, p = rp.oof_no_tta, rp.oof
+    rp = run_oof(open_run(run), labels_by_id)
+    y = np.array([labels_by_id[i] for i in rp.ids])
+    p_ab, p = rp.probs_no_tta, rp.probs
     p_ba = 2 * p - p_ab  # the swapped order, mapped back: exact, since oof.csv = (p_ab + p_ba) / 2
     if np.abs(p_ba.sum(axis=1) - 1).max() > 1e-4 or (p_ba < -1e-6).any():
         raise SystemExit(f"{run}: oof.csv is not the TTA average of oof_no_tta.csv (p_ba = 2p - p_ab is no probability)")
@@ -92,7 +90,7 @@ def main(argv=None) -> dict:
         cfg = open_run(run).folds[0].cfg
         task = get_task(cfg.task)
         train, _ = load_train(args.train or cfg.data.train, cfg.data.bad_rows, task)
-        res = analyse(Path(run), dict(zip(train["id"], train["label"])), shares, args.boot, task=task)
+        res = analyse(Path(run), dict(zip(train["id"], train["label"])), shares, args.boot)
         results.append(res)
         name = Path(run).name
         rows.append([name, "no TTA (A,B only)", "0%", f"{res['none']:.4f}", ci(res["none_vs_full"]), "+0.0000", "0%"])

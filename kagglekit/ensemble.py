@@ -280,7 +280,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     overrides = [*(overrides or []), *([f"predict.threads={threads}"] if threads else [])] or None
     # Everything that can fail after the long prediction work is checked before it starts.
     _check_inputs(test_path, sample_submission, out, force, task)
-    first_cfg = runs[0].folds[0].inference(overrides)  # a bad --set fails before the long work
+    first_cfg = runs[0].folds[0].inference(overrides, "kk ensemble")  # a bad --set fails before the long work
     train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows, task)
     train_report.print_warnings()
     # OOF ids common to every run: runs trained on other folds still compare on the same rows.

@@ -82,6 +82,7 @@ class Fold:
     path: Path
     cfg: object  # kagglekit.config.Config as trained (config.yaml)
     metrics: dict
+    _inference: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -103,11 +104,15 @@ class Fold:
     def generation(self) -> str:
         return fold_generation(self.path, self.metrics)
 
-    def inference(self, overrides: list[str] | None = None):
-        """The config inference uses: ``--set predict.*`` applied (others refused); config.yaml stays as trained."""
+    def inference(self, overrides: list[str] | None = None, command: str = "kk predict"):
+        """The config inference uses: ``--set predict.*`` applied (others refused, naming ``command``), once per
+        set of overrides; config.yaml stays as trained."""
         from .config import apply_predict_overrides
 
-        return apply_predict_overrides(self.cfg, overrides) if overrides else self.cfg
+        key = tuple(overrides or ())
+        if key not in self._inference:
+            self._inference[key] = apply_predict_overrides(self.cfg, overrides, command) if key else self.cfg
+        return self._inference[key]
 
 
 def open_fold(path, run: Path | None = None, index: int = 0) -> Fold:

@@ -60,6 +60,7 @@ class SimulatedCuda:
     allocated: int = 0  # memory_allocated(); a test's probe may raise ``peak`` to simulate its use
     peak: int = 0  # max_memory_allocated()
     set_device_calls: list = field(default_factory=list)
+    device_blocks: list = field(default_factory=list)
     empty_cache_calls: int = 0
 
     def _index(self, device=None) -> int:
@@ -78,6 +79,17 @@ class SimulatedCuda:
             raise RuntimeError(f"CUDA error: invalid device ordinal {index} (simulated: {self.devices} device(s))")
         self.set_device_calls.append(index)
         self.current = index
+
+    @contextlib.contextmanager
+    def device(self, device):
+        """``torch.cuda.device(i)``: device ``i`` current inside the block (recorded in ``device_blocks``)."""
+        prev, index = self.current, self._index(device)
+        self.device_blocks.append(index)
+        self.current = index
+        try:
+            yield
+        finally:
+            self.current = prev
 
     def properties(self, device=None):
         self._index(device)
@@ -119,6 +131,7 @@ def simulated_cuda(devices: int = 1, capability: tuple = (7, 5), name: str = "Te
         "reset_peak_memory_stats": sim.reset_peak,
         "synchronize": lambda device=None: None,
         "empty_cache": sim.empty_cache,
+        "device": sim.device,
         "get_rng_state_all": lambda: [],
         "set_rng_state_all": lambda states: None,
     }

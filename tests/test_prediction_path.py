@@ -53,7 +53,7 @@ def test_the_kernels_submission_is_kk_ensembles(two_runs, tiny_project, tmp_path
     assert k["submission_from"] == "pass 2"
     a, b = pd.read_csv(tmp_path / "ens.csv", dtype={"id": str}), pd.read_csv(out, dtype={"id": str})
     assert a["id"].tolist() == b["id"].tolist()
-    np.testing.assert_array_equal(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy())
+    np.testing.assert_allclose(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-6)
     if several:
         assert len(rep["weights"]) == 2
 
@@ -69,7 +69,7 @@ def test_the_dry_run_submission_is_kk_ensembles(two_runs, tiny_project, tmp_path
     kernel = build_kernel(list(two_runs), "equal-dry", tmp_path / "k", user="alice", overrides=sets)
     res = dry_run(kernel, tiny_project / "test.csv")
     a, b = pd.read_csv(tmp_path / "ens.csv", dtype={"id": str}), pd.read_csv(res["submission"], dtype={"id": str})
-    np.testing.assert_array_equal(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy())
+    np.testing.assert_allclose(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-6)
 
 
 # --- the metric, declared once -------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_a_declared_metric_drives_early_stopping_metrics_json_tune_and_report(up
 
     storage = f"sqlite:///{tmp_path / 'tune.db'}"
     tcfg = tiny_config(tiny_project, "task=upside", "train.max_steps=2", "train.eval_every=1", "name=up")
-    tcfg = tcfg.model_copy(update={"tune": {"train.lr": {"low": 1e-4, "high": 1e-3, "log": True}}})
+    tcfg = type(tcfg).model_validate({**tcfg.model_dump(), "tune": {"train.lr": {"low": 1e-4, "high": 1e-3, "log": True}}})
     run_tune(tcfg, 0, n_trials=1, storage=storage, study_name="up", runs_root=tmp_path / "trials")
     study = open_study("up", storage, create=False, task=upside_down)
     assert study.direction.name == "MAXIMIZE"

@@ -120,6 +120,7 @@ def test_kernel_places_a_9b_model_by_its_inference_quantization(tmp_path):
     from transformers import Gemma2Config
 
     from kagglekit.kernel.build import kernel_plan
+    from kagglekit.runs import Run, open_fold
 
     big = tmp_path / "gemma-2-9b"
     Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
@@ -128,7 +129,7 @@ def test_kernel_places_a_9b_model_by_its_inference_quantization(tmp_path):
     fold.mkdir(parents=True)
     (fold / "config.yaml").write_text(f"model:\n  backbone: {big}\n  quantization: none\n  max_length: 64\n")
     before = (fold / "config.yaml").read_text()
-    run_folds = [(fold.parent, [(0, fold)])]
+    run_folds = [Run(fold.parent, [open_fold(fold)])]
     as_trained = kernel_plan(run_folds, None, "NvidiaTeslaT4", 8.0)[0]
     at_8bit = kernel_plan(run_folds, None, "NvidiaTeslaT4", 8.0, overrides=["predict.quantization=8bit"])[0]
     assert as_trained["placement"].kind == "split" and as_trained["quantization"] == "none"

@@ -169,7 +169,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
         claim_output_dir(out, force, "kernel", sources=[Path(r) for r in runs])  # --force replaces an earlier kernel only
     runs = open_runs([Path(r) for r in runs], folds)
     task = runs_task(runs)  # the competition the kernel enters: its test file, input folder, submission
-    first_cfg = runs[0].folds[0].inference(overrides)  # a bad --set fails before anything is built
+    first_cfg = runs[0].folds[0].inference(overrides, "kk kernel")  # a bad --set fails before anything is built
     budget_h = float(time_budget_h or min(r.folds[0].inference(overrides).predict.time_budget_h for r in runs))
     if not 0 < budget_h <= 24:
         raise KKError(f"--time-budget-h must be in (0, 24] hours (got {budget_h:g})")
