@@ -1,19 +1,9 @@
-"""How sequences are grouped into batches, for training and for inference.
+"""How sequences are grouped into batches (plain numpy, so the benchmarks simulate the full competition in a second).
 
-Padding is wasted work: a batch costs ``rows x its longest row`` tokens, whatever its rows' real
-lengths. Everything here is plain numpy (no torch import), so the benchmarks can simulate the
-competition's full length distribution in a second.
-
-- :func:`plan_batches` (training): length-grouped micro-batches that still shuffle every epoch.
-  Units are shuffled, cut into chunks, sorted by length inside a chunk and packed; the chunk grows
-  (doubling) until the epoch's padding efficiency reaches ``target``, so big data is not stuck with a
-  chunk tuned for small data. The batches are then shuffled again.
-- :func:`length_sorted_batches` (inference): one global sort, longest first.
-- Both take ``max_tokens``: batches sized by a token budget (rows x longest <= budget) instead of a
-  row count, so a batch of long rows cannot run out of memory while a batch of short rows leaves the
-  GPU idle. :func:`auto_max_tokens` picks the budget from the GPU's free memory by measuring one batch.
-- ``packed=True`` (``train.packing``): rows are concatenated without padding, so batches need no
-  sorting; the budget counts real tokens.
+A batch costs ``rows x its longest row`` tokens. :func:`plan_batches` (training): units shuffled, cut into chunks
+sorted by length and packed, the chunk doubling until the epoch's padding efficiency reaches ``target``, batches
+shuffled again. :func:`length_sorted_batches` (inference): one sort, longest first. ``max_tokens`` sizes batches by
+a token budget (:func:`auto_max_tokens` measures one batch on the GPU); ``packed=True`` concatenates rows.
 """
 
 from __future__ import annotations

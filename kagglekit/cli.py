@@ -271,7 +271,7 @@ def ensemble_cmd(
     method: str = typer.Option("mean", "--method", help="mean (arithmetic) or geo (geometric, log-space)."),
     fit: bool = typer.Option(True, "--fit/--no-fit", help="Fit run weights and a temperature on OOF (kept only if OOF improves)."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Swap test-time augmentation."),
-    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on each fold's predict.tta_share least confident rows (predict.tta: uncertain)."),
+    tta_uncertain: bool = typer.Option(False, "--tta-uncertain", help="The swapped order only on the predict.tta_share rows the run's folds are least confident of together (predict.tta: uncertain)."),
     train: Path | None = typer.Option(None, "--train", help="Train file for OOF labels (default: the run's data.train)."),
     sample_submission: Path | None = typer.Option(None, "--sample-submission", help="Check columns and ids against Kaggle's sample_submission.csv."),
     backbone: str | None = typer.Option(None, "--backbone", help="Load the backbone from here instead of the path in config.yaml."),

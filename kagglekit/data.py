@@ -1,27 +1,10 @@
-"""Reading the competition's files, through the task (kagglekit/task.py).
+"""Reading the competition's files through the task (kagglekit/task.py): CSV, or parquet by the ``.parquet`` suffix.
 
-LMSYS ``train.csv``: ``id, model_a, model_b, prompt, response_a, response_b,
-winner_model_a, winner_model_b, winner_tie``; ``test.csv``: ``id, prompt,
-response_a, response_b``. The three text cells are JSON lists of strings, one
-item per turn. WSDM ``train.parquet``: ``id, prompt, response_a, response_b,
-winner (model_a | model_b), model_a, model_b, language``; the text cells are plain
-strings (one turn). A file is read as parquet (pyarrow) when its name ends in
-``.parquet``, as CSV otherwise, whatever the task.
-
-What is an error (the row is named; with ``bad_rows="skip"`` the row is skipped
-and counted instead, never dropped silently):
-  - a text cell that is not a non-empty JSON list of strings/nulls (JSON-list tasks),
-    or not a string (plain-text tasks),
-  - turn counts that differ between prompt, response_a and response_b,
-  - label columns that are not one-hot (exactly one 1, the rest 0), or a categorical
-    label that is not one of the task's values.
-Always an error, whatever ``bad_rows`` says: a missing or empty file, a missing
-column, duplicate ids.
-What is only a warning (counted in :class:`LoadReport`, then repaired):
-  - ``null`` turns (read as an empty string),
-  - lone UTF-16 surrogates (replaced by U+FFFD so tokenizers never crash).
-``bad_rows="repair"`` also salvages text cells that were cut off mid-JSON (as in
-files whose cells were truncated to N characters) by closing the string and list.
+Errors name the row (``bad_rows="skip"`` skips and counts it instead): a text cell that is not a non-empty JSON
+list of strings/nulls (JSON-list tasks) or not a string (plain tasks), turn counts differing between the fields,
+labels that are not one-hot or not one of the task's values. Always errors: a missing or empty file, a missing
+column, duplicate ids. Warnings, then repaired (:class:`LoadReport`): ``null`` turns (empty text), lone UTF-16
+surrogates (U+FFFD). ``bad_rows="repair"`` also closes text cells cut off mid-JSON.
 """
 
 from __future__ import annotations
@@ -40,15 +23,6 @@ from .task import LMSYS, Task
 
 BadRows = Literal["error", "skip", "repair"]
 
-
-def __getattr__(name: str):
-    """The column constants of the LMSYS-only days, imported from here by older code, are LMSYS's:
-    forwarded from kagglekit.task (``OLD_NAMES``). New code asks the task."""
-    from . import task
-
-    if name in task.OLD_NAMES:
-        return getattr(task, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

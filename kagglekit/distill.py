@@ -1,20 +1,10 @@
-"""Knowledge distillation: per-fold teacher labels without a CV leak, and the student's loss.
+"""Knowledge distillation: per-fold teacher labels without a CV leak.
 
-The leak this module exists to avoid. A teacher's out-of-fold (OOF) predictions look like honest soft
-labels: every row predicted by a model that did not train on it. But the model that predicted a row of
-fold j trained on every other fold, fold K included, so a student whose fold-K model learns from those
-labels learns from fold K's labels, and its fold-K validation score is optimistic.
-
-``kk distill-labels`` therefore writes one file per fold, as the LMSYS 1st place did: fold K's file
-holds the teachers' predictions for fold K's *training* rows, made by the teachers' fold-K models only,
-which never saw fold K's validation rows. Those are the teachers' in-sample predictions on their own
-training rows: for a teacher that fits its training rows, sharper (more confident) than its OOF
-predictions, which is why the loss has a temperature (``train.distill.temperature`` > 1 softens them;
-the command's table shows both log losses and mean top probabilities, so how much is visible). Several teachers are averaged in logit
-space: the weighted mean of their log-probabilities, then a softmax.
-
-The student's loss (cross-entropy and KL at a temperature) is the training side's:
-:func:`kagglekit.train.training_loss`.
+A teacher's OOF predictions leak: the model that predicted a row of fold j trained on fold K, so a fold-K student
+learning from them learns fold K's labels. ``kk distill-labels`` writes one file per fold, as the LMSYS 1st place
+did: fold K's file holds the teachers' fold-K models' predictions of fold K's *training* rows. Those are in-sample,
+so sharper than OOF (``train.distill.temperature`` > 1 softens them; the table shows both). Several teachers are
+averaged in logit space. The student's loss is :func:`kagglekit.train.training_loss`.
 """
 
 from __future__ import annotations

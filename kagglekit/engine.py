@@ -1,25 +1,15 @@
 """Inference engines behind one seam, and the Hugging Face engine.
 
-Everything that predicts (``kk predict``, ``kk ensemble``, the kernel's passes, validation during training,
-``kk merge``'s check, ``kk distill-labels``) goes through :class:`Engine`: a loaded model serving a group of
-folds. The orchestration (:mod:`kagglekit.inference`, :mod:`kagglekit.passes`) tokenizes, chooses rows and
-A/B orders and turns logits into probabilities through the task; an engine only turns token sequences into
-logits. :class:`HFEngine` is transformers' forward pass; ``predict.engine`` chooses another.
+Everything that predicts (``kk predict``/``ensemble``, the kernel, validation during training, ``kk merge``'s check,
+``kk distill-labels``) goes through an :class:`Engine`, a loaded model serving a group of folds, which only turns
+token sequences into logits; :mod:`kagglekit.inference` and :mod:`kagglekit.passes` tokenize, choose rows and
+orders, and map logits through the task. ``predict.engine`` chooses the engine (``ENGINES``).
 
-HF engine: folds sharing a backbone load the base ONCE and switch their LoRA adapters with peft
-(``load_adapter`` / ``set_adapter``; the heads saved in full, ``modules_to_save``, switch with them: checked
-against peft 0.19.1, Kaggle's, and 0.21, ``ModulesToSaveWrapper.set_adapter``). Adapters are never merged into the
-base, not even a fold served alone: a fold then predicts the same numbers whichever folds share its base
-(``kk predict --fold K``, ``kk ensemble`` and the kernel agree bit for bit and share one cache) at the price of the
-LoRA matmuls (a few % at r 16; ``kk merge --unload`` makes a plain model). A full-weight fold is its own model. Batches are
-length-sorted and padded to their own longest row; out of GPU memory a batch is retried in pieces; rows
-whose half-precision logits overflow are recomputed truly in fp32.
-
-:data:`LOAD_LOCK`: transformers' ``from_pretrained`` sets torch's process-wide default dtype while it builds
-a model, so two threads loading models of different dtypes (the kernel's one thread per GPU) would build each
-other's layers in the wrong dtype: one load at a time. ``close`` frees through
-:func:`kagglekit.memory.free_memory`: a model survives ``del`` until the cyclic garbage collector runs, so the next
-one would load beside it on the same T4.
+:class:`HFEngine`: folds sharing a backbone load the base once and switch LoRA adapters with peft (the
+``modules_to_save`` heads switch with them). Adapters are never merged, not even for a fold alone, so a fold
+predicts the same numbers whichever folds share its base (``kk predict``, ``kk ensemble`` and the kernel agree) at
+the price of the LoRA matmuls (``kk merge --unload`` makes a plain model). :data:`LOAD_LOCK`: ``from_pretrained``
+sets torch's process-wide default dtype while building, so the kernel's GPU threads load one at a time.
 """
 
 from __future__ import annotations

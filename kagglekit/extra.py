@@ -1,17 +1,10 @@
 """``data.extra`` at training time: extra rows join a fold's training rows, never its validation.
 
-Each file (CSV or parquet) is either hard-labelled (the task's train format: its label columns; what
-``kk data import`` writes) or pseudo-labelled (any format, with ``soft_labels``: a teacher's probabilities, one file or a
-per-fold template). Before a row trains fold K it must pass three checks, in this order; a row that
-fails one is dropped, counted under that reason, and the counts are printed and kept in metrics.json:
-
-1. its id is not an id of the train file (a copy of a training row: fold K's validation rows included),
-2. its prompt and responses are not those of a train row (:func:`kagglekit.dedup.pair_key`:
-   whitespace, case and A/B order ignored),
-3. its prompt is not the prompt of one of fold K's validation rows (:func:`kagglekit.dedup.prompt_key`):
-   the folds are grouped by prompt so that no prompt spans two folds; an extra row must not undo that.
-
-An id repeated within or across the extra files is kept once.
+A file (CSV or parquet) is hard-labelled (the task's train format) or pseudo-labelled (``soft_labels``: one file or
+a per-fold template). A row training fold K is dropped, counted by reason (printed, kept in metrics.json), when
+1. its id is a train id, 2. its prompt and responses are a train row's (:func:`kagglekit.dedup.pair_key`), or
+3. its prompt is one of fold K's validation prompts (:func:`kagglekit.dedup.prompt_key`: folds are grouped by
+prompt). An id repeated across the extra files is kept once.
 """
 
 from __future__ import annotations

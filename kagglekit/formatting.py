@@ -1,37 +1,15 @@
-"""Turning (prompt, response A, response B) into one token sequence: the single
-code path used by training, inference, the benchmarks and the Kaggle kernel.
-
-Layout (special tokens are whatever the tokenizer adds around one sequence)::
+"""Turning (prompt, response A, response B) into one token sequence: the one path of training, inference, the
+benchmarks and the kernel (README, "One formatting path")::
 
     [CLS] <PROMPT> p1 <TURN> p2 ... <A> a1 <TURN> a2 ... <B> b1 <TURN> b2 ... [SEP]
 
-Each field's header (``<PROMPT>``, ``<A>``, ``<B>``) is always kept; turns keep their
-order, joined by a neutral ``<TURN>`` marker so that exchanging A and B reuses the
-same field tokens (swap augmentation and swap TTA tokenize once).
-
-Budget-aware truncation: the tokens left for text (``max_length`` minus special
-tokens and headers) are shared between the fields by ``model.budget`` shares;
-a field that needs less than its share gives the rest to the others (water
-filling). A field over its allocation is cut by ``model.truncation``: ``head_tail``
-keeps its start and end, ``left`` keeps the end (the last turns), ``right`` keeps
-the start. Every row records how many tokens of each field were kept of how many.
-
-Bounded work: a field longer than ``CHARS_PER_TOKEN`` characters per token of the text budget is cut by
-characters before it is tokenized, keeping the characters the token cut keeps (its start, its end, or
-both for ``head_tail``), so one 50 MB cell costs what a normal cell costs. The kept part still holds at
-least a budget of tokens (a token is rarely longer than a few characters), so the kept tokens are the
-same; the field's total is then an estimate (tokens of the kept part scaled by the characters cut), and
-the row is counted as cut by characters in :class:`TruncationStats`. In the rounds layout each turn is
-cut the same way.
-
-``model.layout: rounds`` interleaves the turns instead (the LMSYS 2nd-4th places' layout)::
-
-    [CLS] <PROMPT> p1 <A> a1 <B> b1 <PROMPT> p2 <A> a2 <B> b2 ... [SEP]
-
-Over the budget, whole earliest rounds are dropped first (never a question without its answers);
-only the last round, when it alone is too long, is cut by the rules above. ``model.instruction``
-(a judge instruction) goes before the pair, and with ``model.chat_template`` the instruction and
-the pair are one user message of the tokenizer's chat template, followed by the assistant's turn.
+Field headers are always kept; a neutral ``<TURN>`` joins turns so exchanging A and B reuses the same field tokens
+(swap augmentation and TTA tokenize once). The text budget is shared by ``model.budget`` shares, a field's unused
+share flowing to the others; a field over its share is cut by ``model.truncation``. A field over
+``CHARS_PER_TOKEN`` characters per budget token is cut by characters first (the kept tokens are the same; its total
+becomes an estimate), so a 50 MB cell costs what a normal one does. ``model.layout: rounds`` interleaves the turns
+(``<PROMPT> p1 <A> a1 <B> b1 <PROMPT> p2 ...``) and drops whole earliest rounds first; ``model.instruction`` and
+``model.chat_template`` wrap the pair for instruct LLMs.
 """
 
 from __future__ import annotations

@@ -1,29 +1,13 @@
-"""``kk data import``: public preference sets in the competition's train format, deduplicated.
+"""``kk data import``: public preference sets in the task's train format, deduplicated (README, "Data").
 
-The LMSYS top teams trained on tens of thousands of extra pairs. Four layouts are read (JSON, JSON
-lines, optionally gzipped, or parquet):
-
-- ``arena``: the 33k ``lmsys/chatbot_arena_conversations`` battles: ``question_id``, ``model_a``,
-  ``model_b``, ``winner`` (``model_a``, ``model_b``, ``tie``, ``tie (bothbad)``) and ``conversation_a``
-  / ``conversation_b`` as lists of ``{role, content}`` messages. The A/B order is the one the voter saw
-  (as in the competition's own data), so it is kept; both ties are ties.
-- ``ultrafeedback``: ``HuggingFaceH4/ultrafeedback_binarized`` style: ``prompt``, ``chosen`` and
-  ``rejected`` as message lists (the user turns included), optional ``score_chosen`` /
-  ``score_rejected`` (equal scores: a tie) and ``prompt_id``.
-- ``hh-rlhf``: Anthropic's HH-RLHF transcripts (read by :mod:`kagglekit.external`).
-- ``pairs``: a generic JSON-lines file of ``{"prompt", "chosen", "rejected"}``, each a string, a list
-  of turns or a list of ``{role, content}`` messages, with an optional ``id``.
-
-For the chosen/rejected layouts the chosen response lands in A or B by a draw from ``seed``. Rows
-become rows of the task's train format: ``id`` (``<format>-<record number>``), ``source_id``, ``model_a``,
-``model_b``, the text columns as the task stores them (LMSYS: JSON lists of turns; WSDM: plain strings)
-and its label columns (LMSYS: one-hot; WSDM: ``winner``, ties dropped), CSV or parquet by ``--out``'s suffix. Dropped, each
-counted under its reason: records that do not hold a usable comparison (no response, prompts that
-differ between the two sides, an unknown winner, identical chosen and rejected), rows repeated in the
-source, and rows whose prompt and both responses are those of a train or test row
-(:func:`kagglekit.dedup.pair_key`: whitespace, case and A/B order ignored). Rows that only share a
-prompt with a train row are kept: at training time, such a row stays out of the fold that validates
-on that prompt (:mod:`kagglekit.extra`).
+Layouts (JSON, JSON lines, optionally gzipped, or parquet): ``arena`` (lmsys/chatbot_arena_conversations: the A/B
+order the voter saw is kept, both ties are ties), ``ultrafeedback`` (prompt/chosen/rejected message lists, equal
+scores a tie), ``hh-rlhf`` (:mod:`kagglekit.external`) and ``pairs`` (JSON lines of prompt/chosen/rejected: strings,
+turn lists or messages). Chosen lands in A or B by a draw from ``seed``. Dropped, each counted under its reason:
+records without a usable comparison (no response, prompts differing between the sides, an unknown winner,
+identical chosen and rejected), repeats, and pairs that are a train or test row
+(:func:`kagglekit.dedup.pair_key`). Rows sharing only a prompt with a train row are kept; :mod:`kagglekit.extra`
+keeps them out of the fold that validates on it.
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
 """`kk merge`: a run's K fold adapters as one model (the LMSYS winners' fold-LoRA averaging).
 
-Two methods, because averaging LoRA factors is not averaging their products:
+- ``factors``: average each ``lora_A`` and ``lora_B`` (and the heads): stays an adapter, but
+  ``mean(B) mean(A) != mean(B A)``, close only because every fold starts from the same seeded initialisation.
+- ``delta``: exact: ``W + mean_k (alpha / r) B_k A_k``, heads averaged: a plain model.
 
-- ``factors``: average each ``lora_A`` and each ``lora_B`` over the folds (and the fully trained
-  heads). Cheap, stays an adapter of the same rank, but ``mean(B) mean(A) != mean(B A)``: close only
-  because every fold starts from the same initialisation (``kk train`` seeds it with ``seed``, not
-  ``seed + fold``), so the folds' factors stay near one another; factors drawn apart average to a model
-  far from the fold ensemble.
-- ``delta``: exact. Each fold's update ``dW_k = (alpha / r) B_k A_k`` is averaged and added to the
-  base weights (``W + mean_k dW_k``); the heads are averaged. The result is a plain model (no
-  adapter): what ``merge_and_unload`` of the averaged update would give.
-
-``--unload`` with ``factors`` also folds the averaged adapter into a plain model. The merged model
-is a run of its own (``<out>/fold_0``) that ``kk predict``, ``kk ensemble`` and ``kk kernel`` take.
-Its ``oof.csv`` is the source folds' OOF (the merged model has seen every training row, so it has
-no honest OOF of its own); ``metrics.json`` says so, and records the source fold ensemble's
-cross-fitted calibration, which ``kk ensemble`` carries over instead of fitting one on borrowed OOF.
-By default the merged model is compared with the fold ensemble on a sample of the OOF rows, with a
-warning when it is about as far from it as a single fold is.
+``--unload`` folds a ``factors`` adapter into a plain model. The result is a run (``<out>/fold_0``) that ``kk
+predict``, ``kk ensemble`` and ``kk kernel`` take; its ``oof.csv`` is the source folds' (it has no honest OOF of its
+own) and metrics.json records their cross-fitted calibration, which ``kk ensemble`` carries over. It is compared
+with the fold ensemble on a sample of OOF rows, with a warning when it is as far from it as a single fold is.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
-"""`kk report`: one self-contained HTML page per set of runs, viewable offline.
-
-Reads CSV and JSON only (metrics.json, train_log.csv, oof.csv of every fold, the train file's labels):
-no model, no torch. Figures are matplotlib PNGs embedded as base64, so the page is one file:
-
-- the task (competition) and its metric;
-- per-fold and overall table: log loss with and without TTA, accuracy, swap flip rate, class prior;
-- accuracy per language, where the task has a language column (WSDM);
-- learning curves: train and validation loss per step, per fold;
-- a reliability diagram of the OOF probabilities (every class of the task, 10 bins);
-- the confusion matrix of the OOF argmax (classes x classes);
-- truncation: the share of each field kept, per fold;
-- the ensemble's cross-fitted weights and temperature, as `kk ensemble` would fit them.
+"""`kk report`: one self-contained HTML page per set of runs, viewable offline (CSV and JSON only: no model, no
+torch): the task and its metric, per-fold tables, accuracy per language (WSDM), learning curves, a reliability
+diagram, the confusion matrix, truncation and the blend's cross-fitted weights, as embedded PNGs.
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
-"""What is specific to one competition, in one place: columns, cells, labels, classes, the A/B swap,
-the metric, the files and the submission.
+"""What is specific to one competition, in one place: columns, cells, labels, classes, the A/B swap, the metric (a
+:class:`Metric`: name, function, direction, what it scores), the files and the submission (README, "Tasks").
 
-kagglekit serves a family of Kaggle "which response wins" competitions. Everything that differs
-between them lives in a :class:`Task`; the rest of the code asks the task instead of hard-coding
-three classes or the LMSYS column names. Chosen in the config (``task: lmsys | wsdm``) and recorded
-in every run (config.yaml, metrics.json), in the kernel's manifest and in reports.
-
-- ``lmsys``: LLM Classification Finetuning (LMSYS Chatbot Arena): 3 classes (A, B, tie),
-  one-hot ``winner_model_a/b/tie`` columns, text cells are JSON lists of turns, CSV files,
-  log loss; the submission is the three probabilities.
-- ``wsdm``: WSDM Cup 2025 Multilingual Chatbot Arena: 2 classes (A, B; no tie), one label column
-  ``winner`` holding ``model_a`` / ``model_b``, text cells are plain strings (one turn), a
-  ``language`` column, parquet files, accuracy; the submission is ``id,winner`` (argmax labels).
-
-Log loss is always reported beside a task's own metric, and ensemble weights and temperatures are
-always fitted on log loss (accuracy has no gradient and ties everywhere).
-
-New code takes the task from the config, ``get_task(cfg.task)``, or is handed it (a ``task``
-argument defaulting to :data:`LMSYS` where a function has no config). There is no global state.
+``lmsys`` (3 classes, JSON-list cells, CSV, log loss, three probabilities) and ``wsdm`` (2 classes, plain cells, a
+language column, parquet, accuracy, ``id,winner``). Log loss is always reported beside a task's metric, and blend
+weights and temperatures are fitted on it. Code takes the task from the config (``get_task(cfg.task)``) or as an
+argument defaulting to :data:`LMSYS`; there is no global state.
 """
 
 from __future__ import annotations
@@ -227,15 +214,6 @@ WSDM = Task(
 
 TASKS: dict[str, Task] = {t.name: t for t in (LMSYS, WSDM)}
 
-# LMSYS's columns and classes under their old names, for code written before tasks existed
-# (``from kagglekit.data import LABEL_COLUMNS`` is forwarded here). New code asks the task instead.
-TEXT_COLUMNS = LMSYS.text_columns
-LABEL_COLUMNS = LMSYS.label_columns
-PROB_COLUMNS = LMSYS.prob_columns
-CLASS_NAMES = LMSYS.class_names
-TRAIN_COLUMNS = LMSYS.train_columns
-TEST_COLUMNS = LMSYS.test_columns
-OLD_NAMES = ("TEXT_COLUMNS", "LABEL_COLUMNS", "PROB_COLUMNS", "CLASS_NAMES", "TRAIN_COLUMNS", "TEST_COLUMNS")
 
 
 def get_task(name: str | Task = "lmsys") -> Task:

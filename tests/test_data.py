@@ -6,9 +6,12 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from kagglekit.data import LABEL_COLUMNS, clean_text, load_test, load_train, swap_frame
+from kagglekit.data import clean_text, load_test, load_train, swap_frame
 from kagglekit.errors import KKError
 from kagglekit.synthetic import make_synthetic
+from kagglekit.task import LMSYS
+
+LABEL_COLUMNS = LMSYS.label_columns
 
 
 def _write(tmp_path, df, name="train.csv"):

@@ -1,19 +1,10 @@
 """Where each run's model goes on Kaggle's GPUs, and how long the kernel will take.
 
-Runs on the user's machine (``kk kernel`` prints the plan before anything is uploaded) AND on Kaggle
-(the notebook checks the plan again from the attached backbone's ``config.json`` and the GPUs it really
-has, before it loads anything). It imports nothing from the build, dry-run or push modules.
-
-Placement, per run, computed on the meta device from the backbone's config (no weights read):
-
-- ``per_gpu``: the model fits one GPU: a copy on each GPU (base once, the folds' adapters beside it),
-  each predicting its half of the rows: both GPUs busy whatever the number of folds;
-- ``split``: it fits only across all GPUs: ONE model over both T4s (accelerate's device map with
-  ``max_memory``), folds one after another;
-- ``refused``: it does not fit even split; the reason names the fix (``model.quantization: 4bit``).
-
-The time estimate: FLOPs per row from the model's size and the rows' real token counts, over a T4's
-sustained throughput for this work at the run's precision (:data:`THROUGHPUT`, each factor cited).
+Runs on the user's machine (``kk kernel`` prints the plan) AND on Kaggle (the notebook checks it again against the
+GPUs it has before loading anything); imports nothing from build, dryrun or push. Placement per run, on the meta
+device from the backbone's config: ``per_gpu`` (a copy on each GPU, each on half the rows), ``split`` (one model
+over both T4s by accelerate's device map) or ``refused`` (the reason names the fix). Hours: FLOPs of the rows' real
+token counts over a T4's sustained throughput at the run's precision (:data:`THROUGHPUT`, each factor cited).
 """
 
 from __future__ import annotations
