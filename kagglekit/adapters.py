@@ -77,7 +77,13 @@ def read_adapter_config(folder) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key) not in (None, {}):
             bad(key, "is not supported (kagglekit trains one rank and alpha for every module)")
+    if cfg.get("megatron_config") is not None or cfg.get("megatron_core") not in (None, "megatron.core"):
+        bad("megatron_core", "is not supported (kagglekit adapters are plain LoRA)")
     _check_weight_shapes(Path(folder), cfg["r"])
+    if isinstance(tm, list):
+        # peft writes target_modules from a set: its order follows each process's hash seed, so folds trained in
+        # separate processes list the same modules in another order. Sorted here, every comparison sees a set.
+        cfg["target_modules"] = sorted(set(tm))
     return cfg
 
 

@@ -36,6 +36,7 @@ PREDICT_SET_HELP = ("Inference setting for this prediction only, e.g. --set pred
                     "(predict.* keys only; the folds' config.yaml stays as trained; repeatable).")
 CONFIG_HELP = "YAML config file (see configs/)."
 DEFAULT_CONFIG = "configs/deberta-v3-base.yaml"
+SEED_MAX = 2**32 - 1  # numpy's seeds; the config's seed key has the same range
 
 
 data_app = typer.Typer(
@@ -90,7 +91,7 @@ def describe_os_error(e: OSError) -> str:
 def make_folds_cmd(
     train: Path | None = typer.Option(None, "--train", help="Competition train file (default: data/train.csv, or data/train.parquet for wsdm)."),
     k: int = typer.Option(5, "--k", help="Number of folds."),
-    seed: int = typer.Option(42, "--seed", help="Shuffling seed: same input, k and seed give a byte-identical file."),
+    seed: int = typer.Option(42, "--seed", min=0, max=SEED_MAX, help="Shuffling seed: same input, k and seed give a byte-identical file."),
     out: Path = typer.Option(Path("folds/folds.csv"), "--out", help="Where to write id,fold."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing folds file."),
     bad_rows: str = typer.Option("error", "--bad-rows", help="error | skip | repair (salvage cut-off JSON cells)."),
@@ -128,7 +129,7 @@ def _bad_rows(value: str) -> str:
 def synth_cmd(
     out: Path = typer.Option(..., "--out", help="File to write: parquet when it ends in .parquet, CSV otherwise."),
     n: int = typer.Option(500, "--n", help="Number of rows."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same file."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed: the same seed gives the same file."),
     test: bool = typer.Option(False, "--test", help="Write a test file (no labels, no model names)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
     task: str = typer.Option("lmsys", "--task", help=TASK_HELP),
@@ -347,7 +348,7 @@ def data_import_cmd(
     train: Path | None = typer.Option(Path("data/train.csv"), "--train", help="Drop rows that repeat a row of this train.csv (prompt + both responses, normalised)."),
     test: Path | None = typer.Option(Path("data/test.csv"), "--test", help="Drop rows that repeat a row of this test.csv."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Do not read --train/--test (only rows repeated in the source are dropped)."),
-    seed: int = typer.Option(42, "--seed", help="Draws which side (A or B) the chosen response lands on."),
+    seed: int = typer.Option(42, "--seed", min=0, max=SEED_MAX, help="Draws which side (A or B) the chosen response lands on."),
     limit: int | None = typer.Option(None, "--limit", help="Read only the first N records."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
     task: str = typer.Option("lmsys", "--task", help=TASK_HELP),

@@ -21,6 +21,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .errors import ConfigError
 
+# More torch threads than this only oversubscribes the cores (and 10^5 threads end in a MemoryError).
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
 
 class _PlainDumper(yaml.SafeDumper):
     """Never writes anchors and aliases (a value shared by two keys is written twice): the configs
@@ -222,7 +225,7 @@ class TrainConfig(_Section):
         "per-row position ids (varlen attention); the last token of each row is pooled. Not for encoders (DeBERTa).",
     )
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit); for smoke runs.")
-    threads: int = Field(0, ge=0, description="CPU threads for torch while training and evaluating (0 = torch's default); "
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="CPU threads for torch while training and evaluating (0 = torch's default); "
                          "inference has predict.threads.")
     checkpoint_minutes: float = Field(
         5.0, ge=0, description="Also checkpoint every N minutes between evaluations, so preemption loses little (0 = only at evaluations)."
@@ -261,7 +264,7 @@ class PredictConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
         None, description="Inference precision; null = as trained (model.precision).",
     )
-    threads: int = Field(0, ge=0, description="CPU threads for torch in kk predict / ensemble / predict-one / merge's check "
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="CPU threads for torch in kk predict / ensemble / predict-one / merge's check "
                          "(0 = torch's default); kk predict and kk ensemble --threads override it.")
 
 
@@ -296,7 +299,7 @@ class Config(_Section):
         "wsdm = WSDM Cup 2025 Multilingual Chatbot Arena (A/B, plain strings, parquet, accuracy with log loss beside, "
         "id,winner labels).",
     )
-    seed: int = Field(42, description="Seed for folds, shuffling, initialisation and dropout.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for folds, shuffling, initialisation and dropout.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the data lives.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone and input formatting.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter settings.")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from .common import FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL
+from .common import FOLD_FILES, MACHINE_SHAPES, MANIFEST, WHEELS_SENTINEL, check_budget_h
 from .notebook import make_notebook
 
 # --- who pushes ---------------------------------------------------------------------------------------------------
@@ -170,9 +170,8 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
     runs = open_runs([Path(r) for r in runs], folds)
     task = runs_task(runs)  # the competition the kernel enters: its test file, input folder, submission
     first_cfg = runs[0].folds[0].inference(overrides, "kk kernel")  # a bad --set fails before anything is built
-    budget_h = float(time_budget_h or min(r.folds[0].inference(overrides).predict.time_budget_h for r in runs))
-    if not 0 < budget_h <= 24:
-        raise KKError(f"--time-budget-h must be in (0, 24] hours (got {budget_h:g})")
+    budget_h = check_budget_h(time_budget_h if time_budget_h is not None else
+                              min(r.folds[0].inference(overrides).predict.time_budget_h for r in runs))
 
     plan = kernel_plan(runs, backbone_source, machine_shape, budget_h, rows_for_estimate, overrides)
     print_plan(plan, machine_shape, budget_h)

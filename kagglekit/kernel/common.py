@@ -13,3 +13,12 @@ FOLD_FILES = ("adapter_config.json", "adapter_model.safetensors", "model.safeten
 # image (torch built for CUDA 12.8) has no kernels for its sm_60 (kk kernel refuses it; a notebook that
 # gets one anyway stops with one line).
 MACHINE_SHAPES = ("NvidiaTeslaT4", "NvidiaL4", "NvidiaTeslaT4Highmem", "NvidiaTeslaP100")
+
+
+def check_budget_h(hours: float) -> float:
+    """A notebook's time budget in hours, in (0, 24] (NaN refused too: every comparison with it is false)."""
+    from ..errors import KKError
+
+    if not 0 < float(hours) <= 24:
+        raise KKError(f"--time-budget-h must be in (0, 24] hours (got {float(hours):g})")
+    return float(hours)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import KKError
-from .common import HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H, MANIFEST
+from .common import HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H, MANIFEST, check_budget_h
 
 
 def _offline_kernelspec(tmp: Path, env: dict, python: str | None = None) -> str:
@@ -89,6 +89,8 @@ def dry_run(kernel_dir, test_csv=None, timeout: int = 3600, gpu_factor: float = 
     one-order submission). The fake /kaggle tree is a temporary folder, removed at the end (kept in
     ``keep`` when given); the executed notebook, the submission and kk_passes.json are copied to
     ``<kernel_dir>/dry-run/`` (not part of what kk kernel --push uploads)."""
+    if time_budget_h is not None:
+        check_budget_h(time_budget_h)
     kernel_dir = Path(kernel_dir)
     meta_path = kernel_dir / "kernel" / "kernel-metadata.json"
     if not meta_path.exists():
