@@ -54,3 +54,50 @@ def test_time_budget_outside_0_24_hours_is_refused(hours):
 
     with pytest.raises(KKError, match="time-budget-h"):
         check_budget_h(hours)
+
+
+# Case 1: code shipped in a backbone folder never runs, whatever stdin answers.
+def _backbone_with_code(src, dst, model_type):
+    shutil.copytree(src, dst)
+    marker = dst / "RAN"
+    (dst / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n"
+                                 "class EvilConfig(PretrainedConfig):\n    model_type = 'kk-evil'\n")
+    conf = json.loads((dst / "config.json").read_text())
+    conf.update(model_type=model_type, auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForSequenceClassification": "evil.EvilModel"})
+    (dst / "config.json").write_text(json.dumps(conf))
+    tok = json.loads((dst / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok))
+    return marker
+
+
+def test_kk_train_refuses_a_backbone_whose_architecture_is_its_own_code_even_with_yes_on_stdin(tiny_project, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    marker = _backbone_with_code(tiny_project / "deberta", tmp_path / "evil", "kk-evil")
+    args = [sys.executable, "-m", "kagglekit.cli", "train", "--fold", "0", "--config", str(REPO / "configs/tiny.yaml"),
+            "--run", str(tmp_path / "run"), "--set", f"model.backbone={tmp_path / 'evil'}", "--set", f"data.train={tiny_project / 'train.csv'}",
+            "--set", f"data.folds={tiny_project / 'folds.csv'}", "--set", "model.max_length=64"]
+    r = subprocess.run(args, input="y\ny\ny\n", capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "auto_map" in r.stderr and "[y/N]" not in r.stdout + r.stderr
+    assert not marker.exists()
+
+
+def test_every_loader_refuses_the_folder_and_a_native_type_with_auto_map_loads_without_running_it(tiny_project, tmp_path):
+    from kagglekit.errors import KKError
+    from kagglekit.kernel.plan import meta_model
+    from kagglekit.modeling import count_parameters, load_tokenizer
+
+    marker = _backbone_with_code(tiny_project / "deberta", tmp_path / "evil", "kk-evil")
+    for load in (load_tokenizer, lambda p: meta_model(p, 3)):
+        with pytest.raises(KKError, match="auto_map"):
+            load(str(tmp_path / "evil"))
+    assert count_parameters(str(tmp_path / "evil")) is None and not marker.exists()
+    # A native architecture whose folder still lists its old custom code (as Phi-3's does) loads with transformers' own classes.
+    native = _backbone_with_code(tiny_project / "deberta", tmp_path / "native", "deberta-v2")
+    assert load_tokenizer(str(tmp_path / "native")) is not None and count_parameters(str(tmp_path / "native")) > 0
+    assert not native.exists()
