@@ -101,3 +101,25 @@ def test_every_loader_refuses_the_folder_and_a_native_type_with_auto_map_loads_w
     native = _backbone_with_code(tiny_project / "deberta", tmp_path / "native", "deberta-v2")
     assert load_tokenizer(str(tmp_path / "native")) is not None and count_parameters(str(tmp_path / "native")) > 0
     assert not native.exists()
+
+
+# Case 3: no command writes over one of its own inputs, --force or not, through a link or not.
+def test_no_command_overwrites_its_own_input(tiny_run, tiny_project, synth_train, tmp_path):
+    import hashlib
+
+    test = tmp_path / "test.csv"
+    shutil.copy(tiny_project / "test.csv", test)
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(synth_train)
+    files = (synth_train, test, src)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    for args in (["data", "import", "pairs", src, "--out", synth_train, "--train", synth_train, "--test", test, "--force"],
+                 ["data", "import", "pairs", src, "--out", src, "--no-dedup", "--force"],
+                 ["make-folds", "--train", synth_train, "--out", synth_train, "--force"],
+                 ["make-folds", "--train", synth_train, "--out", link, "--force"],
+                 ["ensemble", "--run", tiny_run, "--test", test, "--out", test, "--force"]):
+        r = run_cli(*args)
+        assert r.exit_code != 0 and "is the input" in r.output and "Traceback" not in r.output, (args, r.output)
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} and link.is_symlink()
