@@ -123,3 +123,14 @@ def test_no_command_overwrites_its_own_input(tiny_run, tiny_project, synth_train
         r = run_cli(*args)
         assert r.exit_code != 0 and "is the input" in r.output and "Traceback" not in r.output, (args, r.output)
     assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} and link.is_symlink()
+
+
+# Case 11: a study is named like a config; its trial folders and --keep-best-only stay under --runs.
+@pytest.mark.parametrize("study", ["../elsewhere/x", "/tmp/kk-abs-study", "..", "a\\\\b"])
+def test_tune_refuses_a_study_name_that_is_a_path(study, tmp_path):
+    from conftest import REPO
+
+    for args in (["--config", REPO / "configs/tiny.yaml", "--n-trials", "1"], ["--best"]):
+        r = run_cli("tune", *args, "--study", study, "--runs", tmp_path / "runs", "--keep-best-only" if "--n-trials" in args else "--force")
+        assert r.exit_code != 0 and "--study" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "runs").exists()
