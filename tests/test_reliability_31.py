@@ -134,3 +134,19 @@ def test_tune_refuses_a_study_name_that_is_a_path(study, tmp_path):
         r = run_cli("tune", *args, "--study", study, "--runs", tmp_path / "runs", "--keep-best-only" if "--n-trials" in args else "--force")
         assert r.exit_code != 0 and "--study" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "runs").exists()
+
+
+# Case 10: a tokenizer with more tokens than the model's embeddings is refused before training, not mid-run.
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_before_training(tiny_project, tmp_path):
+    from conftest import REPO
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_project / "deberta", backbone)
+    conf = json.loads((backbone / "config.json").read_text())
+    conf["vocab_size"] = 100  # the checkpoint's 600 rows are refused as mismatched and 100 fresh ones made
+    (backbone / "config.json").write_text(json.dumps(conf))
+    r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--run", tmp_path / "run",
+                "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
+                "--set", f"model.backbone={backbone}", "--set", "model.max_length=64", "--set", "train.max_steps=2")
+    assert r.exit_code != 0 and "Traceback" not in r.output and "100 rows" in r.output, r.output
+    assert not list((tmp_path / "run").glob("fold_0/*.safetensors"))
