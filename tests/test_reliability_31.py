@@ -150,3 +150,18 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused_before_training(tiny_
                 "--set", f"model.backbone={backbone}", "--set", "model.max_length=64", "--set", "train.max_steps=2")
     assert r.exit_code != 0 and "Traceback" not in r.output and "100 rows" in r.output, r.output
     assert not list((tmp_path / "run").glob("fold_0/*.safetensors"))
+
+
+# Case 9: kk kernel --plan --rows FILE reads the file or refuses it; a short run folder still gets a valid slug.
+def test_kernel_plan_refuses_rows_it_cannot_read_and_names_a_short_run(tiny_project, tmp_path):
+    from kernel_fakes import make_fake_run
+
+    run = make_fake_run(tiny_project, tmp_path / "t1", (0,), "llama")
+    (tmp_path / "no_text.csv").write_text("id,x\n1,2\n")
+    (tmp_path / "utf16.csv").write_bytes((tiny_project / "test.csv").read_text().encode("utf-16"))
+    (tmp_path / "folder").mkdir()
+    for rows in ("missing.csv", "folder", "no_text.csv", "utf16.csv"):
+        r = run_cli("kernel", "--run", run, "--name", "plan-test", "--plan", "--rows", tmp_path / rows)
+        assert r.exit_code != 0 and "--rows" in r.output and "Traceback" not in r.output, (rows, r.output)
+    r = run_cli("kernel", "--run", run, "--plan", "--rows", tiny_project / "test.csv")
+    assert r.exit_code == 0, r.output
