@@ -237,23 +237,31 @@ def file_lock(path: str | os.PathLike, what: str, wait: float = 0.0) -> Iterator
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd, held = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
     try:
         deadline = time.monotonic() + wait
-        while True:
+        while not held:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() < deadline:
                     time.sleep(0.05)
                     continue
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
                 raise LockHeld(f"{what} is in use by {holder} (lock {path}); wait for it to finish") from None
+            # The holder removes the file as it releases it: a lock on that removed file is no lock; take the new one.
+            with contextlib.suppress(FileNotFoundError):
+                held = os.path.samestat(os.fstat(fd), os.stat(path))
+            if not held:
+                os.close(fd)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         yield path
     finally:
+        if held:  # removed while still held, so no lock file outlives a command (a SIGKILL's stays, harmless)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         os.close(fd)  # closing releases the lock
 
 

@@ -145,6 +145,8 @@ def open_run(run_dir, folds="all") -> Run:
     for d in run_dir.glob("fold_*"):
         k = d.name.split("_", 1)[1]
         if k.isdigit() and (d / "metrics.json").exists():
+            if d.is_symlink() and run_dir.resolve() not in d.resolve().parents:  # kk predict writes into a fold
+                raise KKError(f"{d} is a link to {d.resolve()}, outside the run: copy that fold in instead")
             found[int(k)] = d
     if folds in (None, "all"):
         if not found:

@@ -161,13 +161,19 @@ def claim_fold(out: Path, force: bool, resume: bool, main: bool = True):
                 raise KKError(f"nothing to resume: {ckpt} does not exist")
             if ckpt.exists() and not resume and not force:
                 raise KKError(f"{out} holds an unfinished run; pass --resume to continue it or --force to start over")
-        yield work
+        fresh = not work.exists()
+        try:
+            yield work
+        except BaseException:
+            if fresh and not (work / "checkpoint").exists() and not (work / "metrics.json").exists():  # nothing to resume
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         if work != out:  # the new fold is complete: now, and only now, it replaces the old one
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if out.exists():
+            if out.exists() or out.is_symlink():
                 os.replace(out, old)
             os.replace(work, out)
-            shutil.rmtree(old, ignore_errors=True)
+            old.unlink() if old.is_symlink() else shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -149,7 +149,7 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused_before_training(tiny_
                 "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
                 "--set", f"model.backbone={backbone}", "--set", "model.max_length=64", "--set", "train.max_steps=2")
     assert r.exit_code != 0 and "Traceback" not in r.output and "100 rows" in r.output, r.output
-    assert not list((tmp_path / "run").glob("fold_0/*.safetensors"))
+    assert not (tmp_path / "run" / "fold_0").exists() and not list((tmp_path / "run").glob(".fold_0*"))  # nothing left behind
 
 
 # Case 9: kk kernel --plan --rows FILE reads the file or refuses it; a short run folder still gets a valid slug.
@@ -165,3 +165,60 @@ def test_kernel_plan_refuses_rows_it_cannot_read_and_names_a_short_run(tiny_proj
         assert r.exit_code != 0 and "--rows" in r.output and "Traceback" not in r.output, (rows, r.output)
     r = run_cli("kernel", "--run", run, "--plan", "--rows", tiny_project / "test.csv")
     assert r.exit_code == 0, r.output
+
+
+# Smaller items: what a failed or forced `kk train` leaves behind, and a fold linked in from outside the run.
+def test_a_failed_train_leaves_no_lock_and_no_fold_folder(tiny_project, tmp_path):
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--run", run, "--train", tiny_project / "train.csv",
+                "--folds", tiny_project / "folds.csv", "--set", f"model.backbone={tmp_path / 'no-such-backbone'}")
+    assert r.exit_code != 0
+    assert not list(run.glob(".fold_0*")) and not (run / "fold_0").exists()
+
+
+def test_file_lock_removes_its_file_and_a_waiter_never_shares_a_removed_one(tmp_path):
+    import threading
+
+    from kagglekit.io import LockHeld, file_lock
+
+    lock = tmp_path / ".x.lock"
+    with file_lock(lock, "x"):
+        with pytest.raises(LockHeld):
+            with file_lock(lock, "x"):
+                pass
+        assert lock.exists()  # a refused caller does not remove the holder's file
+    assert not lock.exists()
+    inside, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(50):
+                with file_lock(lock, "x", wait=30):
+                    inside.append(1)
+                    assert len(inside) == 1, "two holders at once"
+                    inside.pop()
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and not lock.exists()
+
+
+def test_force_over_a_symlinked_fold_leaves_no_old_link_and_a_fold_linked_from_outside_is_refused(tiny_run, tmp_path):
+    from kagglekit.train import claim_fold
+
+    elsewhere = tmp_path / "elsewhere" / "fold_0"
+    shutil.copytree(tiny_run / "fold_0", elsewhere)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "fold_0")
+    (run / "fold_0").symlink_to(elsewhere)
+    r = run_cli("predict", "--run", run, "--fold", "0", "--test", tiny_run.parent / "x.csv")
+    assert r.exit_code != 0 and "outside the run" in r.output and not (elsewhere / "test.csv").exists()
+    with claim_fold(run / "fold_0", force=True, resume=False) as work:
+        shutil.copytree(elsewhere, work, dirs_exist_ok=True)
+    assert not (run / "fold_0").is_symlink() and not list(run.glob(".fold_0*")) and elsewhere.is_dir()
