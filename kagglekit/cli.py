@@ -114,7 +114,7 @@ def make_folds_cmd(
     df, report = load_train(train, _bad_rows(bad_rows), t)
     report.print_warnings()
     folds = make_folds(df, k=k, seed=seed, stratify_language=t.language_column if stratify_language else None)
-    path = write_folds(folds, out, force=force)
+    path = write_folds(folds, out, force=force, train=train)
     console.print(frame_table(f"{k} folds of {train} (class shares)", fold_summary(df, folds, t), "{:.3f}"))
     info(f"wrote {path}")
 

@@ -336,7 +336,7 @@ def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit
     out = Path(out)
     if not out.parent.is_dir():
         raise KKError(f"--out {out}: the folder {out.parent} does not exist")
-    protect_existing(out, force, "imported data")
+    protect_existing(out, force, "imported data", sources=[src, train, test])
     check_writable(out.parent, f"--out {out}")
     df, report = import_frame(fmt, src, train, test, seed, limit, get_task(task_name))
     write_table(out, df)

@@ -283,7 +283,7 @@ def _backbone_config(backbone: str):
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(backbone, local_files_only=True)
+        return AutoConfig.from_pretrained(backbone, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError):
         return None
 

@@ -87,10 +87,12 @@ def meta_model(config_or_path, num_labels: int):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from ..modeling import no_remote_code
+
     conf = config_or_path
     if not hasattr(conf, "model_type"):
         try:
-            conf = AutoConfig.from_pretrained(str(config_or_path))
+            conf = AutoConfig.from_pretrained(str(config_or_path), **no_remote_code(config_or_path))
         except (OSError, ValueError, KeyError) as e:
             raise KKError(f"cannot read the backbone config in {config_or_path}: {str(e).splitlines()[0]}") from None
     conf.num_labels = num_labels
