@@ -299,3 +299,14 @@ def test_distill_labels_names_the_teachers_task_before_reading_the_train_file(ti
     pd.DataFrame({"id": ids, "fold": [i % 3 for i in range(len(ids))]}).to_csv(tmp_path / "folds.csv", index=False)
     r = run_cli("distill-labels", "--teacher", teacher, "--train", src, "--folds", tmp_path / "folds.csv", "--out", tmp_path / "soft")
     _one_line_error(r, teacher, "task wsdm", "--task wsdm")
+
+
+def test_real_hh_rlhf_file_loses_exactly_its_rows_without_a_comparison(tmp_path):
+    src = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    if not src.exists():
+        pytest.skip("../shared/data/hh-rlhf is not present")
+    r = run_cli("data", "import", "hh-rlhf", src, "--out", tmp_path / "hh.csv", "--no-dedup")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(tmp_path / "hh.csv", dtype=str, keep_default_na=False)
+    assert len(df) == 2309 and (df["response_a"] != df["response_b"]).all()  # 2,312 records, 3 with an empty answer
+    assert all(any(t.strip() for t in json.loads(c)) for c in [*df["response_a"], *df["response_b"]])
