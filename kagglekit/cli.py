@@ -552,7 +552,7 @@ def kernel_cmd(
     else:
         if not run:
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
-        K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train,
+        K.build_kernel(run, name, out, user, backbone_source, folds, wheel, force, train_path=train,
                        machine_shape=machine_shape, pin_deps=pin_deps, time_budget_h=time_budget_h, plan_only=plan,
                        rows_for_estimate=rows, overrides=set_)
 

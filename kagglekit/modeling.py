@@ -379,6 +379,10 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
         raise KKError(f"model.init_from {init[1]} is a LoRA fold: continue it with lora.enabled=true")
     model = load_backbone(cfg.model, tokenizer, device, autocast_dtype, packing=cfg.train.packing,
                           num_labels=get_task(cfg.task).n_classes)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # a token id past the matrix crashes the first batch holding it, mid-run
+        raise KKError(f"model.backbone {cfg.model.backbone}: its tokenizer has {len(tokenizer)} tokens but the model's "
+                      f"embeddings only {rows} rows (a tokenizer from another checkpoint?)")
 
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training

@@ -125,6 +125,48 @@ def test_no_command_overwrites_its_own_input(tiny_run, tiny_project, synth_train
     assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} and link.is_symlink()
 
 
+# Case 11: a study is named like a config; its trial folders and --keep-best-only stay under --runs.
+@pytest.mark.parametrize("study", ["../elsewhere/x", "/tmp/kk-abs-study", "..", "a\\\\b"])
+def test_tune_refuses_a_study_name_that_is_a_path(study, tmp_path):
+    from conftest import REPO
+
+    for args in (["--config", REPO / "configs/tiny.yaml", "--n-trials", "1"], ["--best"]):
+        r = run_cli("tune", *args, "--study", study, "--runs", tmp_path / "runs", "--keep-best-only" if "--n-trials" in args else "--force")
+        assert r.exit_code != 0 and "--study" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "runs").exists()
+
+
+# Case 10: a tokenizer with more tokens than the model's embeddings is refused before training, not mid-run.
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_before_training(tiny_project, tmp_path):
+    from conftest import REPO
+
+    backbone = tmp_path / "backbone"
+    shutil.copytree(tiny_project / "deberta", backbone)
+    conf = json.loads((backbone / "config.json").read_text())
+    conf["vocab_size"] = 100  # the checkpoint's 600 rows are refused as mismatched and 100 fresh ones made
+    (backbone / "config.json").write_text(json.dumps(conf))
+    r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--run", tmp_path / "run",
+                "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
+                "--set", f"model.backbone={backbone}", "--set", "model.max_length=64", "--set", "train.max_steps=2")
+    assert r.exit_code != 0 and "Traceback" not in r.output and "100 rows" in r.output, r.output
+    assert not list((tmp_path / "run").glob("fold_0/*.safetensors"))
+
+
+# Case 9: kk kernel --plan --rows FILE reads the file or refuses it; a short run folder still gets a valid slug.
+def test_kernel_plan_refuses_rows_it_cannot_read_and_names_a_short_run(tiny_project, tmp_path):
+    from kernel_fakes import make_fake_run
+
+    run = make_fake_run(tiny_project, tmp_path / "t1", (0,), "llama")
+    (tmp_path / "no_text.csv").write_text("id,x\n1,2\n")
+    (tmp_path / "utf16.csv").write_bytes((tiny_project / "test.csv").read_text().encode("utf-16"))
+    (tmp_path / "folder").mkdir()
+    for rows in ("missing.csv", "folder", "no_text.csv", "utf16.csv"):
+        r = run_cli("kernel", "--run", run, "--name", "plan-test", "--plan", "--rows", tmp_path / rows)
+        assert r.exit_code != 0 and "--rows" in r.output and "Traceback" not in r.output, (rows, r.output)
+    r = run_cli("kernel", "--run", run, "--plan", "--rows", tiny_project / "test.csv")
+    assert r.exit_code == 0, r.output
+
+
 # --- cases 4-6 and the smaller ones: importers, parquet cells, folds, labels, distill-labels -------------------------
 
 import gzip  # noqa: E402

@@ -277,12 +277,14 @@ def sample_lengths(fold_path: Path, cfg, rows_source=None, n: int = 2000, seed: 
 
     df = rows_source
     if df is None or isinstance(df, (str, Path)):
-        candidates = [df] if df is not None else [cfg.data.test, cfg.data.train]
+        asked, candidates = df is not None, [df] if df is not None else [cfg.data.test, cfg.data.train]
         df = None
         for path in candidates:
             try:
                 got, _ = load_test(path, task=get_task(cfg.task))
-            except (KKError, OSError, ValueError):
+            except (KKError, OSError, ValueError) as e:
+                if asked:  # --rows: an estimate from rows never read would only look like one
+                    raise KKError(f"--rows {path}: {str(e).splitlines()[0]}") from None
                 continue
             if len(got) >= 50 or path == candidates[-1]:
                 df = got
