@@ -55,7 +55,7 @@ def build_data(work: Path, smoke: bool, holdout: float, k: int, seed: int, limit
     else:
         from bench_quality import ARENA, HH
 
-        from kagglekit.external import preference_set
+        from kagglekit.importers import preference_set
 
         if not HH.exists():
             sys.exit(f"{HH} is absent: this benchmark needs ../shared/data beside the repository (or --smoke)")

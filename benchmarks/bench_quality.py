@@ -53,8 +53,8 @@ ARENA = SHARED / "arena" / "train_sample.csv"
 def build_set(workdir: Path, k: int, seed: int, limit: int | None):
     """train.csv and folds.csv in ``workdir``; returns the loaded frame and the folds frame."""
     from kagglekit.data import load_train
-    from kagglekit.external import preference_set
     from kagglekit.folds import make_folds
+    from kagglekit.importers import preference_set
 
     preference_set(HH, [ARENA], seed=seed, limit=limit).to_csv(workdir / "train.csv", index=False)
     df, _ = load_train(workdir / "train.csv")

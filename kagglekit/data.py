@@ -78,7 +78,7 @@ def _repair_json_list(cell: str):
     for tail in ('"]', "]", 'null]', '""]'):
         try:
             value = json.loads(trimmed + tail)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(value, list):
             return value
@@ -88,7 +88,7 @@ def _repair_json_list(cell: str):
             value = json.loads(trimmed[:-k] + '"]')
             if isinstance(value, list):
                 return value
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     return None
 
@@ -102,7 +102,7 @@ def parse_turns(cell: str, bad_rows: BadRows = "error") -> tuple[list[str], dict
     stats = {"nulls": 0, "surrogates": 0, "repaired": 0}
     try:
         value = json.loads(cell)
-    except ValueError:
+    except (ValueError, RecursionError):  # 10^5 nested lists are no list of turns either
         value = _repair_json_list(cell) if bad_rows == "repair" else None
         if value is None:
             raise ValueError("is not valid JSON") from None
@@ -178,12 +178,15 @@ def read_raw(path: str | os.PathLike, what: str = "data") -> pd.DataFrame:
         raise KKError(f"{path} is empty")
     if is_parquet(path):
         try:
-            import pyarrow  # noqa: F401
+            import pyarrow.parquet as pq
         except ImportError:
             raise KKError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         try:
-            return pd.read_parquet(path, engine="pyarrow")
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            try:
+                return pd.read_parquet(path, engine="pyarrow")
+            except NotImplementedError:  # pandas metadata saying str over a list or struct column: the data as it is,
+                return pq.read_table(path).to_pandas(ignore_metadata=True)  # for the row checks to name the cell
+        except (OSError, ValueError, NotImplementedError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise KKError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0][:160]})") from None
     check_unique_header(path)
     try:

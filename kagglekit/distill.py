@@ -74,8 +74,6 @@ def _check_teacher_folds(teachers: list[Path], folds_df, fold_ids: list[int], fo
     for run in teachers:
         for fold in open_run(run, fold_ids).folds:
             k, path = fold.index, fold.path
-            if fold.cfg.task != task.name:
-                raise KKError(f"{path} was trained for task {fold.cfg.task}, not {task.name} (--task)")
             oof_ids, _ = read_probs(path / "oof.csv", "teacher OOF", task)
             val = set(folds_df.loc[folds_df["fold"] == k, "id"])
             unseen = val - set(oof_ids)
@@ -142,6 +140,9 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     if not teachers:
         raise KKError("give at least one --teacher run")
     w = _normalised_weights(weights, len(teachers))
+    for run in teachers:  # before the train file is read in the other competition's format
+        if (trained := open_run(run).task) != task:
+            raise KKError(f"{run} was trained for task {trained.name}, not {task.name} (give --task {trained.name})")
     df, report = load_train(train_path, bad_rows, task)
     report.print_warnings()
     folds = load_folds(folds_path, df["id"])

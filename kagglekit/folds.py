@@ -107,8 +107,8 @@ def load_folds(path: str | os.PathLike, ids: pd.Series | None = None) -> pd.Data
     for col in ("id", "fold"):
         if col not in folds.columns:
             raise KKError(f"{path}: missing column {col} (a folds file is id,fold)")
-    if not pd.api.types.is_integer_dtype(folds["fold"]):
-        raise KKError(f"{path}: the fold column must hold integers")
+    if not pd.api.types.is_integer_dtype(folds["fold"]) or (folds["fold"] < 0).any():
+        raise KKError(f"{path}: the fold column must hold integers 0 or more")
     if folds["id"].duplicated().any():
         raise KKError(f"{path}: duplicate id {folds['id'][folds['id'].duplicated()].iloc[0]}")
     if ids is not None:

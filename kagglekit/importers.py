@@ -2,7 +2,7 @@
 
 Layouts (JSON, JSON lines, optionally gzipped, or parquet): ``arena`` (lmsys/chatbot_arena_conversations: the A/B
 order the voter saw is kept, both ties are ties), ``ultrafeedback`` (prompt/chosen/rejected message lists, equal
-scores a tie), ``hh-rlhf`` (:mod:`kagglekit.external`) and ``pairs`` (JSON lines of prompt/chosen/rejected: strings,
+scores a tie), ``hh-rlhf`` (chosen/rejected ``Human:``/``Assistant:`` transcripts) and ``pairs`` (JSON lines of prompt/chosen/rejected: strings,
 turn lists or messages). Chosen lands in A or B by a draw from ``seed``. Dropped, each counted under its reason:
 records without a usable comparison (no response, prompts differing between the sides, an unknown winner,
 identical chosen and rejected), repeats, and pairs that are a train or test row
@@ -12,9 +12,12 @@ keeps them out of the fold that validates on it.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
+import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ import numpy as np
 
 from .dedup import normalise
 from .errors import KKError
+from .task import LMSYS, get_task
 
 FORMATS = ("arena", "ultrafeedback", "hh-rlhf", "pairs")
 USER_ROLES = {"user", "human", "prompter"}
@@ -48,6 +52,9 @@ class Pair:
     model_a: str = ""
     model_b: str = ""
 
+    def __post_init__(self):  # ids and model names are written as they are: lone surrogates replaced, as in texts
+        self.source_id, self.model_a, self.model_b = (_text(str(v)) for v in (self.source_id, self.model_a, self.model_b))
+
 
 @dataclass
 class ImportReport:
@@ -70,7 +77,9 @@ class ImportReport:
 
 
 def read_records(path: str | os.PathLike):
-    """Yield ``(record number, dict)`` from a JSON array, JSON lines (``.gz`` too) or a parquet file."""
+    """Yield ``(line number, record)`` from a JSON array, JSON lines (``.gz`` too; a UTF-8 BOM is skipped) or a parquet
+    file. A file that is not UTF-8 JSON (a bad byte, a damaged or cut-off .gz, nesting too deep to parse) is one
+    error naming the file and, where it can, the line."""
     path = Path(path)
     if not path.is_file():
         raise KKError(f"{path} does not exist" if not path.exists() else f"{path} is a folder, expected a data file")
@@ -85,30 +94,57 @@ def read_records(path: str | os.PathLike):
             raise KKError(f"{path}: cannot be read as parquet ({str(e).splitlines()[0][:160]})") from None
         yield from enumerate(records, 1)
         return
-    opener = gzip.open if name.endswith(".gz") else open
+    n = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            head = f.read(1 << 16).lstrip()
-            f.seek(0)
-            if head.startswith("["):  # one JSON array
-                try:
-                    records = json.load(f)
-                except ValueError as e:
-                    raise KKError(f"{path}: not valid JSON ({e})") from None
-                yield from enumerate(records, 1)
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+            if f.read(1 << 16).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):  # one JSON array
+                f.seek(0)
+                yield from enumerate(_loads(f.read(), path, 1), 1)
                 return
+            f.seek(0)
             for n, line in enumerate(f, 1):  # JSON lines
-                if not line.strip():
-                    continue
-                try:
-                    yield n, json.loads(line)
-                except ValueError:
-                    raise KKError(f"{path}: line {n} is not valid JSON") from None
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-        raise KKError(f"{path}: cannot be read as JSON text ({type(e).__name__}: {str(e)[:120]})") from None
+                if line.strip():
+                    yield n, _loads(line, path, n)
+    except (OSError, EOFError, zlib.error) as e:
+        raise KKError(f"{path}: cannot be read{f' past line {n}' if n else ''} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _loads(data: bytes, path: Path, n: int):
+    """JSON text that starts at line ``n`` of ``path``."""
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        n += data.count(b"\n", 0, e.start)
+        raise KKError(f"{path}: line {n} is not UTF-8 text (byte {data[e.start]:#04x})") from None
+    except ValueError as e:
+        raise KKError(f"{path}: line {n + getattr(e, 'lineno', 1) - 1} is not valid JSON ({getattr(e, 'msg', e)})") from None
+    except RecursionError:
+        raise KKError(f"{path}: line {n} or after nests JSON too deeply to read") from None
 
 
 # --- messages, turns and the four layouts ---------------------------------------------------------------------------
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def split_transcript(text: str) -> tuple[list[str], list[str]]:
+    """(human turns, assistant turns) of equal length from an HH-RLHF transcript ("\\n\\nHuman: ..." /
+    "\\n\\nAssistant: ..."); a missing answer is an empty turn."""
+    parts = _TURN.split(text)  # [preamble, role, text, role, text, ...]
+    human, assistant = [], []
+    for role, turn in zip(parts[1::2], parts[2::2]):
+        turn = turn.strip()
+        if role == "Human":
+            human.append(turn)
+            assistant.append("")
+        elif not human:  # an assistant turn before any human one: pair it with an empty prompt
+            human.append("")
+            assistant.append(turn)
+        else:
+            assistant[-1] = (assistant[-1] + "\n\n" + turn).strip()
+    return human, assistant
 
 
 def _text(x) -> str:
@@ -188,21 +224,22 @@ def _arena(n: int, rec: dict) -> Pair:
     p_b, b = messages_to_turns(_field(rec, "conversation_b"))
     if normalise(p_a) != normalise(p_b):
         raise Unusable("conversation_a and conversation_b have different prompts")
-    return Pair(str(rec.get("question_id", n)), p_a, a, b, winner, str(rec.get("model_a", "")), str(rec.get("model_b", "")))
+    return Pair(rec.get("question_id", n), p_a, a, b, winner, rec.get("model_a", ""), rec.get("model_b", ""))
 
 
-def _chosen_rejected(n: int, rec: dict, prompt_key: str | None, scores: bool) -> Pair:
-    p_c, chosen = _side(rec, "chosen", prompt_key)
-    p_r, rejected = _side(rec, "rejected", prompt_key)
+def _chosen_rejected(n: int, rec: dict, fmt: str) -> Pair:
+    if fmt == "hh-rlhf":  # two whole transcripts
+        (p_c, chosen), (p_r, rejected) = (split_transcript(_text(_field(rec, k))) for k in ("chosen", "rejected"))
+    else:
+        (p_c, chosen), (p_r, rejected) = (_side(rec, k, "prompt") for k in ("chosen", "rejected"))
     if normalise(p_c) != normalise(p_r):
         raise Unusable("chosen and rejected have different prompts")
     if normalise(chosen) == normalise(rejected):
         raise Unusable("chosen and rejected are the same text")
     winner = "A"
-    if scores and rec.get("score_chosen") is not None and rec.get("score_chosen") == rec.get("score_rejected"):
+    if fmt == "ultrafeedback" and rec.get("score_chosen") is not None and rec.get("score_chosen") == rec.get("score_rejected"):
         winner = "tie"  # UltraFeedback: equal ratings are no preference
-    sid = rec.get("id", rec.get("prompt_id", n))
-    return Pair(str(sid), p_c, chosen, rejected, winner, "chosen", "rejected")
+    return Pair(rec.get("id", rec.get("prompt_id", n)), p_c, chosen, rejected, winner, "chosen", "rejected")
 
 
 def read_pairs(fmt: str, src, report: ImportReport, limit: int | None = None):
@@ -210,27 +247,12 @@ def read_pairs(fmt: str, src, report: ImportReport, limit: int | None = None):
     malformed ones are counted in ``report``."""
     if fmt not in FORMATS:
         raise KKError(f"unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
-    if fmt == "hh-rlhf":
-        from .external import hh_pairs
-
-        for n, prompt, good, bad in hh_pairs(src):
-            if limit and report.records >= limit:
-                return
-            report.records += 1
-            if prompt is None:
-                report.dropped["chosen and rejected transcripts have different shapes"] += 1
-                continue
-            yield n, Pair(f"hh{n}", prompt, good, bad, "A", "chosen", "rejected")
-        return
     for n, rec in read_records(src):
         if limit and report.records >= limit:
             return
         report.records += 1
         try:
-            if fmt == "arena":
-                pair = _arena(n, rec)
-            else:
-                pair = _chosen_rejected(n, rec, "prompt", scores=fmt == "ultrafeedback")
+            pair = _arena(n, rec) if fmt == "arena" else _chosen_rejected(n, rec, fmt)
         except Malformed as e:
             report.dropped[f"not a record of the {fmt} layout"] += 1
             report.first_malformed = report.first_malformed or f"record {n}: {e}"
@@ -258,25 +280,18 @@ def _known_keys(path, task) -> tuple[set, set]:
     return set(pairs), set(prompts)
 
 
-def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit: int | None = None,
-                force: bool = False, task_name: str = "lmsys") -> ImportReport:
-    """Convert ``src`` (layout ``fmt``) into ``out`` in the competition's train format; returns what was kept and dropped."""
+def import_frame(fmt: str, src, train=None, test=None, seed: int = 42, limit: int | None = None, task=LMSYS):
+    """``src`` (layout ``fmt``) as a frame in ``task``'s train format, and what was kept and dropped."""
     import pandas as pd
 
     from .dedup import pair_key, prompt_key
-    from .io import check_writable, protect_existing, write_table
-    from .task import get_task
 
-    task = get_task(task_name)
-    out = Path(out)
-    protect_existing(out, force, "imported data", sources=[src, train, test])
-    check_writable(out.parent, f"--out {out}")
     for what, path in (("--train", train), ("--test", test)):
         if path is not None and not Path(path).is_file():
             raise KKError(f"{what} {path} does not exist: give the competition's file to deduplicate against (or --no-dedup)")
     train_pairs, train_prompts = _known_keys(train, task) if train is not None else (set(), set())
     test_pairs, _ = _known_keys(test, task) if test is not None else (set(), set())
-    report = ImportReport(out=str(out))
+    report = ImportReport()
     rng = np.random.default_rng(seed)
     cls = {name: j for j, name in enumerate(task.class_names)}
     rows, seen = [], set()
@@ -310,5 +325,35 @@ def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit
         first = f" (first malformed: {report.first_malformed})" if report.first_malformed else ""
         reasons = ", ".join(f"{n} {r}" for r, n in report.dropped.most_common()) or "the source is empty"
         raise KKError(f"{src}: no usable {fmt} rows of {report.records} record(s): {reasons}{first}")
-    write_table(out, pd.DataFrame(rows))
+    return pd.DataFrame(rows), report
+
+
+def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit: int | None = None,
+                force: bool = False, task_name: str = "lmsys") -> ImportReport:
+    """Convert ``src`` (layout ``fmt``) into ``out`` in the competition's train format; returns what was kept and dropped."""
+    from .io import check_writable, protect_existing, write_table
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise KKError(f"--out {out}: the folder {out.parent} does not exist")
+    protect_existing(out, force, "imported data", sources=[src, train, test])
+    check_writable(out.parent, f"--out {out}")
+    df, report = import_frame(fmt, src, train, test, seed, limit, get_task(task_name))
+    write_table(out, df)
+    report.out = str(out)
     return report
+
+
+def preference_set(hh_path, arena_paths=(), seed: int = 0, limit: int | None = None, task=LMSYS):
+    """The first ``limit`` HH-RLHF records (:func:`import_frame`) plus real arena train files of ``task``'s competition
+    (CSV or parquet, raw cells kept) as one train frame, shuffled: the quality benchmark's set. In HH-RLHF the two
+    transcripts share every turn but the last answer, so a model learns only if it sees the *end* of the responses
+    (``model.truncation: left``)."""
+    import pandas as pd
+
+    from .data import read_table
+
+    keep = (*task.train_columns, "model_a", "model_b", *([task.language_column] if task.language_column else []))
+    frames = [import_frame("hh-rlhf", hh_path, seed=seed, limit=limit, task=task)[0]]
+    frames += [(df := read_table(p, task.train_columns, "train"))[[c for c in df.columns if c in keep]] for p in arena_paths]
+    return pd.concat(frames, ignore_index=True).sample(frac=1.0, random_state=seed).reset_index(drop=True)

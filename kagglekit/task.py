@@ -117,7 +117,7 @@ class Task:
         reason when they are not a label (not one-hot; not one of label_values)."""
         if not self.one_hot_labels:
             col, raw = self.label_columns[0], raw_values[0]
-            value = "" if raw is None else str(raw).strip()
+            value = "" if raw is None else str(raw).strip().lower()  # model_a, "model_a " and "Model_A" alike
             if value not in self.label_values:
                 raise ValueError(f"label {col}={raw!r} is not one of {', '.join(self.label_values)}")
             return self.label_values.index(value)

@@ -123,7 +123,7 @@ def test_hh_rlhf_import_reuses_the_transcript_reader(tmp_path):
     src.write_text("\n".join(json.dumps(r) for r in recs))
     report = import_data("hh-rlhf", src, tmp_path / "hh.csv", train=train)
     assert report.kept == 6 and report.records == 8
-    assert report.dropped == {"same prompt+responses as a train row": 1, "chosen and rejected transcripts have different shapes": 1}
+    assert report.dropped == {"same prompt+responses as a train row": 1, "chosen and rejected have different prompts": 1}
     df, _ = load_train(tmp_path / "hh.csv")
     good_in_a = df["response_a"].map(lambda t: t[0].startswith("Good"))
     assert ((df["label"] == 0) == good_in_a).all() and df["prompt"][0] == ["Question 0?"]

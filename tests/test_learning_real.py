@@ -23,8 +23,8 @@ def test_minilm_learns_real_preferences(tmp_path):
         pytest.skip("../shared/data is not present")
     from kagglekit.config import load_config
     from kagglekit.data import load_train
-    from kagglekit.external import preference_set
     from kagglekit.folds import make_folds
+    from kagglekit.importers import preference_set
     from kagglekit.train import train_fold
 
     preference_set(hh, [SHARED / "arena" / "train_sample.csv"], seed=0, limit=LIMIT).to_csv(tmp_path / "train.csv", index=False)

@@ -1,8 +1,10 @@
 """Regressions of issue 31 (breaks found trying kk as a careless or hostile user would)."""
 
+import gzip
 import json
 import shutil
 
+import pandas as pd
 import pytest
 
 from conftest import run_cli
@@ -222,3 +224,187 @@ def test_force_over_a_symlinked_fold_leaves_no_old_link_and_a_fold_linked_from_o
     with claim_fold(run / "fold_0", force=True, resume=False) as work:
         shutil.copytree(elsewhere, work, dirs_exist_ok=True)
     assert not (run / "fold_0").is_symlink() and not list(run.glob(".fold_0*")) and elsewhere.is_dir()
+
+
+# --- cases 4-6 and the smaller ones: importers, parquet cells, folds, labels, distill-labels -------------------------
+
+
+from conftest import REPO  # noqa: E402
+
+
+def _one_line_error(r, *names):
+    """A refusal: non-zero exit, one line naming ``names``, no exception escaping the CLI."""
+    lines = r.output.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert all(str(n) in lines[0] for n in names), r.output
+
+
+def _hh(prompt, chosen, rejected, prompt_b=None):
+    t = "\n\nHuman: {}\n\nAssistant: {}"
+    return {"chosen": t.format(prompt, chosen), "rejected": t.format(prompt if prompt_b is None else prompt_b, rejected)}
+
+
+def test_hh_rlhf_import_drops_what_pairs_drops(tmp_path):
+    # identical chosen/rejected, different prompts on the two sides, an empty response: dropped by both layouts
+    recs = [_hh(f"Question {i}?", f"Good {i}.", f"Bad {i}.") for i in range(3)]
+    recs += [_hh("Same?", "Yes.", "Yes."), _hh("Left prompt", "a", "b", prompt_b="Right prompt"), _hh("Empty?", "", "no")]
+    pairs = [{"prompt": "Left prompt", "chosen": "a", "rejected": "b"} if "Left" in r["chosen"] else
+             {"prompt": r["chosen"].split("Human: ")[1].split("\n\n")[0], "chosen": r["chosen"].rsplit("Assistant: ", 1)[1],
+              "rejected": r["rejected"].rsplit("Assistant: ", 1)[1]} for r in recs]
+    pairs[4]["prompt"] = ["Left prompt"]
+    pairs[4]["chosen"] = [{"role": "user", "content": "Left prompt"}, {"role": "assistant", "content": "a"}]
+    pairs[4]["rejected"] = [{"role": "user", "content": "Right prompt"}, {"role": "assistant", "content": "b"}]
+    kept = {}
+    for fmt, rows in (("hh-rlhf", recs), ("pairs", pairs)):
+        (tmp_path / f"{fmt}.jsonl").write_text("\n".join(json.dumps(x) for x in rows))
+        r = run_cli("data", "import", fmt, tmp_path / f"{fmt}.jsonl", "--out", tmp_path / f"{fmt}.csv", "--no-dedup")
+        assert r.exit_code == 0, r.output
+        for reason in ("chosen and rejected are the same text", "chosen and rejected have different prompts", "a response is empty"):
+            assert any(reason in line and "1" in line for line in r.output.splitlines()), (fmt, r.output)
+        kept[fmt] = len(pd.read_csv(tmp_path / f"{fmt}.csv"))
+    assert kept == {"hh-rlhf": 3, "pairs": 3}
+
+
+def _deep(n=100_000):
+    return "[" * n + "]" * n
+
+
+@pytest.mark.parametrize("fmt", ["hh-rlhf", "pairs", "arena", "ultrafeedback"])
+@pytest.mark.parametrize("case", ["bad byte", "cut-off gz", "deep jsonl", "deep json array"])
+def test_unreadable_importer_input_is_one_line_naming_file_and_line(tmp_path, fmt, case):
+    good = json.dumps(_hh("Q?", "a", "b")).encode() + b"\n"
+    if case == "bad byte":
+        src, data, line = tmp_path / "s.jsonl", good + good + b'{"chosen": "caf\xe9"}\n', "line 3"
+    elif case == "deep jsonl":
+        src, data, line = tmp_path / "s.jsonl", good + b'{"chosen": ' + _deep().encode() + b"}\n", "line 2"
+    elif case == "deep json array":
+        src, data, line = tmp_path / "s.json", b"[" + _deep().encode() + b"]", "s.json"
+    else:
+        src, line = tmp_path / "s.jsonl.gz", "past line"
+        data = gzip.compress(b"".join(json.dumps(_hh(f"Q{i} " + "x" * (i % 97), str(i), "b")).encode() + b"\n"
+                                      for i in range(5000)))
+        data = data[: len(data) // 2]
+    src.write_bytes(data)
+    r = run_cli("data", "import", fmt, src, "--out", tmp_path / "o.csv", "--no-dedup")
+    _one_line_error(r, src.name, line)
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_lone_surrogates_in_imported_records_are_replaced_like_the_loaders(tmp_path):
+    # the loader's policy for lone UTF-16 surrogates (kagglekit/data.py): replaced by U+FFFD, in ids and texts alike
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps({"id": "x\ud800", "prompt": "hi \ud800", "chosen": "a \udc00", "rejected": "b"}) + "\n"
+                   + json.dumps(_hh("hi \ud800", "a \udfff", "b")) + "\n")
+    from kagglekit.data import load_train
+
+    for fmt in ("pairs", "hh-rlhf"):
+        r = run_cli("data", "import", fmt, src, "--out", tmp_path / f"{fmt}.csv", "--no-dedup")
+        assert r.exit_code == 0 and r.exception is None, (fmt, r.output, r.exception)
+        df, report = load_train(tmp_path / f"{fmt}.csv")
+        assert df["prompt"][0] == ["hi \ufffd"] and report.surrogates_fixed == 0
+
+
+def test_jsonl_with_a_utf8_bom_is_read(tmp_path):
+    rec = {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(rec).encode() + b"\n")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([rec]).encode())
+    for name in ("bom.jsonl", "bom.json"):
+        r = run_cli("data", "import", "pairs", tmp_path / name, "--out", tmp_path / f"{name}.csv", "--no-dedup")
+        assert r.exit_code == 0, r.output
+        assert len(pd.read_csv(tmp_path / f"{name}.csv")) == 1
+
+
+def test_import_out_in_a_missing_folder_is_refused(tmp_path):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Why?", "chosen": "Because.", "rejected": "No."}))
+    out = tmp_path / "missing" / "deeper" / "x.csv"
+    r = run_cli("data", "import", "pairs", tmp_path / "p.jsonl", "--out", out, "--no-dedup")
+    _one_line_error(r, out.parent, "does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def _wsdm_parquet(tmp_path, name="train.parquet", n=24):
+    r = run_cli("synth", "--task", "wsdm", "--n", str(n), "--seed", "1", "--out", tmp_path / name)
+    assert r.exit_code == 0, r.output
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("kind", ["list", "struct"])
+def test_parquet_text_column_that_is_not_text_despite_its_metadata_is_one_line(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = _wsdm_parquet(tmp_path)
+    t = pq.read_table(src)
+    values = t.column("response_a").to_pylist()
+    arr = pa.array([[v] for v in values]) if kind == "list" else pa.array([{"text": v} for v in values])
+    t = t.set_column(t.schema.get_field_index("response_a"), "response_a", arr).replace_schema_metadata(t.schema.metadata)
+    pq.write_table(t, tmp_path / "bad.parquet")  # the pandas metadata still says response_a is str
+    r = run_cli("make-folds", "--task", "wsdm", "--train", tmp_path / "bad.parquet", "--k", "2", "--out", tmp_path / "f.csv")
+    _one_line_error(r, "bad.parquet", "response_a")
+
+
+def test_predict_on_a_parquet_whose_text_column_is_a_list_is_one_line(tiny_run, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kagglekit.synthetic import make_synthetic
+
+    df = make_synthetic(6, seed=1)[["id", "prompt", "response_a", "response_b"]]
+    t = pa.Table.from_pandas(df, preserve_index=False)
+    t = t.set_column(1, "prompt", pa.array([[p] for p in df["prompt"]])).replace_schema_metadata(t.schema.metadata)
+    pq.write_table(t, tmp_path / "test.parquet")
+    shutil.copytree(tiny_run, tmp_path / "run")  # predict writes beside the fold
+    r = run_cli("predict", "--run", tmp_path / "run", "--fold", "0", "--test", tmp_path / "test.parquet")
+    _one_line_error(r, "test.parquet", "prompt")
+    assert not (tmp_path / "run" / "fold_0" / "test.csv").exists()
+
+
+def test_wsdm_winner_is_read_alike_whatever_its_case_and_spaces(tmp_path):
+    from kagglekit.data import load_train
+    from kagglekit.task import WSDM
+
+    src = _wsdm_parquet(tmp_path)
+    df = pd.read_parquet(src)
+    labels = load_train(src, task=WSDM)[0]["label"].tolist()
+    for variant in (lambda w: w + " ", lambda w: w.upper(), lambda w: " " + w.title()):
+        df.assign(winner=df["winner"].map(variant)).to_parquet(tmp_path / "v.parquet", index=False)
+        r = run_cli("make-folds", "--task", "wsdm", "--train", tmp_path / "v.parquet", "--k", "2", "--out", tmp_path / "f.csv", "--force")
+        assert r.exit_code == 0, r.output
+        assert load_train(tmp_path / "v.parquet", task=WSDM)[0]["label"].tolist() == labels
+
+
+def test_a_negative_fold_id_is_refused_naming_the_folds_file(synth_train, tmp_path):
+    folds = tmp_path / "folds.csv"
+    ids = pd.read_csv(synth_train, dtype=str)["id"]
+    pd.DataFrame({"id": ids, "fold": [i % 2 - 1 for i in range(len(ids))]}).to_csv(folds, index=False)
+    r = run_cli("train", "--fold", "all", "--config", REPO / "configs" / "tiny.yaml", "--folds", folds,
+                "--set", f"data.train={synth_train}", "--run", tmp_path / "run")
+    _one_line_error(r, folds, "0 or more")
+    assert not (tmp_path / "run" / "fold_-1").exists()
+
+
+def test_distill_labels_names_the_teachers_task_before_reading_the_train_file(tiny_run, tmp_path):
+    teacher = tmp_path / "teacher"
+    for fold in sorted(tiny_run.glob("fold_*")):
+        (teacher / fold.name).mkdir(parents=True)
+        shutil.copy(fold / "metrics.json", teacher / fold.name)
+        cfg = (fold / "config.yaml").read_text()
+        assert "task: lmsys" in cfg
+        (teacher / fold.name / "config.yaml").write_text(cfg.replace("task: lmsys", "task: wsdm"))
+    src = _wsdm_parquet(tmp_path)
+    ids = pd.read_parquet(src)["id"].astype(str)
+    pd.DataFrame({"id": ids, "fold": [i % 3 for i in range(len(ids))]}).to_csv(tmp_path / "folds.csv", index=False)
+    r = run_cli("distill-labels", "--teacher", teacher, "--train", src, "--folds", tmp_path / "folds.csv", "--out", tmp_path / "soft")
+    _one_line_error(r, teacher, "task wsdm", "--task wsdm")
+
+
+def test_real_hh_rlhf_file_loses_exactly_its_rows_without_a_comparison(tmp_path):
+    src = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    if not src.exists():
+        pytest.skip("../shared/data/hh-rlhf is not present")
+    r = run_cli("data", "import", "hh-rlhf", src, "--out", tmp_path / "hh.csv", "--no-dedup")
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(tmp_path / "hh.csv", dtype=str, keep_default_na=False)
+    assert len(df) == 2309 and (df["response_a"] != df["response_b"]).all()  # 2,312 records, 3 with an empty answer
+    assert all(any(t.strip() for t in json.loads(c)) for c in [*df["response_a"], *df["response_b"]])

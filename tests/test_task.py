@@ -168,6 +168,7 @@ def test_cli_synth_and_make_folds_for_wsdm(tmp_path):
 def _hh_file(tmp_path):
     lines = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello, how can I help?\n\nHuman: a joke\n\nAssistant: a good one",
               "rejected": "\n\nHuman: hi\n\nAssistant: hello, how can I help?\n\nHuman: a joke\n\nAssistant: no"}] * 6
+    lines = [{k: v + f" {i}" for k, v in x.items()} for i, x in enumerate(lines)]
     path = tmp_path / "hh.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(x) + "\n" for x in lines)
@@ -175,11 +176,11 @@ def _hh_file(tmp_path):
 
 
 def test_hh_rlhf_reader_writes_the_tasks_format(tmp_path):
-    from kagglekit.external import read_hh_rlhf
+    from kagglekit.importers import import_frame
 
     hh = _hh_file(tmp_path)
-    lm = read_hh_rlhf(hh, seed=0)
-    ws = read_hh_rlhf(hh, seed=0, task=WSDM)
+    lm = import_frame("hh-rlhf", hh, seed=0)[0]
+    ws = import_frame("hh-rlhf", hh, seed=0, task=WSDM)[0]
     assert json.loads(lm["prompt"][0]) == ["hi", "a joke"] and ws["prompt"][0] == "hi\n\na joke"  # plain: turns joined
     assert set(ws.columns) >= {"winner"} and not {"winner_model_a", "winner_tie"} & set(ws.columns)
     write_table(tmp_path / "hh.parquet", ws)
