@@ -7,7 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def test_merge_accepts_folds_whose_target_modules_peft_wrote_in_another_order(tiny_run, tmp_path):
@@ -229,7 +229,6 @@ def test_force_over_a_symlinked_fold_leaves_no_old_link_and_a_fold_linked_from_o
 # --- cases 4-6 and the smaller ones: importers, parquet cells, folds, labels, distill-labels -------------------------
 
 
-from conftest import REPO  # noqa: E402
 
 
 def _one_line_error(r, *names):
