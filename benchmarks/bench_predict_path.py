@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
         for s in sides:
             _, calls = run_counted(sides[s], "train", {"config": config, "sets": sets, "run": str(work / f"count-{s}")}, work)
             counts[s]["train"] = calls
-        log = pd.read_csv(work / "count-after" / "fold_0" / "log.csv")
+        log = pd.read_csv(work / "count-after" / "fold_0" / "train_log.csv")
         evals = int(log["val_loss"].notna().sum()) if "val_loss" in log else args.evals
         diff = float((subs["before"].iloc[:, 1:] - subs["after"].iloc[:, 1:]).abs().to_numpy().max())
     finally:
