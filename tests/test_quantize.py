@@ -86,3 +86,80 @@ def test_what_cannot_be_quantized_is_one_line(merged_llama, tiny_project, tmp_pa
     assert r.exit_code == 1 and "is a LoRA adapter" in r.stderr
     r = run_cli("quantize", "--run", merged_llama, "--bits", "3", "--out", tmp_path / "b")
     assert r.exit_code == 1 and "--bits must be 8 or 4" in r.stderr
+
+
+class FakeVLLM:
+    """A ``vllm`` module: ``LLM`` records what it receives and classifies with the HF model at the path."""
+
+    def __init__(self):
+        self.inits, self.calls = [], []
+        fake = self
+
+        class LLM:
+            def __init__(self, model, **kw):
+                import os
+
+                from transformers import AutoModelForSequenceClassification
+                fake.inits.append({"model": model, "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), **kw})
+                self.model = AutoModelForSequenceClassification.from_pretrained(model).eval()
+
+            def classify(self, prompts, use_tqdm=True):
+                from types import SimpleNamespace
+
+                import torch
+
+                fake.calls.append([p["prompt_token_ids"] for p in prompts])
+                with torch.no_grad():
+                    probs = [self.model(input_ids=torch.tensor([p["prompt_token_ids"]])).logits.softmax(-1)[0].tolist() for p in prompts]
+                return [SimpleNamespace(outputs=SimpleNamespace(probs=p)) for p in probs]
+
+        self.LLM = LLM
+
+
+def test_vllm_engine_predicts_as_hf_in_length_sorted_chunks(merged_llama, tiny_project, monkeypatch):
+    import sys
+
+    import kagglekit.vllm_engine as ve
+    from kagglekit.predict import predict_fold
+
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(ve, "CHUNK", 16)
+    hf = predict_fold(merged_llama, 0, tiny_project / "test.csv").iloc[:, 1:].to_numpy()
+    vl = predict_fold(merged_llama, 0, tiny_project / "test.csv", overrides=["predict.engine=vllm"], force=True).iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(vl, hf, atol=1e-5)
+    kw = fake.inits[0]
+    assert kw["runner"] == "pooling" and kw["convert"] == "classify" and kw["enable_prefix_caching"] is True
+    assert kw["dtype"] == "half" and kw["tensor_parallel_size"] == 1
+    assert [len(c) for c in fake.calls] == [16, 16, 8] * 2  # both orders of the 40 rows
+    lengths = [len(s) for c in fake.calls[:3] for s in c]
+    assert lengths == sorted(lengths)
+
+
+def test_vllm_engine_refusals_and_gpus(merged_llama, tmp_path, monkeypatch):
+    import sys
+
+    from cudasim import simulated_cuda
+
+    from kagglekit.runs import open_fold
+    from kagglekit.vllm_engine import VLLMEngine
+
+    fold = open_fold(merged_llama / "fold_0")
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(KKError, match="predict.engine=vllm needs vllm"):
+        VLLMEngine([fold], device="cpu")
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    with simulated_cuda(devices=2, capability=(7, 5)):
+        VLLMEngine([fold], device="cuda:1")
+        VLLMEngine([fold], device="cuda:0", device_map={"model.layers.0": 0, "model.layers.1": 1})
+        conf = json.loads((fold.path / "config.json").read_text())
+        monkeypatch.setattr(json, "loads", lambda text, _l=json.loads: {**_l(text), "model_type": "gemma2"})
+        with pytest.raises(KKError, match="Gemma-2's logit softcap.*vllm #8929"):
+            VLLMEngine([fold], device="cuda:0")
+    assert conf["model_type"] == "llama"
+    assert fake.inits[0]["visible"] == "1" and fake.inits[0]["tensor_parallel_size"] == 1
+    assert fake.inits[1]["tensor_parallel_size"] == 2
+    adapter = open_fold(merged_llama.parent / "run" / "fold_0")
+    with pytest.raises(KKError, match="serves one plain model"):
+        VLLMEngine([adapter], device="cpu")
