@@ -20,11 +20,11 @@ HESSIAN_BYTES = 4 * 1024**3  # one calibration pass collects this much of the la
 
 
 def gptq_bits(fold_path) -> int | None:
-    """The bits of a ``kk quantize`` fold (its config.json's compressed-tensors weights), else None."""
+    """The weight bits of a ``kk quantize`` fold (its config.json), else None."""
     try:
-        q = json.loads((Path(fold_path) / "config.json").read_text()).get("quantization_config") or {}
-        return int(next(iter(q["config_groups"].values()))["weights"]["num_bits"]) if q.get("quant_method") == "compressed-tensors" else None
-    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        q = json.loads((Path(fold_path) / "config.json").read_text())["quantization_config"]
+        return int(next(iter(q["config_groups"].values()))["weights"]["num_bits"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
         return None
 
 
@@ -52,8 +52,7 @@ def gptq(w, h, bits: int, group: int, damp: float = 0.01):
 
 
 def _add_xtx(h, x) -> None:
-    x = x.reshape(-1, h.shape[0]).float()
-    h.add_(x.T @ x)
+    h.addmm_(x.T, x)
 
 
 def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 2100, group: int = 128, force: bool = False) -> Path:
@@ -80,10 +79,9 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
     claim_output_dir(out, force, "quantize", sources=[run_dir])
     run = open_run(run_dir)
     for f in run.folds:
-        why = ("is a LoRA adapter: quantize kk merge --unload's plain model" if f.adapter else "is already quantized" if gptq_bits(f.path)
-               else f"was trained over a {f.cfg.model.quantization} bitsandbytes base: merge into the fp16 base (peft #2321), then quantize"
-               if f.cfg.model.quantization != "none" else None)
-        if why:
+        if why := ("is a LoRA adapter: quantize kk merge --unload's plain model" if f.adapter else "is already quantized" if gptq_bits(f.path)
+                   else f"was trained over a {f.cfg.model.quantization} bitsandbytes base: merge into the fp16 base (peft #2321), then quantize"
+                   if f.cfg.model.quantization != "none" else None):
             raise KKError(f"{f.path} {why}")
     with atomic_dir(out) as tmp:
         mark_output_dir(tmp, "quantize")
@@ -95,16 +93,15 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
             seqs, _ = fmt.sequences(fmt.encode_rows(df.sample(min(rows, len(df)), random_state=cfg.seed)))
             lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
             targets = {n: m for n, m in lin.items() if n.split(".")[0] not in ("score", "classifier", "pooler")}
-            for n, m in targets.items():
-                if m.in_features % group:
-                    raise KKError(f"--group-size {group} does not divide the {m.in_features} input columns of {n}")
+            if bad := next((n for n, m in targets.items() if m.in_features % group), None):
+                raise KKError(f"--group-size {group} does not divide the {targets[bad].in_features} input columns of {bad}")
             left = list(targets.values())
             while left:  # later layers are calibrated on the already quantized earlier ones
                 chunk = [left.pop(0)]
                 while left and 4 * sum(m.in_features**2 for m in chunk + left[:1]) <= HESSIAN_BYTES:
                     chunk.append(left.pop(0))
                 hs = {m: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for m in chunk}
-                hooks = [m.register_forward_pre_hook(lambda m, a, hs=hs: _add_xtx(hs[m], a[0])) for m in chunk]
+                hooks = [m.register_forward_pre_hook(lambda m, a, hs=hs: _add_xtx(hs[m], a[0].flatten(0, -2).float())) for m in chunk]
                 with torch.no_grad():
                     for s in seqs:
                         model(input_ids=torch.as_tensor(np.asarray(s)[None], device=eng.device))
@@ -124,7 +121,6 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
             model.save_pretrained(dst)
             compressor.update_config(str(dst))
             eng.close()
-            write_json(dst / "metrics.json", {**f.metrics, "generation": uuid.uuid4().hex, "quantized": {
-                "method": "gptq", "bits": bits, "group_size": group, "calibration_rows": len(seqs),
-                "calibration_tokens": int(np.mean([len(s) for s in seqs])), "from": str(f.path)}})
+            write_json(dst / "metrics.json", {**f.metrics, "generation": uuid.uuid4().hex, "quantized": {"method": "gptq", "bits": bits,
+                       "group_size": group, "calibration_rows": len(seqs), "mean_tokens": int(np.mean([len(s) for s in seqs]))}})
     return Path(out)
