@@ -114,7 +114,7 @@ def make_folds_cmd(
     df, report = load_train(train, _bad_rows(bad_rows), t)
     report.print_warnings()
     folds = make_folds(df, k=k, seed=seed, stratify_language=t.language_column if stratify_language else None)
-    path = write_folds(folds, out, force=force)
+    path = write_folds(folds, out, force=force, train=train)
     console.print(frame_table(f"{k} folds of {train} (class shares)", fold_summary(df, folds, t), "{:.3f}"))
     info(f"wrote {path}")
 
@@ -570,7 +570,7 @@ def kernel_cmd(
     else:
         if not run:
             raise KKError("give --run to build a kernel (or --dry-run/--push DIR)")
-        K.build_kernel(run, name or run[0].name, out, user, backbone_source, folds, wheel, force, train_path=train,
+        K.build_kernel(run, name, out, user, backbone_source, folds, wheel, force, train_path=train,
                        machine_shape=machine_shape, pin_deps=pin_deps, time_budget_h=time_budget_h, plan_only=plan,
                        rows_for_estimate=rows, overrides=set_)
 

@@ -293,6 +293,11 @@ class TuneParam(_Section):
         return self
 
 
+def is_folder_name(v: str) -> bool:
+    """A run or study name: one folder under runs/, never a path out of it."""
+    return bool(v) and "/" not in v and "\\" not in v and v not in {".", ".."}
+
+
 class Config(_Section):
     name: str = Field("experiment", min_length=1, description="Experiment name; the default run folder is runs/<name>.")
     task: str = Field(
@@ -312,7 +317,7 @@ class Config(_Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
-        if "/" in v or v in {".", ".."}:
+        if not is_folder_name(v):
             raise ValueError("must be a plain folder name")
         return v
 

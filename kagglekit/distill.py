@@ -158,7 +158,7 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     check_writable(out_dir, f"--out {out_dir}")
     outputs = {k: out_dir / f"fold_{k}.csv" for k in fold_ids}
     for path in outputs.values():
-        protect_existing(path, force, "teacher labels")
+        protect_existing(path, force, "teacher labels", sources=[train_path, folds_path, *extra, *teachers])
     fold_of = dict(zip(folds["id"], folds["fold"]))
     labels = df["label"].to_numpy()
     # The teachers' own OOF predictions (what they score on rows they never trained on), for the table.

@@ -126,14 +126,14 @@ class HFEngine:
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from .io import load_safetensors, safetensors_errors
-        from .modeling import apply_pooling, attention_implementation
+        from .modeling import apply_pooling, attention_implementation, no_remote_code
 
         if not (fold.path / "config.json").exists():
             raise KKError(f"{fold.path} has no adapter_config.json or config.json: not a trained fold")
         with safetensors_errors(fold.path):
-            attn = attention_implementation(AutoConfig.from_pretrained(str(fold.path)))
+            attn = attention_implementation(AutoConfig.from_pretrained(str(fold.path), **no_remote_code(fold.path)))
             model = AutoModelForSequenceClassification.from_pretrained(str(fold.path), num_labels=self.task.n_classes,
-                                                                       attn_implementation=attn)
+                                                                       attn_implementation=attn, trust_remote_code=False)
         model.config.pad_token_id = tokenizer.pad_token_id
         if model_cfg.pooling != "cls":
             # The pooling wrapper's weights (and the pooler under it) are saved under the wrapper's names: wrap first.

@@ -244,8 +244,8 @@ def write_submission(test_ids, probs: np.ndarray, out, force: bool = False, samp
     return out
 
 
-def _check_inputs(test_path, sample_submission, out, force: bool, task: Task = LMSYS) -> None:
-    from .io import check_writable
+def _check_inputs(test_path, sample_submission, out, force: bool, task: Task = LMSYS, train_path=None) -> None:
+    from .io import check_writable, refuse_inputs
 
     for what, p in (("--test", test_path), ("--sample-submission", sample_submission)):
         if p is None:
@@ -258,6 +258,7 @@ def _check_inputs(test_path, sample_submission, out, force: bool, task: Task = L
     if sample_submission is not None:
         read_sample_submission(sample_submission, task)  # a binary or empty file is refused before any prediction
     out = Path(out)
+    refuse_inputs(out, [test_path, sample_submission, train_path])
     if out.is_dir():
         raise KKError(f"--out {out} is a folder; give a file name such as {out / 'submission.csv'}")
     check_writable(out.parent, f"--out {out}")
@@ -279,7 +280,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     task = runs_task(runs)  # the runs' competition: its files, its submission
     overrides = [*(overrides or []), *([f"predict.threads={threads}"] if threads else [])] or None
     # Everything that can fail after the long prediction work is checked before it starts.
-    _check_inputs(test_path, sample_submission, out, force, task)
+    _check_inputs(test_path, sample_submission, out, force, task, train_path)
     first_cfg = runs[0].folds[0].inference(overrides, "kk ensemble")  # a bad --set fails before the long work
     train_df, train_report = load_train(train_path or first_cfg.data.train, bad_rows or first_cfg.data.bad_rows, task)
     train_report.print_warnings()
@@ -299,7 +300,7 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
         # The calibrated OOF ensemble: a teacher's soft labels for every training row (distillation).
         from .io import protect_existing, write_csv
 
-        protect_existing(oof_out, force, "OOF soft labels")
+        protect_existing(oof_out, force, "OOF soft labels", sources=[test_path, train_path or first_cfg.data.train, out])
         write_csv(oof_out, task.prob_frame(oof.ids, calibrated))
 
     test_df, report = load_test(test_path, task=task)

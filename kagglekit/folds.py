@@ -88,9 +88,9 @@ def fold_summary(df: pd.DataFrame, folds: pd.DataFrame, task: Task = LMSYS) -> p
     return pd.DataFrame(rows)
 
 
-def write_folds(folds: pd.DataFrame, out: str | os.PathLike, force: bool = False) -> Path:
+def write_folds(folds: pd.DataFrame, out: str | os.PathLike, force: bool = False, train=None) -> Path:
     out = Path(out)
-    protect_existing(out, force, "folds file")
+    protect_existing(out, force, "folds file", sources=[train])
     write_csv(out, folds)
     return out
 

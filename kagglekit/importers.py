@@ -269,7 +269,7 @@ def import_data(fmt: str, src, out, train=None, test=None, seed: int = 42, limit
 
     task = get_task(task_name)
     out = Path(out)
-    protect_existing(out, force, "imported data")
+    protect_existing(out, force, "imported data", sources=[src, train, test])
     check_writable(out.parent, f"--out {out}")
     for what, path in (("--train", train), ("--test", test)):
         if path is not None and not Path(path).is_file():

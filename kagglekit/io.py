@@ -134,12 +134,7 @@ def claim_output_dir(path: str | os.PathLike, force: bool, command: str, sources
     (the command's inputs) are never replaced, nor a folder holding them, whatever the marker says.
     """
     path = Path(path)
-    target = path.resolve()
-    for src in sources:
-        src = Path(src).resolve()
-        if target == src or target in src.parents:
-            what = "is" if target == src else "holds"
-            raise KKError(f"--out {path} {what} the input {src}; choose another folder")
+    refuse_inputs(path, sources)
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir():
@@ -153,6 +148,16 @@ def claim_output_dir(path: str | os.PathLike, force: bool, command: str, sources
         by = f"made by kk {made_by}" if made_by else f"not made by kk {command} (no {OUTPUT_MARKER})"
         raise KKError(f"{path} is {by}; --force replaces only an earlier kk {command} output: choose another folder "
                       "or remove it yourself")
+
+
+def refuse_inputs(path: str | os.PathLike, sources) -> None:
+    """An output that is one of its command's inputs, or a folder holding one (links resolved), is refused, with
+    ``--force`` too: it replaces outputs, never what the command reads."""
+    target = Path(path).resolve()
+    for src in filter(None, sources):
+        src = Path(src).resolve()
+        if target == src or target in src.parents:
+            raise KKError(f"--out {path} {'is' if target == src else 'holds'} the input {src}; choose another path")
 
 
 def output_command(path: str | os.PathLike) -> str | None:
@@ -176,7 +181,7 @@ def _umask() -> int:
     return mask
 
 
-def protect_existing(path: str | os.PathLike, force: bool, what: str, policy: str = "refuse") -> Path | None:
+def protect_existing(path: str | os.PathLike, force: bool, what: str, policy: str = "refuse", sources=()) -> Path | None:
     """The explicit policy for an output that already exists.
 
     ``policy="refuse"``: raise unless ``force``. ``policy="keep"``: keep the old file under a
@@ -186,6 +191,7 @@ def protect_existing(path: str | os.PathLike, force: bool, what: str, policy: st
     it under :func:`file_lock` of the output so the backup and the following rename are one step.
     """
     path = Path(path)
+    refuse_inputs(path, sources)  # ``sources``: the command's inputs, never replaced
     if not path.exists() or force:
         return None
     if policy == "refuse":

@@ -101,12 +101,31 @@ def check_backbone(name_or_path: str) -> None:
         raise KKError(f"model.backbone {name_or_path} does not exist")
 
 
+def no_remote_code(source) -> dict:
+    """The keyword every ``from_pretrained`` gets: code shipped in a model folder never runs (transformers would
+    otherwise ask on the terminal, and a "y" on stdin runs it). A folder whose architecture exists only as such
+    code (an ``auto_map`` and a ``model_type`` transformers lacks) is refused here, before anything loads."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    conf = Path(str(source)).expanduser() / "config.json"
+    try:
+        meta = json.loads(conf.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None  # not a local folder, or a damaged file that from_pretrained reports
+    if isinstance(meta, dict) and meta.get("auto_map") and meta.get("model_type") not in CONFIG_MAPPING:
+        raise KKError(f"{conf}: model_type {meta.get('model_type')!r} exists only as Python code in the folder (auto_map); "
+                      "kagglekit never runs code from a model folder")
+    return {"trust_remote_code": False}
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     check_backbone(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **no_remote_code(name_or_path))
     except (OSError, ValueError) as e:
         raise KKError(f"cannot load the tokenizer of {name_or_path!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
@@ -150,11 +169,11 @@ def count_parameters(name_or_path: str, num_labels: int = LMSYS.n_classes) -> in
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
-        conf = AutoConfig.from_pretrained(name_or_path)
+        conf = AutoConfig.from_pretrained(name_or_path, **no_remote_code(name_or_path))
         conf.num_labels = num_labels
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(conf)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, KKError):
         return None
     return sum(p.numel() for p in model.parameters())
 
@@ -285,12 +304,12 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
     qconf = _quantization_config(model_cfg.quantization, autocast_dtype)
     what = "model.backbone" if source == model_cfg.backbone else "model.init_from"
     try:
-        conf = AutoConfig.from_pretrained(source)
+        conf = AutoConfig.from_pretrained(source, **no_remote_code(source))
     except (OSError, ValueError) as e:
         raise KKError(f"cannot load {what} {source!r}: {str(e).splitlines()[0]}") from None
     # ignore_mismatched_sizes: a head of another size (a reward model's 1 logit, the other competition's classes) is re-initialised, not an error;
     # output_loading_info says which weights those were.
-    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True, "output_loading_info": True,
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True, "output_loading_info": True, "trust_remote_code": False,
               "attn_implementation": attention_implementation(conf, device, packing)}
 
     if weight_dtype is not None and qconf is None:
@@ -360,6 +379,10 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
         raise KKError(f"model.init_from {init[1]} is a LoRA fold: continue it with lora.enabled=true")
     model = load_backbone(cfg.model, tokenizer, device, autocast_dtype, packing=cfg.train.packing,
                           num_labels=get_task(cfg.task).n_classes)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # a token id past the matrix crashes the first batch holding it, mid-run
+        raise KKError(f"model.backbone {cfg.model.backbone}: its tokenizer has {len(tokenizer)} tokens but the model's "
+                      f"embeddings only {rows} rows (a tokenizer from another checkpoint?)")
 
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training

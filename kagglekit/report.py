@@ -155,7 +155,7 @@ def build_report(runs: list, out, train_path=None, force: bool = False) -> Path:
     if not runs:
         raise KKError("give at least one --run")
     out = Path(out)
-    protect_existing(out, force, "report")
+    protect_existing(out, force, "report", sources=[train_path])
     data = collect(runs, train_path)
     task = data["task"]
     figs = _figures(data)

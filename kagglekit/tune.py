@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, is_folder_name
 from .errors import KKError
 from .task import LMSYS, Task, get_task
 
@@ -120,6 +120,7 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
              timeout: float | None = None, runs_root: str | Path = "runs", pruner="median",
              keep_best_only: bool = False):
     """Run ``n_trials`` more trials of the study; returns the Optuna study."""
+    check_study_name(study_name or cfg.name)
     optuna = _optuna()
     if not cfg.tune:
         raise KKError("the config has an empty search space: add a tune: section (e.g. train.lr: {low: 1e-5, high: 3e-4, log: true})")
@@ -217,10 +218,17 @@ def _metric_name(study) -> str:
     return f"val {task.metric.title}"
 
 
+def check_study_name(name: str) -> str:
+    if not is_folder_name(name):
+        raise KKError(f"--study {name!r}: a study is named like a config (one folder under --runs, no '/' or '..')")
+    return name
+
+
 def write_best_config(study_name: str, storage: str, out: str | Path | None = None, force: bool = False) -> Path:
     """The best trial's values applied to the study's base config, as a file `kk train` accepts."""
     from .io import protect_existing, write_text
 
+    check_study_name(study_name)
     study = open_study(study_name, storage, create=False)
     best = _best_trial(study)
     if best is None:

@@ -51,12 +51,15 @@ def kaggle_user(explicit: str | None = None) -> str:
     return name
 
 
-def slugify(name: str) -> str:
+def slugify(name: str, pad: bool = False) -> str:
     """The kernel's slug: lowercase letters, digits and dashes, 5-50 characters (the kaggle CLI refuses a
-    kernel slug under five characters: kaggle-api, validate_kernel_string)."""
+    kernel slug under five characters: kaggle-api, validate_kernel_string). ``pad``: a default name (a run's
+    folder) too short for that becomes ``<name>-kernel`` rather than an error about a --name never given."""
     import re
 
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50].strip("-")
+    if len(slug) < 5 and pad:
+        slug = f"{slug}-kernel".strip("-")
     if len(slug) < 5:
         raise KKError(f"--name {name!r} must give a slug of at least 5 letters, digits or dashes (Kaggle's minimum)")
     return slug
@@ -129,12 +132,12 @@ def check_machine_shape(machine_shape: str) -> str:
     return machine_shape
 
 
-def build_kernel(runs: list, name: str, out=None, user: str | None = None, backbone_source: str | None = None,
+def build_kernel(runs: list, name: str | None, out=None, user: str | None = None, backbone_source: str | None = None,
                  folds="all", extra_wheels: list | None = None, force: bool = False, fit: bool = True,
                  train_path=None, machine_shape: str = "NvidiaTeslaT4", pin_deps: bool = False,
                  time_budget_h: float | None = None, plan_only: bool = False, rows_for_estimate=None,
                  overrides: list[str] | None = None) -> Path | None:
-    """Write the notebook and its two datasets; returns ``kernels/<name>``. ``overrides``: ``--set predict.*``
+    """Write the notebook and its two datasets; returns ``kernels/<name>`` (``name`` None: the first run's folder name). ``overrides``: ``--set predict.*``
     inference settings, written into the kernel's copy of each fold's config.yaml (the run's stay as trained).
 
     First the plan is printed (per run: one fold per GPU, split over both, or refused with the fix; rows
@@ -163,7 +166,7 @@ def build_kernel(runs: list, name: str, out=None, user: str | None = None, backb
 
     if not runs:
         raise KKError("give at least one --run")
-    slug = slugify(name)
+    slug = slugify(name or Path(runs[0]).resolve().name, pad=name is None)  # default: the first run's folder
     user = kaggle_user(user) if not plan_only else None
     out = Path(out) if out else Path("kernels") / slug
     if not plan_only:  # --plan writes nothing
@@ -285,7 +288,7 @@ def _backbone_config(backbone: str):
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(backbone, local_files_only=True)
+        return AutoConfig.from_pretrained(backbone, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError):
         return None
 

@@ -92,10 +92,12 @@ def meta_model(config_or_path, num_labels: int):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from ..modeling import no_remote_code
+
     conf = config_or_path
     if not hasattr(conf, "model_type"):
         try:
-            conf = AutoConfig.from_pretrained(str(config_or_path))
+            conf = AutoConfig.from_pretrained(str(config_or_path), **no_remote_code(config_or_path))
         except (OSError, ValueError, KeyError) as e:
             raise KKError(f"cannot read the backbone config in {config_or_path}: {str(e).splitlines()[0]}") from None
     conf.num_labels = num_labels
@@ -288,12 +290,14 @@ def sample_lengths(fold_path: Path, cfg, rows_source=None, n: int = 2000, seed: 
 
     df = rows_source
     if df is None or isinstance(df, (str, Path)):
-        candidates = [df] if df is not None else [cfg.data.test, cfg.data.train]
+        asked, candidates = df is not None, [df] if df is not None else [cfg.data.test, cfg.data.train]
         df = None
         for path in candidates:
             try:
                 got, _ = load_test(path, task=get_task(cfg.task))
-            except (KKError, OSError, ValueError):
+            except (KKError, OSError, ValueError) as e:
+                if asked:  # --rows: an estimate from rows never read would only look like one
+                    raise KKError(f"--rows {path}: {str(e).splitlines()[0]}") from None
                 continue
             if len(got) >= 50 or path == candidates[-1]:
                 df = got
