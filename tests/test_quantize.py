@@ -126,7 +126,7 @@ def test_vllm_engine_predicts_as_hf_in_length_sorted_chunks(merged_llama, tiny_p
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setattr(ve, "CHUNK", 16)
     hf = predict_fold(merged_llama, 0, tiny_project / "test.csv").iloc[:, 1:].to_numpy()
-    vl = predict_fold(merged_llama, 0, tiny_project / "test.csv", overrides=["predict.engine=vllm"], force=True).iloc[:, 1:].to_numpy()
+    vl = predict_fold(merged_llama, 0, tiny_project / "test.csv", overrides=["predict.engine=vllm"]).iloc[:, 1:].to_numpy()
     np.testing.assert_allclose(vl, hf, atol=1e-5)
     kw = fake.inits[0]
     assert kw["runner"] == "pooling" and kw["convert"] == "classify" and kw["enable_prefix_caching"] is True
