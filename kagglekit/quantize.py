@@ -66,6 +66,7 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
     from .formatting import Formatter
     from .io import atomic_dir, claim_output_dir, mark_output_dir, write_json
     from .runs import open_run
+    from .versions import library_versions
 
     if bits not in (4, 8):
         raise KKError(f"--bits must be 8 or 4 (got {bits})")
@@ -121,6 +122,6 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
             model.save_pretrained(dst)
             compressor.update_config(str(dst))
             eng.close()
-            write_json(dst / "metrics.json", {**f.metrics, "generation": uuid.uuid4().hex, "quantized": {"method": "gptq", "bits": bits,
-                       "group_size": group, "calibration_rows": len(seqs), "mean_tokens": int(np.mean([len(s) for s in seqs]))}})
+            write_json(dst / "metrics.json", {**f.metrics, "generation": uuid.uuid4().hex, "versions": library_versions(), "quantized": {
+                "bits": bits, "group_size": group, "calibration_rows": len(seqs), "mean_tokens": int(np.mean([len(s) for s in seqs]))}})
     return Path(out)

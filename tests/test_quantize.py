@@ -67,7 +67,7 @@ def test_quantized_merged_llama_predicts_close_and_runs_in_the_kernel(merged_lla
     assert json.loads((fold / "metrics.json").read_text())["quantized"]["calibration_rows"] == 32
     fp = predict_fold(merged_llama, 0, tiny_project / "test.csv").iloc[:, 1:].to_numpy()
     q8 = predict_fold(tmp_path / "q8", 0, tiny_project / "test.csv").iloc[:, 1:].to_numpy()
-    assert 0 < np.abs(q8 - fp).max() < 0.01  # 8-bit: probabilities within 0.01 of the fp model's
+    assert 0 < np.abs(q8 - fp).max() < 0.002  # 8-bit: within 0.002 of the fp model (measured 2.1e-4; 4-bit: 3.7e-3)
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # no download: the refusal names the wheel to attach
     with pytest.raises(KKError, match="needs compressed-tensors.*--wheel compressed_tensors-"):

@@ -371,8 +371,6 @@ def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
     image has none of them; vllm's own dependencies are the user's to attach with --wheel), and with ``pin_deps`` the exact
     transformers/peft/tokenizers/accelerate the runs were trained with: the notebook installs them
     ahead of the image's own before anything imports them."""
-    from importlib.metadata import PackageNotFoundError, version
-
     have = {p.name.split("-")[0].lower().replace("_", "-") for p in whl.glob("*.whl")}
     runs = manifest["runs"]
     needs = {"bitsandbytes": [e["name"] for e in runs if e.get("quantization", "none") != "none"],
@@ -381,10 +379,7 @@ def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
     for name, which in needs.items():
         if not which or name in have:
             continue
-        try:
-            ver = next((e["versions"].get(name) for e in runs if e["versions"].get(name)), None) or version(name)
-        except PackageNotFoundError:
-            ver = None
+        ver = next((e["versions"].get(name) for e in runs if e["versions"].get(name)), None)
         spec = f"{name}=={ver}" if ver else name
         try:
             download_wheels([spec], whl)
