@@ -68,6 +68,13 @@ def test_quantized_merged_llama_predicts_close_and_runs_in_the_kernel(merged_lla
     fp = predict_fold(merged_llama, 0, tiny_project / "test.csv").iloc[:, 1:].to_numpy()
     q8 = predict_fold(tmp_path / "q8", 0, tiny_project / "test.csv").iloc[:, 1:].to_numpy()
     assert 0 < np.abs(q8 - fp).max() < 0.002  # 8-bit: within 0.002 of the fp model (measured 2.1e-4; 4-bit: 3.7e-3)
+    from kagglekit.kernel.plan import THROUGHPUT, estimate_run
+    from kagglekit.runs import open_run
+
+    plans = [estimate_run(open_run(tmp_path / "q8").folds, str(fold), "NvidiaTeslaT4", tiny_project / "test.csv", o)
+             for o in (None, ["predict.engine=vllm"])]  # HF decompresses it; vLLM serves the 8-bit weights
+    assert [p["placement"].weights for p in plans] == ["fp32", "gptq8"]
+    assert plans[1]["hours"]["total_h"] / plans[0]["hours"]["total_h"] == pytest.approx(1 / THROUGHPUT["gptq8"])
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # no download: the refusal names the wheel to attach
     with pytest.raises(KKError, match="needs compressed-tensors.*--wheel compressed_tensors-"):
