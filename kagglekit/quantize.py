@@ -1,11 +1,9 @@
 """`kk quantize`: a full-weight run (``kk merge --unload``'s) in GPTQ 8/4-bit, as the LMSYS 1st place shipped it.
 
-GPTQ (Frantar et al. 2022, blocked as in its reference code) is solved here over the run's own training rows, layers
-in Hessian-sized groups, earlier groups quantized first; saved in compressed-tensors' ``pack-quantized`` format: a
-pure-Python wheel (installs offline from the kernel's wheels) that transformers loads itself (the CPU tests; the HF
-engine decompresses it to fp16 at the first forward) and vLLM serves with Marlin kernels on a T4 (sm 7.5: vllm PRs
-#29901, #31000). llmcompressor (whose GPTQ this mirrors) pins transformers<=5.17; gptqmodel/auto-gptq are CUDA builds.
-"""
+GPTQ (Frantar et al. 2022, blocked) is solved here on the run's training rows, layer groups in order; saved in
+compressed-tensors' ``pack-quantized`` format: a pure-Python wheel (the kernel carries it) that transformers loads (the
+HF engine decompresses it to fp16; the CPU tests) and vLLM serves with Marlin kernels on a T4 (vllm PRs #29901, #31000).
+llmcompressor (whose GPTQ this mirrors) pins transformers<=5.17; gptqmodel and auto-gptq are CUDA source builds."""
 
 from __future__ import annotations
 
