@@ -34,7 +34,7 @@ lint: setup
 
 # Wheels the GPU image lacks, for benchmarks/gpu_check.sh (carried to the GPU machine in wheels/).
 gpu-wheels: setup
-	$(BIN)/pip download --no-deps -d wheels flashdeberta einops
+	$(BIN)/pip download --no-deps -d wheels flashdeberta einops compressed-tensors loguru
 	$(BIN)/pip download --no-deps -d wheels --only-binary=:all: --platform manylinux_2_24_x86_64 bitsandbytes
 
 bench: setup

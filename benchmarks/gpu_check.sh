@@ -13,7 +13,9 @@
 #      adapter predicting at 8-bit and the preset's predict.max_length (8,192): tokens/s and peak memory of both.
 #   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
 #      samples/s padded and packed (train.packing), inference with max_tokens auto, peak memory.
-#   4. Inference of the Gemma-2-9B width in fp16, 8-bit and 4-bit (bench_quant.py): the throughput ratios the
+#   4. Inference of the Gemma-2-9B width in fp16, 8-bit and 4-bit, GPTQ 8-bit through HF and vLLM beside vLLM fp16
+#      (bench_quant.py; compressed-tensors from $WHEELS; the vLLM rows only where vllm is already installed: it pins
+#      its own torch): the throughput ratios the
 #      kernel's time estimate assumes (kagglekit/kernel/plan.py THROUGHPUT), measured.
 #   5. DeBERTa-v3-base architecture (random weights), LoRA r16, 1,280 tokens, lengths of the real rows:
 #      kagglekit's training loop in bf16 and in fp16 (as on a T4), with and without gradient checkpointing
@@ -41,6 +43,7 @@ else
   PRESET="--steps 4 --infer-rows 32"
   if [ -d "$WHEELS" ]; then
     $PY -m pip install -q --no-index --find-links "$WHEELS" bitsandbytes flashdeberta einops 2>&1 | tail -2 || true
+    $PY -m pip install -q --no-index --find-links "$WHEELS" compressed-tensors loguru 2>&1 | tail -2 || true
   fi
 fi
 export PYTHONUNBUFFERED=1 KK_QUIET=1

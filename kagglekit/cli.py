@@ -442,6 +442,24 @@ def merge_cmd(
                              ["speed-up", f"{c['speedup']:.2f}x"]], floats="{:.5f}"))
 
 
+@command("quantize")
+def quantize_cmd(
+    run: Path = typer.Option(..., "--run", help="A full-weight run (kk merge --unload / --method delta output, fp16 or fp32)."),
+    bits: int = typer.Option(8, "--bits", help="8 or 4 (GPTQ, symmetric)."),
+    out: Path = typer.Option(..., "--out", help="The quantized run's folder."),
+    rows: int = typer.Option(128, "--rows", min=1, help="Calibration rows (the run's training rows, its formatter)."),
+    length: int = typer.Option(2100, "--length", min=16, help="Calibration tokens per row at most."),
+    group: int = typer.Option(128, "--group-size", min=1, help="Columns sharing one scale."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier kk quantize output."),
+):
+    """GPTQ-quantize a merged run for kk predict / ensemble / kernel (defaults: the LMSYS 1st place's 128 rows x 2,100
+    tokens, group size 128). Example: kk quantize --run runs/gemma2-merged --bits 8 --out runs/gemma2-gptq8"""
+    from .quantize import quantize_run
+    from .ui import info
+
+    info(f"wrote {quantize_run(run, out, bits, rows, length, group, force)}")
+
+
 @command("report")
 def report_cmd(
     run: list[Path] = typer.Option(..., "--run", help="Run folder (repeat to compare runs)."),

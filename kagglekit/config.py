@@ -264,6 +264,8 @@ class PredictConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
         None, description="Inference precision; null = as trained (model.precision).",
     )
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers' forward; vllm: vLLM's classification runner for "
+                                          "decoders (prefix caching; serves kk quantize's GPTQ runs with T4 kernels).")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="CPU threads for torch in kk predict / ensemble / predict-one / merge's check "
                          "(0 = torch's default); kk predict and kk ensemble --threads override it.")
 

@@ -29,7 +29,7 @@ from .runs import Fold, file_sha256, fold_generation, open_fold, open_run
 def inference_settings(cfg) -> dict:
     """The settings that change a fold's predictions beyond its weights: what the prediction cache tells apart."""
     m = cfg.inference_model()
-    return {"max_length": m.max_length, "quantization": m.quantization, "precision": m.precision}
+    return {"max_length": m.max_length, "quantization": m.quantization, "precision": m.precision, "engine": cfg.predict.engine}
 
 
 class FoldCache:

@@ -451,7 +451,7 @@ STATS_FIELDS = ("kept", "total", "char_cut", "rounds_kept", "rounds_total")  # T
 # scores early stopping compares and the OOF predictions written. A new key is refused until it is listed here.
 RESUME_MAY_CHANGE = ("name", "data.test", "train.threads", "train.checkpoint_minutes", "train.eval_batch_size",
                      "predict.batch_size", "predict.tta", "predict.tta_share", "predict.time_budget_h", "predict.max_tokens",
-                     "predict.quantization", "predict.precision", "predict.threads", "tune.")
+                     "predict.quantization", "predict.precision", "predict.threads", "predict.engine", "tune.")
 
 
 def check_resumed_config(cfg: Config, work: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import platform
 
-LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "accelerate", "bitsandbytes")
+LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "accelerate", "bitsandbytes", "compressed-tensors", "vllm")
 
 
 def library_versions() -> dict:

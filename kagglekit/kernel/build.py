@@ -159,6 +159,7 @@ def build_kernel(runs: list, name: str | None, out=None, user: str | None = None
     from ..ensemble import choose_calibration
     from ..io import atomic_dir, claim_output_dir, mark_output_dir, write_json, write_text
     from ..modeling import fold_base_weights
+    from ..quantize import gptq_bits
     from ..runs import oof_set, open_runs, runs_task
     from ..ui import info
     from ..versions import library_versions
@@ -214,7 +215,8 @@ def build_kernel(runs: list, name: str | None, out=None, user: str | None = None
             used.add(rname)
             cfg0 = run.folds[0].inference(overrides)
             entry = {"name": rname, "folds": [], "versions": run.folds[0].metrics.get("versions") or library_versions(),
-                     "quantization": cfg0.inference_model().quantization, "tta": cfg0.predict.tta,
+                     "quantization": cfg0.inference_model().quantization, "tta": cfg0.predict.tta, "engine": cfg0.predict.engine,
+                     "gptq": gptq_bits(run.folds[0].path),
                      "tta_share": cfg0.predict.tta_share}
             for fold in run.folds:
                 cfg = fold.inference(overrides)
@@ -346,7 +348,7 @@ def print_plan(plan: list[dict], machine_shape: str, budget_h: float) -> None:
 
 # --- what Kaggle's image lacks travels with the kernel --------------------------------------------------------------
 
-# Kaggle's image (docker-python, 2026-08): Python 3.12, x86-64 manylinux; no bitsandbytes.
+# Kaggle's image (docker-python, 2026-08): Python 3.12, x86-64 manylinux; no bitsandbytes, compressed-tensors, vllm.
 KAGGLE_PYTHON = "3.12"
 KAGGLE_PLATFORMS = ("manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 PINNABLE = ("transformers", "peft", "tokenizers", "accelerate")
@@ -365,19 +367,25 @@ def download_wheels(specs: list[str], dest: Path) -> None:
 
 
 def bundle_dependencies(manifest: dict, whl: Path, pin_deps: bool) -> None:
-    """bitsandbytes for quantized runs (Kaggle's image has none), and with ``pin_deps`` the exact
+    """bitsandbytes for quantized runs, compressed-tensors for GPTQ runs, vllm for predict.engine: vllm (Kaggle's
+    image has none of them; vllm's own dependencies are the user's to attach with --wheel), and with ``pin_deps`` the exact
     transformers/peft/tokenizers/accelerate the runs were trained with: the notebook installs them
     ahead of the image's own before anything imports them."""
     have = {p.name.split("-")[0].lower().replace("_", "-") for p in whl.glob("*.whl")}
-    quantized = [e["name"] for e in manifest["runs"] if e.get("quantization", "none") != "none"]
-    if quantized and "bitsandbytes" not in have:
-        version = next((e["versions"].get("bitsandbytes") for e in manifest["runs"] if e["versions"].get("bitsandbytes")), None)
-        spec = f"bitsandbytes=={version}" if version else "bitsandbytes"
+    runs = manifest["runs"]
+    needs = {"bitsandbytes": [e["name"] for e in runs if e.get("quantization", "none") != "none"],
+             "compressed-tensors": [e["name"] for e in runs if e.get("gptq")], "vllm": [e["name"] for e in runs if e.get("engine") == "vllm"]}
+    needs["loguru"] = needs["compressed-tensors"]  # compressed-tensors' one dependency the image lacks
+    for name, which in needs.items():
+        if not which or name in have:
+            continue
+        ver = next((e["versions"].get(name) for e in runs if e["versions"].get(name)), None)
+        spec = f"{name}=={ver}" if ver else name
         try:
             download_wheels([spec], whl)
         except OSError as e:
-            raise KKError(f"run {quantized[0]} is quantized and Kaggle's image has no bitsandbytes; downloading a wheel for "
-                          f"Python {KAGGLE_PYTHON} failed ({e}): attach one with --wheel bitsandbytes-<version>-py3-none-"
+            raise KKError(f"run {which[0]} needs {name} and Kaggle's image has no {name}; downloading a wheel for "
+                          f"Python {KAGGLE_PYTHON} failed ({e}): attach one with --wheel {name.replace('-', '_')}-<version>-py3-none-"
                           f"manylinux_2_24_x86_64.whl (pip download --no-deps --only-binary=:all: --python-version "
                           f"{KAGGLE_PYTHON} --platform manylinux_2_24_x86_64 {spec})") from None
     if pin_deps:

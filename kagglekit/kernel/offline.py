@@ -103,7 +103,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     from ..task import get_task
     from ..tta import tta_mode
     from ..ui import info
-    from .plan import adapter_bytes, place
+    from .plan import adapter_bytes, inference_format, place
 
     t0 = clock()
     artifacts = Path(artifacts)
@@ -127,7 +127,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
         placement = None
         if n_gpu:
             # The attached backbone is checked here too: kk kernel could not see its size.
-            placement = place(backbone, cfg.model.quantization, n_gpu, gpu_bytes, task.n_classes, adapter_bytes(f.path for f in run.folds))
+            placement = place(backbone, inference_format(run.folds[0]), n_gpu, gpu_bytes, task.n_classes, adapter_bytes(f.path for f in run.folds))
             if placement.kind == "refused":
                 raise KKError(f"run {entry['name']} does not fit this machine's GPUs: {placement.reason}")
         plans.append(RunPlan(entry["name"], [Job(r, f, f.name) for f in run.folds], backbone,

@@ -43,7 +43,12 @@ T4_FP16_UTILISATION = 0.35
 # Gemma-2-9B in 4-bit with fp16 compute on 2 x T4 over the ~25,000 hidden rows (discussion "Gemma2 9b's
 # inference time is much longer than Llama3 8b", July 2024); this table gives 3.7 h at ~700 tokens a row.
 # fp32 master weights (small models) still compute in fp16 under autocast: factor 1.
-THROUGHPUT = {"fp16": 1.0, "fp32": 1.0, "8bit": 0.31, "4bit": 0.49}
+# gptq8/gptq4: kk quantize's runs under predict.engine: vllm (the HF engine decompresses them to fp16: factor 1).
+# From the WSDM Cup 7th place's Kaggle T4 timings per 512 rows (discussion 567589): Qwen2.5-14B fp16 at 3072 tokens
+# 10.5 min; Mistral-24B GPTQ at 2048 16.4 min, Qwen2.5-32B GPTQ at 2048 20.0 min: FLOPs (2 x params x tokens) per
+# minute relative to the fp16 model 0.73 and 0.80. Their bits are not stated (32B fits 2 x T4 only at <= 4 bits);
+# 8-bit takes the slower 0.73 too until benchmarks/gpu_check.sh measures it.
+THROUGHPUT = {"fp16": 1.0, "fp32": 1.0, "8bit": 0.31, "4bit": 0.49, "gptq8": 0.73, "gptq4": 0.73}
 
 
 @dataclass
@@ -105,7 +110,7 @@ def weight_format(params: int, quantization: str) -> str:
     small models and fp16 above modeling.FP32_INFERENCE_MAX_BYTES (what inference_weight_dtype does)."""
     from ..modeling import FP32_INFERENCE_MAX_BYTES
 
-    if quantization in ("4bit", "8bit"):
+    if quantization in ("4bit", "8bit", "gptq8", "gptq4"):
         return quantization
     return "fp32" if 4 * params <= FP32_INFERENCE_MAX_BYTES else "fp16"
 
@@ -120,7 +125,7 @@ def _param_dtypes(model, weights: str) -> dict:
     from ..modeling import HEAD_MODULES
 
     half = torch.float32 if weights == "fp32" else torch.float16
-    quant = {"4bit": CustomDtype.INT4, "8bit": torch.int8}.get(weights)
+    quant = {"4bit": CustomDtype.INT4, "8bit": torch.int8, "gptq4": CustomDtype.INT4, "gptq8": torch.int8}.get(weights)
     out = {}
     for mname, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):
@@ -129,6 +134,14 @@ def _param_dtypes(model, weights: str) -> dict:
             linear = isinstance(module, torch.nn.Linear) and pname == "weight"
             out[name] = quant if quant is not None and linear and not is_head else half
     return out
+
+
+def inference_format(fold, overrides=None) -> str:
+    """model.quantization as inference loads it, or gptq8/gptq4 for a kk quantize run that vLLM serves."""
+    from ..quantize import gptq_bits
+
+    cfg, bits = fold.inference(overrides), gptq_bits(fold.path)
+    return f"gptq{bits}" if bits and cfg.predict.engine == "vllm" else cfg.inference_model().quantization
 
 
 def adapter_bytes(fold_paths) -> int:
@@ -253,11 +266,11 @@ def estimate_run(folds: list, backbone_conf, machine_shape: str, rows_source=Non
     cfg = cfg.model_copy(update={"model": cfg.inference_model()})  # predict.quantization/max_length where set
     tta = cfg.predict.tta if tta is None else tta
     share = second_pass_share(tta, cfg.predict.tta_share if tta_share is None else tta_share)
-    out = {"folds": len(folds), "tta": tta_mode(tta), "share": share, "quantization": cfg.model.quantization,
+    out = {"folds": len(folds), "tta": tta_mode(tta), "share": share, "quantization": inference_format(folds[0], overrides),
            "passes": len(folds) * (1 + share), "placement": None, "tokens": None, "hours": None, "tflop": None}
     if backbone_conf is None:
         return out
-    pl = place(backbone_conf, cfg.model.quantization, gpus, gpu_bytes, folds[0].task.n_classes, adapter_bytes(f.path for f in folds))
+    pl = place(backbone_conf, out["quantization"], gpus, gpu_bytes, folds[0].task.n_classes, adapter_bytes(f.path for f in folds))
     lengths = sample_lengths(folds[0].path, cfg, rows_source, n=len(rows_source) if hasattr(rows_source, "columns") else 2000)
     lengths = lengths or [cfg.model.max_length]
     out.update(placement=pl, tokens=float(sum(lengths) / len(lengths)))
