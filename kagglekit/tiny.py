@@ -109,7 +109,7 @@ def build_tiny_model(
 
     quiet_libraries()
     out = Path(out_dir)
-    claim_output_dir(out, force, "tiny-model")
+    claim_output_dir(out, force, "tiny-model", sources=[train_csv])
     texts = _corpus(train_csv)
     torch.manual_seed(seed)
     if arch == "deberta-v2":
