@@ -223,7 +223,7 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, 
     train_mod.save_checkpoint = lambda s: None
     tc = cfg.train
     s = train_mod.Session(cfg, 0, work / "kk", device, dtype, type("Tok", (), {"pad_token_id": pad_id})(), None)
-    s.model = s.ddp_model = model
+    s.model = s.wrapped = model
     s.max_tokens = max_tokens
     s.optimizer = torch.optim.AdamW(train_mod.param_groups(model, tc), lr=tc.lr)
     inputs = train_mod.FoldInputs(None, None, seqs, LMSYS.one_hot(labels), [[i] for i in range(len(seqs))], None, tc.batch_size)
