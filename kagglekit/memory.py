@@ -148,8 +148,8 @@ def check_fits(cfg, gpus: int, strategy: str, gpu_gib: float) -> None:
     """``kk train`` before loading onto a GPU: one line naming the knobs when the plan cannot fit."""
     plan, need, knobs = plan_verdict(cfg, gpus, strategy, gpu_gib, zero_stage_of(cfg, strategy))
     if knobs:
-        raise OutOfMemory(f"training {cfg.model.backbone} needs about {need:.1f} GiB per GPU, more than {HEADROOM:.0%} of "
-                          f"{gpu_gib:.1f} GiB; fits with: {'; '.join(knobs)} (kk train --plan shows the parts)")
+        raise OutOfMemory(f"training {cfg.model.backbone} needs about {need:.3g} GiB per GPU, more than {HEADROOM:.0%} of "
+                          f"{gpu_gib:.3g} GiB; fits with: {'; '.join(knobs)} (kk train --plan shows the parts)")
 
 
 def zero_stage_of(cfg, strategy: str) -> int:

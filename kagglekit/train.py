@@ -255,6 +255,11 @@ def resolve_strategy(cfg: Config, world: int) -> str:
     if strategy in SHARDED and "MASTER_ADDR" not in os.environ:
         raise KKError(f"train.strategy={strategy} runs under a launcher: torchrun --nproc_per_node N -m kagglekit.cli -- "
                       "train ... (or accelerate launch -m kagglekit.cli train ...)")
+    if strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise KKError("train.strategy=deepspeed needs DeepSpeed on GPUs (pip install deepspeed)") from None
     return strategy if strategy in SHARDED else "ddp"
 
 
@@ -624,12 +629,9 @@ def deepspeed_json(key: str) -> tuple[Path, dict]:
 def deepspeed_engine(s: Session, batch_size: int):
     """``deepspeed.initialize`` with the JSON train.deepspeed names; kagglekit's batch, accumulation, clipping and
     precision fill the keys its loop depends on."""
+    import deepspeed
     import torch
 
-    try:
-        import deepspeed
-    except ImportError:
-        raise KKError("train.strategy=deepspeed needs DeepSpeed on GPUs (pip install deepspeed)") from None
     conf, tc = deepspeed_json(s.cfg.train.deepspeed)[1], s.cfg.train
     conf.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=tc.grad_accum,
                 gradient_clipping=tc.max_grad_norm, bf16={"enabled": s.amp_dtype == torch.bfloat16},

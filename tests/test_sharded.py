@@ -11,6 +11,7 @@ import sys
 import time
 
 import pandas as pd
+from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli, tiny_config
@@ -82,3 +83,157 @@ def test_fsdp_resumes_exactly_after_sigterm(tiny_project, tmp_path):
     assert pd.read_csv(b / "train_log.csv")["step"].tolist() == list(range(1, 11))  # no step repeated or lost
     assert (a / "oof.csv").read_bytes() == (b / "oof.csv").read_bytes()
     assert not (b / "checkpoint").exists()
+
+
+# --- DeepSpeed, by simulation: it cannot run here ------------------------------------------------------------------
+
+
+class FakeEngine:
+    """What kagglekit's loop calls on DeepSpeed's engine, done the plain way on the CPU, and recorded."""
+
+    def __init__(self, model, optimizer, calls):
+        self.module, self.optimizer, self.calls = model, optimizer, calls
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def set_gradient_accumulation_boundary(self, flag):
+        self.calls.append(("boundary", flag))
+
+    def backward(self, loss, scale_wrt_gas=True):
+        self.calls.append(("backward", scale_wrt_gas))
+        loss.backward()
+
+    def step(self):
+        self.calls.append(("step",))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def zero_optimization_stage(self):
+        return 2
+
+    def save_checkpoint(self, folder, tag):
+        self.calls.append(("save", tag))
+        (Path(folder) / tag).mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    import types
+
+    calls, received = [], []
+
+    def initialize(**kwargs):
+        received.append(kwargs)
+        return FakeEngine(kwargs["model"], kwargs["optimizer"], calls), kwargs["optimizer"], None, None
+
+    import importlib.machinery
+
+    fake = types.ModuleType("deepspeed")  # with a spec and an engine class: accelerate looks for both when it is importable
+    fake.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+    fake.initialize, fake.DeepSpeedEngine = initialize, FakeEngine
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    yield received, calls
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_deepspeed_receives_the_json_and_kagglekits_batching(fake_deepspeed, tiny_project, tmp_path):
+    received, calls = fake_deepspeed
+    from kagglekit.train import train_fold
+
+    cfg = tiny_config(tiny_project, "train.strategy=deepspeed", "train.deepspeed=zero3", "train.grad_accum=2",
+                      "train.max_steps=2", "train.eval_every=2", "train.max_grad_norm=0.5", "lora.enabled=false", arch="llama")
+    m = train_fold(cfg, 0, tmp_path / "run")
+    (kw,) = received
+    conf = kw["config"]
+    assert conf["zero_optimization"]["stage"] == 3 and "_comment" not in conf
+    assert conf["train_micro_batch_size_per_gpu"] == 16 and conf["gradient_accumulation_steps"] == 2
+    assert conf["gradient_clipping"] == 0.5 and conf["bf16"] == {"enabled": False} and conf["fp16"] == {"enabled": False}
+    assert type(kw["model"]).__name__.endswith("ForSequenceClassification") and type(kw["optimizer"]).__name__ == "AdamW"
+    # kagglekit accumulates: its loss is already per step (no division by the accumulation steps), the boundary is the
+    # step's last micro-batch, and the engine steps once per optimizer step
+    assert {c for c in calls if c[0] == "backward"} == {("backward", False)}
+    assert [c[1] for c in calls if c[0] == "boundary"] == [False, True, False, True]
+    assert sum(c[0] == "step" for c in calls) == m["steps"] == 2
+    assert ("save", "sharded-a") in calls and (tmp_path / "run/fold_0/model.safetensors").exists()
+
+
+def test_deepspeed_or_fsdp_refused_in_one_line(tiny_project, monkeypatch):
+    r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--set", "train.strategy=fsdp")
+    assert r.exit_code == 1 and "runs under a launcher: torchrun" in r.stderr and "Traceback" not in r.output
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not installed
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--set", "train.strategy=deepspeed")
+    assert r.exit_code == 1 and "needs DeepSpeed on GPUs (pip install deepspeed)" in r.stderr
+
+
+# --- the plan: meta device, no weights read --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma9b_like(tmp_path_factory):
+    """A Gemma-2-9B-sized decoder config (no weights at all: the plan never reads them), tokenizer borrowed."""
+    from transformers import LlamaConfig
+
+    d = tmp_path_factory.mktemp("big")
+    LlamaConfig(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=256, vocab_size=256000).save_pretrained(d)
+    return d
+
+
+def _plan(project, backbone, *args):
+    return run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--train", project / "train.csv",
+                   "--folds", project / "folds.csv", "--set", f"model.backbone={backbone}", "--plan", *args)
+
+
+def test_plan_names_the_knob_and_fits_with_it(tiny_project, gemma9b_like):
+    full = ["--set", "lora.enabled=false", "--set", "model.max_length=4096", "--set", "train.batch_size=1"]
+    r = _plan(tiny_project, gemma9b_like, "--gpus", "1", "--gpu-gib", "80", *full)
+    assert r.exit_code == 1 and "does not fit" in r.stderr and "with train.strategy=fsdp" in r.stderr, r.output
+    assert "optimizer state" in r.stdout and "9." in r.stdout  # the table: 9.x B parameters
+    r = _plan(tiny_project, gemma9b_like, "--gpus", "4", "--gpu-gib", "80", *full, "--set", "train.strategy=fsdp",
+              "--set", "model.gradient_checkpointing=true")
+    assert r.exit_code == 0 and "fits" in r.stdout, r.output
+    # a LoRA over fp32 weights on one 15 GiB GPU: 4-bit is the knob
+    r = _plan(tiny_project, gemma9b_like, "--gpu-gib", "15", "--set", "model.max_length=1024", "--set", "train.batch_size=1",
+              "--set", "model.gradient_checkpointing=true")
+    assert r.exit_code == 1 and "model.quantization=4bit" in r.stderr, r.output
+
+
+def test_train_checks_the_plan_before_loading_onto_a_gpu(tiny_project, tmp_path):
+    from cudasim import simulated_cuda, spy
+    from transformers import AutoModelForSequenceClassification
+
+    from kagglekit.memory import OutOfMemory
+    from kagglekit.train import train_fold
+
+    import peft.utils.constants  # noqa: F401  imported before CUDA is simulated (bitsandbytes probes the real one)
+
+    cfg = tiny_config(tiny_project, "lora.enabled=false", arch="llama")
+    with simulated_cuda(total_gib=0.001), spy(AutoModelForSequenceClassification, "from_pretrained") as loads, \
+            pytest.raises(OutOfMemory, match=r"needs about .* GiB per GPU, more than 90% of 0.001 GiB; fits with: .*kk train --plan"):
+        train_fold(cfg, 0, tmp_path / "run")
+    assert loads == []  # refused before any weight was read
+
+
+@pytest.mark.parametrize("name", ["gemma2-9b-fsdp-full", "qwen25-14b-zero3-full", "llama31-70b-qlora-teacher"])
+def test_presets_load_through_the_validator(name):
+    from kagglekit.config import load_config
+    from kagglekit.train import deepspeed_json
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.name == name and cfg.train.strategy in ("fsdp", "deepspeed")
+    assert (cfg.lora.enabled and cfg.model.quantization == "4bit") or not cfg.lora.enabled
+    if cfg.train.strategy == "deepspeed":
+        assert deepspeed_json(cfg.train.deepspeed)[1]["zero_optimization"]["stage"] in (2, 3)
+    text = (REPO / "configs" / f"{name}.yaml").read_text()
+    assert text.count("# ") > 20  # each value's source in a comment
