@@ -207,19 +207,17 @@ def train_cmd(
     """
     cfg = _load(config, set_, train, folds)
     if plan:
-        from .memory import GIB, HEADROOM, plan_verdict, zero_stage_of
+        from .memory import GIB, PARTS, plan_verdict, zero_stage_of
         from .ui import console, table
 
         strategy = "ddp" if cfg.train.strategy == "auto" else cfg.train.strategy
-        parts, need, knobs = plan_verdict(cfg, gpus, strategy, gpu_gib, zero_stage_of(cfg, strategy))
-        rows = [[k, f"{parts[k] / GIB:.2f}"] for k in ("weights", "gradients", "optimizer state", "activations")]
-        console.print(table(f"{cfg.model.backbone}: {parts['parameters'] / 1e9:.2f}B parameters, {parts['trainable'] / 1e6:.1f}M "
-                            f"trained, {parts['tokens']} tokens a micro-batch, {strategy} on {gpus} GPU(s)",
-                            ["per GPU", "GiB"], [*rows, ["total", f"{need:.2f}"], ["GPU", f"{gpu_gib:.2f}"]]))
+        p, need, knobs = plan_verdict(cfg, gpus, strategy, gpu_gib, zero_stage_of(cfg, strategy))
+        console.print(table(f"{cfg.model.backbone}: {p['parameters'] / 1e9:.2f}B parameters, {p['trained'] / 1e6:.1f}M trained, "
+                            f"{p['tokens']} tokens a micro-batch, {strategy} on {gpus} GPU(s)", ["per GPU", "GiB"],
+                            [*([k, f"{p[k] / GIB:.2f}"] for k in PARTS), ["total", f"{need:.2f}"], ["GPU", f"{gpu_gib:.2f}"]]))
         if knobs:
-            raise KKError(f"does not fit: {need:.1f} GiB per GPU > {HEADROOM * gpu_gib:.1f} GiB; fits with: {'; '.join(knobs)}")
-        console.print("fits")
-        return
+            raise KKError(f"does not fit: {need:.1f} GiB per GPU > 90% of {gpu_gib:.1f} GiB; fits with: {'; '.join(knobs)}")
+        return console.print("fits")
     from .train import train_folds
 
     train_folds(cfg, fold, run, resume=resume, force=force)

@@ -1,18 +1,5 @@
-"""`kk train`: one model per fold, read top to bottom.
-
-For fold K: train on the other folds, evaluate on fold K with swap TTA, keep the
-best adapter by the task's metric (validation log loss for LMSYS, accuracy for WSDM,
-log loss breaking ties), and leave a self-contained run folder::
-
-    runs/<experiment>/fold_K/
-      adapter_config.json, adapter_model.safetensors, tokenizer files
-      config.yaml      the fully resolved config (the fold can be rebuilt from it)
-      metrics.json     task, val log loss (with/without TTA), accuracy, swap flip rate, timing, truncation
-      oof.csv          id + the task's probability columns for the fold's validation ids (TTA)
-      oof_no_tta.csv   the same in the given A/B order only
-      train_log.csv    step, epoch, lr, train loss, val loss (and the task's metric) when evaluated
-      checkpoint/      only while unfinished: what --resume needs
-"""
+"""`kk train`: one model per fold, read top to bottom; the fold folder it leaves is described in the README
+("The run folder"). Multi-GPU (train.strategy): DDP, torch's FSDP2 or DeepSpeed ZeRO under torchrun/accelerate launch."""
 
 from __future__ import annotations
 
@@ -112,14 +99,10 @@ def param_groups(model, tc) -> list[dict]:
     return out
 
 
-def _lr_scheduler(optimizer, kind: str, warmup: int, total: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+def lr_scheduler(optimizer, kind: str, warmup: int, total: int):
+    from transformers import get_scheduler
 
-    if kind == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    if kind == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_scheduler("constant_with_warmup" if kind == "constant" else kind, optimizer, warmup, total)
 
 
 # --- the fold folder: policy, lock, and the swap at the end ---------------------------------------------------------
@@ -544,13 +527,13 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
 
     from .modeling import build_model
 
-    # Every fold starts from the same LoRA and head initialisation (seed, not seed + fold): averaging the folds'
-    # lora_A and lora_B (kk merge --method factors) is then close to averaging their updates, whereas factors
-    # drawn apart average to a model far from the fold ensemble. Dropout draws still differ per fold.
     if s.device.type == "cuda":  # before any weight is read: one line naming the knob if it cannot fit
         from .memory import check_fits
 
         check_fits(s.cfg, s.world, s.strategy, torch.cuda.get_device_properties(s.device).total_memory / 2**30)
+    # Every fold starts from the same LoRA and head initialisation (seed, not seed + fold): averaging the folds'
+    # lora_A and lora_B (kk merge --method factors) is then close to averaging their updates, whereas factors
+    # drawn apart average to a model far from the fold ensemble. Dropout draws still differ per fold.
     seed_everything(s.cfg.seed)
     s.model = build_model(s.cfg, s.tokenizer, s.device, s.amp_dtype)
     seed_everything(s.cfg.seed + s.fold)
@@ -580,7 +563,7 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
     if tc.max_steps:
         s.total_steps = min(s.total_steps, tc.max_steps)
     s.optimizer = torch.optim.AdamW(param_groups(s.model, tc), lr=tc.lr)
-    s.scheduler = _lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
+    s.scheduler = lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
     # fp16 needs loss scaling; bf16 and fp32 do not (DeepSpeed scales its own).
     s.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16 and s.strategy == "ddp")
     if s.strategy == "deepspeed":
@@ -871,8 +854,6 @@ def check_checkpoint(s: Session, ck, path) -> None:
     if ck.get("world", s.world) != s.world:
         raise KKError(f"{path}: saved by {ck['world']} processes, resumed by {s.world}: resume with the same number "
                       f"(torchrun --nproc_per_node {ck['world']}), or start over with --force")
-    if bool(ck.get("sharded")) != (s.strategy in SHARDED):
-        refuse(f"it was saved {'without' if s.strategy in SHARDED else 'with'} sharding; this run has train.strategy={s.strategy}")
     if s.strategy in SHARDED:
         return _check_progress(s, ck, refuse)  # the shards are checked by their own loader
     # The trained tensors: exactly this config's trainable parameters, each of its shape.
