@@ -763,14 +763,8 @@ def save_checkpoint(s: Session) -> None:
     from .modeling import trainable_state
 
     best = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in s.best.items() if isinstance(v, np.ndarray)}
-    if "stats" in s.best:
-        best["stats_kept"] = torch.from_numpy(s.best["stats"].kept)
-        best["stats_total"] = torch.from_numpy(s.best["stats"].total)
-        if s.best["stats"].char_cut is not None:
-            best["stats_char_cut"] = torch.from_numpy(s.best["stats"].char_cut)
-        if s.best["stats"].rounds_kept is not None:  # model.layout: rounds
-            best["stats_rounds_kept"] = torch.from_numpy(s.best["stats"].rounds_kept)
-            best["stats_rounds_total"] = torch.from_numpy(s.best["stats"].rounds_total)
+    stats = s.best.get("stats")
+    best.update({f"stats_{f}": torch.from_numpy(getattr(stats, f)) for f in STATS_FIELDS if getattr(stats, f, None) is not None})
     s.ckpt_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(s.ckpt_dir / "state.pt") as tmp:
         torch.save(
@@ -822,9 +816,7 @@ def load_checkpoint(s: Session) -> None:
         best = ck["best"]
         s.best = {k: v.numpy() for k, v in best.items() if not k.startswith("stats_")}
         if "stats_kept" in best:
-            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy(),
-                                              *(best[k].numpy() if k in best else None
-                                                for k in ("stats_char_cut", "stats_rounds_kept", "stats_rounds_total")))
+            s.best["stats"] = TruncationStats(**{f: best[f"stats_{f}"].numpy() if f"stats_{f}" in best else None for f in STATS_FIELDS})
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         if "weights only load failed" in str(e).lower():  # torch's own advice (weights_only=False) would run its code
             why = "it holds objects other than tensors and plain values, and loading those could run code"

@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
-from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli, tiny_config
@@ -210,13 +210,12 @@ def test_plan_names_the_knob_and_fits_with_it(tiny_project, gemma9b_like):
 
 
 def test_train_checks_the_plan_before_loading_onto_a_gpu(tiny_project, tmp_path):
+    import peft.utils.constants  # noqa: F401  imported before CUDA is simulated (bitsandbytes probes the real one)
     from cudasim import simulated_cuda, spy
     from transformers import AutoModelForSequenceClassification
 
     from kagglekit.memory import OutOfMemory
     from kagglekit.train import train_fold
-
-    import peft.utils.constants  # noqa: F401  imported before CUDA is simulated (bitsandbytes probes the real one)
 
     cfg = tiny_config(tiny_project, "lora.enabled=false", arch="llama")
     with simulated_cuda(total_gib=0.001), spy(AutoModelForSequenceClassification, "from_pretrained") as loads, \
