@@ -846,38 +846,6 @@ def check_checkpoint(s: Session, ck, path) -> None:
     if ck.get("world", s.world) != s.world:
         raise KKError(f"{path}: saved by {ck['world']} processes, resumed by {s.world}: resume with the same number "
                       f"(torchrun --nproc_per_node {ck['world']}), or start over with --force")
-    if s.strategy in SHARDED:
-        return _check_progress(s, ck, refuse)  # the shards are checked by their own loader
-    # The trained tensors: exactly this config's trainable parameters, each of its shape.
-    expected = {n: p.shape for n, p in s.model.named_parameters() if p.requires_grad}
-    model = ck["model"]
-    if not isinstance(model, dict) or set(model) != set(expected):
-        names = set(model) if isinstance(model, dict) else set()
-        refuse(f"its weights are not this model's trainable parameters: {len(set(expected) - names)} missing, "
-               f"{len(names - set(expected))} unexpected")
-    for name, shape in expected.items():
-        t = model[name]
-        if not isinstance(t, torch.Tensor) or t.shape != shape:
-            refuse(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, the model's is {tuple(shape)}")
-    # AdamW's moments: one entry per parameter of the optimizer, each of its parameter's shape.
-    params = [p for g in s.optimizer.param_groups for p in g["params"]]
-    opt = ck["optimizer"]
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
-        refuse("its optimizer state is damaged")
-    for i, st in opt["state"].items():
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(st, dict):
-            refuse(f"optimizer state for a parameter {i!r} this model does not have")
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = st.get(key)
-            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != params[i].shape):
-                refuse(f"optimizer {key} of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
-                       f"the parameter's is {tuple(params[i].shape)}")
-    _check_progress(s, ck, refuse)
-
-
-def _check_progress(s: Session, ck, refuse) -> None:
-    import torch
-
     # Progress: plain counts, within what this run can reach.
     prog = ck["progress"]
     if not isinstance(prog, dict) or set(prog) - {f.name for f in fields(Progress)}:
@@ -906,6 +874,32 @@ def _check_progress(s: Session, ck, refuse) -> None:
                f"the progress at step {prog['step']}")
     if not isinstance(ck["best"], dict) or not all(isinstance(v, torch.Tensor) for v in ck["best"].values()):
         refuse("its best evaluation is damaged")
+    if s.strategy in SHARDED:
+        return  # the shards are checked by their own loader
+    # The trained tensors: exactly this config's trainable parameters, each of its shape.
+    expected = {n: p.shape for n, p in s.model.named_parameters() if p.requires_grad}
+    model = ck["model"]
+    if not isinstance(model, dict) or set(model) != set(expected):
+        names = set(model) if isinstance(model, dict) else set()
+        refuse(f"its weights are not this model's trainable parameters: {len(set(expected) - names)} missing, "
+               f"{len(names - set(expected))} unexpected")
+    for name, shape in expected.items():
+        t = model[name]
+        if not isinstance(t, torch.Tensor) or t.shape != shape:
+            refuse(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, the model's is {tuple(shape)}")
+    # AdamW's moments: one entry per parameter of the optimizer, each of its parameter's shape.
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    opt = ck["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        refuse("its optimizer state is damaged")
+    for i, st in opt["state"].items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(st, dict):
+            refuse(f"optimizer state for a parameter {i!r} this model does not have")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = st.get(key)
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != params[i].shape):
+                refuse(f"optimizer {key} of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
+                       f"the parameter's is {tuple(params[i].shape)}")
 
 
 def check_resumed_progress(s: Session, inputs: FoldInputs) -> None:
