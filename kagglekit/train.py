@@ -722,39 +722,29 @@ def _rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def save_sharded(s: Session) -> str:
-    """FSDP/DeepSpeed: every rank writes its shard (torch.distributed.checkpoint, DeepSpeed's own) into a new
-    subfolder; state.pt, written after, names it, and only then the previous one goes."""
-    name = "sharded-b" if s.shard_name == "sharded-a" else "sharded-a"
-    if s.strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+def sharded_io(s: Session, name: str, load: bool = False) -> None:
+    """FSDP/DeepSpeed checkpoints: every rank writes (reads) its shard in ``checkpoint/<name>`` with
+    torch.distributed.checkpoint or DeepSpeed's own; state.pt, written after, names the folder."""
+    if s.strategy == "deepspeed":
+        if load:
+            return s.wrapped.load_checkpoint(str(s.ckpt_dir), tag=name, load_lr_scheduler_states=False)
+        return s.wrapped.save_checkpoint(str(s.ckpt_dir), tag=name)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(s.model, s.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(s.ckpt_dir / name))
-    else:
-        s.wrapped.save_checkpoint(str(s.ckpt_dir), tag=name)
-    s.shard_name, old = name, s.shard_name
-    return old
-
-
-def load_sharded(s: Session, name: str) -> None:
-    if s.strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(s.model, s.optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(s.ckpt_dir / name))
+    model_sd, optim_sd = get_state_dict(s.model, s.optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    (dcp.load if load else dcp.save)(state, checkpoint_id=str(s.ckpt_dir / name))
+    if load:
         set_state_dict(s.model, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    else:
-        s.wrapped.load_checkpoint(str(s.ckpt_dir), tag=name, load_lr_scheduler_states=False)
-    s.shard_name = name
 
 
 def save_checkpoint(s: Session) -> None:
     """Everything --resume needs, as tensors and plain values only (it loads with weights_only=True)."""
-    old = save_sharded(s) if s.strategy in SHARDED else None
+    old = s.shard_name
+    if s.strategy in SHARDED:  # a new folder each time (a, b, a...): the one state.pt names stays whole until replaced
+        s.shard_name = "sharded-b" if old == "sharded-a" else "sharded-a"
+        sharded_io(s, s.shard_name)
     if not s.main:
         return
     import torch
@@ -784,7 +774,7 @@ def save_checkpoint(s: Session) -> None:
             },
             tmp,
         )
-    if old:
+    if old and old != s.shard_name:
         shutil.rmtree(s.ckpt_dir / old, ignore_errors=True)
     s.last_checkpoint = time.time()
 
@@ -802,7 +792,8 @@ def load_checkpoint(s: Session) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         check_checkpoint(s, ck, path)  # against this run, before any of it is loaded
         if s.strategy in SHARDED:
-            load_sharded(s, ck["sharded"])
+            sharded_io(s, ck["sharded"], load=True)
+            s.shard_name = ck["sharded"]
         else:
             s.model.load_state_dict(ck["model"], strict=False)
             s.optimizer.load_state_dict(ck["optimizer"])
@@ -1082,13 +1073,6 @@ def _grad_sync(s: Session, sync: bool):
     yield
 
 
-def _backward(s: Session, loss) -> None:
-    if s.strategy == "deepspeed":
-        s.wrapped.backward(loss, scale_wrt_gas=False)  # kagglekit's loss is already divided by the step's sequences
-    else:
-        s.scaler.scale(loss).backward()
-
-
 def _optimizer_step(s: Session, params) -> None:
     """Clip, step, schedule; DeepSpeed's engine clips (gradient_clipping) and steps its sharded optimizer itself."""
     import torch
@@ -1155,7 +1139,10 @@ def _accumulate(s: Session, inputs: FoldInputs, targets, batch: list[int], n_gro
             # summed here, normalised per sequence by the division below.
             soft, hard = targets
             loss = training_loss(logits.float(), soft[rows] if soft is not None else None, hard[rows], tc)
-            _backward(s, loss / n_group)
+            if s.strategy == "deepspeed":  # the loss is already per step: not divided again by the accumulation
+                s.wrapped.backward(loss / n_group, scale_wrt_gas=False)
+            else:
+                s.scaler.scale(loss / n_group).backward()
         total = total + loss.detach()
     return total
 
