@@ -425,9 +425,9 @@ def start_session(cfg: Config, fold: int, work: Path, resume: bool, strategy: st
     # temperatures are fitted on match the test predictions.
     eval_model = cfg.model.model_copy(update={"max_length": cfg.inference_model().max_length})
     eval_fmt = fmt if eval_model.max_length == cfg.model.max_length else Formatter.from_config(tokenizer, eval_model)
-    if strategy == "fsdp" and amp_dtype == torch.float16:
-        raise KKError("train.strategy=fsdp trains in bf16 or fp32, and this GPU would train in fp16: set model.precision=fp32, "
-                      "or train.strategy=ddp or deepspeed")
+    if strategy == "fsdp" and (amp_dtype == torch.float16 or cfg.model.quantization != "none"):
+        raise KKError(f"train.strategy=fsdp trains unquantized weights in bf16 or fp32, not {cfg.model.quantization.replace('none', 'fp16')}: "
+                      "use train.strategy=deepspeed (ZeRO-2 with 4-bit, as the LMSYS 1st place) or ddp, or model.precision=fp32")
     return Session(cfg, fold, work, device, amp_dtype, tokenizer, fmt, rank=rank, world=world, resume=resume, eval_fmt=eval_fmt,
                    strategy=strategy)
 

@@ -167,6 +167,15 @@ def test_deepspeed_receives_the_json_and_kagglekits_batching(fake_deepspeed, tin
     assert ("save", "sharded-a") in calls and (tmp_path / "run/fold_0/model.safetensors").exists()
 
 
+def test_fsdp_refuses_quantized_weights(fake_deepspeed, tiny_project, tmp_path):
+    from kagglekit.errors import KKError
+    from kagglekit.train import train_fold
+
+    cfg = tiny_config(tiny_project, "train.strategy=fsdp", "model.quantization=4bit", arch="llama")
+    with pytest.raises(KKError, match="fsdp trains unquantized weights in bf16 or fp32, not 4bit: use train.strategy=deepspeed"):
+        train_fold(cfg, 0, tmp_path / "run")
+
+
 def test_deepspeed_or_fsdp_refused_in_one_line(tiny_project, monkeypatch):
     r = run_cli("train", "--fold", "0", "--config", REPO / "configs/tiny.yaml", "--set", "train.strategy=fsdp")
     assert r.exit_code == 1 and "runs under a launcher: torchrun" in r.stderr and "Traceback" not in r.output
