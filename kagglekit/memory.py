@@ -129,11 +129,13 @@ def plan_verdict(cfg, gpus: int, strategy: str, gpu_gib: float, zero_stage: int 
 
 
 def check_fits(cfg, gpus: int, strategy: str, gpu_gib: float) -> None:
-    """``kk train`` before loading onto a GPU: one line naming the knobs when the plan cannot fit."""
-    _, need, knobs = plan_verdict(cfg, gpus, strategy, gpu_gib, zero_stage_of(cfg, strategy))
+    """``kk train`` before loading onto a GPU: one line naming the knobs when the plan cannot fit even one row of
+    model.max_length a micro-batch (what the out-of-memory re-splitting of larger micro-batches can go down to)."""
+    one_row = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 1, "max_tokens": 0})})
+    _, need, knobs = plan_verdict(one_row, gpus, strategy, gpu_gib, zero_stage_of(cfg, strategy))
     if knobs:
-        raise OutOfMemory(f"training {cfg.model.backbone} needs about {need:.3g} GiB per GPU, more than {HEADROOM:.0%} of "
-                          f"{gpu_gib:.3g} GiB; fits with: {'; '.join(knobs)} (kk train --plan shows the parts)")
+        raise OutOfMemory(f"training {cfg.model.backbone} needs about {need:.3g} GiB per GPU at one row of {cfg.model.max_length} "
+                          f"tokens, more than {HEADROOM:.0%} of {gpu_gib:.3g} GiB; fits with: {'; '.join(knobs)} (kk train --plan shows the parts)")
 
 
 def zero_stage_of(cfg, strategy: str) -> int:

@@ -228,7 +228,7 @@ def test_train_checks_the_plan_before_loading_onto_a_gpu(tiny_project, tmp_path)
 
     cfg = tiny_config(tiny_project, "lora.enabled=false", arch="llama")
     with simulated_cuda(total_gib=0.001), spy(AutoModelForSequenceClassification, "from_pretrained") as loads, \
-            pytest.raises(OutOfMemory, match=r"needs about .* GiB per GPU, more than 90% of 0.001 GiB; fits with: .*kk train --plan"):
+            pytest.raises(OutOfMemory, match=r"needs about .* GiB per GPU at one row of 96 tokens, more than 90% of 0.001 GiB; fits with: .*kk train --plan"):
         train_fold(cfg, 0, tmp_path / "run")
     assert loads == []  # refused before any weight was read
 
