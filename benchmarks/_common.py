@@ -223,13 +223,13 @@ def timed_fit(cfg, model, seqs, labels, device, dtype, pad_id: int, work: Path, 
     train_mod.save_checkpoint = lambda s: None
     tc = cfg.train
     s = train_mod.Session(cfg, 0, work / "kk", device, dtype, type("Tok", (), {"pad_token_id": pad_id})(), None)
-    s.model = s.ddp_model = model
+    s.model = s.wrapped = model
     s.max_tokens = max_tokens
     s.optimizer = torch.optim.AdamW(train_mod.param_groups(model, tc), lr=tc.lr)
     inputs = train_mod.FoldInputs(None, None, seqs, LMSYS.one_hot(labels), [[i] for i in range(len(seqs))], None, tc.batch_size)
     s.steps_per_epoch = len(train_mod.epoch_plan(s, inputs, 0))
     s.total_steps = min(s.steps_per_epoch, tc.max_steps) if tc.max_steps else s.steps_per_epoch
-    s.scheduler = train_mod._lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
+    s.scheduler = train_mod.lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
     s.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     s.rng = train_mod._rng_state()
     mark = {}

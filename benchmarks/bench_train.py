@@ -169,7 +169,7 @@ def child(args) -> dict:
         import torch.nn.functional as F
 
         from kagglekit.engine import pad_batch
-        from kagglekit.train import _lr_scheduler, param_groups
+        from kagglekit.train import lr_scheduler, param_groups
 
         plan = plan_batches(lengths, [[i] for i in range(n)], args.batch_size, cfg.seed, 0)  # exactly kagglekit's epoch
         if args.mode == "naive":
@@ -190,7 +190,7 @@ def child(args) -> dict:
         ready = [(*(t.to(device) for t in pad_batch([seqs[i] for i in b], pad_id, pad_to)), torch.as_tensor(labels[b]).to(device))
                  for b in plan]
         opt = torch.optim.AdamW(param_groups(model, cfg.train), lr=1e-4)
-        sched = _lr_scheduler(opt, "cosine", int(0.1 * steps), steps)
+        sched = lr_scheduler(opt, "cosine", int(0.1 * steps), steps)
         params = [p for p in model.parameters() if p.requires_grad]
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         for k, (ids, mask, y) in enumerate(ready):

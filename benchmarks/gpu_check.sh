@@ -9,6 +9,8 @@
 #   1. benchmarks/gpu_paths.py: every GPU-only path for real, one table (QLoRA kk train + kk predict of a Gemma-2
 #      architecture, a real out-of-memory in training and inference, a real fp16 overflow recomputed in fp32 for
 #      fp16 and 4-bit weights, flash-attention packing or its refusal, one fold model at a time, DDP on 2+ GPUs).
+#   1b. benchmarks/strategy_check.sh: one 2-step `kk train` per train.strategy the machine can run, 1 process each
+#      under torchrun (ddp, fsdp; deepspeed zero2/zero3 when DeepSpeed is installed).
 #   2. The Gemma-2 preset (configs/gemma2-9b-qlora.yaml) on that architecture: a few training steps at 4-bit, then the
 #      adapter predicting at 8-bit and the preset's predict.max_length (8,192): tokens/s and peak memory of both.
 #   3. A Gemma-2-9B-architecture classifier (random weights) through kagglekit's 4-bit QLoRA path: training
@@ -68,6 +70,7 @@ step() {
   return 0
 }
 step $PY benchmarks/gpu_paths.py $GP $REC
+step env PY=$PY bash benchmarks/strategy_check.sh
 if $PY -c "import bitsandbytes" 2>/dev/null || [ "${1:-}" = "--smoke" ]; then
   step $PY benchmarks/bench_llm.py --preset configs/gemma2-9b-qlora.yaml --quantization 4bit --predict-quantization 8bit $PRESET $REC
   step $PY benchmarks/bench_llm.py $LLM $REC

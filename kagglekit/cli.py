@@ -196,14 +196,30 @@ def train_cmd(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted fold from its checkpoint."),
     force: bool = typer.Option(False, "--force", help="Retrain a fold that is already trained."),
+    plan: bool = typer.Option(False, "--plan", help="Print the per-GPU memory plan (no weights read) and stop: exit 0 if it fits, 1 naming the knobs."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="--plan: GPUs (processes) to plan for."),
+    gpu_gib: float = typer.Option(80.0, "--gpu-gib", min=0.1, help="--plan: memory of one GPU in GiB."),
 ):
     """Train one LoRA model per fold with A/B swap augmentation; writes adapter, metrics and OOF predictions.
 
     Example: kk train --fold 0 --config configs/deberta-v3-base.yaml --set train.lr=1e-4
+    Plan:    kk train --fold 0 --config configs/gemma2-9b-fsdp-full.yaml --plan --gpus 4 --gpu-gib 80
     """
+    cfg = _load(config, set_, train, folds)
+    if plan:
+        from .memory import GIB, PARTS, plan_verdict, zero_stage_of
+        from .ui import console, table
+
+        strategy = "ddp" if cfg.train.strategy == "auto" else cfg.train.strategy
+        p, need, knobs = plan_verdict(cfg, gpus, strategy, gpu_gib, zero_stage_of(cfg, strategy))
+        console.print(table(f"{cfg.model.backbone}: {p['parameters'] / 1e9:.2f}B parameters, {p['trained'] / 1e6:.1f}M trained, "
+                            f"{p['tokens']} tokens a micro-batch, {strategy} on {gpus} GPU(s)", ["per GPU", "GiB"],
+                            [*([k, f"{p[k] / GIB:.2f}"] for k in PARTS), ["total", f"{need:.2f}"], ["GPU", f"{gpu_gib:.2f}"]]))
+        if knobs:
+            raise KKError(f"does not fit: {need:.1f} GiB per GPU > 90% of {gpu_gib:.1f} GiB; fits with: {'; '.join(knobs)}")
+        return console.print("fits")
     from .train import train_folds
 
-    cfg = _load(config, set_, train, folds)
     train_folds(cfg, fold, run, resume=resume, force=force)
 
 

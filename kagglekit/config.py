@@ -225,6 +225,11 @@ class TrainConfig(_Section):
         "per-row position ids (varlen attention); the last token of each row is pooled. Not for encoders (DeBERTa).",
     )
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = no limit); for smoke runs.")
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="Multi-GPU engine: auto = DDP under a multi-process launch (torchrun, accelerate launch), one "
+        "process otherwise; fsdp = torch's FSDP2 (fully_shard: weights, gradients, optimizer sharded); deepspeed = ZeRO "
+        "with the JSON of train.deepspeed.")
+    deepspeed: str = Field("zero2", description="train.strategy=deepspeed: configs/deepspeed/<key>.json (zero2, zero3) or a JSON path.")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="CPU threads for torch while training and evaluating (0 = torch's default); "
                          "inference has predict.threads.")
     checkpoint_minutes: float = Field(

@@ -467,8 +467,9 @@ def trainable_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
-    """``save_pretrained`` into a temporary folder, then move each file into ``out_dir``."""
+def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` into a temporary folder, then move each file into ``out_dir``; ``state_dict``: the
+    weights gathered from shards (FSDP, ZeRO-3) instead of the model's own."""
     import shutil
     import tempfile
 
@@ -479,7 +480,7 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     try:
         # Saved as it is, pooling wrappers included: the HF engine applies the same pooling before the weights.
         with safetensors_errors(out_dir):  # a full disk: 'out_dir: No space left on device'
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
             if f.is_file():

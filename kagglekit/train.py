@@ -1,18 +1,5 @@
-"""`kk train`: one model per fold, read top to bottom.
-
-For fold K: train on the other folds, evaluate on fold K with swap TTA, keep the
-best adapter by the task's metric (validation log loss for LMSYS, accuracy for WSDM,
-log loss breaking ties), and leave a self-contained run folder::
-
-    runs/<experiment>/fold_K/
-      adapter_config.json, adapter_model.safetensors, tokenizer files
-      config.yaml      the fully resolved config (the fold can be rebuilt from it)
-      metrics.json     task, val log loss (with/without TTA), accuracy, swap flip rate, timing, truncation
-      oof.csv          id + the task's probability columns for the fold's validation ids (TTA)
-      oof_no_tta.csv   the same in the given A/B order only
-      train_log.csv    step, epoch, lr, train loss, val loss (and the task's metric) when evaluated
-      checkpoint/      only while unfinished: what --resume needs
-"""
+"""`kk train`: one model per fold, read top to bottom; the fold folder it leaves is described in the README
+("The run folder"). Multi-GPU (train.strategy): DDP, torch's FSDP2 or DeepSpeed ZeRO under torchrun/accelerate launch."""
 
 from __future__ import annotations
 
@@ -112,14 +99,10 @@ def param_groups(model, tc) -> list[dict]:
     return out
 
 
-def _lr_scheduler(optimizer, kind: str, warmup: int, total: int):
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+def lr_scheduler(optimizer, kind: str, warmup: int, total: int):
+    from transformers import get_scheduler
 
-    if kind == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
-    if kind == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_scheduler("constant_with_warmup" if kind == "constant" else kind, optimizer, warmup, total)
 
 
 # --- the fold folder: policy, lock, and the swap at the end ---------------------------------------------------------
@@ -177,8 +160,10 @@ def claim_fold(out: Path, force: bool, resume: bool, main: bool = True):
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (what cloud and Kaggle preemption send) is handled like Ctrl-C: checkpoint, then exit."""
+def sigterm_as_interrupt(defer_to=None):
+    """SIGTERM (what cloud and Kaggle preemption send) is handled like Ctrl-C: checkpoint, then exit. ``defer_to`` (a
+    sharded multi-process session): SIGTERM and Ctrl-C only set its ``stop_requested``, and every rank stops at the
+    end of the same step (its checkpoint is a collective, see _end_of_step)."""
     import signal
     import threading
 
@@ -187,13 +172,17 @@ def sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        if defer_to is None:
+            raise KeyboardInterrupt
+        defer_to.stop_requested = True
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    signals = (signal.SIGTERM,) if defer_to is None else (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 # --- the story of a fold ----------------------------------------------------------------------------------------------
@@ -228,10 +217,11 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
     """
     out = fold_dir(run_dir_for(cfg, run_dir), fold)
     rank, world, _ = distributed()
-    _init_distributed(world)
+    strategy = resolve_strategy(cfg, world)
+    _init_distributed(world, strategy)
     with claim_fold(out, force, resume, main=rank == 0) as work:     # lock; an old fold stays until the new one is done
         _barrier(world)
-        s = start_session(cfg, fold, work, resume)                   # backbone checked, device, tokenizer; resumed config checked
+        s = start_session(cfg, fold, work, resume, strategy)         # backbone checked, device, tokenizer; resumed config checked
         inputs = prepare_inputs(cfg, fold, s.fmt)                    # rows -> token sequences, targets
         record_config(s)                                             # config.yaml, once the fold is known to be trainable
         setup_training(s, inputs)                                    # model, optimizer, schedule; a checkpoint resumed
@@ -245,13 +235,27 @@ def train_fold(cfg: Config, fold: int, run_dir: str | Path | None = None, resume
 
 
 DDP_TIMEOUT_MINUTES = 60  # rank 0 saves adapters and checkpoints while the other ranks wait in a collective
+SHARDED = ("fsdp", "deepspeed")  # each rank holds a shard: forwards, saves and loads are collective
 
 
-def _init_distributed(world: int) -> None:
-    # Multi-GPU: `torchrun --nproc_per_node N -m kagglekit.cli -- train ...` runs this on every rank with
-    # PyTorch DDP. Each rank takes every N-th micro-batch and every N-th validation row; rank 0 gathers the
-    # predictions, saves and logs.
-    if world > 1:
+def resolve_strategy(cfg: Config, world: int) -> str:
+    """train.strategy: "ddp" (auto: one process, or DDP under a multi-process launch), "fsdp" or "deepspeed"."""
+    strategy = cfg.train.strategy
+    if strategy in SHARDED and "MASTER_ADDR" not in os.environ:
+        raise KKError(f"train.strategy={strategy} runs under a launcher: torchrun --nproc_per_node N -m kagglekit.cli -- "
+                      "train ... (or accelerate launch -m kagglekit.cli train ...)")
+    if strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise KKError("train.strategy=deepspeed needs DeepSpeed on GPUs (pip install deepspeed)") from None
+    return strategy if strategy in SHARDED else "ddp"
+
+
+def _init_distributed(world: int, strategy: str = "ddp") -> None:
+    # `torchrun --nproc_per_node N -m kagglekit.cli -- train ...` runs this on every rank. DDP: each rank takes every
+    # N-th micro-batch and every N-th validation row; rank 0 gathers the predictions, saves and logs.
+    if world > 1 or strategy in SHARDED:
         import datetime
 
         import torch
@@ -260,11 +264,9 @@ def _init_distributed(world: int) -> None:
         if not dist.is_initialized():
             kwargs = {"timeout": datetime.timedelta(minutes=DDP_TIMEOUT_MINUTES)}
             if torch.cuda.is_available():
-                # One GPU per rank, chosen before the first collective: NCCL's own calls (barrier,
-                # broadcast_object_list) otherwise use the current device, cuda:0, on every rank.
-                local_rank = distributed()[2]
-                torch.cuda.set_device(local_rank)
-                kwargs["device_id"] = torch.device("cuda", local_rank)
+                # One GPU per rank, chosen before the first collective (NCCL's calls use the current device).
+                torch.cuda.set_device(distributed()[2])
+                kwargs["device_id"] = torch.device("cuda", distributed()[2])
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
 
 
@@ -366,7 +368,7 @@ class Session:
     tokenizer: object
     fmt: object
     model: object = None
-    ddp_model: object = None
+    wrapped: object = None  # what the forward runs through: the model, DDP's wrapper or DeepSpeed's engine
     optimizer: object = None
     scheduler: object = None
     scaler: object = None
@@ -388,6 +390,9 @@ class Session:
     val_part: object = None
     val_cache: object = None
     val_engine: object = None
+    strategy: str = "ddp"  # resolve_strategy's
+    stop_requested: bool = False  # sharded runs: a SIGTERM/Ctrl-C seen, acted on by every rank at the end of the step
+    shard_name: str = ""  # sharded runs: the checkpoint subfolder state.pt names
 
     @property
     def main(self) -> bool:
@@ -402,7 +407,7 @@ class Session:
         return get_task(self.cfg.task)
 
 
-def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
+def start_session(cfg: Config, fold: int, work: Path, resume: bool, strategy: str = "ddp") -> Session:
     """Device, tokenizer and formatter of a fold; the backbone is checked before any data is read."""
     from .modeling import quiet_libraries
 
@@ -426,7 +431,11 @@ def start_session(cfg: Config, fold: int, work: Path, resume: bool) -> Session:
     # temperatures are fitted on match the test predictions.
     eval_model = cfg.model.model_copy(update={"max_length": cfg.inference_model().max_length})
     eval_fmt = fmt if eval_model.max_length == cfg.model.max_length else Formatter.from_config(tokenizer, eval_model)
-    return Session(cfg, fold, work, device, amp_dtype, tokenizer, fmt, rank=rank, world=world, resume=resume, eval_fmt=eval_fmt)
+    if strategy == "fsdp" and (amp_dtype == torch.float16 or cfg.model.quantization != "none"):
+        raise KKError(f"train.strategy=fsdp trains unquantized weights in bf16 or fp32, not {cfg.model.quantization.replace('none', 'fp16')}: "
+                      "use train.strategy=deepspeed (ZeRO-2 with 4-bit, as the LMSYS 1st place) or ddp, or model.precision=fp32")
+    return Session(cfg, fold, work, device, amp_dtype, tokenizer, fmt, rank=rank, world=world, resume=resume, eval_fmt=eval_fmt,
+                   strategy=strategy)
 
 
 def resolve_init_from(cfg: Config, fold: int) -> Config:
@@ -524,6 +533,10 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
 
     from .modeling import build_model
 
+    if s.device.type == "cuda":  # before any weight is read: one line naming the knob if it cannot fit
+        from .memory import check_fits
+
+        check_fits(s.cfg, s.world, s.strategy, torch.cuda.get_device_properties(s.device).total_memory / 2**30)
     # Every fold starts from the same LoRA and head initialisation (seed, not seed + fold): averaging the folds'
     # lora_A and lora_B (kk merge --method factors) is then close to averaging their updates, whereas factors
     # drawn apart average to a model far from the fold ensemble. Dropout draws still differ per fold.
@@ -531,20 +544,22 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
     s.model = build_model(s.cfg, s.tokenizer, s.device, s.amp_dtype)
     seed_everything(s.cfg.seed + s.fold)
     s.model.train()
-    s.ddp_model = s.model
+    s.wrapped = s.model
     if s.cfg.train.packing:
         from .modeling import check_packing
 
         check_packing(s.model)
-        if s.world > 1:
+        if s.world > 1 or s.strategy != "ddp":
             raise KKError("train.packing runs on one process (it calls the backbone directly, which DDP would not sync); "
                           "set train.packing=false for multi-GPU training")
         s.max_packed = packed_cap(s)
     s.max_tokens = resolve_train_budget(s, inputs)
-    if s.world > 1:
+    if s.strategy == "fsdp":
+        shard_model(s.model, s.amp_dtype)
+    elif s.world > 1 and s.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        s.ddp_model = DistributedDataParallel(s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+        s.wrapped = DistributedDataParallel(s.model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
     tc = s.cfg.train
     micro_per_epoch = len(epoch_plan(s, inputs, 0))
     if micro_per_epoch == 0:
@@ -554,9 +569,11 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
     if tc.max_steps:
         s.total_steps = min(s.total_steps, tc.max_steps)
     s.optimizer = torch.optim.AdamW(param_groups(s.model, tc), lr=tc.lr)
-    s.scheduler = _lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
-    # fp16 needs loss scaling; bf16 and fp32 do not.
-    s.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16)
+    s.scheduler = lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
+    # fp16 needs loss scaling; bf16 and fp32 do not (DeepSpeed scales its own).
+    s.scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp_dtype == torch.float16 and s.strategy == "ddp")
+    if s.strategy == "deepspeed":
+        s.wrapped, s.optimizer = deepspeed_engine(s, inputs.batch_size)
     if s.resume:
         load_checkpoint(s)
         check_resumed_progress(s, inputs)
@@ -567,13 +584,59 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
     s.rng = _rng_state()
 
 
+def shard_model(model, amp_dtype) -> None:
+    """FSDP2 (torch's ``fully_shard``): each transformer layer a unit, then the rest; fp32 shards kept for AdamW,
+    computed in ``amp_dtype`` (gradients reduced in fp32)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .modeling import classifier_of
+
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32 if amp_dtype else None)
+    classes = set(getattr(classifier_of(model), "_no_split_modules", None) or ())  # transformers' layer classes
+    layers = [m for m in model.modules() if type(m).__name__ in classes] or \
+        [m for seq in model.modules() if isinstance(seq, torch.nn.ModuleList) for m in seq]  # encoders that name none
+    for module in layers:
+        fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def deepspeed_json(key: str) -> tuple[Path, dict]:
+    """train.deepspeed: a shipped key (configs/deepspeed/<key>.json) or a JSON file's path, read."""
+    import json
+
+    path = Path(key) if key.endswith(".json") else Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{key}.json"
+    try:
+        conf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KKError(f"train.deepspeed {key}: cannot read {path} ({str(e).splitlines()[0]})") from None
+    if not isinstance(conf, dict):
+        raise KKError(f"train.deepspeed {key}: {path} is not a JSON object")
+    return path, {k: v for k, v in conf.items() if not k.startswith("_")}  # "_comment": the file's notes
+
+
+def deepspeed_engine(s: Session, batch_size: int):
+    """``deepspeed.initialize`` with the JSON train.deepspeed names; kagglekit's batch, accumulation, clipping and
+    precision fill the keys its loop depends on."""
+    import deepspeed
+    import torch
+
+    conf, tc = deepspeed_json(s.cfg.train.deepspeed)[1], s.cfg.train
+    conf.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=tc.grad_accum,
+                gradient_clipping=tc.max_grad_norm, bf16={"enabled": s.amp_dtype == torch.bfloat16},
+                fp16={"enabled": s.amp_dtype == torch.float16})
+    engine, optimizer, _, _ = deepspeed.initialize(model=s.model, optimizer=s.optimizer, config=conf)
+    return engine, optimizer
+
+
 def forward_logits(s: Session, seqs, segs=None):
     """One micro-batch's logits: padded to its longest row, or (train.packing) one padding-free row."""
     import torch
 
     from .engine import pad_batch, set_segments
 
-    with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+    # FSDP (MixedPrecisionPolicy) and DeepSpeed (bf16/fp16) run the model in the half precision themselves.
+    with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None and s.strategy == "ddp"):
         if s.cfg.train.packing:
             from .modeling import packed_logits
 
@@ -582,7 +645,7 @@ def forward_logits(s: Session, seqs, segs=None):
         ids, mask, *seg = pad_batch(seqs, s.tokenizer.pad_token_id, pin=s.device.type == "cuda", segs=segs)
         if seg:
             set_segments(s.model, seg[0].to(s.device))
-        return s.ddp_model(input_ids=ids.to(s.device, non_blocking=True), attention_mask=mask.to(s.device, non_blocking=True)).logits
+        return s.wrapped(input_ids=ids.to(s.device, non_blocking=True), attention_mask=mask.to(s.device, non_blocking=True)).logits
 
 
 def packed_cap(s: Session) -> int:
@@ -665,8 +728,29 @@ def _rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def sharded_io(s: Session, name: str, load: bool = False) -> None:
+    """FSDP/DeepSpeed checkpoints: every rank writes (reads) its shard in ``checkpoint/<name>`` with
+    torch.distributed.checkpoint or DeepSpeed's own; state.pt, written after, names the folder."""
+    if s.strategy == "deepspeed":
+        if load:
+            return s.wrapped.load_checkpoint(str(s.ckpt_dir), tag=name, load_lr_scheduler_states=False)
+        return s.wrapped.save_checkpoint(str(s.ckpt_dir), tag=name)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(s.model, s.optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    (dcp.load if load else dcp.save)(state, checkpoint_id=str(s.ckpt_dir / name))
+    if load:
+        set_state_dict(s.model, s.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def save_checkpoint(s: Session) -> None:
     """Everything --resume needs, as tensors and plain values only (it loads with weights_only=True)."""
+    old = s.shard_name
+    if s.strategy in SHARDED:  # a new folder each time (a, b, a...): the one state.pt names stays whole until replaced
+        s.shard_name = "sharded-b" if old == "sharded-a" else "sharded-a"
+        sharded_io(s, s.shard_name)
     if not s.main:
         return
     import torch
@@ -675,20 +759,16 @@ def save_checkpoint(s: Session) -> None:
     from .modeling import trainable_state
 
     best = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in s.best.items() if isinstance(v, np.ndarray)}
-    if "stats" in s.best:
-        best["stats_kept"] = torch.from_numpy(s.best["stats"].kept)
-        best["stats_total"] = torch.from_numpy(s.best["stats"].total)
-        if s.best["stats"].char_cut is not None:
-            best["stats_char_cut"] = torch.from_numpy(s.best["stats"].char_cut)
-        if s.best["stats"].rounds_kept is not None:  # model.layout: rounds
-            best["stats_rounds_kept"] = torch.from_numpy(s.best["stats"].rounds_kept)
-            best["stats_rounds_total"] = torch.from_numpy(s.best["stats"].rounds_total)
+    stats = s.best.get("stats")
+    best.update({f"stats_{f}": torch.from_numpy(getattr(stats, f)) for f in STATS_FIELDS if getattr(stats, f, None) is not None})
     s.ckpt_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(s.ckpt_dir / "state.pt") as tmp:
         torch.save(
             {
-                "model": trainable_state(s.model),
-                "optimizer": s.optimizer.state_dict(),
+                "model": trainable_state(s.model) if s.strategy == "ddp" else {},  # sharded: in s.shard_name
+                "optimizer": s.optimizer.state_dict() if s.strategy == "ddp" else {},
+                "world": s.world,
+                "sharded": s.shard_name,
                 "scheduler": s.scheduler.state_dict(),
                 "scaler": s.scaler.state_dict(),
                 # The RNG as it was when the current optimizer step began: a step interrupted half-way
@@ -700,6 +780,8 @@ def save_checkpoint(s: Session) -> None:
             },
             tmp,
         )
+    if old and old != s.shard_name:
+        shutil.rmtree(s.ckpt_dir / old, ignore_errors=True)
     s.last_checkpoint = time.time()
 
 
@@ -715,8 +797,12 @@ def load_checkpoint(s: Session) -> None:
         # weights_only: a checkpoint holds tensors and plain values; anything else (a crafted pickle) is refused.
         ck = torch.load(path, map_location="cpu", weights_only=True)
         check_checkpoint(s, ck, path)  # against this run, before any of it is loaded
-        s.model.load_state_dict(ck["model"], strict=False)
-        s.optimizer.load_state_dict(ck["optimizer"])
+        if s.strategy in SHARDED:
+            sharded_io(s, ck["sharded"], load=True)
+            s.shard_name = ck["sharded"]
+        else:
+            s.model.load_state_dict(ck["model"], strict=False)
+            s.optimizer.load_state_dict(ck["optimizer"])
         s.scheduler.load_state_dict(ck["scheduler"])
         if ck["scaler"]:  # a bf16 (or fp32) run saved a disabled scaler's empty state: resumed in fp16, it starts afresh
             s.scaler.load_state_dict(ck["scaler"])
@@ -727,9 +813,7 @@ def load_checkpoint(s: Session) -> None:
         best = ck["best"]
         s.best = {k: v.numpy() for k, v in best.items() if not k.startswith("stats_")}
         if "stats_kept" in best:
-            s.best["stats"] = TruncationStats(best["stats_kept"].numpy(), best["stats_total"].numpy(),
-                                              *(best[k].numpy() if k in best else None
-                                                for k in ("stats_char_cut", "stats_rounds_kept", "stats_rounds_total")))
+            s.best["stats"] = TruncationStats(**{f: best[f"stats_{f}"].numpy() if f"stats_{f}" in best else None for f in STATS_FIELDS})
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         if "weights only load failed" in str(e).lower():  # torch's own advice (weights_only=False) would run its code
             why = "it holds objects other than tensors and plain values, and loading those could run code"
@@ -756,30 +840,9 @@ def check_checkpoint(s: Session, ck, path) -> None:
     missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "best") if k not in ck]
     if missing:
         refuse(f"no {', '.join(missing)}")
-    # The trained tensors: exactly this config's trainable parameters, each of its shape.
-    expected = {n: p.shape for n, p in s.model.named_parameters() if p.requires_grad}
-    model = ck["model"]
-    if not isinstance(model, dict) or set(model) != set(expected):
-        names = set(model) if isinstance(model, dict) else set()
-        refuse(f"its weights are not this model's trainable parameters: {len(set(expected) - names)} missing, "
-               f"{len(names - set(expected))} unexpected")
-    for name, shape in expected.items():
-        t = model[name]
-        if not isinstance(t, torch.Tensor) or t.shape != shape:
-            refuse(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, the model's is {tuple(shape)}")
-    # AdamW's moments: one entry per parameter of the optimizer, each of its parameter's shape.
-    params = [p for g in s.optimizer.param_groups for p in g["params"]]
-    opt = ck["optimizer"]
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
-        refuse("its optimizer state is damaged")
-    for i, st in opt["state"].items():
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(st, dict):
-            refuse(f"optimizer state for a parameter {i!r} this model does not have")
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = st.get(key)
-            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != params[i].shape):
-                refuse(f"optimizer {key} of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
-                       f"the parameter's is {tuple(params[i].shape)}")
+    if ck.get("world", s.world) != s.world:
+        raise KKError(f"{path}: saved by {ck['world']} processes, resumed by {s.world}: resume with the same number "
+                      f"(torchrun --nproc_per_node {ck['world']}), or start over with --force")
     # Progress: plain counts, within what this run can reach.
     prog = ck["progress"]
     if not isinstance(prog, dict) or set(prog) - {f.name for f in fields(Progress)}:
@@ -808,6 +871,32 @@ def check_checkpoint(s: Session, ck, path) -> None:
                f"the progress at step {prog['step']}")
     if not isinstance(ck["best"], dict) or not all(isinstance(v, torch.Tensor) for v in ck["best"].values()):
         refuse("its best evaluation is damaged")
+    if s.strategy in SHARDED:
+        return  # the shards are checked by their own loader
+    # The trained tensors: exactly this config's trainable parameters, each of its shape.
+    expected = {n: p.shape for n, p in s.model.named_parameters() if p.requires_grad}
+    model = ck["model"]
+    if not isinstance(model, dict) or set(model) != set(expected):
+        names = set(model) if isinstance(model, dict) else set()
+        refuse(f"its weights are not this model's trainable parameters: {len(set(expected) - names)} missing, "
+               f"{len(names - set(expected))} unexpected")
+    for name, shape in expected.items():
+        t = model[name]
+        if not isinstance(t, torch.Tensor) or t.shape != shape:
+            refuse(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, the model's is {tuple(shape)}")
+    # AdamW's moments: one entry per parameter of the optimizer, each of its parameter's shape.
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    opt = ck["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        refuse("its optimizer state is damaged")
+    for i, st in opt["state"].items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params) or not isinstance(st, dict):
+            refuse(f"optimizer state for a parameter {i!r} this model does not have")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = st.get(key)
+            if t is not None and (not isinstance(t, torch.Tensor) or t.shape != params[i].shape):
+                refuse(f"optimizer {key} of parameter {i} has shape {tuple(getattr(t, 'shape', ()))}, "
+                       f"the parameter's is {tuple(params[i].shape)}")
 
 
 def check_resumed_progress(s: Session, inputs: FoldInputs) -> None:
@@ -833,7 +922,7 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     from .metrics import log_loss
     from .modeling import save_model
 
-    state, loss, value, task = s.state, None, None, s.task
+    state, loss, value, task, improved = s.state, None, None, s.task, False
     res = predict_validation(s, inputs.val_df, bar)
     if s.main:
         val_df = inputs.val_df
@@ -844,32 +933,50 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
             state.best_loss, state.best_metric, state.best_step, state.bad_evals = loss, value, state.step, 0
 
             s.best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
-            save_model(s.model, s.tokenizer, s.work)
+            improved = True
         else:
             state.bad_evals += 1
     s.model.train()
     if s.world > 1:  # every rank takes rank 0's verdict, so early stopping is decided once
         import torch.distributed as dist
 
-        shared = [loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals]
+        shared = [loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals, improved]
         dist.broadcast_object_list(shared, src=0)
-        loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals = shared
+        loss, value, state.best_loss, state.best_metric, state.best_step, state.bad_evals, improved = shared
+    if improved:
+        state_dict = full_state_dict(s)  # every rank, before rank 0 writes
+        if s.main:
+            save_model(s.model, s.tokenizer, s.work, state_dict)
     state.evals += 1
     s.last_metric = value
     return loss
+
+
+def full_state_dict(s: Session) -> dict | None:
+    """Sharded weights gathered whole on rank 0 (a collective: every rank calls it) for one ordinary model folder;
+    None where every rank holds them whole (one process, DDP, ZeRO-2)."""
+    if s.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(s.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if s.strategy == "deepspeed" and s.wrapped.zero_optimization_stage() == 3:
+        return s.wrapped._zero3_consolidated_16bit_state_dict()
+    return None
 
 
 def predict_validation(s: Session, val_df, bar=None) -> dict | None:
     """The validation rows' probabilities with swap TTA (:func:`kagglekit.inference.predict_tta`), tokenized once for
     the whole training (the session's token cache). Under DDP every rank predicts every N-th row (rows come in file
     order, so each gets a like share of long and short ones) and rank 0 gathers them in order: the ranks share the
-    work instead of waiting for rank 0 in a collective that NCCL's watchdog would abort. None on the other ranks."""
+    work instead of waiting for rank 0 in a collective that NCCL's watchdog would abort. None on the other ranks.
+    FSDP and ZeRO forwards are collective (each gathers the layers' shards): there every rank predicts every row."""
     from .engine import HFEngine
     from .inference import TokenCache, predict_tta
 
+    split = s.world if s.strategy == "ddp" else 1
     if s.val_rows is None:  # once per fold: this rank's rows, a token cache, an engine over the model in training
-        s.val_rows = np.arange(s.rank, len(val_df), s.world)
-        s.val_part = val_df if s.world == 1 else val_df.iloc[s.val_rows].reset_index(drop=True)
+        s.val_rows = np.arange(s.rank % split, len(val_df), split)
+        s.val_part = val_df if split == 1 else val_df.iloc[s.val_rows].reset_index(drop=True)
         s.val_cache = TokenCache()
         cfg = s.cfg.model_copy(update={"predict": s.cfg.predict.model_copy(update={"batch_size": s.cfg.train.eval_batch_size})})
         s.val_engine = HFEngine.live(s.model, s.eval_fmt or s.fmt, cfg, s.device, s.amp_dtype, s.task)
@@ -878,8 +985,8 @@ def predict_validation(s: Session, val_df, bar=None) -> dict | None:
                        f"fold {s.fold} eval")
     if bar is not None:
         bar.remove_task(task)
-    if s.world == 1:
-        return part
+    if split == 1:
+        return part if s.main else None
     import torch.distributed as dist
 
     st = part["stats"]
@@ -931,19 +1038,61 @@ def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
         if tc.patience and state.bad_evals >= tc.patience:
             state.stopped_early = True
     done = state.step >= s.total_steps or state.stopped_early
+    stop, due = _any_rank(s, s.stop_requested, bool(tc.checkpoint_minutes) and time.time() - s.last_checkpoint >= 60 * tc.checkpoint_minutes)
     if row["val_loss"] is not None:
         save_checkpoint(s)
         if on_eval is not None:
             on_eval(state.step, value)
-    elif tc.checkpoint_minutes and time.time() - s.last_checkpoint >= 60 * tc.checkpoint_minutes:
+    elif due:
         save_checkpoint(s)  # preemption costs at most a few minutes, whatever eval_every says
     if on_step is not None:
         on_step(state.step)
+    if stop and not done:
+        raise KeyboardInterrupt  # on every rank at once, so the sharded checkpoint is written together
     return done
 
 
-def _no_sync(model, defer: bool):
-    return model.no_sync() if defer else contextlib.nullcontext()
+def _any_rank(s: Session, *flags: bool) -> list[bool]:
+    """Sharded runs: each flag true on every rank if it is on one (checkpoints and stops are collective there)."""
+    if s.strategy not in SHARDED or s.world == 1:
+        return list(flags)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(f) for f in flags], device=s.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+@contextlib.contextmanager
+def _grad_sync(s: Session, sync: bool):
+    """Gradients are averaged across processes once per optimizer step, on its last backward: DDP's no_sync,
+    FSDP2's set_requires_gradient_sync, DeepSpeed's accumulation boundary."""
+    if s.strategy == "ddp" and s.world > 1 and not sync:
+        with s.wrapped.no_sync():
+            yield
+        return
+    if s.strategy == "fsdp":
+        s.model.set_requires_gradient_sync(sync)
+    elif s.strategy == "deepspeed":
+        s.wrapped.set_gradient_accumulation_boundary(sync)
+    yield
+
+
+def _optimizer_step(s: Session, params) -> None:
+    """Clip, step, schedule; DeepSpeed's engine clips (gradient_clipping) and steps its sharded optimizer itself."""
+    import torch
+
+    if s.strategy == "deepspeed":
+        s.wrapped.step()
+    else:
+        s.scaler.unscale_(s.optimizer)
+        if s.cfg.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, s.cfg.train.max_grad_norm)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
 
 
 def training_loss(logits, soft, hard, tc):
@@ -990,14 +1139,16 @@ def _accumulate(s: Session, inputs: FoldInputs, targets, batch: list[int], n_gro
     total = 0.0
     for k, piece in enumerate(pieces):
         rows = piece.tolist()
-        # DDP averages gradients across ranks once per optimizer step, not per micro-batch.
-        with _no_sync(s.ddp_model, s.world > 1 and not (syncs and k == len(pieces) - 1)):
+        with _grad_sync(s, syncs and k == len(pieces) - 1):
             logits = forward_logits(s, [inputs.seqs[i] for i in rows], [inputs.segs[i] for i in rows] if inputs.segs is not None else None)
             # Hard labels (cross-entropy), a teacher's probabilities (KL at train.distill.temperature) or a mix;
             # summed here, normalised per sequence by the division below.
             soft, hard = targets
             loss = training_loss(logits.float(), soft[rows] if soft is not None else None, hard[rows], tc)
-            s.scaler.scale(loss / n_group).backward()
+            if s.strategy == "deepspeed":  # the loss is already per step: not divided again by the accumulation
+                s.wrapped.backward(loss / n_group, scale_wrt_gas=False)
+            else:
+                s.scaler.scale(loss / n_group).backward()
         total = total + loss.detach()
     return total
 
@@ -1042,7 +1193,6 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     from .ui import progress
 
     tc, state = s.cfg.train, s.state
-    scaler, optimizer = s.scaler, s.optimizer
     # On the device once: each micro-batch's targets are indexed there, never copied from the host. soft: a
     # teacher's probabilities (None without data.soft_labels); hard: the labels (-1 where a row has none).
     soft, hard = inputs.loss_targets()
@@ -1055,7 +1205,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     # read (and checked for overflow) once per optimizer step, not once per micro-batch.
     group_loss, group_seqs = torch.zeros((), device=s.device), 0
     t_start = time.time() - state.train_seconds
-    with progress(disable=not s.main) as bar, sigterm_as_interrupt():
+    with progress(disable=not s.main) as bar, sigterm_as_interrupt(s if s.strategy in SHARDED and s.world > 1 else None):
         task = bar.add_task(f"fold {s.fold}", total=s.total_steps, completed=state.step, status="")
         try:
             if state.pending_eval and not done:  # interrupted during an evaluation: finish that step first
@@ -1087,14 +1237,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     step_loss = group_loss.item()
                     if not math.isfinite(step_loss):
                         raise KKError(f"non-finite loss at step {state.step + 1} of fold {s.fold}{precision_hint(s.device, s.amp_dtype)}")
-                    # One optimizer step per grad_accum micro-batches (the last one of an epoch may be shorter).
-                    scaler.unscale_(optimizer)
-                    if tc.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    s.scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    _optimizer_step(s, params)  # one per grad_accum micro-batches (an epoch's last may be shorter)
                     state.step += 1
                     state.train_seconds = time.time() - t_start
                     s.rng = _rng_state()  # where the next step starts
@@ -1115,7 +1258,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
         except KeyboardInterrupt:
             # Roll back to the start of the optimizer step: half-accumulated gradients are discarded and the
             # checkpoint carries the RNG of that moment, so --resume redoes the step exactly.
-            optimizer.zero_grad(set_to_none=True)
+            s.optimizer.zero_grad(set_to_none=True)
             state.micro -= state.micro % tc.grad_accum
             state.samples -= group_seqs
             save_checkpoint(s)

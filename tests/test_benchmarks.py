@@ -71,7 +71,7 @@ def test_gpu_check_script_smoke():
     assert "gpu paths:" in r.stdout and "FAILED" not in r.stdout
     # the closing table: every step ran and ended ok
     table = r.stdout[r.stdout.index("gpu_check steps (budget"):].splitlines()[2:]
-    assert len(table) == 8 and all(line.strip().startswith("ok\t") for line in table), table
+    assert len(table) == 9 and all(line.strip().startswith("ok\t") for line in table), table
 
 
 def test_gpu_check_keeps_to_its_budget():
@@ -82,7 +82,7 @@ def test_gpu_check_keeps_to_its_budget():
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     table = r.stdout[r.stdout.index("gpu_check steps (budget 1s"):].splitlines()[2:]
     assert table[0].strip().startswith("stopped (time)\t") and "gpu_paths.py" in table[0], table
-    assert len(table) == 8 and all(line.strip().startswith("skipped\t-\t") for line in table[1:]), table
+    assert len(table) == 9 and all(line.strip().startswith("skipped\t-\t") for line in table[1:]), table
     assert "FAILED" not in r.stdout
 
 

@@ -131,14 +131,30 @@ def _qwen25_7b():
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
 
 
+def _qwen25_14b():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=5120, num_hidden_layers=48, intermediate_size=13824, num_attention_heads=40,
+                       num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)
+
+
+def _llama31_70b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+
+
 # Each hub backbone a preset names: its real dimensions (the published config.json, written here: no download) and
-# the published parameter count of the released model (model cards: 9.24B, 8.03B, 7.62B, DeBERTa-v3-base 184M),
+# the published parameter count of the released model (model cards: 9.24B, 8.03B, 7.62B, 14.77B, 70.55B, DeBERTa-v3-base 184M),
 # less its LM head where that is a separate matrix (the classification head replaces it).
 ARCHITECTURES = {
     "microsoft/deberta-v3-base": (_deberta_v3_base, 184e6, 0),
     "google/gemma-2-9b-it": (_gemma2_9b, 9.24e9, 0),  # tied embeddings: no separate LM head
     "meta-llama/Meta-Llama-3.1-8B-Instruct": (_llama31_8b, 8.03e9, 128256 * 4096),
     "Qwen/Qwen2.5-7B-Instruct": (_qwen25_7b, 7.62e9, 152064 * 3584),
+    "Qwen/Qwen2.5-14B-Instruct": (_qwen25_14b, 14.77e9, 152064 * 5120),
+    "meta-llama/Llama-3.1-70B-Instruct": (_llama31_70b, 70.55e9, 128256 * 8192),
 }
 HUB_PRESETS = [p for p in PRESETS if not load_config(p).model.backbone.startswith(("/", ".", "models/", "pkg:"))
                and "/" in load_config(p).model.backbone]
