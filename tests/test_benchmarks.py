@@ -60,7 +60,7 @@ def test_bench_quant_smoke():
 
 def test_gpu_check_script_smoke():
     """The prepared GPU script at toy size on CPU: the real DeBERTa-v3-base architecture, one step each."""
-    r = _run("bash", BENCH / "gpu_check.sh", "--smoke", timeout=900, PY=sys.executable)  # this interpreter, venv or not
+    r = _run("bash", BENCH / "gpu_check.sh", "--smoke", timeout=1500, PY=sys.executable)  # this interpreter, venv or not
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "FAILED" not in r.stdout, r.stdout[-3000:]
     # 2 kagglekit-only runs + 1 vs HF + the host-sync run (grad_accum 8)
