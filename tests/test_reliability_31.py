@@ -429,3 +429,9 @@ def test_distill_labels_interrupted_mid_way_writes_no_fold_file(tiny_project, tm
                 "--out", out, "--force")
     assert r.exit_code != 0
     assert sorted(p.name for p in out.iterdir()) == ["fold_0.csv"] and (out / "fold_0.csv").read_text() == "old"
+
+
+def test_budget_messages_name_minutes_and_seconds_not_zero_hours():
+    from kagglekit.ui import duration
+
+    assert [duration(s) for s in (-3, 0.4, 42, 90, 3599, 3600, 7380)] == ["0 s", "0 s", "42 s", "1.5 min", "60.0 min", "1.00 h", "2.05 h"]
