@@ -166,7 +166,7 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
     skipped = {rid for rid, _ in report.skipped}
     teacher_oof = [run_oof(open_run(t, fold_ids), dict(zip(df["id"], labels)), skipped) for t in teachers]
     teacher_oof = [dict(zip(rp.ids, rp.probs)) for rp in teacher_oof]
-    rows = []
+    rows, labelled = [], {}
     with progress() as bar:
         for k in fold_ids:
             in_train = np.array([fold_of[i] != k for i in df["id"]])
@@ -184,13 +184,18 @@ def teacher_labels(teachers, train_path, folds_path, out_dir, weights=None, extr
             blend = combine(probs, w, "geo")  # softmax of the weighted mean log-probability
             if not np.isfinite(blend).all():
                 raise KKError(f"fold {k}: the teachers predicted non-finite probabilities")
-            write_csv(outputs[k], task.prob_frame(fold_rows["id"].to_numpy(), blend))
+            labelled[k] = task.prob_frame(fold_rows["id"].to_numpy(), blend)
             oof = combine(oofs, w, "geo")
             y_tr, y_va = labels[in_train], labels[~in_train]
             rows.append({"fold": k, "rows": len(fold_rows), "extra": len(fold_rows) - n_train,
                          "in_sample_log_loss": log_loss(blend[:n_train], y_tr), "oof_log_loss": log_loss(oof, y_va),
                          "in_sample_confidence": float(blend[:n_train].max(1).mean()),
                          "oof_confidence": float(oof.max(1).mean()), "file": str(outputs[k])})
+    # Written only once every fold is labelled, teacher_labels.json last (an old one removed first): Ctrl-C or a
+    # failure mid-way leaves the folder as it was, never new fold files beside no description or an old one.
+    (out_dir / "teacher_labels.json").unlink(missing_ok=True)
+    for k, frame in labelled.items():
+        write_csv(outputs[k], frame)
     write_json(out_dir / "teacher_labels.json", {
         "teachers": [str(t) for t in teachers], "weights": w.tolist(), "tta": tta, "train": str(train_path),
         "train_sha256": file_sha256(train_path), "folds": str(folds_path), "folds_sha256": file_sha256(folds_path),

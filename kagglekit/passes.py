@@ -35,6 +35,7 @@ import numpy as np
 
 from .inference import TokenCache, predict_order
 from .kernel.common import KAGGLE_LIMIT_H
+from .ui import duration
 
 PASSES_JSON = "kk_passes.json"
 # Kept free at the end of the budget: combining and writing the submission, the notebook's last cell.
@@ -387,8 +388,8 @@ class Passes:
             self.rates[unit.slot] = rate
         rows = sum(len(self._rows(u)) * len(u.jobs) for u in self.units if u.slot == unit.slot)
         hours = rows / rate / 3600
-        self.log(f"{unit.device}: {rate:.1f} rows/s on its first batches: pass 1 ~{hours:.2f} h on it "
-                 f"({self.budget.elapsed() / 3600:.2f} h used of the {self.budget.hours:g} h budget)")
+        self.log(f"{unit.device}: {rate:.1f} rows/s on its first batches: pass 1 ~{duration(hours * 3600)} on it "
+                 f"({duration(self.budget.elapsed())} used of the {self.budget.hours:g} h budget)")
         self.events.append({"event": "measured", "worker": str(unit.slot), "device": unit.device, "rows_per_s": rate,
                             "pass1_projected_h": hours})
         if self.record is not None:
@@ -466,9 +467,9 @@ def plan_second_pass(passes: Passes, wanted: dict, plans: list) -> tuple[dict, s
     left = passes.budget.left() - WRITE_RESERVE_S
     available = left * PLAN_SLACK
     cost = passes.second_pass_cost(wanted)
-    hours = f"{max(left, 0) / 3600:.2f} h left of the {passes.budget.hours:g} h budget"
+    hours = f"{duration(left)} left of the {passes.budget.hours:g} h budget"
     if cost <= available:
-        return wanted, f"on {total} rows (all runs): ~{cost / 3600:.2f} h, {hours}"
+        return wanted, f"on {total} rows (all runs): ~{duration(cost)}, {hours}"
     first = passes.first_pass()
     means = {r: np.mean([first[j] for j in plans[r].jobs if j in first], axis=0) for r in wanted}
     lo, hi = 0.0, 1.0  # the largest share that fits (cost grows with the share)
@@ -485,7 +486,7 @@ def plan_second_pass(passes: Passes, wanted: dict, plans: list) -> tuple[dict, s
         lo *= 0.95
         cut = cut_to(lo)
     if lo < MIN_SECOND_SHARE or not cut:
-        return {}, (f"SKIPPED: it needs ~{cost / 3600:.2f} h, {hours}; the submission stays the one-order (A,B) "
+        return {}, (f"SKIPPED: it needs ~{duration(cost)}, {hours}; the submission stays the one-order (A,B) "
                     "pass")
     return cut, (f"CUT to the {sum(len(r) for r in cut.values())} least confident of {total} rows ({lo:.0%}): all of "
-                 f"it needs ~{cost / 3600:.2f} h, {hours}")
+                 f"it needs ~{duration(cost)}, {hours}")

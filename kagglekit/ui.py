@@ -92,6 +92,12 @@ class PlainProgress:
         print(", ".join(parts), file=self.stream or sys.stderr, flush=True)
 
 
+def duration(seconds: float) -> str:
+    """Hours above one, else minutes or seconds: a small budget or pass never reads "~0.00 h"."""
+    s = max(float(seconds), 0.0)
+    return f"{s / 3600:.2f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -407,3 +407,31 @@ def test_real_hh_rlhf_file_loses_exactly_its_rows_without_a_comparison(tmp_path)
     df = pd.read_csv(tmp_path / "hh.csv", dtype=str, keep_default_na=False)
     assert len(df) == 2309 and (df["response_a"] != df["response_b"]).all()  # 2,312 records, 3 with an empty answer
     assert all(any(t.strip() for t in json.loads(c)) for c in [*df["response_a"], *df["response_b"]])
+
+
+# Smaller item: Ctrl-C during kk distill-labels leaves the labels folder as it was.
+def test_distill_labels_interrupted_mid_way_writes_no_fold_file(tiny_project, tmp_path, monkeypatch):
+    import kagglekit.predict
+    from test_distill import FakeFoldModel, _fake_teacher, _folds
+
+    class Interrupted(FakeFoldModel):
+        def predict(self, df, *args, **kwargs):
+            if self.fold == 1:
+                raise KeyboardInterrupt
+            return super().predict(df, *args, **kwargs)
+
+    monkeypatch.setattr(kagglekit.predict, "FoldModel", Interrupted)
+    teacher = _fake_teacher(tmp_path, "teacher1", _folds(tiny_project), pd.read_csv(tiny_project / "train.csv", dtype={"id": str}))
+    out = tmp_path / "labels"
+    out.mkdir()
+    (out / "fold_0.csv").write_text("old")
+    r = run_cli("distill-labels", "--teacher", teacher, "--train", tiny_project / "train.csv", "--folds", tiny_project / "folds.csv",
+                "--out", out, "--force")
+    assert r.exit_code != 0
+    assert sorted(p.name for p in out.iterdir()) == ["fold_0.csv"] and (out / "fold_0.csv").read_text() == "old"
+
+
+def test_budget_messages_name_minutes_and_seconds_not_zero_hours():
+    from kagglekit.ui import duration
+
+    assert [duration(s) for s in (-3, 0.4, 42, 90, 3599, 3600, 7380)] == ["0 s", "0 s", "42 s", "1.5 min", "60.0 min", "1.00 h", "2.05 h"]

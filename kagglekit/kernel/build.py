@@ -315,7 +315,7 @@ def kernel_plan(runs, backbone_source, machine_shape: str, budget_h: float, rows
 
 def print_plan(plan: list[dict], machine_shape: str, budget_h: float) -> None:
     """The plan as a table, then the totals against the budget (kk kernel, kk kernel --plan)."""
-    from ..ui import console, info, table, warn
+    from ..ui import console, duration, info, table, warn
     from .common import HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H
     from .plan import T4_FP16_UTILISATION, T4_PEAK_TFLOPS, THROUGHPUT
 
@@ -337,9 +337,9 @@ def print_plan(plan: list[dict], machine_shape: str, budget_h: float) -> None:
     basis = (f"estimate: FLOPs of the rows' real token counts over a T4 at {T4_FP16_UTILISATION:.0%} of "
              f"{T4_PEAK_TFLOPS:g} fp16 TFLOP/s x {', '.join(f'{k} {v:g}' for k, v in THROUGHPUT.items() if k != 'fp32')}; "
              "model loading not included")
-    info(f"pass 1 ~{first:.2f} h, all passes ~{total:.2f} h, budget {budget_h:g} h ({basis})")
+    info(f"pass 1 ~{duration(first * 3600)}, all passes ~{duration(total * 3600)}, budget {budget_h:g} h ({basis})")
     if first > budget_h:
-        warn(f"pass 1 alone (~{first:.2f} h) exceeds the {budget_h:g} h budget: the notebook still runs it, but drops the "
+        warn(f"pass 1 alone (~{duration(first * 3600)}) exceeds the {budget_h:g} h budget: the notebook still runs it, but drops the "
              f"folds it measures would end past Kaggle's {KAGGLE_LIMIT_H:g} h; package fewer folds (--folds) or lighter models")
     elif total > budget_h:
         info(f"the swapped-order pass does not all fit: the notebook runs it on the least confident rows it has time for "

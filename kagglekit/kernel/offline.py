@@ -102,7 +102,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
     from ..runs import open_run
     from ..task import get_task
     from ..tta import tta_mode
-    from ..ui import info
+    from ..ui import duration, info
     from .plan import adapter_bytes, inference_format, place
 
     t0 = clock()
@@ -161,7 +161,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
         state["passes"].append({"pass": 1, "order": "A,B", "status": "done", "rows": n, "folds": len(done),
                                 "skipped_folds": [j.name for j in passes.skipped], "at_h": round(budget.elapsed() / 3600, 4)})
         state["submission_from"] = "pass 1"
-        info(f"pass 1 done: {path} written from {len(done)} fold(s), one order (A,B), at {budget.elapsed() / 3600:.2f} h")
+        info(f"pass 1 done: {path} written from {len(done)} fold(s), one order (A,B), at {duration(budget.elapsed())}")
         record()
 
         wanted = passes.wanted(plans)
@@ -174,7 +174,7 @@ def run_offline(artifacts, test_csv, out, sample_submission=None, input_root=Non
             if complete:
                 path = submit(True)
                 state["submission_from"] = "pass 2"
-                info(f"pass 2 done: {path} replaced by the TTA ensemble at {budget.elapsed() / 3600:.2f} h")
+                info(f"pass 2 done: {path} replaced by the TTA ensemble at {duration(budget.elapsed())}")
         else:
             entry2["status"] = "skipped" if any(len(v) for v in wanted.values()) else "not asked"
         entry2["at_h"] = round(budget.elapsed() / 3600, 4)
