@@ -97,10 +97,8 @@ def adapter_modules(folder) -> dict[str, tuple[int, int]]:
     path = Path(folder) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise KKError(f"{path} does not exist")
-    shapes = {}
     with safetensors_errors(path), safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            shapes[key] = tuple(f.get_slice(key).get_shape())
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     out = {}
     for key, a in shapes.items():
         if not key.endswith(".lora_A.weight"):

@@ -310,11 +310,11 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     final = blend(fold_probs, weights, temperature, method)
     path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission, task=task)
 
-    rows = []
+    rows, labels = [], dict(zip(train_df["id"], train_df["label"]))
     for rp in oof.runs:
         for f in rp.per_fold:
             rows.append([str(rp.run.path), f["fold"], f["rows"], f["no_tta"], f["tta"], f["acc"]])
-        yr = _labels(train_df, rp.ids)
+        yr = np.array([labels[i] for i in rp.ids])
         rows.append([str(rp.run.path), "all", len(yr), log_loss(rp.probs_no_tta, yr), log_loss(rp.probs, yr), accuracy(rp.probs, yr)])
     rows.append(["ensemble", "all", len(y), "", before, accuracy(base, y)])
     rows.append(["ensemble (calibrated)", "all", len(y), "", after, accuracy(calibrated, y)])
@@ -341,8 +341,3 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     return {"submission": path, "task": task.name, "oof_before": before, "oof_after": after, "weights": weights.tolist(),
             "calibration": cal, "calibration_source": cal_note, "temperature": temperature, "test_probs": final,
             "test_ids": test_ids, "per_run": oof.runs, "oof_metric": metric(calibrated, y)}
-
-
-def _labels(train_df, ids) -> np.ndarray:
-    labels = dict(zip(train_df["id"], train_df["label"]))
-    return np.array([labels[i] for i in ids])

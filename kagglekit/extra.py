@@ -102,10 +102,8 @@ def load_extra(cfg, fold: int, train_df, val_df) -> ExtraRows:
         if len(df) == 0:
             continue
         hard = df["label"].to_numpy() if has_hard else np.full(len(df), -1)
-        if extra.soft_labels is not None:
-            soft = fold_soft_labels(extra.soft_labels, fold, df["id"], val_df["id"], task)
-        else:
-            soft = np.full((len(df), task.n_classes), np.nan)
+        soft = (np.full((len(df), task.n_classes), np.nan) if extra.soft_labels is None
+                else fold_soft_labels(extra.soft_labels, fold, df["id"], val_df["id"], task))
         frames.append(df[cols])
         softs.append(soft)
         hards.append(hard)

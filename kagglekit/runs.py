@@ -166,7 +166,7 @@ def open_runs(paths, folds="all") -> list[Run]:
     if not paths:
         raise KKError("give at least one --run")
     runs = [open_run(p, folds) for p in paths]
-    same_task([f.cfg.task for r in runs for f in r.folds], "runs")
+    runs_task(runs)
     if folds in (None, "all"):
         for r in runs:
             warn_missing_folds(r)
@@ -268,12 +268,8 @@ def oof_set(runs: list[Run], train_df, skipped: set | None = None) -> OOFSet:
     command that fits or reports on OOF calls)."""
     labels = dict(zip(train_df["id"], train_df["label"]))
     preds = [run_oof(r, labels, skipped) for r in runs]
-    common = set(preds[0].ids).intersection(*[set(p.ids) for p in preds[1:]])
-    ids = sorted(common)
-    oofs = []
-    for p in preds:
-        pos = {i: n for n, i in enumerate(p.ids)}
-        oofs.append(p.probs[[pos[i] for i in ids]])
-    pos = {i: n for n, i in enumerate(preds[0].ids)}
-    folds = preds[0].row_folds[[pos[i] for i in ids]]
+    ids = sorted(set(preds[0].ids).intersection(*[set(p.ids) for p in preds[1:]]))
+    at = [{i: n for n, i in enumerate(p.ids)} for p in preds]  # id -> row, per run
+    oofs = [p.probs[[pos[i] for i in ids]] for p, pos in zip(preds, at)]
+    folds = preds[0].row_folds[[at[0][i] for i in ids]]
     return OOFSet(preds, ids, oofs, np.array([labels[i] for i in ids], dtype=int), folds)
