@@ -129,11 +129,9 @@ def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean", folds
 def choose_calibration(oof, method: str = "mean", fit: bool = True) -> tuple:
     """(weights, temperature, calibrated OOF, cross-fitting report or None, a note saying where they come from).
 
-    Weights and a temperature are fitted only on OOF the runs' own models produced. A merged run's OOF is
-    its source folds' (``kk merge``): fitting on it would calibrate one model on another's predictions. Alone,
-    it carries over what ``kk merge`` recorded: its source fold ensemble's cross-fitted temperature when that
-    was kept, else none; blended with other runs, nothing is fitted (equal weights, temperature 1). ``oof``:
-    :func:`kagglekit.runs.oof_set`.
+    Fitted only on OOF the runs' own models produced: a merged run's OOF is its source folds' (``kk merge``), and
+    fitting on it would calibrate one model on another's predictions. Alone, it carries over the temperature ``kk
+    merge`` recorded; blended with other runs, nothing is fitted. ``oof``: :func:`kagglekit.runs.oof_set`.
     """
     preds, oofs, y, folds = oof.runs, oof.oofs, oof.y, oof.folds
     equal = np.ones(len(oofs)) / len(oofs)

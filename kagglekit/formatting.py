@@ -311,8 +311,7 @@ class TruncationStats:
     def summary(self) -> dict:
         if len(self.kept) == 0:
             return {"rows": 0, "share_truncated": 0.0, "retention": {f: 1.0 for f in FIELDS}, "rows_cut_by_characters": 0}
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(self.total > 0, self.kept / np.maximum(self.total, 1), 1.0)
+        ratio = np.where(self.total > 0, self.kept / np.maximum(self.total, 1), 1.0)
         out = {
             "rows": int(len(self.kept)),
             "share_truncated": float((self.kept < self.total).any(axis=1).mean()),

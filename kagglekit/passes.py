@@ -147,9 +147,6 @@ class Meter:
             self._reported = True
             self.on_first(self.rows / self.seconds)
 
-    def rate(self) -> float | None:
-        return self.rows / self.seconds if self.rows and self.seconds > 0 else None
-
 
 @dataclass
 class Passes:
@@ -397,8 +394,7 @@ class Passes:
             reload = 0.0 if held is not None and held[0] is unit else (unit.load_s or 0.0)
             work = sum(share * c / (self._rate(j, unit) or float("inf")) for j, c in counts.items())
             per_slot[unit.slot] = per_slot.get(unit.slot, 0.0) + reload + work
-        workers = max((v for k, v in per_slot.items() if k != "split"), default=0.0)
-        return workers + per_slot.get("split", 0.0)
+        return max((v for k, v in per_slot.items() if k != "split"), default=0.0) + per_slot.get("split", 0.0)
 
 
 def _in_threads(fn, n: int) -> None:

@@ -237,7 +237,7 @@ def run_oof(run: Run, labels_by_id: dict, skipped: set | None = None) -> RunOOF:
     from .metrics import accuracy, log_loss
 
     task, borrowed = run.task, None
-    ids, oof, oof_nt, per_fold, row_folds = [], [], [], [], []
+    parts, per_fold = [], []  # per fold: (ids, probabilities, probabilities without TTA, the fold of each row)
     for fold in run.folds:
         if fold.merged:
             borrowed = fold.metrics.get("calibration") if isinstance(fold.metrics.get("calibration"), dict) else {}
@@ -253,14 +253,11 @@ def run_oof(run: Run, labels_by_id: dict, skipped: set | None = None) -> RunOOF:
         y = np.array([labels_by_id[i] for i in fid])
         per_fold.append({"fold": fold.index, "rows": len(fid), "tta": log_loss(p, y), "no_tta": log_loss(pnt, y),
                          "acc": accuracy(p, y)})
-        ids.append(fid)
-        oof.append(p)
-        oof_nt.append(pnt)
-        row_folds.append(np.full(len(fid), fold.index))
-    all_ids = np.concatenate(ids)
+        parts.append((fid, p, pnt, np.full(len(fid), fold.index)))
+    all_ids, probs, probs_nt, row_folds = (np.concatenate(x) for x in zip(*parts))
     if len(set(all_ids)) != len(all_ids):
         raise KKError(f"{run.path}: an id appears in the OOF of two folds (were the folds changed between trainings?)")
-    return RunOOF(run, all_ids, np.concatenate(oof), np.concatenate(oof_nt), np.concatenate(row_folds), per_fold, borrowed)
+    return RunOOF(run, all_ids, probs, probs_nt, row_folds, per_fold, borrowed)
 
 
 def oof_set(runs: list[Run], train_df, skipped: set | None = None) -> OOFSet:

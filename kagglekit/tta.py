@@ -30,8 +30,7 @@ def tta_mode(tta) -> str:
 
 def second_pass_share(tta, share: float = 1.0) -> float:
     """The share of rows the (B,A) pass covers: 1 (full), 0 (none) or ``share`` (uncertain)."""
-    mode = tta_mode(tta)
-    return {"full": 1.0, "none": 0.0}.get(mode, float(share))
+    return {"full": 1.0, "none": 0.0}.get(tta_mode(tta), float(share))
 
 
 def uncertain_rows(probs: np.ndarray, share: float) -> np.ndarray:
