@@ -4,8 +4,7 @@ kk train writes both files, but a damaged or hand-edited one must give one line 
 not a traceback from deep inside peft, nor an allocation sized by whatever ``r`` says (``r: 1e9`` asks for
 hundreds of GB). :func:`read_adapter_config` checks the config's types and ranges and the weights' shapes
 (read from the safetensors header: no tensor is loaded); :func:`check_adapter_fits` then checks the modules
-against the loaded backbone. kk predict / ensemble / kernel (through the HF engine, kagglekit.engine) and kk merge
-use them.
+against the loaded backbone.
 """
 
 from __future__ import annotations
@@ -32,10 +31,8 @@ def _is_number(v) -> bool:
 
 
 def read_adapter_config(folder) -> dict:
-    """The folder's adapter_config.json as a dict, after checking what kagglekit (and peft) rely on:
-    a LoRA adapter for sequence classification, an integer rank from 1 to MAX_LORA_RANK, a positive
-    lora_alpha, a dropout in [0, 1), target modules as a regex or a list of names, and weights whose
-    shapes agree with the rank. KKError naming the file and key otherwise."""
+    """The folder's adapter_config.json as a dict, once what kagglekit (and peft) rely on is checked (weights whose
+    shapes agree with the rank included); KKError naming the file and key otherwise."""
     path = Path(folder) / ADAPTER_CONFIG
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -97,10 +94,8 @@ def adapter_modules(folder) -> dict[str, tuple[int, int]]:
     path = Path(folder) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise KKError(f"{path} does not exist")
-    shapes = {}
     with safetensors_errors(path), safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            shapes[key] = tuple(f.get_slice(key).get_shape())
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     out = {}
     for key, a in shapes.items():
         if not key.endswith(".lora_A.weight"):

@@ -54,15 +54,11 @@ def plan_batches(lengths, units: list[list[int]], batch_size: int, seed: int, ep
                  packed: bool = False, target: float = TARGET_EFFICIENCY, max_packed: int = 0) -> list[list[int]]:
     """Micro-batches (lists of sequence indices) for one epoch, reproducible from (seed, epoch).
 
-    ``units``: what is kept together (one sequence, or both A/B orders of a pair). The chunk that is
-    sorted by length starts at 32 batches' worth of units and doubles until the padding efficiency
-    reaches ``target`` or the chunk is the whole epoch: small data keeps the most randomness, large
-    data gets the padding it needs (a fixed chunk pads more as the data grows). Which units share a
-    batch changes every epoch (the chunks are a fresh random split); the batch order is shuffled.
-    ``max_tokens``: size batches by a token budget instead of ``batch_size`` rows.
-    ``packed``: rows are concatenated, not padded, so no sorting at all: the budget counts real tokens.
-    ``max_packed``: the longest a packed row may be, whatever the budget (attention without varlen kernels
-    is quadratic in it: see ``kagglekit.train.packed_cap``).
+    ``units``: what is kept together (one sequence, or both A/B orders of a pair). Small data keeps the most
+    randomness, large data gets the padding it needs (a fixed chunk pads more as the data grows); the chunks are a
+    fresh random split every epoch. ``packed``: nothing is sorted, the budget counts real tokens. ``max_packed``: the
+    longest a packed row may be, whatever the budget (attention without varlen kernels is quadratic in it: see
+    ``kagglekit.train.packed_cap``).
     """
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(units))

@@ -1,14 +1,9 @@
-"""Inference engines behind one seam, and the Hugging Face engine.
+"""Inference engines behind one seam, and the Hugging Face engine (README, "One prediction path").
 
-Everything that predicts (``kk predict``/``ensemble``, the kernel, validation during training, ``kk merge``'s check,
-``kk distill-labels``) goes through an :class:`Engine`, a loaded model serving a group of folds, which only turns
-token sequences into logits; :mod:`kagglekit.inference` and :mod:`kagglekit.passes` tokenize, choose rows and
-orders, and map logits through the task. ``predict.engine`` chooses the engine (``ENGINES``).
-
-:class:`HFEngine`: folds sharing a backbone load the base once and switch LoRA adapters with peft (the
-``modules_to_save`` heads switch with them). Adapters are never merged, not even for a fold alone, so a fold
-predicts the same numbers whichever folds share its base (``kk predict``, ``kk ensemble`` and the kernel agree) at
-the price of the LoRA matmuls (``kk merge --unload`` makes a plain model). :data:`LOAD_LOCK`: ``from_pretrained``
+Everything that predicts goes through an :class:`Engine` (``predict.engine`` chooses it, ``ENGINES``), a loaded
+model serving a group of folds, which only turns token sequences into logits. :class:`HFEngine` never merges
+adapters, not even for a fold alone, so a fold predicts the same numbers whichever folds share its base, at the
+price of the LoRA matmuls (``kk merge --unload`` makes a plain model). :data:`LOAD_LOCK`: ``from_pretrained``
 sets torch's process-wide default dtype while building, so the kernel's GPU threads load one at a time.
 """
 

@@ -129,11 +129,9 @@ def calibrate(oofs: list[np.ndarray], y: np.ndarray, method: str = "mean", folds
 def choose_calibration(oof, method: str = "mean", fit: bool = True) -> tuple:
     """(weights, temperature, calibrated OOF, cross-fitting report or None, a note saying where they come from).
 
-    Weights and a temperature are fitted only on OOF the runs' own models produced. A merged run's OOF is
-    its source folds' (``kk merge``): fitting on it would calibrate one model on another's predictions. Alone,
-    it carries over what ``kk merge`` recorded: its source fold ensemble's cross-fitted temperature when that
-    was kept, else none; blended with other runs, nothing is fitted (equal weights, temperature 1). ``oof``:
-    :func:`kagglekit.runs.oof_set`.
+    Fitted only on OOF the runs' own models produced: a merged run's OOF is its source folds' (``kk merge``), and
+    fitting on it would calibrate one model on another's predictions. Alone, it carries over the temperature ``kk
+    merge`` recorded; blended with other runs, nothing is fitted. ``oof``: :func:`kagglekit.runs.oof_set`.
     """
     preds, oofs, y, folds = oof.runs, oof.oofs, oof.y, oof.folds
     equal = np.ones(len(oofs)) / len(oofs)
@@ -310,11 +308,11 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     final = blend(fold_probs, weights, temperature, method)
     path = write_submission(test_ids, final, out, force=force, sample_submission=sample_submission, task=task)
 
-    rows = []
+    rows, labels = [], dict(zip(train_df["id"], train_df["label"]))
     for rp in oof.runs:
         for f in rp.per_fold:
             rows.append([str(rp.run.path), f["fold"], f["rows"], f["no_tta"], f["tta"], f["acc"]])
-        yr = _labels(train_df, rp.ids)
+        yr = np.array([labels[i] for i in rp.ids])
         rows.append([str(rp.run.path), "all", len(yr), log_loss(rp.probs_no_tta, yr), log_loss(rp.probs, yr), accuracy(rp.probs, yr)])
     rows.append(["ensemble", "all", len(y), "", before, accuracy(base, y)])
     rows.append(["ensemble (calibrated)", "all", len(y), "", after, accuracy(calibrated, y)])
@@ -341,8 +339,3 @@ def ensemble(runs: list, test_path, out="submissions/submission.csv", folds="all
     return {"submission": path, "task": task.name, "oof_before": before, "oof_after": after, "weights": weights.tolist(),
             "calibration": cal, "calibration_source": cal_note, "temperature": temperature, "test_probs": final,
             "test_ids": test_ids, "per_run": oof.runs, "oof_metric": metric(calibrated, y)}
-
-
-def _labels(train_df, ids) -> np.ndarray:
-    labels = dict(zip(train_df["id"], train_df["label"]))
-    return np.array([labels[i] for i in ids])

@@ -78,7 +78,7 @@ def load_extra(cfg, fold: int, train_df, val_df) -> ExtraRows:
     train_ids = set(train_df["id"]) | set(val_df["id"])
     train_pairs = set(frame_keys(train_df)[0]) | set(frame_keys(val_df)[0])
     val_prompts = set(frame_keys(val_df)[1])
-    frames, softs, hards, dropped, seen = [], [], [], {}, set()
+    kept, dropped, seen = [], {}, set()  # kept: (rows, soft targets, hard labels) per file
     for extra in cfg.data.extra:
         df, has_hard = _read(extra.path, cfg.data.bad_rows, task)
         if extra.soft_labels is None and not has_hard:
@@ -102,14 +102,11 @@ def load_extra(cfg, fold: int, train_df, val_df) -> ExtraRows:
         if len(df) == 0:
             continue
         hard = df["label"].to_numpy() if has_hard else np.full(len(df), -1)
-        if extra.soft_labels is not None:
-            soft = fold_soft_labels(extra.soft_labels, fold, df["id"], val_df["id"], task)
-        else:
-            soft = np.full((len(df), task.n_classes), np.nan)
-        frames.append(df[cols])
-        softs.append(soft)
-        hards.append(hard)
-    if not frames:
+        soft = (np.full((len(df), task.n_classes), np.nan) if extra.soft_labels is None
+                else fold_soft_labels(extra.soft_labels, fold, df["id"], val_df["id"], task))
+        kept.append((df[cols], soft, hard))
+    if not kept:
         return ExtraRows(pd.DataFrame({c: pd.Series(dtype=object) for c in cols}), np.zeros((0, task.n_classes)),
                          np.zeros(0, dtype=np.int64), dropped)
+    frames, softs, hards = zip(*kept)
     return ExtraRows(pd.concat(frames, ignore_index=True), np.concatenate(softs), np.concatenate(hards).astype(np.int64), dropped)

@@ -1,23 +1,18 @@
 """Turning (prompt, response A, response B) into one token sequence: the one path of training, inference, the
-benchmarks and the kernel (README, "One formatting path")::
-
-    [CLS] <PROMPT> p1 <TURN> p2 ... <A> a1 <TURN> a2 ... <B> b1 <TURN> b2 ... [SEP]
-
-Field headers are always kept; a neutral ``<TURN>`` joins turns so exchanging A and B reuses the same field tokens
-(swap augmentation and TTA tokenize once). The text budget is shared by ``model.budget`` shares, a field's unused
-share flowing to the others; a field over its share is cut by ``model.truncation``. A field over
-``CHARS_PER_TOKEN`` characters per budget token is cut by characters first (the kept tokens are the same; its total
-becomes an estimate), so a 50 MB cell costs what a normal one does. ``model.layout: rounds`` interleaves the turns
-(``<PROMPT> p1 <A> a1 <B> b1 <PROMPT> p2 ...``) and drops whole earliest rounds first; ``model.instruction`` and
-``model.chat_template`` wrap the pair for instruct LLMs.
+benchmarks and the kernel (README, "One formatting path" and "Per-round layout"). Field headers are always kept; a
+neutral ``<TURN>`` joins turns so exchanging A and B reuses the same field tokens (swap augmentation and TTA
+tokenize once).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import numpy as np
+
+from .errors import KKError
 
 FIELDS = ("prompt", "response_a", "response_b")
 HEADERS = ("<PROMPT>", "<A>", "<B>")
@@ -138,8 +133,6 @@ class Formatter:
         overhead = len(self.prefix) + len(self.suffix) + sum(map(len, self.headers)) + len(self.end)
         self.budget = self.max_length - overhead
         if self.budget < 3:
-            from .errors import KKError
-
             raise KKError(f"model.max_length={self.max_length} leaves no room for text ({overhead} tokens go to markers)")
 
     @classmethod
@@ -155,31 +148,23 @@ class Formatter:
         tokenizer's whole definition)."""
         import hashlib
 
-        if "_signature" in self.__dict__:
-            return self.__dict__["_signature"]
-
-        tok = self.tokenizer
-        core = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
-        h = hashlib.sha256(core.encode())
-        h.update(repr((type(tok).__name__, self.max_length, self.truncation, self.shares, self.max_turns)).encode())
-        if self.layout != "blocks" or self.instruction or self.chat_template:
-            h.update(repr((self.layout, self.instruction, self.prefix.tolist(), self.suffix.tolist())).encode())
-        self._signature = h.hexdigest()
+        if "_signature" not in self.__dict__:
+            tok = self.tokenizer
+            core = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab().items()))
+            h = hashlib.sha256(core.encode())
+            h.update(repr((type(tok).__name__, self.max_length, self.truncation, self.shares, self.max_turns)).encode())
+            if self.layout != "blocks" or self.instruction or self.chat_template:
+                h.update(repr((self.layout, self.instruction, self.prefix.tolist(), self.suffix.tolist())).encode())
+            self._signature = h.hexdigest()
         return self._signature
 
     def _tok(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    @property
-    def char_limit(self) -> int:
-        """Characters kept of each end of a field before tokenizing (see CHARS_PER_TOKEN): a field can
-        be given the whole text budget when the others are short, so the limit follows the whole budget."""
-        return CHARS_PER_TOKEN * self.budget
-
     def cut_chars(self, text: str) -> str:
         """``text`` itself, or the characters the token cut keeps when it is over the limit: its start
         (``right``), its end (``left``) or both ends (``head_tail``; the seam is in the dropped middle)."""
-        n = self.char_limit
+        n = CHARS_PER_TOKEN * self.budget  # per end: a field may get the whole budget when the others are short
         if self.truncation == "right":
             return text[:n] if len(text) > n else text
         if self.truncation == "left":
@@ -187,13 +172,8 @@ class Formatter:
         return text[:n] + text[-n:] if len(text) > 2 * n else text
 
     def encode_rows(self, df, chunk: int = 2048) -> EncodedRows:
-        """Tokenize the three text fields of every row (turn lists joined by <TURN>).
-
-        In chunks, each kept as int32 arrays: 57k real rows as Python int lists would take
-        several GB; as arrays they take a few hundred MB. A field far over the budget is cut by
-        characters first (:meth:`cut_chars`), so its size does not matter. ``model.layout: rounds`` keeps
-        the turns apart (:meth:`encode_rounds`).
-        """
+        """Tokenize the three text fields of every row (turn lists joined by <TURN>), in chunks, each kept as int32
+        arrays: 57k real rows as Python int lists would take several GB; as arrays a few hundred MB."""
         if self.layout == "rounds":
             return self.encode_rounds(df, chunk)
         out = {}
@@ -207,11 +187,8 @@ class Formatter:
                 if len(short) < len(text):
                     ratio[i, j] = len(text) / max(1, len(short))
                     texts[i] = short
-            arrays = []
-            for start in range(0, len(texts), chunk):
-                ids = self.tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
-                arrays.extend(_ids(x) for x in ids)
-            out[field] = arrays
+            out[field] = [_ids(x) for start in range(0, len(texts), chunk)
+                          for x in self.tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]]
         return EncodedRows(**out, char_ratio=ratio if (ratio > 1).any() else None)
 
     def encode_rounds(self, df, chunk: int = 2048) -> EncodedRounds:
@@ -228,41 +205,43 @@ class Formatter:
                     ratio[i, j] = chars / max(1, kept_chars)
                     turns[i] = short
             flat = [text for row in turns for text in row]
-            ids = []
-            for start in range(0, len(flat), chunk):
-                ids.extend(_ids(x) for x in self.tokenizer(flat[start : start + chunk], add_special_tokens=False)["input_ids"])
-            grouped, pos = [], 0
-            for row in turns:
-                grouped.append(ids[pos : pos + len(row)])
-                pos += len(row)
-            per_field.append(grouped)
+            ids = [_ids(x) for start in range(0, len(flat), chunk)
+                   for x in self.tokenizer(flat[start : start + chunk], add_special_tokens=False)["input_ids"]]
+            ends = np.cumsum([0, *map(len, turns)])
+            per_field.append([ids[a:b] for a, b in zip(ends[:-1], ends[1:])])
         empty = _ids([])
-        rounds = []
-        for fields in zip(*per_field):
-            n = max(1, *(len(f) for f in fields))
-            padded = [list(f) + [empty] * (n - len(f)) for f in fields]
-            rounds.append(list(zip(*padded)))
+        rounds = [list(zip_longest(*fields, fillvalue=empty)) or [(empty, empty, empty)] for fields in zip(*per_field)]
         return EncodedRounds(rounds, char_ratio=ratio if (ratio > 1).any() else None)
 
     def assemble(self, enc, i: int, swap: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Input ids of row ``i`` (A and B exchanged when ``swap``) and tokens kept per field."""
-        ids, keep, _ = self._assemble_row(enc, i, swap)
-        return ids, keep
+        return self._assemble_row(enc, i, swap)[:2]
 
     def _assemble_row(self, enc, i: int, swap: bool):
-        """(input ids, tokens kept per field, rounds kept or None) of row ``i`` in either layout."""
+        """(input ids, tokens kept per field, rounds kept or None) of row ``i`` in either layout: the blocks layout
+        is one round."""
         if isinstance(enc, EncodedRounds):
-            return self._assemble_rounds(enc, i, swap)
-        return (*self._assemble_blocks(enc, i, swap), None)
+            chosen = self._choose_rounds(enc.rounds[i], swap)
+        else:
+            first, second = (enc.response_b[i], enc.response_a[i]) if swap else (enc.response_a[i], enc.response_b[i])
+            fields = (enc.prompt[i], first, second)
+            chosen = [(fields, allocate([len(f) for f in fields], self.shares, self.budget))]
+        parts, kept = [self.prefix], [0, 0, 0]
+        for fields, keep in chosen:
+            for j, (header, tokens, k) in enumerate(zip(self.headers, fields, keep)):
+                parts += [header, cut(tokens, k, self.truncation)]
+                kept[j] += k
+        parts += [self.end, self.suffix]
+        return np.concatenate(parts), tuple(kept), len(chosen) if isinstance(enc, EncodedRounds) else None
 
-    def _assemble_rounds(self, enc: EncodedRounds, i: int, swap: bool):
-        """``model.layout: rounds``: the last round always, then earlier rounds back to front while each fits
-        whole; the first that does not fit is dropped with all before it (a question never loses its answers).
-        The last round alone over the budget is cut like a row of the blocks layout."""
+    def _choose_rounds(self, rounds: list, swap: bool) -> list:
+        """``model.layout: rounds``: (fields, tokens kept) of the last round always, then of earlier rounds back to front
+        while each fits whole; the first that does not fit is dropped with all before it (a question never loses its
+        answers). The last round alone over the budget is cut like a row of the blocks layout. In sequence order."""
         headers = sum(len(h) for h in self.headers)
         room = self.budget + headers  # what the rounds may take, their headers included
         chosen = []
-        for p, a, b in reversed(enc.rounds[i]):
+        for p, a, b in reversed(rounds):
             fields = (p, b, a) if swap else (p, a, b)
             lengths = [len(f) for f in fields]
             if not chosen:
@@ -273,31 +252,11 @@ class Formatter:
                 break
             chosen.append((fields, keep))
             room -= headers + sum(keep)
-        parts, kept = [self.prefix], [0, 0, 0]
-        for fields, keep in reversed(chosen):
-            for j, (header, tokens, k) in enumerate(zip(self.headers, fields, keep)):
-                parts += [header, cut(tokens, k, self.truncation)]
-                kept[j] += k
-        parts += [self.end, self.suffix]
-        return np.concatenate(parts), tuple(kept), len(chosen)
-
-    def _assemble_blocks(self, enc: EncodedRows, i: int, swap: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
-        first, second = (enc.response_b[i], enc.response_a[i]) if swap else (enc.response_a[i], enc.response_b[i])
-        fields = (enc.prompt[i], first, second)
-        keep = allocate([len(f) for f in fields], self.shares, self.budget)
-        parts = [self.prefix]
-        for header, tokens, k in zip(self.headers, fields, keep):
-            parts += [header, cut(tokens, k, self.truncation)]
-        parts += [self.end, self.suffix]
-        return np.concatenate(parts), tuple(keep)
+        return chosen[::-1]
 
     def sequences(self, enc, swap: bool = False) -> tuple[list[np.ndarray], TruncationStats]:
-        seqs, kept, rounds = [], [], []
-        for i in range(len(enc)):
-            ids, k, r = self._assemble_row(enc, i, swap)
-            seqs.append(ids)
-            kept.append(k)
-            rounds.append(r)
+        rows = [self._assemble_row(enc, i, swap) for i in range(len(enc))]
+        seqs, kept, rounds = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
         totals = np.array([enc.totals(i) for i in range(len(enc))], dtype=np.int64).reshape(-1, 3)
         char_cut = None
         if enc.char_ratio is not None:
@@ -316,8 +275,6 @@ class Formatter:
         """Per sequence (in ``stats``' order): 1 on the first response's tokens, 2 on the second's, 0
         elsewhere (special tokens, headers, the prompt). What ``model.pooling: pair`` reads."""
         if self.layout != "blocks":
-            from .errors import KKError
-
             raise KKError("model.pooling=pair reads one block per response: use model.layout=blocks with it")
         hp, ha, hb = (len(h) for h in self.headers)
         out = []
@@ -354,8 +311,7 @@ class TruncationStats:
     def summary(self) -> dict:
         if len(self.kept) == 0:
             return {"rows": 0, "share_truncated": 0.0, "retention": {f: 1.0 for f in FIELDS}, "rows_cut_by_characters": 0}
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(self.total > 0, self.kept / np.maximum(self.total, 1), 1.0)
+        ratio = np.where(self.total > 0, self.kept / np.maximum(self.total, 1), 1.0)
         out = {
             "rows": int(len(self.kept)),
             "share_truncated": float((self.kept < self.total).any(axis=1).mean()),
@@ -393,8 +349,6 @@ def _chat_template_parts(tokenizer, instruction: str | None) -> tuple[list[int],
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     before, found, after = str(text).partition(CHAT_MARK)
     if not found:
-        from .errors import KKError
-
         raise KKError("model.chat_template: the tokenizer's chat template does not show the user's message; "
                       "set model.chat_template=false")
     tok = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"]) if t else []  # noqa: E731

@@ -1,10 +1,7 @@
-"""The prediction core: token sequences tokenized once, one A/B order of one fold through an engine, swap TTA.
-
-An :class:`~kagglekit.engine.Engine` turns token sequences into logits; everything around it lives here and in
-:mod:`kagglekit.passes` (many folds, passes, a time budget): the rows formatted once per formatter settings and
-shared across folds and passes (:class:`TokenCache`, validation during training included), the (B,A) order mapped
-back by the task's swap, the rows of the second pass chosen by one rule (:func:`kagglekit.tta.second_pass_rows`).
-Both orders of a row are laid out identically, which keeps the TTA average exactly swap-equivariant.
+"""The prediction core: token sequences tokenized once (:class:`TokenCache`: per formatter settings, shared across
+folds, passes and validation during training), one A/B order of one fold through an
+:class:`~kagglekit.engine.Engine` (the (B,A) order mapped back by the task's swap), swap TTA. Both orders of a row
+are laid out identically, which keeps the TTA average exactly swap-equivariant.
 """
 
 from __future__ import annotations

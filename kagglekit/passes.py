@@ -2,26 +2,14 @@
 prediction. ``kk predict`` / ``kk ensemble`` run it on one device with no budget (and each fold's cache,
 :mod:`kagglekit.predict`); the Kaggle kernel (:func:`kagglekit.kernel.offline.run_offline`) on its GPUs with one.
 
-Kaggle stops a notebook at 9 hours and then scores nothing, so the kernel never bets the submission on
-an estimate made elsewhere:
+Pass 1 predicts every row in the (A,B) order and writes a checked submission; pass 2, the (B,A) order on every row or
+on the least confident ones, runs only as far as the pass-1 speed says it ends inside ``predict.time_budget_h``
+(README, "A time budget that always leaves a submission"). ``kk_passes.json`` beside the submission records the
+plan, the measured speed and which passes ran.
 
-1. **Pass 1**: every fold of every run predicts every row in the given (A,B) order. On its first
-   batches each GPU measures its own rows/s and the log says what the passes will take. As soon as the
-   pass is done a complete, checked ``submission.csv`` is written (atomically).
-2. **Pass 2**: the swapped (B,A) order, on every row (``predict.tta: true``) or on the run's least
-   confident rows (``uncertain``, ``predict.tta_share``), ONLY as far as the pass-1 speed says it ends
-   inside ``predict.time_budget_h`` (counted from the notebook's first cell). Too little time for all of
-   it: the least confident rows first; too little for anything useful: skipped, and the log says so.
-   The submission is replaced only when the pass completes, by the TTA-averaged ensemble.
-
-``kk_passes.json`` beside the submission records the plan, the measured speed and which passes ran.
-
-Models: folds (of any run) sharing a backbone, quantization and precision form a group that loads its
-base once per GPU and switches adapters (an :class:`kagglekit.engine.Engine`). A group that fits one
-GPU is loaded on every GPU, one thread each, and the rows are dealt between them (row i to GPU i mod n:
-both get the same mix of lengths), so two GPUs finish together whatever the number of folds; a group
-split over both GPUs runs its folds one after another on all rows. Between groups a GPU's memory is
-freed on that GPU only; the last group of a pass stays loaded for the next pass, which visits the groups
+Folds (of any run) sharing a backbone, quantization and precision form a group that loads its base once per GPU
+and switches adapters (an :class:`kagglekit.engine.Engine`; placement: :func:`make_units`). Between groups a GPU's
+memory is freed on that GPU only; the last group of a pass stays loaded for the next pass, which visits the groups
 in reverse order.
 """
 
@@ -160,9 +148,6 @@ class Meter:
             self._reported = True
             self.on_first(self.rows / self.seconds)
 
-    def rate(self) -> float | None:
-        return self.rows / self.seconds if self.rows and self.seconds > 0 else None
-
 
 @dataclass
 class Passes:
@@ -195,13 +180,7 @@ class Passes:
     # --- results ------------------------------------------------------------------------------------------------
 
     def jobs(self) -> list:
-        seen, out = set(), []
-        for u in self.units:
-            for j in u.jobs:
-                if id(j) not in seen:
-                    seen.add(id(j))
-                    out.append(j)
-        return out
+        return list({id(j): j for u in self.units for j in u.jobs}.values())  # in first-seen order
 
     def _rows(self, unit: Unit):
         return np.arange(len(self.test_df)) if unit.shard is None else np.asarray(unit.shard, dtype=np.int64)
@@ -213,12 +192,9 @@ class Passes:
             units = [u for u in self.units if job in u.jobs]
             if job in self.skipped or any((job, u) not in self.parts1 for u in units):
                 continue
-            p = None
+            p = np.full((len(self.test_df), self.parts1[(job, units[0])].shape[1]), np.nan)
             for u in units:
-                part = self.parts1[(job, u)]
-                if p is None:
-                    p = np.full((len(self.test_df), part.shape[1]), np.nan)
-                p[self._rows(u)] = part
+                p[self._rows(u)] = self.parts1[(job, u)]
             out[job] = p
         return out
 
@@ -240,22 +216,17 @@ class Passes:
         from .tta import second_pass_rows
 
         first = self.first_pass()
-        out = {}
-        for r, x in enumerate(plans):
-            done = [first[j] for j in x.jobs if j in first]
-            out[r] = second_pass_rows(x.mode, x.share, np.mean(done, axis=0)) if done else np.zeros(0, np.int64)
-        return out
+        done = [[first[j] for j in x.jobs if j in first] for x in plans]
+        return {r: second_pass_rows(x.mode, x.share, np.mean(d, axis=0)) if d else np.zeros(0, np.int64)
+                for r, (x, d) in enumerate(zip(plans, done))}
 
     def fold_probs(self, plans: list, second: bool = True) -> list[list[np.ndarray]]:
         """Per run, per fold that completed pass 1: its probabilities, TTA-averaged where pass 2 ran."""
         from .tta import merge_passes
 
         first, done2 = self.first_pass(), self.second_pass() if second else {}
-        out = []
-        for x in plans:
-            out.append([merge_passes(first[j], done2[j][1], done2[j][0]) if j in done2 else first[j].copy()
-                        for j in x.jobs if j in first])
-        return out
+        return [[merge_passes(first[j], done2[j][1], done2[j][0]) if j in done2 else first[j].copy() for j in x.jobs if j in first]
+                for x in plans]
 
     def known(self, job: Job, p_ab: np.ndarray) -> None:
         """``job``'s (A,B) probabilities of every row are known already (a cache): pass 1 skips it."""
@@ -287,7 +258,6 @@ class Passes:
         held = self._resident.pop(slot, None)
         if held is not None:
             held[1].close()  # collects the model and empties the cache of its own GPU(s) only
-            del held
 
     def free_all(self) -> None:
         for slot in list(self._resident):
@@ -305,8 +275,8 @@ class Passes:
         done = self.first_pass() if swap else {}
         stop = threading.Event()
 
-        def work(w: int):
-            for unit in per_worker[w]:
+        def run_units(units: list):
+            for unit in units:
                 if stop.is_set() or not self._run_unit(unit, swap, rows_by_run, done, stop):
                     return
 
@@ -316,16 +286,11 @@ class Passes:
             if stage == "workers" and any(per_worker.values()):
                 if split:
                     self._free("split")
-                if len(self.workers) == 1:
-                    work(0)
-                else:
-                    _in_threads(work, len(self.workers))
+                _in_threads(lambda w: run_units(per_worker[w]), len(self.workers))
             elif stage == "split" and split:
                 for w in range(len(self.workers)):
                     self._free(w)
-                for unit in split:
-                    if stop.is_set() or not self._run_unit(unit, swap, rows_by_run, done, stop):
-                        break
+                run_units(split)
         return not stop.is_set()
 
     def _unit_rows(self, job: Job, unit: Unit, swap: bool, rows_by_run) -> np.ndarray | None:
@@ -430,13 +395,14 @@ class Passes:
             reload = 0.0 if held is not None and held[0] is unit else (unit.load_s or 0.0)
             work = sum(share * c / (self._rate(j, unit) or float("inf")) for j, c in counts.items())
             per_slot[unit.slot] = per_slot.get(unit.slot, 0.0) + reload + work
-        workers = max((v for k, v in per_slot.items() if k != "split"), default=0.0)
-        return workers + per_slot.get("split", 0.0)
+        return max((v for k, v in per_slot.items() if k != "split"), default=0.0) + per_slot.get("split", 0.0)
 
 
 def _in_threads(fn, n: int) -> None:
     """``fn(0) .. fn(n - 1)``, each in a thread of its own (one per GPU, never two GPUs' work in one thread, as a
-    pool could do with a short task); the first exception is raised once all have ended."""
+    pool could do with a short task; one: on this thread); the first exception is raised once all have ended."""
+    if n == 1:
+        return fn(0)
     errors: list = []
 
     def run(i):

@@ -166,7 +166,7 @@ def open_runs(paths, folds="all") -> list[Run]:
     if not paths:
         raise KKError("give at least one --run")
     runs = [open_run(p, folds) for p in paths]
-    same_task([f.cfg.task for r in runs for f in r.folds], "runs")
+    runs_task(runs)
     if folds in (None, "all"):
         for r in runs:
             warn_missing_folds(r)
@@ -237,7 +237,7 @@ def run_oof(run: Run, labels_by_id: dict, skipped: set | None = None) -> RunOOF:
     from .metrics import accuracy, log_loss
 
     task, borrowed = run.task, None
-    ids, oof, oof_nt, per_fold, row_folds = [], [], [], [], []
+    parts, per_fold = [], []  # per fold: (ids, probabilities, probabilities without TTA, the fold of each row)
     for fold in run.folds:
         if fold.merged:
             borrowed = fold.metrics.get("calibration") if isinstance(fold.metrics.get("calibration"), dict) else {}
@@ -253,14 +253,11 @@ def run_oof(run: Run, labels_by_id: dict, skipped: set | None = None) -> RunOOF:
         y = np.array([labels_by_id[i] for i in fid])
         per_fold.append({"fold": fold.index, "rows": len(fid), "tta": log_loss(p, y), "no_tta": log_loss(pnt, y),
                          "acc": accuracy(p, y)})
-        ids.append(fid)
-        oof.append(p)
-        oof_nt.append(pnt)
-        row_folds.append(np.full(len(fid), fold.index))
-    all_ids = np.concatenate(ids)
+        parts.append((fid, p, pnt, np.full(len(fid), fold.index)))
+    all_ids, probs, probs_nt, row_folds = (np.concatenate(x) for x in zip(*parts))
     if len(set(all_ids)) != len(all_ids):
         raise KKError(f"{run.path}: an id appears in the OOF of two folds (were the folds changed between trainings?)")
-    return RunOOF(run, all_ids, np.concatenate(oof), np.concatenate(oof_nt), np.concatenate(row_folds), per_fold, borrowed)
+    return RunOOF(run, all_ids, probs, probs_nt, row_folds, per_fold, borrowed)
 
 
 def oof_set(runs: list[Run], train_df, skipped: set | None = None) -> OOFSet:
@@ -268,12 +265,8 @@ def oof_set(runs: list[Run], train_df, skipped: set | None = None) -> OOFSet:
     command that fits or reports on OOF calls)."""
     labels = dict(zip(train_df["id"], train_df["label"]))
     preds = [run_oof(r, labels, skipped) for r in runs]
-    common = set(preds[0].ids).intersection(*[set(p.ids) for p in preds[1:]])
-    ids = sorted(common)
-    oofs = []
-    for p in preds:
-        pos = {i: n for n, i in enumerate(p.ids)}
-        oofs.append(p.probs[[pos[i] for i in ids]])
-    pos = {i: n for n, i in enumerate(preds[0].ids)}
-    folds = preds[0].row_folds[[pos[i] for i in ids]]
+    ids = sorted(set(preds[0].ids).intersection(*[set(p.ids) for p in preds[1:]]))
+    at = [{i: n for n, i in enumerate(p.ids)} for p in preds]  # id -> row, per run
+    oofs = [p.probs[[pos[i] for i in ids]] for p, pos in zip(preds, at)]
+    folds = preds[0].row_folds[[at[0][i] for i in ids]]
     return OOFSet(preds, ids, oofs, np.array([labels[i] for i in ids], dtype=int), folds)

@@ -178,8 +178,7 @@ class Task:
 
     def sample_submission(self, ids):
         """A frame shaped like the competition's sample_submission.csv (uniform probabilities, or the first label)."""
-        n = len(ids)
-        return self.submission_frame(ids, np.full((n, self.n_classes), 1.0 / self.n_classes))
+        return self.submission_frame(ids, np.full((len(ids), self.n_classes), 1.0 / self.n_classes))
 
 
 LMSYS = Task(
@@ -213,7 +212,6 @@ WSDM = Task(
 )
 
 TASKS: dict[str, Task] = {t.name: t for t in (LMSYS, WSDM)}
-
 
 
 def get_task(name: str | Task = "lmsys") -> Task:

@@ -1,14 +1,11 @@
 """Swap test-time augmentation: which rows get the second, swapped-order pass.
 
-``predict.tta`` is ``true`` (every row is predicted as (A,B) and as (B,A), the two averaged),
-``false`` ((A,B) only) or ``uncertain``: the (B,A) pass runs only on the ``predict.tta_share``
-rows whose (A,B) prediction is least confident (lowest top probability), the trick the WSDM Cup's
-1st place used to spend the second pass where it can change most (what it gives up against full TTA
-on your runs: ``benchmarks/bench_tta.py``). A row without the second pass keeps its (A,B) prediction.
-
-One rule for every caller (:func:`second_pass_rows`): ``kk predict`` / ``kk ensemble`` and the Kaggle kernel's
-passes (:mod:`kagglekit.passes`: the rows are ranked by the run's fold-mean (A,B) probabilities, the uncertainty of
-what is submitted), validation during training and ``benchmarks/bench_tta.py``.
+``predict.tta``: ``true`` (every row as (A,B) and as (B,A), the two averaged), ``false`` ((A,B) only) or
+``uncertain``: the (B,A) pass only on the ``predict.tta_share`` rows whose (A,B) prediction is least confident
+(lowest top probability; the WSDM Cup's 1st place). A row without the second pass keeps its (A,B) prediction. One
+rule (:func:`second_pass_rows`) for ``kk predict`` / ``kk ensemble``, the kernel's passes (ranked by a run's
+fold-mean (A,B) probabilities, the uncertainty of what is submitted), validation during training and
+``benchmarks/bench_tta.py`` (what it gives up against full TTA on your runs).
 """
 
 from __future__ import annotations
@@ -33,8 +30,7 @@ def tta_mode(tta) -> str:
 
 def second_pass_share(tta, share: float = 1.0) -> float:
     """The share of rows the (B,A) pass covers: 1 (full), 0 (none) or ``share`` (uncertain)."""
-    mode = tta_mode(tta)
-    return {"full": 1.0, "none": 0.0}.get(mode, float(share))
+    return {"full": 1.0, "none": 0.0}.get(tta_mode(tta), float(share))
 
 
 def uncertain_rows(probs: np.ndarray, share: float) -> np.ndarray:

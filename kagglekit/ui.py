@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console
@@ -42,8 +44,6 @@ class PlainProgress:
         return False
 
     def add_task(self, description: str, total=None, completed=0, **fields) -> int:
-        import time
-
         tid, self._ids = self._ids, self._ids + 1
         now = time.time()
         self.tasks[tid] = {"description": description, "total": total, "completed": completed, "start": now,
@@ -52,8 +52,6 @@ class PlainProgress:
         return tid
 
     def update(self, task: int, completed=None, advance=None, **fields) -> None:
-        import time
-
         t = self.tasks.get(task)
         if t is None:
             return
@@ -74,9 +72,6 @@ class PlainProgress:
             del self.tasks[task]
 
     def _emit(self, task: int) -> None:
-        import sys
-        import time
-
         t = self.tasks[task]
         now = time.time()
         t["last"] = now
@@ -112,17 +107,8 @@ def progress(transient: bool = False, disable: bool = False):
     quiet = disable or bool(os.environ.get("KK_QUIET"))
     if not quiet and not err_console.is_terminal:
         return PlainProgress(float(os.environ.get("KK_LOG_EVERY", "30")))
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=transient,
-        disable=quiet,
-    )
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=transient, disable=quiet)
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence], floats: str = "{:.4f}") -> Table:
