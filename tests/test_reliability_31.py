@@ -411,8 +411,9 @@ def test_real_hh_rlhf_file_loses_exactly_its_rows_without_a_comparison(tmp_path)
 
 # Smaller item: Ctrl-C during kk distill-labels leaves the labels folder as it was.
 def test_distill_labels_interrupted_mid_way_writes_no_fold_file(tiny_project, tmp_path, monkeypatch):
-    import kagglekit.predict
     from test_distill import FakeFoldModel, _fake_teacher, _folds
+
+    import kagglekit.predict
 
     class Interrupted(FakeFoldModel):
         def predict(self, df, *args, **kwargs):
