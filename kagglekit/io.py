@@ -143,7 +143,11 @@ def claim_output_dir(path: str | os.PathLike, force: bool, command: str, sources
         return
     if not force:
         raise KKError(f"{path} already exists; pass --force to replace it")
-    made_by = output_command(path)
+    try:
+        marker = json.loads((path / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    made_by = marker.get("command") if isinstance(marker, dict) and isinstance(marker.get("command"), str) else None
     if made_by != command:
         by = f"made by kk {made_by}" if made_by else f"not made by kk {command} (no {OUTPUT_MARKER})"
         raise KKError(f"{path} is {by}; --force replaces only an earlier kk {command} output: choose another folder "
@@ -158,15 +162,6 @@ def refuse_inputs(path: str | os.PathLike, sources) -> None:
         src = Path(src).resolve()
         if target == src or target in src.parents:
             raise KKError(f"--out {path} {'is' if target == src else 'holds'} the input {src}; choose another path")
-
-
-def output_command(path: str | os.PathLike) -> str | None:
-    """The command named by a folder's :data:`OUTPUT_MARKER`, or None."""
-    try:
-        marker = json.loads((Path(path) / OUTPUT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker.get("command") if isinstance(marker, dict) and isinstance(marker.get("command"), str) else None
 
 
 def mark_output_dir(folder: str | os.PathLike, command: str) -> None:
@@ -267,8 +262,7 @@ def file_lock(path: str | os.PathLike, what: str, wait: float = 0.0) -> Iterator
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
     """Fail before long work when ``folder`` (or its nearest existing parent) cannot be written."""
-    folder = Path(folder)
-    probe = folder
+    probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():

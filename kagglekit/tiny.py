@@ -73,27 +73,15 @@ def unigram_vocab(texts: list[str], vocab_size: int, specials: list[str]) -> lis
     vocab += [(w, math.log(c / total)) for w, c in top]
     # Characters score far below any word, so known words stay whole and the rest is spelled out.
     vocab += [("\u2581" + c, -18.0) for c in char_pieces] + [(c, -19.0) for c in char_pieces]
-    seen, out = set(), []
+    first: dict[str, float] = {}
     for piece, score in vocab:
-        if piece not in seen:
-            seen.add(piece)
-            out.append((piece, score))
-    return out
+        first.setdefault(piece, score)
+    return list(first.items())
 
 
-def build_tiny_model(
-    out_dir: str | os.PathLike,
-    arch: str = "deberta-v2",
-    train_csv: str | None = None,
-    vocab_size: int = 1000,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 2,
-    max_positions: int = 1024,
-    seed: int = 0,
-    task: Task = LMSYS,
-    force: bool = False,
-) -> Path:
+def build_tiny_model(out_dir: str | os.PathLike, arch: str = "deberta-v2", train_csv: str | None = None, vocab_size: int = 1000,
+                     hidden: int = 64, layers: int = 2, heads: int = 2, max_positions: int = 1024, seed: int = 0,
+                     task: Task = LMSYS, force: bool = False) -> Path:
     """Write a tiny ``arch`` model + tokenizer to ``out_dir``, its head sized for ``task``'s classes;
     returns the path. ``train_csv``: a train file (CSV or parquet) whose texts the tokenizer learns.
 
