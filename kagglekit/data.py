@@ -252,7 +252,6 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities", task: Task 
     reader of probability files. A missing column, no rows, or a row that is not a probability distribution
     (NaN, infinite, negative, not summing to 1 within :data:`PROB_TOLERANCE`) is an error naming the file and
     the row's id."""
-
     import numpy as np
 
     path = Path(path)

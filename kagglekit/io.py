@@ -42,13 +42,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         if os.path.lexists(tmp_path):  # the block may have renamed it into place itself (under a lock)
             os.replace(tmp_path, path)
-    except OSError as e:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if e.filename in (None, str(tmp_path)):  # a full disk names no file: name the output the user asked for
+        if isinstance(e, OSError) and e.filename in (None, str(tmp_path)):  # a full disk names no file: name the output
             raise _naming(e, path) from None
-        raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
         raise
 
 
@@ -105,13 +102,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None or str(e.filename).startswith(str(tmp)):  # inside our temporary folder: name the output
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename).startswith(str(tmp))):  # inside tmp: name the output
             raise _naming(e, path) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if path.exists():

@@ -100,17 +100,15 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "deberta-v2", train
     claim_output_dir(out, force, "tiny-model")
     texts = _corpus(train_csv)
     torch.manual_seed(seed)
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=hidden * 2,
+                 max_position_embeddings=max_positions, num_labels=task.n_classes)
     if arch == "deberta-v2":
         from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Tokenizer
 
         tok = DebertaV2Tokenizer(vocab=unigram_vocab(texts, vocab_size, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
         cfg = DebertaV2Config(
             vocab_size=len(tok),
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=hidden * 2,
-            max_position_embeddings=max_positions,
+            **sizes,
             # As in DeBERTa-v3: relative positions with log buckets, no absolute positions.
             relative_attention=True,
             position_buckets=256,
@@ -120,7 +118,6 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "deberta-v2", train
             pos_att_type=["p2c", "c2p"],
             position_biased_input=False,
             pooler_hidden_size=hidden,
-            num_labels=task.n_classes,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.cls_token_id,
             eos_token_id=tok.sep_token_id,
@@ -141,13 +138,8 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "deberta-v2", train
         tok.pad_token = tok.eos_token
         common = dict(
             vocab_size=len(tok),
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
+            **sizes,
             num_key_value_heads=heads,
-            intermediate_size=hidden * 2,
-            max_position_embeddings=max_positions,
-            num_labels=task.n_classes,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,

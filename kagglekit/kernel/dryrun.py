@@ -193,13 +193,11 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
     check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv", task=task)
 
     report = _report_from_outputs(nb)
-    passes_log = {}
-    if (out_dir / "kk_passes.json").exists():
-        try:
-            passes_log = json.loads((out_dir / "kk_passes.json").read_text())
-        except ValueError:
-            passes_log = {}
-    model_estimate = flops_estimate(kernel_dir, test_df, meta.get("machine_shape", "NvidiaTeslaT4"))
+    try:  # written by the notebook as its passes ran; none when it stopped before
+        passes_log = json.loads((out_dir / "kk_passes.json").read_text())
+    except (OSError, ValueError):
+        passes_log = {}
+    est = flops_estimate(kernel_dir, test_df, meta.get("machine_shape", "NvidiaTeslaT4"))
     passes_run = report.get("passes_run", report.get("passes", 2))
     per_row_pass = report.get("seconds_per_row_pass", wall / max(1, len(test_df)))
     passes = report.get("passes", 2)
@@ -211,10 +209,12 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
               "inference_s": report.get("seconds"), "passes_per_row": passes, "passes_run": passes_run,
               "submission_from": report.get("submission_from"), "passes_log": passes_log,
               "estimate_hidden_h": estimate_h, "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor,
-              "work_dir": str(out_dir), "model_estimate": model_estimate}
+              "work_dir": str(out_dir), "model_estimate": est}
     ran = "; ".join(f"pass {p['pass']} ({p['order']}): " + (p["decision"] if p.get("decision") and p.get("status") != "done"
                                                              else p.get("status", "?"))
                     for p in passes_log.get("passes", [])) or "?"
+    flops_h = ("unknown (a backbone attached from Kaggle: its size is not known here)" if est is None else
+               f"{est['hours']:.2f} ({est['tflop']:,.0f} TFLOP; {est['assumption']}; model loading not included)")
     console.print(table(
         f"dry run of {kernel_dir}",
         ["check", "value"],
@@ -223,7 +223,7 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
          ["format vs sample_submission", "ok"], ["fold x order passes per row (planned / run)", f"{passes:g} / {passes_run:g}"],
          [f"passes run (budget {passes_log.get('budget_h', '?')} h)", ran],
          ["submission from", report.get("submission_from") or "?"],
-         [f"estimate for {HIDDEN_TEST_ROWS:,} rows from FLOPs (h)", _describe_model_estimate(model_estimate)],
+         [f"estimate for {HIDDEN_TEST_ROWS:,} rows from FLOPs (h)", flops_h],
          [f"measured here, scaled to {HIDDEN_TEST_ROWS:,} rows (h)", f"{estimate_h:.2f} (x1/{gpu_factor:g} GPU factor; limit {KAGGLE_LIMIT_H:g} h)"],
          ["fits Kaggle's limit", "yes" if result["fits_9h"] else "NO"],
          ["kept", str(out_dir)]],
@@ -293,11 +293,5 @@ def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT
     factors = ", ".join(f"{k} x{v:g}" for k, v in THROUGHPUT.items() if k != "fp32")
     return {"hours": hours, "tflop": tflop, "runs": runs,
             "assumption": f"{gpus} x T4 at {T4_FP16_UTILISATION:.0%} of {T4_PEAK_TFLOPS:g} fp16 TFLOP/s ({factors})"}
-
-
-def _describe_model_estimate(est: dict | None) -> str:
-    if est is None:
-        return "unknown (a backbone attached from Kaggle: its size is not known here)"
-    return f"{est['hours']:.2f} ({est['tflop']:,.0f} TFLOP; {est['assumption']}; model loading not included)"
 
 
