@@ -46,17 +46,12 @@ class LoadReport:
             warn(w)
 
     def warnings(self) -> list[str]:
-        out = []
-        if self.skipped:
-            first = self.skipped[0]
-            out.append(f"{self.path}: skipped {len(self.skipped)} bad row(s) (first: id {first[0]}: {first[1]})")
-        if self.repaired:
-            out.append(f"{self.path}: repaired {self.repaired} truncated JSON cell(s)")
-        if self.null_turns:
-            out.append(f"{self.path}: {self.null_turns} null turn(s) read as empty text")
-        if self.surrogates_fixed:
-            out.append(f"{self.path}: {self.surrogates_fixed} cell(s) had lone surrogates, replaced by U+FFFD")
-        return out
+        first = self.skipped[0] if self.skipped else ("", "")
+        notes = ((self.skipped, f"skipped {len(self.skipped)} bad row(s) (first: id {first[0]}: {first[1]})"),
+                 (self.repaired, f"repaired {self.repaired} truncated JSON cell(s)"),
+                 (self.null_turns, f"{self.null_turns} null turn(s) read as empty text"),
+                 (self.surrogates_fixed, f"{self.surrogates_fixed} cell(s) had lone surrogates, replaced by U+FFFD"))
+        return [f"{self.path}: {text}" for shown, text in notes if shown]
 
 
 def clean_text(s: str) -> tuple[str, bool]:
@@ -75,40 +70,52 @@ def _repair_json_list(cell: str):
         return None
     # A cut can land after a backslash (an escape half written); drop it.
     trimmed = s[:-1] if s.endswith("\\") and not s.endswith("\\\\") else s
-    for tail in ('"]', "]", 'null]', '""]'):
+    candidates = [trimmed + tail for tail in ('"]', "]", 'null]', '""]')]
+    candidates += [trimmed[:-k] + '"]' for k in range(1, 6)]  # a cut inside a \uXXXX escape: drop up to 5 characters
+    for text in candidates:
         try:
-            value = json.loads(trimmed + tail)
+            value = json.loads(text)
         except (ValueError, RecursionError):
             continue
         if isinstance(value, list):
             return value
-    # A cut inside a \uXXXX escape: drop up to 5 trailing characters and retry.
-    for k in range(1, 6):
-        try:
-            value = json.loads(trimmed[:-k] + '"]')
-            if isinstance(value, list):
-                return value
-        except (ValueError, RecursionError):
-            pass
     return None
 
 
-def parse_turns(cell: str, bad_rows: BadRows = "error") -> tuple[list[str], dict]:
-    """Parse one text cell into a list of turn strings.
-
-    Raises ``ValueError`` with a short reason when the cell is not a non-empty JSON
-    list of strings or nulls. Returns the turns and counters (nulls, surrogates, repaired).
-    """
-    stats = {"nulls": 0, "surrogates": 0, "repaired": 0}
+def check_unique_header(path: str | os.PathLike) -> None:
+    """Refuse a CSV whose header names a column twice: pandas would rename the second ``id`` to ``id.1``
+    and silently read the first, whichever of the two was meant. A header that cannot be read is left
+    to the reader that follows (it names the file)."""
     try:
-        value = json.loads(cell)
-    except (ValueError, RecursionError):  # 10^5 nested lists are no list of turns either
-        value = _repair_json_list(cell) if bad_rows == "repair" else None
-        if value is None:
-            raise ValueError("is not valid JSON") from None
-        stats["repaired"] = 1
-    if not isinstance(value, list) or not value:
-        raise ValueError("is not a non-empty JSON list")
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, IndexError):
+        return
+    dup = header[header.duplicated()]
+    if len(dup):
+        raise KKError(f"{path}: column {dup.iloc[0]!r} appears more than once in the header")
+
+
+def parse_cell(cell, task: Task = LMSYS, bad_rows: BadRows = "error") -> tuple[list[str], dict]:
+    """One text cell as the task stores it: a non-empty JSON list of strings or nulls, or (plain cells) one string,
+    a single turn. Raises ``ValueError`` with a short reason otherwise; returns the turns and counters (nulls,
+    surrogates, repaired)."""
+    stats = {"nulls": 0, "surrogates": 0, "repaired": 0}
+    if task.cells == "plain":  # a missing value (null in parquet) is read as empty text and counted
+        if not (cell is None or isinstance(cell, str) or (isinstance(cell, float) and cell != cell)):
+            raise ValueError(f"holds a {type(cell).__name__}, not a string")
+        value = [cell if isinstance(cell, str) else None]
+    elif not isinstance(cell, str):
+        raise ValueError(f"holds a {type(cell).__name__}, not a JSON list")
+    else:
+        try:
+            value = json.loads(cell)
+        except (ValueError, RecursionError):  # 10^5 nested lists are no list of turns either
+            value = _repair_json_list(cell) if bad_rows == "repair" else None
+            if value is None:
+                raise ValueError("is not valid JSON") from None
+            stats["repaired"] = 1
+        if not isinstance(value, list) or not value:
+            raise ValueError("is not a non-empty JSON list")
     turns = []
     for item in value:
         if item is None:
@@ -120,46 +127,6 @@ def parse_turns(cell: str, bad_rows: BadRows = "error") -> tuple[list[str], dict
         stats["surrogates"] += fixed
         turns.append(item)
     return turns, stats
-
-
-def check_unique_header(path: str | os.PathLike) -> None:
-    """Refuse a CSV whose header names a column twice: pandas would rename the second ``id`` to ``id.1``
-    and silently read the first, whichever of the two was meant. A header that cannot be read is left
-    to the reader that follows (it names the file)."""
-    try:
-        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, IndexError):
-        return
-    seen = set()
-    for name in header:
-        if name in seen:
-            raise KKError(f"{path}: column {name!r} appears more than once in the header")
-        seen.add(name)
-
-
-def parse_plain(cell) -> tuple[list[str], dict]:
-    """One plain-text cell (a competition whose cells are strings, not JSON lists) as a single turn.
-
-    A missing value (null in parquet) is read as empty text and counted; anything but a string is a
-    ``ValueError`` with a short reason."""
-    stats = {"nulls": 0, "surrogates": 0, "repaired": 0}
-    if cell is None or (isinstance(cell, float) and cell != cell):
-        stats["nulls"] = 1
-        return [""], stats
-    if not isinstance(cell, str):
-        raise ValueError(f"holds a {type(cell).__name__}, not a string")
-    text, fixed = clean_text(cell)
-    stats["surrogates"] += fixed
-    return [text], stats
-
-
-def parse_cell(cell, task: Task = LMSYS, bad_rows: BadRows = "error") -> tuple[list[str], dict]:
-    """A text cell parsed as the task stores it: a JSON list of turns, or one plain string."""
-    if task.cells == "plain":
-        return parse_plain(cell)
-    if not isinstance(cell, str):
-        raise ValueError(f"holds a {type(cell).__name__}, not a JSON list")
-    return parse_turns(cell, bad_rows)
 
 
 def is_parquet(path: str | os.PathLike) -> bool:
@@ -263,8 +230,7 @@ def load_arena(path: str | os.PathLike, kind: Literal["train", "test"] = "train"
         for col in text_columns:
             parsed[col].append(turns[col])
     if report.skipped:
-        skipped_ids = {rid for rid, _ in report.skipped}
-        df = df[~df["id"].isin(skipped_ids)].reset_index(drop=True)
+        df = df[~df["id"].isin({rid for rid, _ in report.skipped})].reset_index(drop=True)
     if len(df) == 0:
         raise KKError(f"{path}: every row was bad ({len(report.skipped)} skipped; first: id {report.skipped[0][0]}: {report.skipped[0][1]})")
     for col in text_columns:
@@ -286,7 +252,6 @@ def read_probs(path: str | os.PathLike, what: str = "probabilities", task: Task 
     reader of probability files. A missing column, no rows, or a row that is not a probability distribution
     (NaN, infinite, negative, not summing to 1 within :data:`PROB_TOLERANCE`) is an error naming the file and
     the row's id."""
-
     import numpy as np
 
     path = Path(path)

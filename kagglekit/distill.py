@@ -9,7 +9,6 @@ averaged in logit space. The student's loss is :func:`kagglekit.train.training_l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,39 +16,21 @@ import numpy as np
 from .errors import KKError
 from .task import LMSYS, Task
 
-FOLD_FIELD = "{fold}"
-
-
 # --- the student's side: which file, which rows, which loss -------------------------------------------------------------
-
-
-def soft_label_file(template: str | os.PathLike, fold: int) -> Path:
-    """``data.soft_labels`` for ``fold``: one file for every fold, or a per-fold template (``DIR/fold_{fold}.csv``)."""
-    return Path(str(template).replace(FOLD_FIELD, str(fold)))
-
-
-def _lookup(path, ids, what: str, task: Task = LMSYS):
-    from .data import read_probs
-
-    p = Path(path)
-    soft_ids, soft = read_probs(p, what, task)
-    index = {i: n for n, i in enumerate(soft_ids)}
-    ids = list(ids)
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise KKError(f"{p}: no soft label for train id {missing[0]} ({len(missing)} missing)")
-    probs = soft[[index[i] for i in ids]]
-    bad = ~np.isfinite(probs).all(1) | (np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1)
-    if bad.any():
-        raise KKError(f"{p}: soft labels of id {ids[int(bad.argmax())]} are not probabilities summing to 1")
-    return probs, index
 
 
 def fold_soft_labels(template: str, fold: int, train_ids, val_ids, task: Task = LMSYS) -> np.ndarray:
     """The teacher's probabilities for fold ``fold``'s training rows; a warning when the file also covers the
     fold's validation rows, the mark of an OOF file (one teacher model per row, trained on this fold's rows)."""
-    path = soft_label_file(template, fold)
-    probs, index = _lookup(path, train_ids, "data.soft_labels", task)
+    from .data import read_probs
+
+    path = Path(str(template).replace("{fold}", str(fold)))  # one file for every fold, or DIR/fold_{fold}.csv
+    soft_ids, soft = read_probs(path, "data.soft_labels", task)  # it refuses any row that is not a distribution
+    index = {i: n for n, i in enumerate(soft_ids)}
+    ids = list(train_ids)
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise KKError(f"{path}: no soft label for train id {missing[0]} ({len(missing)} missing)")
     seen = sum(1 for i in val_ids if i in index)
     if seen:
         from .ui import warn
@@ -58,7 +39,7 @@ def fold_soft_labels(template: str, fold: int, train_ids, val_ids, task: Task = 
              f"--oof-out), the teacher models behind fold {fold}'s training labels trained on fold {fold}'s validation "
              f"rows, so this fold's score is optimistic; kk distill-labels writes leak-free per-fold labels "
              f"(data.soft_labels: DIR/fold_{{fold}}.csv)")
-    return probs
+    return soft[[index[i] for i in ids]]
 
 
 # --- the teachers' side: kk distill-labels -----------------------------------------------------------------------------

@@ -1,10 +1,5 @@
-"""The one exception type that the CLI turns into a single clear line.
-
-Anything a user can get wrong (a missing file, a bad row, a config typo, a fold
-that does not exist) raises :class:`KKError` with a message that names the file,
-row or key. The CLI prints ``error: <message>`` on stderr and exits non-zero;
-library callers get an ordinary exception they can catch.
-"""
+"""The one exception type that the CLI turns into a single clear line (``error: <message>`` on stderr, a non-zero
+exit); anything a user can get wrong raises it with a message that names the file, row or key."""
 
 from __future__ import annotations
 

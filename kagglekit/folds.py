@@ -75,16 +75,10 @@ def fold_summary(df: pd.DataFrame, folds: pd.DataFrame, task: Task = LMSYS) -> p
     rows = []
     for f, part in list(merged.groupby("fold")) + [("all", merged)]:
         shares = part["label"].value_counts(normalize=True)
-        rows.append(
-            {
-                "fold": f,
-                "rows": len(part),
-                "prompts": part["group"].nunique(),
-                **{name: float(shares.get(i, 0.0)) for i, name in enumerate(task.class_names)},
-                **({"languages": part[lang].nunique(), "top language": float(part[lang].value_counts(normalize=True).iloc[0])}
-                   if lang else {}),
-            }
-        )
+        rows.append({"fold": f, "rows": len(part), "prompts": part["group"].nunique(),
+                     **{name: float(shares.get(i, 0.0)) for i, name in enumerate(task.class_names)},
+                     **({"languages": part[lang].nunique(), "top language": float(part[lang].value_counts(normalize=True).iloc[0])}
+                        if lang else {})})
     return pd.DataFrame(rows)
 
 

@@ -67,10 +67,7 @@ class ImportReport:
 
     def rows(self) -> list[list]:
         """(reason, rows) for the table: what was kept, then every reason for dropping."""
-        out = [["kept", self.kept]]
-        for reason, n in self.dropped.most_common():
-            out.append([f"dropped: {reason}", n])
-        return out
+        return [["kept", self.kept], *([f"dropped: {reason}", n] for reason, n in self.dropped.most_common())]
 
 
 # --- reading records ---------------------------------------------------------------------------------------------------
@@ -133,18 +130,7 @@ def split_transcript(text: str) -> tuple[list[str], list[str]]:
     """(human turns, assistant turns) of equal length from an HH-RLHF transcript ("\\n\\nHuman: ..." /
     "\\n\\nAssistant: ..."); a missing answer is an empty turn."""
     parts = _TURN.split(text)  # [preamble, role, text, role, text, ...]
-    human, assistant = [], []
-    for role, turn in zip(parts[1::2], parts[2::2]):
-        turn = turn.strip()
-        if role == "Human":
-            human.append(turn)
-            assistant.append("")
-        elif not human:  # an assistant turn before any human one: pair it with an empty prompt
-            human.append("")
-            assistant.append(turn)
-        else:
-            assistant[-1] = (assistant[-1] + "\n\n" + turn).strip()
-    return human, assistant
+    return messages_to_turns([{"role": role, "content": turn.strip()} for role, turn in zip(parts[1::2], parts[2::2])])
 
 
 def _text(x) -> str:
@@ -300,14 +286,11 @@ def import_frame(fmt: str, src, train=None, test=None, seed: int = 42, limit: in
             report.dropped[f"a {pair.winner} (the task has no such class)"] += 1
             continue
         key = pair_key(pair.prompt, pair.a, pair.b)
-        if key in train_pairs:
-            report.dropped["same prompt+responses as a train row"] += 1
-            continue
-        if key in test_pairs:
-            report.dropped["same prompt+responses as a test row"] += 1
-            continue
-        if key in seen:
-            report.dropped["repeats an earlier row of the source"] += 1
+        known = ((train_pairs, "same prompt+responses as a train row"), (test_pairs, "same prompt+responses as a test row"),
+                 (seen, "repeats an earlier row of the source"))
+        reason = next((why for keys, why in known if key in keys), None)
+        if reason:
+            report.dropped[reason] += 1
             continue
         seen.add(key)
         a, b, winner, model_a, model_b = pair.a, pair.b, pair.winner, pair.model_a, pair.model_b

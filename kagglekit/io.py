@@ -42,13 +42,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         if os.path.lexists(tmp_path):  # the block may have renamed it into place itself (under a lock)
             os.replace(tmp_path, path)
-    except OSError as e:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if e.filename in (None, str(tmp_path)):  # a full disk names no file: name the output the user asked for
+        if isinstance(e, OSError) and e.filename in (None, str(tmp_path)):  # a full disk names no file: name the output
             raise _naming(e, path) from None
-        raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
         raise
 
 
@@ -105,13 +102,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.filename is None or str(e.filename).startswith(str(tmp)):  # inside our temporary folder: name the output
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename).startswith(str(tmp))):  # inside tmp: name the output
             raise _naming(e, path) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if path.exists():
@@ -143,7 +137,11 @@ def claim_output_dir(path: str | os.PathLike, force: bool, command: str, sources
         return
     if not force:
         raise KKError(f"{path} already exists; pass --force to replace it")
-    made_by = output_command(path)
+    try:
+        marker = json.loads((path / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    made_by = marker.get("command") if isinstance(marker, dict) and isinstance(marker.get("command"), str) else None
     if made_by != command:
         by = f"made by kk {made_by}" if made_by else f"not made by kk {command} (no {OUTPUT_MARKER})"
         raise KKError(f"{path} is {by}; --force replaces only an earlier kk {command} output: choose another folder "
@@ -158,15 +156,6 @@ def refuse_inputs(path: str | os.PathLike, sources) -> None:
         src = Path(src).resolve()
         if target == src or target in src.parents:
             raise KKError(f"--out {path} {'is' if target == src else 'holds'} the input {src}; choose another path")
-
-
-def output_command(path: str | os.PathLike) -> str | None:
-    """The command named by a folder's :data:`OUTPUT_MARKER`, or None."""
-    try:
-        marker = json.loads((Path(path) / OUTPUT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker.get("command") if isinstance(marker, dict) and isinstance(marker.get("command"), str) else None
 
 
 def mark_output_dir(folder: str | os.PathLike, command: str) -> None:
@@ -267,8 +256,7 @@ def file_lock(path: str | os.PathLike, what: str, wait: float = 0.0) -> Iterator
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
     """Fail before long work when ``folder`` (or its nearest existing parent) cannot be written."""
-    folder = Path(folder)
-    probe = folder
+    probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():

@@ -29,14 +29,6 @@ TOKENIZER_FILES = ("tokenizer.json", "spm.model", "sentencepiece.bpe.model", "to
 FAR_FROM_ENSEMBLE = 0.5  # warn when the merged model is this share of a single fold's distance from the fold ensemble
 
 
-def load_adapter_weights(fold_path) -> dict:
-    """A fold's adapter tensors (safetensors: nothing loaded executes code; a damaged file is one line naming it);
-    the one place kk merge reads them."""
-    from .io import load_safetensors
-
-    return load_safetensors(Path(fold_path) / ADAPTER)
-
-
 def _base_record(fold_path: Path) -> dict:
     """What a fold's adapter was trained over: the backbone (a local folder by its resolved path), how it
     was read (pooling, quantization) and the tokenizer's files by hash."""
@@ -70,6 +62,7 @@ def check_same_base(folds: list[tuple[int, Path]]) -> None:
 
 def _load_adapters(folds: list[tuple[int, Path]]) -> tuple[list[dict], dict]:
     from .adapters import read_adapter_config
+    from .io import load_safetensors
 
     configs = [read_adapter_config(p) for _, p in folds]
     keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
@@ -79,7 +72,7 @@ def _load_adapters(folds: list[tuple[int, Path]]) -> tuple[list[dict], dict]:
             raise KKError(f"{p}: adapter differs from fold {folds[0][0]}'s in {', '.join(diff)}; only adapters of one base and rank merge")
     if configs[0].get("use_dora"):
         raise KKError("DoRA adapters do not merge by averaging; retrain with plain LoRA")
-    states = [load_adapter_weights(p) for _, p in folds]
+    states = [load_safetensors(p / ADAPTER) for _, p in folds]  # nothing a safetensors file holds executes code
     if any(set(s) != set(states[0]) for s in states[1:]):
         raise KKError("the fold adapters hold different tensors; were they trained with one config?")
     for (_, p), st in zip(folds[1:], states[1:]):
@@ -164,14 +157,10 @@ def merge_run(run_dir, out, folds="all", method: str = "factors", unload: bool =
         else:
             model = load_backbone(cfg.model, tokenizer, torch.device("cpu"), num_labels=task.n_classes)
             params = dict(model.named_parameters())
-            if method == "delta":
-                for path, delta in lora_deltas(states, adapter_cfg).items():
-                    name = _base_param(path, params)
-                    params[name].data += delta.to(params[name].dtype)
-            else:  # factors, unloaded: the averaged adapter's own update B_mean A_mean
-                for path, delta in lora_deltas([averaged], adapter_cfg).items():
-                    name = _base_param(path, params)
-                    params[name].data += delta.to(params[name].dtype)
+            # delta: the mean of the folds' updates; factors, unloaded: the averaged adapter's own update B_mean A_mean
+            for path, delta in lora_deltas(states if method == "delta" else [averaged], adapter_cfg).items():
+                name = _base_param(path, params)
+                params[name].data += delta.to(params[name].dtype)
             for key, value in averaged.items():  # the fully trained heads (pooler, classifier)
                 if ".lora_" in key:
                     continue
@@ -228,17 +217,13 @@ def _judge_against_source(run, merged, check_rows: int) -> tuple[dict | None, di
     rows = train_df[train_df["id"].isin(ids)].reset_index(drop=True)
     check = compare_with_folds(run, merged, rows=rows)
     check = {k: check[k] for k in ("rows", "mean_abs_diff", "max_abs_diff", "fold_mean_abs_diff", "argmax_agreement")}
-    check["far"] = far_from_ensemble(check)
+    # It stands for the fold ensemble only when it is much closer to it than a single fold is.
+    check["far"] = bool(check["mean_abs_diff"] > max(FAR_FROM_ENSEMBLE * check["fold_mean_abs_diff"], 1e-3))
     if check["far"]:
         warn(f"kk merge: the merged model is {check['mean_abs_diff']:.4f} from the fold ensemble on {check['rows']} OOF rows "
              f"(mean |p_merged - p_folds|), not much closer to it than a single fold is ({check['fold_mean_abs_diff']:.4f}): "
              "it does not stand for the ensemble; try --method delta, or folds trained from one initialisation (this version)")
     return calibration, check
-
-
-def far_from_ensemble(check: dict) -> bool:
-    """A merged model stands for the fold ensemble when it is much closer to it than a single fold is."""
-    return bool(check["mean_abs_diff"] > max(FAR_FROM_ENSEMBLE * check["fold_mean_abs_diff"], 1e-3))
 
 
 def _base_param(path: str, params: dict, leaf: str = "weight") -> str:

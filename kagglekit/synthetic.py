@@ -68,16 +68,8 @@ def _response(rng: np.random.Generator, good: bool, long_p: float, density: floa
     return " ".join(words)
 
 
-def make_synthetic(
-    n: int = 500,
-    seed: int = 0,
-    with_labels: bool = True,
-    noise: float = 0.1,
-    long_p: float = 0.05,
-    null_p: float = 0.02,
-    repeat_prompt_p: float = 0.1,
-    task: Task = LMSYS,
-) -> pd.DataFrame:
+def make_synthetic(n: int = 500, seed: int = 0, with_labels: bool = True, noise: float = 0.1, long_p: float = 0.05,
+                   null_p: float = 0.02, repeat_prompt_p: float = 0.1, task: Task = LMSYS) -> pd.DataFrame:
     """``n`` rows in the competition's format (text cells as JSON strings or plain strings, as ``task``
     stores them); :func:`kagglekit.io.write_table` writes them as CSV or parquet."""
     if n < 1:
@@ -96,20 +88,11 @@ def make_synthetic(
             prompt = [_text(rng, int(rng.integers(3, 40))) + "?" for _ in range(turns)]
             prompts.append(prompt)
         label = int(rng.choice(3, p=[0.35, 0.34, 0.31]))
-        if label == 0:
-            good_a, good_b = True, False
-        elif label == 1:
-            good_a, good_b = False, True
-        else:
-            # A tie is "both bad" (the arena's most common tie): the presence of any quality
-            # word separates ties from wins, while who wins needs the A/B position.
-            good_a = good_b = False
-        resp_a = [_response(rng, good_a, long_p) for _ in prompt]
-        resp_b = [_response(rng, good_b, long_p) for _ in prompt]
-        for resp in (resp_a, resp_b):
-            for t in range(len(resp)):
-                if rng.random() < null_p:
-                    resp[t] = None
+        # A tie (label 2) is "both bad" (the arena's most common tie): the presence of any quality
+        # word separates ties from wins, while who wins needs the A/B position.
+        resp_a = [_response(rng, label == 0, long_p) for _ in prompt]
+        resp_b = [_response(rng, label == 1, long_p) for _ in prompt]
+        resp_a, resp_b = ([None if rng.random() < null_p else r for r in resp] for resp in (resp_a, resp_b))
         if rng.random() < noise:
             label = int(rng.integers(0, 3))
         if label >= task.n_classes:

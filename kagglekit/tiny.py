@@ -73,27 +73,15 @@ def unigram_vocab(texts: list[str], vocab_size: int, specials: list[str]) -> lis
     vocab += [(w, math.log(c / total)) for w, c in top]
     # Characters score far below any word, so known words stay whole and the rest is spelled out.
     vocab += [("\u2581" + c, -18.0) for c in char_pieces] + [(c, -19.0) for c in char_pieces]
-    seen, out = set(), []
+    first: dict[str, float] = {}
     for piece, score in vocab:
-        if piece not in seen:
-            seen.add(piece)
-            out.append((piece, score))
-    return out
+        first.setdefault(piece, score)
+    return list(first.items())
 
 
-def build_tiny_model(
-    out_dir: str | os.PathLike,
-    arch: str = "deberta-v2",
-    train_csv: str | None = None,
-    vocab_size: int = 1000,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 2,
-    max_positions: int = 1024,
-    seed: int = 0,
-    task: Task = LMSYS,
-    force: bool = False,
-) -> Path:
+def build_tiny_model(out_dir: str | os.PathLike, arch: str = "deberta-v2", train_csv: str | None = None, vocab_size: int = 1000,
+                     hidden: int = 64, layers: int = 2, heads: int = 2, max_positions: int = 1024, seed: int = 0,
+                     task: Task = LMSYS, force: bool = False) -> Path:
     """Write a tiny ``arch`` model + tokenizer to ``out_dir``, its head sized for ``task``'s classes;
     returns the path. ``train_csv``: a train file (CSV or parquet) whose texts the tokenizer learns.
 
@@ -112,17 +100,15 @@ def build_tiny_model(
     claim_output_dir(out, force, "tiny-model", sources=[train_csv])
     texts = _corpus(train_csv)
     torch.manual_seed(seed)
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=hidden * 2,
+                 max_position_embeddings=max_positions, num_labels=task.n_classes)
     if arch == "deberta-v2":
         from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Tokenizer
 
         tok = DebertaV2Tokenizer(vocab=unigram_vocab(texts, vocab_size, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
         cfg = DebertaV2Config(
             vocab_size=len(tok),
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=hidden * 2,
-            max_position_embeddings=max_positions,
+            **sizes,
             # As in DeBERTa-v3: relative positions with log buckets, no absolute positions.
             relative_attention=True,
             position_buckets=256,
@@ -132,7 +118,6 @@ def build_tiny_model(
             pos_att_type=["p2c", "c2p"],
             position_biased_input=False,
             pooler_hidden_size=hidden,
-            num_labels=task.n_classes,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.cls_token_id,
             eos_token_id=tok.sep_token_id,
@@ -153,13 +138,8 @@ def build_tiny_model(
         tok.pad_token = tok.eos_token
         common = dict(
             vocab_size=len(tok),
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
+            **sizes,
             num_key_value_heads=heads,
-            intermediate_size=hidden * 2,
-            max_position_embeddings=max_positions,
-            num_labels=task.n_classes,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,

@@ -41,14 +41,12 @@ class _OneLineFailures:
 
 
 def make_pruner(name: str):
-    optuna = _optuna()
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise KKError(f"--pruner must be median, hyperband or none (got {name!r})")
+    pruners = _optuna().pruners
+    make = {"median": lambda: pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0), "hyperband": pruners.HyperbandPruner,
+            "none": pruners.NopPruner}.get(name)
+    if make is None:
+        raise KKError(f"--pruner must be median, hyperband or none (got {name!r})")
+    return make()
 
 
 def _storage(url: str):
@@ -110,8 +108,7 @@ def _suggest(trial, key: str, spec, current):
 def trial_config(base: Config, params: dict, name: str) -> Config:
     from .config import apply_overrides
 
-    raw = base.model_dump(mode="json")
-    raw = apply_overrides(raw, [f"{k}={v}" for k, v in params.items()])
+    raw = apply_overrides(base.model_dump(mode="json"), [f"{k}={v}" for k, v in params.items()])
     raw["name"] = name
     return config_from_dict(raw, f"trial params {params}")
 
@@ -120,11 +117,10 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
              timeout: float | None = None, runs_root: str | Path = "runs", pruner="median",
              keep_best_only: bool = False):
     """Run ``n_trials`` more trials of the study; returns the Optuna study."""
-    check_study_name(study_name or cfg.name)
+    study_name = check_study_name(study_name or cfg.name)
     optuna = _optuna()
     if not cfg.tune:
         raise KKError("the config has an empty search space: add a tune: section (e.g. train.lr: {low: 1e-5, high: 3e-4, log: true})")
-    study_name = study_name or cfg.name
     storage = storage or f"sqlite:///{Path(runs_root) / 'tune.db'}"
     pruner = make_pruner(pruner) if isinstance(pruner, str) else pruner
     task = get_task(cfg.task)
@@ -162,7 +158,6 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
             free_memory("cuda")  # the trial's model goes before the next one loads (a no-op on CPU)
         return metrics[f"val_{task.metric.name}"]
 
-
     mine: list[int] = []  # the trials this worker ran
 
     def objective(trial):
@@ -172,8 +167,6 @@ def run_tune(cfg: Config, fold: int = 0, n_trials: int = 10, storage: str | None
         except KKError as e:
             # A bad value from the search space (lora.r: 0), a bad file...: the trial fails in one line
             # (Optuna's traceback is filtered out) and the study goes on with the next one.
-            from .ui import warn
-
             warn(f"trial {trial.number} failed: {e}")
             raise
 

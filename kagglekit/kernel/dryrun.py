@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from ..errors import KKError
 from .common import HIDDEN_TEST_ROWS, KAGGLE_LIMIT_H, MANIFEST, check_budget_h
@@ -18,14 +19,10 @@ def _offline_kernelspec(tmp: Path, env: dict, python: str | None = None) -> str:
     """A Jupyter kernel started inside a new network namespace (`unshare -n`) when the system allows it,
     under ``python`` (another interpreter, e.g. a venv with Kaggle's package versions) or this one."""
     argv = [python or sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    isolated = False
-    if shutil.which("unshare"):
-        probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
-        if probe.returncode == 0:
-            argv = ["unshare", "-n", *argv]
-            isolated = True
+    isolated = bool(shutil.which("unshare")) and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
     spec = tmp / "jupyter" / "kernels" / "kk-offline"
     spec.mkdir(parents=True)
+    argv = ["unshare", "-n", *argv] if isolated else argv
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "kagglekit offline", "language": "python", "env": env}))
     return "isolated" if isolated else "proxies only"
 
@@ -166,24 +163,19 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
     if time_budget_h is not None:
         env["KK_TIME_BUDGET_H"] = repr(float(time_budget_h))
     network = _offline_kernelspec(tmp, env, python)
-    old_path = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = str(tmp / "jupyter") + (os.pathsep + old_path if old_path else "")
+    jupyter_path = os.pathsep.join(filter(None, [str(tmp / "jupyter"), os.environ.get("JUPYTER_PATH")]))
     nb = nbformat.read(str(nb_path), as_version=4)
-    km = KernelManager(kernel_name="kk-offline", transport="ipc", ip=str(tmp / "zmq"))
     out_dir = kernel_dir / "dry-run"
     t0 = time.time()
     failed = None
-    try:
-        with console.status(f"running {nb_path.name} offline in {root} ..."):
+    try:  # JUPYTER_PATH finds the kernelspec while the notebook runs, and is restored after
+        with mock.patch.dict(os.environ, {"JUPYTER_PATH": jupyter_path}), console.status(f"running {nb_path.name} offline in {root} ..."):
+            km = KernelManager(kernel_name="kk-offline", transport="ipc", ip=str(tmp / "zmq"))
             NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(root / "working")}}).execute()
     except CellExecutionError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         failed = lines[-1] if lines else str(e)
     finally:
-        if old_path is None:
-            os.environ.pop("JUPYTER_PATH", None)
-        else:
-            os.environ["JUPYTER_PATH"] = old_path
         # What the run left, kept beside the kernel (the temporary tree goes): the executed notebook, and
         # the submission and kk_passes.json when it wrote them.
         with atomic_dir(out_dir) as keep_dir:
@@ -201,13 +193,11 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
     check_submission(sub, test_df["id"].to_numpy(), comp / "sample_submission.csv", task=task)
 
     report = _report_from_outputs(nb)
-    passes_log = {}
-    if (out_dir / "kk_passes.json").exists():
-        try:
-            passes_log = json.loads((out_dir / "kk_passes.json").read_text())
-        except ValueError:
-            passes_log = {}
-    model_estimate = flops_estimate(kernel_dir, test_df, meta.get("machine_shape", "NvidiaTeslaT4"))
+    try:  # written by the notebook as its passes ran; none when it stopped before
+        passes_log = json.loads((out_dir / "kk_passes.json").read_text())
+    except (OSError, ValueError):
+        passes_log = {}
+    est = flops_estimate(kernel_dir, test_df, meta.get("machine_shape", "NvidiaTeslaT4"))
     passes_run = report.get("passes_run", report.get("passes", 2))
     per_row_pass = report.get("seconds_per_row_pass", wall / max(1, len(test_df)))
     passes = report.get("passes", 2)
@@ -219,10 +209,12 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
               "inference_s": report.get("seconds"), "passes_per_row": passes, "passes_run": passes_run,
               "submission_from": report.get("submission_from"), "passes_log": passes_log,
               "estimate_hidden_h": estimate_h, "fits_9h": estimate_h < KAGGLE_LIMIT_H, "gpu_factor": gpu_factor,
-              "work_dir": str(out_dir), "model_estimate": model_estimate}
+              "work_dir": str(out_dir), "model_estimate": est}
     ran = "; ".join(f"pass {p['pass']} ({p['order']}): " + (p["decision"] if p.get("decision") and p.get("status") != "done"
                                                              else p.get("status", "?"))
                     for p in passes_log.get("passes", [])) or "?"
+    flops_h = ("unknown (a backbone attached from Kaggle: its size is not known here)" if est is None else
+               f"{est['hours']:.2f} ({est['tflop']:,.0f} TFLOP; {est['assumption']}; model loading not included)")
     console.print(table(
         f"dry run of {kernel_dir}",
         ["check", "value"],
@@ -231,7 +223,7 @@ def _dry_run_in(tmp: Path, kernel_dir: Path, meta: dict, nb_path: Path, datasets
          ["format vs sample_submission", "ok"], ["fold x order passes per row (planned / run)", f"{passes:g} / {passes_run:g}"],
          [f"passes run (budget {passes_log.get('budget_h', '?')} h)", ran],
          ["submission from", report.get("submission_from") or "?"],
-         [f"estimate for {HIDDEN_TEST_ROWS:,} rows from FLOPs (h)", _describe_model_estimate(model_estimate)],
+         [f"estimate for {HIDDEN_TEST_ROWS:,} rows from FLOPs (h)", flops_h],
          [f"measured here, scaled to {HIDDEN_TEST_ROWS:,} rows (h)", f"{estimate_h:.2f} (x1/{gpu_factor:g} GPU factor; limit {KAGGLE_LIMIT_H:g} h)"],
          ["fits Kaggle's limit", "yes" if result["fits_9h"] else "NO"],
          ["kept", str(out_dir)]],
@@ -244,13 +236,18 @@ def kernel_task(kernel_dir: Path):
     without a readable manifest too (the notebook then stops on it with its own message)."""
     from ..task import get_task
 
-    datasets = Path(kernel_dir) / "datasets"
-    art = next((d for d in datasets.iterdir() if (d / MANIFEST).exists()), None) if datasets.is_dir() else None
+    art = _artifacts(kernel_dir)
     try:
         manifest = json.loads((art / MANIFEST).read_text()) if art is not None else {}
     except (OSError, ValueError):
         manifest = {}
     return get_task(manifest.get("task", "lmsys") if isinstance(manifest, dict) else "lmsys")
+
+
+def _artifacts(kernel_dir: Path) -> Path | None:
+    """The kernel's artifacts dataset: the one holding the manifest."""
+    datasets = Path(kernel_dir) / "datasets"
+    return next((d for d in datasets.iterdir() if (d / MANIFEST).exists()), None) if datasets.is_dir() else None
 
 
 def _report_from_outputs(nb) -> dict:
@@ -275,7 +272,7 @@ def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT
     from ..runs import open_run
     from .plan import MACHINES, T4_FP16_UTILISATION, T4_PEAK_TFLOPS, THROUGHPUT, estimate_run
 
-    art = next((d for d in (kernel_dir / "datasets").iterdir() if (d / MANIFEST).exists()), None)
+    art = _artifacts(kernel_dir)
     if art is None:
         return None
     manifest = json.loads((art / MANIFEST).read_text())
@@ -296,11 +293,5 @@ def flops_estimate(kernel_dir: Path, test_df, machine_shape: str = "NvidiaTeslaT
     factors = ", ".join(f"{k} x{v:g}" for k, v in THROUGHPUT.items() if k != "fp32")
     return {"hours": hours, "tflop": tflop, "runs": runs,
             "assumption": f"{gpus} x T4 at {T4_FP16_UTILISATION:.0%} of {T4_PEAK_TFLOPS:g} fp16 TFLOP/s ({factors})"}
-
-
-def _describe_model_estimate(est: dict | None) -> str:
-    if est is None:
-        return "unknown (a backbone attached from Kaggle: its size is not known here)"
-    return f"{est['hours']:.2f} ({est['tflop']:,.0f} TFLOP; {est['assumption']}; model loading not included)"
 
 
