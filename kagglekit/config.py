@@ -363,13 +363,8 @@ def _section_fields(parts: list[str]) -> tuple[list[str], str | None]:
     """Valid field names at ``parts[:-1]`` and the path walked, for suggestions."""
     model: Any = Config
     for part in parts[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return [], None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
+        model = getattr(getattr(model, "model_fields", {}).get(part), "annotation", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return [], None
     return list(getattr(model, "model_fields", {})), ".".join(parts[:-1])
 
@@ -377,22 +372,11 @@ def _section_fields(parts: list[str]) -> tuple[list[str], str | None]:
 # Names competitors bring from other tools (HF Trainer, the seed notebook), mapped to
 # ours, so that a typo of either gets a useful "did you mean".
 ALIASES = {
-    "learning_rate": "lr",
-    "num_epochs": "epochs",
-    "num_train_epochs": "epochs",
-    "gradient_accumulation_steps": "grad_accum",
-    "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "eval_batch_size",
-    "lr_scheduler_type": "scheduler",
-    "early_stopping_patience": "patience",
-    "max_len": "max_length",
-    "model_name": "backbone",
-    "model_name_or_path": "backbone",
-    "lora_r": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "eval_steps": "eval_every",
-    "warmup": "warmup_ratio",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "lr_scheduler_type": "scheduler", "early_stopping_patience": "patience", "max_len": "max_length",
+    "model_name": "backbone", "model_name_or_path": "backbone", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "eval_steps": "eval_every", "warmup": "warmup_ratio",
 }
 
 

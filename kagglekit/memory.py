@@ -51,7 +51,6 @@ def free_memory(device=None, device_map: dict | None = None) -> None:
             torch.cuda.empty_cache()
 
 
-
 # --- kk train --plan: bytes per GPU before any weight is read -------------------------------------------------------
 
 GIB = 2**30
