@@ -1,8 +1,4 @@
-"""Loading backbones: tokenizer, sequence classifier, LoRA, quantization, precision.
-
-Everything here imports torch/transformers/peft lazily (inside functions), so the
-CLI stays fast.
-"""
+"""Loading backbones: tokenizer, sequence classifier, LoRA, quantization, precision, pooling, packing."""
 
 from __future__ import annotations
 
@@ -67,20 +63,14 @@ def device_and_dtype(precision: str = "auto", device: str | None = None):
     import torch
 
     use_cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
-    if use_cuda:
-        device = torch.device(device or "cuda")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if precision == "auto":
-            precision = "bf16" if native_bf16(device) else "fp16"
-    else:
-        device = torch.device("cpu")
-        if precision == "auto":
-            precision = "fp32"
-    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+    device = torch.device(device or "cuda") if use_cuda else torch.device("cpu")
+    if use_cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if precision == "auto":
+        precision = ("bf16" if native_bf16(device) else "fp16") if use_cuda else "fp32"
+    if precision == "bf16" and use_cuda and not native_bf16(device):
         precision = "fp16"  # a config trained on bf16 hardware, predicting on a T4
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return device, dtype
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def check_backbone(name_or_path: str) -> None:
@@ -285,6 +275,7 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from .io import safetensors_errors
     from .memory import OutOfMemory, is_oom
 
     check_backbone(model_cfg.backbone)
@@ -309,8 +300,6 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
         kwargs["device_map"] = {"": _device_index(device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    from .io import safetensors_errors
-
     try:
         with safetensors_errors(source):  # a damaged weights file: one line naming it
             result = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)

@@ -250,8 +250,6 @@ def resolve_strategy(cfg: Config, world: int) -> str:
 
 
 def _init_distributed(world: int, strategy: str = "ddp") -> None:
-    # `torchrun --nproc_per_node N -m kagglekit.cli -- train ...` runs this on every rank. DDP: each rank takes every
-    # N-th micro-batch and every N-th validation row; rank 0 gathers the predictions, saves and logs.
     if world > 1 or strategy in SHARDED:
         import datetime
 
@@ -379,10 +377,7 @@ class Session:
     eval_fmt: object = None  # the validation's formatter: predict.max_length, as the test rows will be formatted
     max_packed: int = 0  # train.packing: the longest packed row (0 = no cap; see packed_cap)
     pieces: int = 1  # each micro-batch runs in this many pieces (after an out-of-memory error, or on a smaller GPU)
-    val_rows: object = None  # validation (predict_validation): this rank's rows, their frame, token cache and engine
-    val_part: object = None
-    val_cache: object = None
-    val_engine: object = None
+    val: tuple | None = None  # predict_validation's, once per fold: this rank's rows, their frame, a token cache, an engine
     strategy: str = "ddp"  # resolve_strategy's
     stop_requested: bool = False  # sharded runs: a SIGTERM/Ctrl-C seen, acted on by every rank at the end of the step
     shard_name: str = ""  # sharded runs: the checkpoint subfolder state.pt names
@@ -402,13 +397,11 @@ class Session:
 
 def start_session(cfg: Config, fold: int, work: Path, resume: bool, strategy: str = "ddp") -> Session:
     """Device, tokenizer and formatter of a fold; the backbone is checked before any data is read."""
-    from .modeling import quiet_libraries
+    from .formatting import Formatter
+    from .modeling import check_backbone, device_and_dtype, load_tokenizer, quiet_libraries
 
     quiet_libraries()
     import torch
-
-    from .formatting import Formatter
-    from .modeling import check_backbone, device_and_dtype, load_tokenizer
 
     rank, world, local_rank = distributed()
     cfg = resolve_init_from(cfg, fold)  # config.yaml records the resolved path: compared so on --resume
@@ -950,15 +943,14 @@ def predict_validation(s: Session, val_df, bar=None) -> dict | None:
     from .inference import TokenCache, predict_tta
 
     split = s.world if s.strategy == "ddp" else 1
-    if s.val_rows is None:  # once per fold: this rank's rows, a token cache, an engine over the model in training
-        s.val_rows = np.arange(s.rank % split, len(val_df), split)
-        s.val_part = val_df if split == 1 else val_df.iloc[s.val_rows].reset_index(drop=True)
-        s.val_cache = TokenCache()
+    if s.val is None:  # an engine over the model in training
+        rows = np.arange(s.rank % split, len(val_df), split)
         cfg = s.cfg.model_copy(update={"predict": s.cfg.predict.model_copy(update={"batch_size": s.cfg.train.eval_batch_size})})
-        s.val_engine = HFEngine.live(s.model, s.eval_fmt or s.fmt, cfg, s.device, s.amp_dtype, s.task)
-    task = bar.add_task(f"fold {s.fold} eval", total=2 * len(s.val_part), status="") if bar is not None else None
-    part = predict_tta(s.val_engine, None, s.val_part, True, s.val_cache, (lambda k: bar.advance(task, k)) if bar else None,
-                       f"fold {s.fold} eval")
+        s.val = (rows, val_df if split == 1 else val_df.iloc[rows].reset_index(drop=True), TokenCache(),
+                 HFEngine.live(s.model, s.eval_fmt or s.fmt, cfg, s.device, s.amp_dtype, s.task))
+    rows, val_part, cache, engine = s.val
+    task = bar.add_task(f"fold {s.fold} eval", total=2 * len(val_part), status="") if bar is not None else None
+    part = predict_tta(engine, None, val_part, True, cache, (lambda k: bar.advance(task, k)) if bar else None, f"fold {s.fold} eval")
     if bar is not None:
         bar.remove_task(task)
     if split == 1:
@@ -966,7 +958,7 @@ def predict_validation(s: Session, val_df, bar=None) -> dict | None:
     import torch.distributed as dist
 
     st = part["stats"]
-    share = {"rows": s.val_rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
+    share = {"rows": rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
              **{f: getattr(st, f) for f in STATS_FIELDS if getattr(st, f) is not None}}
     gathered = [None] * s.world if s.main else None
     dist.gather_object(share, gathered, dst=0)
@@ -1160,8 +1152,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     from .ui import progress
 
     tc, state = s.cfg.train, s.state
-    # On the device once: each micro-batch's targets are indexed there, never copied from the host. soft: a
-    # teacher's probabilities (None without data.soft_labels); hard: the labels (-1 where a row has none).
+    # On the device once: each micro-batch's targets are indexed there, never copied from the host.
     soft, hard = inputs.loss_targets()
     targets = (soft.to(s.device) if soft is not None else None, hard.to(s.device))
     params = [p for p in s.model.parameters() if p.requires_grad]
@@ -1200,7 +1191,6 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     state.samples += len(batch)
                     if state.micro - group_start < len(group):
                         continue  # keep accumulating
-                    # One host sync per optimizer step: the step's loss, read and checked once.
                     step_loss = group_loss.item()
                     if not math.isfinite(step_loss):
                         raise KKError(f"non-finite loss at step {state.step + 1} of fold {s.fold}{precision_hint(s.device, s.amp_dtype)}")
