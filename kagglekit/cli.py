@@ -57,21 +57,15 @@ def command(name: str | None = None, group: typer.Typer | None = None, **kwargs)
         def wrapper(*args, **kw):
             try:
                 return fn(*args, **kw)
-            except KKError as e:
+            except (KKError, KeyboardInterrupt, OSError) as e:  # OSError: disk full, unwritable folder, a path that is a folder...
                 from .ui import err_console
 
-                err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-                raise typer.Exit(e.exit_code) from None
-            except KeyboardInterrupt:
-                from .ui import err_console
-
-                err_console.print("[bold red]interrupted[/]")
-                raise typer.Exit(130) from None
-            except OSError as e:  # disk full, read-only or unwritable folder, a path that is a folder...
-                from .ui import err_console
-
-                err_console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
+                if isinstance(e, KeyboardInterrupt):
+                    err_console.print("[bold red]interrupted[/]")
+                    raise typer.Exit(130) from None
+                kk = isinstance(e, KKError)
+                err_console.print(f"[bold red]error:[/] {e if kk else describe_os_error(e)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(e.exit_code if kk else 1) from None
 
         return (group or app).command(name, **kwargs)(wrapper)
 
@@ -176,13 +170,7 @@ def _load(config: Path | None, set_: list[str], train: Path | None = None, folds
     """Config + --set overrides + the data-path options every command shares."""
     from .config import load_config
 
-    extra = []
-    if train is not None:
-        extra.append(f"data.train={train}")
-    if folds is not None:
-        extra.append(f"data.folds={folds}")
-    if test is not None:
-        extra.append(f"data.test={test}")
+    extra = [f"data.{key}={path}" for key, path in (("train", train), ("folds", folds), ("test", test)) if path is not None]
     return load_config(config, list(set_) + extra)
 
 
@@ -233,7 +221,6 @@ def tiny_model_cmd(
     layers: int = typer.Option(2, "--layers", help="Number of layers."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier tiny model in OUT_DIR (never a folder kk tiny-model did not make)."),
     task: str = typer.Option("lmsys", "--task", help="The classifier head's classes: " + TASK_HELP),
-
 ):
     """Build a tiny random model + tokenizer offline (for tests, demos and CPU smoke runs).
 
@@ -245,7 +232,6 @@ def tiny_model_cmd(
 
     path = build_tiny_model(out_dir, arch, str(train) if train else None, vocab_size, hidden, layers, task=_task(task),
                             force=force)
-
     info(f"wrote a tiny {arch} model to {path} (load it with model.backbone={path})")
 
 
@@ -274,7 +260,6 @@ def predict_cmd(
                       backbone=backbone, overrides=set_, threads=threads)
     columns = [c for c in df.columns if c != "id"]  # the task's probability columns
     means = df[columns].mean()
-
     console.print(table(f"fold {fold}: {len(df)} test rows -> {run}/fold_{fold}/test.csv", ["column", "mean"],
                         [[c, float(means[c])] for c in columns]))
 

@@ -1,13 +1,5 @@
-"""Typed, validated configuration.
-
-A config is a YAML file (see ``configs/``) loaded into :class:`Config`. Every field
-has a one-line description (``kk config --show`` prints them). Commands accept
-repeated ``--set key.path=value`` overrides whose values are parsed as YAML
-scalars, e.g. ``--set train.lr=1e-4 --set lora.enabled=false``.
-
-Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
-naming the key, with the closest valid key suggested for a typo.
-"""
+"""Typed, validated configuration: a YAML file (``configs/``) plus ``--set key.path=value`` overrides (YAML scalars).
+A bad key, type or value is a :class:`ConfigError` naming the key, with the closest valid key for a typo."""
 
 from __future__ import annotations
 
@@ -56,9 +48,8 @@ class DataConfig(_Section):
         "Rows that are train rows (same id, or same prompt+responses) are dropped, and a row whose prompt is in "
         "fold K's validation rows never trains fold K (counted in metrics.json).",
     )
-    bad_rows: Literal["error", "skip"] = Field(
-        "error", description="Rows with broken cells or labels: stop with an error, or skip them and report the count."
-    )
+    bad_rows: Literal["error", "skip"] = Field("error", description="Rows with broken cells or labels: stop with an error, "
+                                               "or skip them and report the count.")
 
 
 class ExtraData(_Section):
@@ -100,9 +91,8 @@ class ModelConfig(_Section):
                            "multi-turn comparison, and earlier turns are often the same in A and B.")
     budget: BudgetConfig = Field(default_factory=BudgetConfig, description="Token budget shares; unused share flows to the others.")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Load the backbone with bitsandbytes (QLoRA).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
-    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPUs that support it, "
+                                                               "fp16 on older GPUs, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (non-reentrant, works with peft).")
     pooling: Literal["cls", "mean", "pair"] = Field(
         "cls", description="Encoders: cls = the architecture's [CLS] pooler; mean = masked mean of the last hidden states "
@@ -183,9 +173,7 @@ class LoraConfig(_Section):
     r: int = Field(16, ge=1, le=MAX_LORA_RANK, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch.")
-    target_modules: list[str] | None = Field(
-        None, description="Module names to adapt; null = sensible defaults for the architecture."
-    )
+    target_modules: list[str] | None = Field(None, description="Module names to adapt; null = sensible defaults for the architecture.")
 
 
 class TrainConfig(_Section):
@@ -232,9 +220,8 @@ class TrainConfig(_Section):
     deepspeed: str = Field("zero2", description="train.strategy=deepspeed: configs/deepspeed/<key>.json (zero2, zero3) or a JSON path.")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="CPU threads for torch while training and evaluating (0 = torch's default); "
                          "inference has predict.threads.")
-    checkpoint_minutes: float = Field(
-        5.0, ge=0, description="Also checkpoint every N minutes between evaluations, so preemption loses little (0 = only at evaluations)."
-    )
+    checkpoint_minutes: float = Field(5.0, ge=0, description="Also checkpoint every N minutes between evaluations, so preemption "
+                                      "loses little (0 = only at evaluations).")
 
 
 class PredictConfig(_Section):
@@ -266,9 +253,8 @@ class PredictConfig(_Section):
     quantization: Literal["none", "8bit", "4bit"] | None = Field(
         None, description="Load the backbone for inference this way (e.g. 8bit for a fold trained at 4bit); null = as trained.",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
-        None, description="Inference precision; null = as trained (model.precision).",
-    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(None, description="Inference precision; null = as trained "
+                                                                      "(model.precision).")
     engine: Literal["hf", "vllm"] = Field("hf", description="hf: transformers' forward; vllm: vLLM's classification runner for "
                                           "decoders (prefix caching; serves kk quantize's GPTQ runs with T4 kernels).")
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="CPU threads for torch in kk predict / ensemble / predict-one / merge's check "
@@ -348,9 +334,7 @@ class Config(_Section):
 
     def inference_model(self) -> ModelConfig:
         """The model section inference uses: ``predict.max_length/quantization/precision`` where set, else as trained."""
-        p = self.predict
-        update = {k: getattr(p, k) for k in INFERENCE_KEYS if getattr(p, k) is not None}
-        return self.model.model_copy(update=update)
+        return self.model.model_copy(update={k: getattr(self.predict, k) for k in INFERENCE_KEYS if getattr(self.predict, k) is not None})
 
     def get(self, dotted: str) -> Any:
         obj: Any = self
@@ -363,13 +347,8 @@ def _section_fields(parts: list[str]) -> tuple[list[str], str | None]:
     """Valid field names at ``parts[:-1]`` and the path walked, for suggestions."""
     model: Any = Config
     for part in parts[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return [], None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
+        model = getattr(getattr(model, "model_fields", {}).get(part), "annotation", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return [], None
     return list(getattr(model, "model_fields", {})), ".".join(parts[:-1])
 
@@ -377,22 +356,11 @@ def _section_fields(parts: list[str]) -> tuple[list[str], str | None]:
 # Names competitors bring from other tools (HF Trainer, the seed notebook), mapped to
 # ours, so that a typo of either gets a useful "did you mean".
 ALIASES = {
-    "learning_rate": "lr",
-    "num_epochs": "epochs",
-    "num_train_epochs": "epochs",
-    "gradient_accumulation_steps": "grad_accum",
-    "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "eval_batch_size",
-    "lr_scheduler_type": "scheduler",
-    "early_stopping_patience": "patience",
-    "max_len": "max_length",
-    "model_name": "backbone",
-    "model_name_or_path": "backbone",
-    "lora_r": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "eval_steps": "eval_every",
-    "warmup": "warmup_ratio",
+    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "lr_scheduler_type": "scheduler", "early_stopping_patience": "patience", "max_len": "max_length",
+    "model_name": "backbone", "model_name_or_path": "backbone", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "eval_steps": "eval_every", "warmup": "warmup_ratio",
 }
 
 
@@ -425,9 +393,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             return f"{where}{'.'.join(loc)} is not a tune field (use low/high/log/step or choices)"
         return where + (unknown_key_message(loc) or f"{'.'.join(loc)} is not a field")
     key = ".".join(loc)
-    msg = e["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
+    msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
     got_s = "" if isinstance(got, (dict, list)) or got is None and e["type"] == "missing" else f" (got {got!r})"
     more = len(err.errors()) - 1
@@ -518,8 +484,7 @@ def apply_predict_overrides(cfg: Config, overrides: list[str] | None, command: s
         if parts[0] != "predict" or len(parts) < 2:
             raise ConfigError(f"--set {item}: {command} takes only predict.* keys (e.g. predict.max_length=8192, "
                               "predict.quantization=8bit); the fold's other settings are fixed by its training")
-    raw = apply_overrides(cfg.model_dump(mode="json"), overrides)
-    return config_from_dict(raw, "--set")
+    return config_from_dict(apply_overrides(cfg.model_dump(mode="json"), overrides), "--set")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -560,10 +525,8 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[t
     rows = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        key = f"{prefix}{name}"
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(describe_fields(ann, key + "."))
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
         else:
-            default = field.get_default(call_default_factory=True)
-            rows.append((key, repr(default), field.description or ""))
+            rows.append((f"{prefix}{name}", repr(field.get_default(call_default_factory=True)), field.description or ""))
     return rows

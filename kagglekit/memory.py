@@ -1,10 +1,5 @@
-"""Out-of-memory on the GPU: recognised, freed, and turned into one line that names the setting to lower.
-
-Training, inference and the ``auto`` budget probes retry with smaller pieces when the GPU runs out of memory
-(see ``kagglekit.train.fit`` and ``kagglekit.inference.infer_logits``); what cannot be made smaller (one
-sequence that does not fit) becomes :class:`OutOfMemory`, a :class:`KKError`: ``error: ...`` on the command
-line, a failed trial (marked, the study goes on) in ``kk tune``.
-"""
+"""Out-of-memory on the GPU: recognised, freed, and (what no smaller piece can avoid) one line naming the setting
+to lower, a failed trial in ``kk tune``; and ``kk train --plan``'s bytes per GPU."""
 
 from __future__ import annotations
 
@@ -49,7 +44,6 @@ def free_memory(device=None, device_map: dict | None = None) -> None:
     for i in sorted(indices):
         with torch.cuda.device(i):
             torch.cuda.empty_cache()
-
 
 
 # --- kk train --plan: bytes per GPU before any weight is read -------------------------------------------------------

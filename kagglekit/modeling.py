@@ -1,12 +1,9 @@
-"""Loading backbones: tokenizer, sequence classifier, LoRA, quantization, precision.
-
-Everything here imports torch/transformers/peft lazily (inside functions), so the
-CLI stays fast.
-"""
+"""Loading backbones: tokenizer, sequence classifier, LoRA, quantization, precision, pooling, packing."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -23,18 +20,10 @@ DEFAULT_TARGETS = {
     "deberta": r".*encoder\.layer\.\d+\..*\.(in_proj|dense)$",
     # BERT family: self-attention query/key/value and the attention-output, intermediate and
     # output dense layers of every encoder layer; the pooler's dense stays a fully trained head.
-    "bert": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
-    "roberta": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
-    "xlm-roberta": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
-    "electra": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
-    "camembert": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "camembert"), r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$"),
     "distilbert": r".*transformer\.layer\.\d+\..*\.(q_lin|k_lin|v_lin|out_lin|lin1|lin2)$",
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for t in ("llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3")},
 }
 DECODER_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3", "qwen2", "qwen3", "phi3")
 # Heads that must be trained and saved in full: the classifier, and DeBERTa's
@@ -74,20 +63,14 @@ def device_and_dtype(precision: str = "auto", device: str | None = None):
     import torch
 
     use_cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
-    if use_cuda:
-        device = torch.device(device or "cuda")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if precision == "auto":
-            precision = "bf16" if native_bf16(device) else "fp16"
-    else:
-        device = torch.device("cpu")
-        if precision == "auto":
-            precision = "fp32"
-    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+    device = torch.device(device or "cuda") if use_cuda else torch.device("cpu")
+    if use_cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if precision == "auto":
+        precision = ("bf16" if native_bf16(device) else "fp16") if use_cuda else "fp32"
+    if precision == "bf16" and use_cuda and not native_bf16(device):
         precision = "fp16"  # a config trained on bf16 hardware, predicting on a T4
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return device, dtype
+    return device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def check_backbone(name_or_path: str) -> None:
@@ -147,13 +130,8 @@ def _quantization_config(kind: str, compute_dtype):
     skip = list(HEAD_MODULES)  # transformers would quantize the heads too, and peft then fails on them
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
-        llm_int8_skip_modules=skip,
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype or torch.float32, llm_int8_skip_modules=skip)
 
 
 # Inference keeps fp32 master weights (autocast does the half precision, and a row that overflows in
@@ -297,6 +275,7 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from .io import safetensors_errors
     from .memory import OutOfMemory, is_oom
 
     check_backbone(model_cfg.backbone)
@@ -311,7 +290,6 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
     # output_loading_info says which weights those were.
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True, "output_loading_info": True, "trust_remote_code": False,
               "attn_implementation": attention_implementation(conf, device, packing)}
-
     if weight_dtype is not None and qconf is None:
         kwargs["dtype"] = weight_dtype
     if qconf is not None:
@@ -322,8 +300,6 @@ def load_backbone(model_cfg, tokenizer, device=None, autocast_dtype=None, weight
         kwargs["device_map"] = {"": _device_index(device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    from .io import safetensors_errors
-
     try:
         with safetensors_errors(source):  # a damaged weights file: one line naming it
             result = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
@@ -373,7 +349,6 @@ def lora_targets(model, lora_cfg):
 def build_model(cfg, tokenizer, device, autocast_dtype=None):
     """The trainable model for ``cfg``: LoRA-wrapped (heads fully trained) or full fine-tuning; started from
     ``model.init_from`` when set."""
-
     init = init_source(cfg.model)
     if init is not None and init[0] == "adapter" and not cfg.lora.enabled:
         raise KKError(f"model.init_from {init[1]} is a LoRA fold: continue it with lora.enabled=true")
@@ -383,7 +358,6 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
     if len(tokenizer) > rows:  # a token id past the matrix crashes the first batch holding it, mid-run
         raise KKError(f"model.backbone {cfg.model.backbone}: its tokenizer has {len(tokenizer)} tokens but the model's "
                       f"embeddings only {rows} rows (a tokenizer from another checkpoint?)")
-
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -398,10 +372,7 @@ def build_model(cfg, tokenizer, device, autocast_dtype=None):
     from peft import LoraConfig, TaskType, get_peft_model
 
     pconf = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
+        task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=lora_targets(model, cfg.lora),
         # peft adds "classifier" and "score" itself for SEQ_CLS: name only the others, so none is listed twice.
         modules_to_save=[m for m in head_modules(model) if m not in ("classifier", "score")] or None,
@@ -493,83 +464,75 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) 
 # --- pooling -------------------------------------------------------------------------------------------------------
 
 _SEQUENCE_HEADS = ("roberta", "xlm-roberta", "camembert", "electra")  # classifier reads features[:, 0] itself
-_MEAN_POOLER = None
 
 
+@functools.cache
 def _mean_pooler_class():
     """MeanPooler, built on first use (torch loads lazily)."""
-    global _MEAN_POOLER
-    if _MEAN_POOLER is None:
-        import torch
+    import torch
 
-        class MeanPooler(torch.nn.Module):
-            """Feeds the wrapped [CLS] pooler (or head) the attention-masked mean of the last hidden states in
-            place of the first token: a sentence-transformers encoder such as all-MiniLM-L6-v2 was trained
-            to be read by its mean, not by [CLS]. The wrapped module's weights stay as they were loaded."""
+    class MeanPooler(torch.nn.Module):
+        """Feeds the wrapped [CLS] pooler (or head) the attention-masked mean of the last hidden states in
+        place of the first token: a sentence-transformers encoder such as all-MiniLM-L6-v2 was trained
+        to be read by its mean, not by [CLS]. The wrapped module's weights stay as they were loaded."""
 
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-                self.mask = None  # set by the model's forward pre-hook on every call
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.mask = None  # set by the model's forward pre-hook on every call
 
-            def forward(self, hidden_states, *args, **kwargs):
-                mask = self.mask
-                if mask is None or mask.shape[:2] != hidden_states.shape[:2]:
-                    mask = hidden_states.new_ones(hidden_states.shape[:2])
-                m = mask.unsqueeze(-1).to(hidden_states.dtype)
-                mean = (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
-                return self.inner(mean.unsqueeze(1), *args, **kwargs)
+        def forward(self, hidden_states, *args, **kwargs):
+            mask = self.mask
+            if mask is None or mask.shape[:2] != hidden_states.shape[:2]:
+                mask = hidden_states.new_ones(hidden_states.shape[:2])
+            m = mask.unsqueeze(-1).to(hidden_states.dtype)
+            mean = (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
+            return self.inner(mean.unsqueeze(1), *args, **kwargs)
 
-        _MEAN_POOLER = MeanPooler
-    return _MEAN_POOLER
+    return MeanPooler
 
 
-_PAIR_POOLER = None
-
-
+@functools.cache
 def _pair_pooler_class():
     """PairPooler, built on first use (torch loads lazily)."""
-    global _PAIR_POOLER
-    if _PAIR_POOLER is None:
-        import torch
+    import torch
 
-        class PairPooler(torch.nn.Module):
-            """Reads the two responses apart: a = mean of the first response's tokens, b = the second's;
-            the wrapped pooler gets mix([a - b, |a - b|]). ``a - b`` flips sign when A and B are exchanged,
-            as the label does, and ``|a - b|`` does not, as a tie does not. ``mix`` starts as [I | 0]
-            (the wrapped pooler first sees a - b) and is trained with the head."""
+    class PairPooler(torch.nn.Module):
+        """Reads the two responses apart: a = mean of the first response's tokens, b = the second's;
+        the wrapped pooler gets mix([a - b, |a - b|]). ``a - b`` flips sign when A and B are exchanged,
+        as the label does, and ``|a - b|`` does not, as a tie does not. ``mix`` starts as [I | 0]
+        (the wrapped pooler first sees a - b) and is trained with the head."""
 
-            def __init__(self, inner, hidden: int):
-                super().__init__()
-                self.inner = inner
-                self.mix = torch.nn.Linear(2 * hidden, hidden)
-                with torch.no_grad():
-                    self.mix.weight.zero_()
-                    self.mix.weight[:, :hidden] = torch.eye(hidden)
-                    self.mix.bias.zero_()
-                self.segments = None  # set before every forward by kagglekit.inference.set_segments
+        def __init__(self, inner, hidden: int):
+            super().__init__()
+            self.inner = inner
+            self.mix = torch.nn.Linear(2 * hidden, hidden)
+            with torch.no_grad():
+                self.mix.weight.zero_()
+                self.mix.weight[:, :hidden] = torch.eye(hidden)
+                self.mix.bias.zero_()
+            self.segments = None  # set before every forward by kagglekit.inference.set_segments
 
-            def forward(self, hidden_states, *args, **kwargs):
-                seg = self.segments
-                if seg is None or seg.shape[:2] != hidden_states.shape[:2]:
-                    raise KKError("model.pooling=pair needs segment ids for every batch (kagglekit passes them)")
+        def forward(self, hidden_states, *args, **kwargs):
+            seg = self.segments
+            if seg is None or seg.shape[:2] != hidden_states.shape[:2]:
+                raise KKError("model.pooling=pair needs segment ids for every batch (kagglekit passes them)")
 
-                def mean(k):
-                    m = (seg == k).unsqueeze(-1).to(hidden_states.dtype)
-                    return (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
+            def mean(k):
+                m = (seg == k).unsqueeze(-1).to(hidden_states.dtype)
+                return (hidden_states * m).sum(1) / m.sum(1).clamp(min=1.0)
 
-                d = mean(1) - mean(2)
-                mixed = self.mix(torch.cat([d, d.abs()], dim=-1))
-                return self.inner(mixed.unsqueeze(1), *args, **kwargs)
+            d = mean(1) - mean(2)
+            mixed = self.mix(torch.cat([d, d.abs()], dim=-1))
+            return self.inner(mixed.unsqueeze(1), *args, **kwargs)
 
-        _PAIR_POOLER = PairPooler
-    return _PAIR_POOLER
+    return PairPooler
 
 
 def segment_poolers(model) -> list:
-    if _PAIR_POOLER is None:
+    if not _pair_pooler_class.cache_info().currsize:  # no PairPooler built: none in any model
         return []
-    return [m for m in model.modules() if isinstance(m, _PAIR_POOLER)]
+    return [m for m in model.modules() if isinstance(m, _pair_pooler_class())]
 
 
 def apply_pooling(model, pooling: str) -> None:

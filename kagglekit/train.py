@@ -92,11 +92,8 @@ def param_groups(model, tc) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((is_head_param(name), p.ndim > 1), []).append(p)
-    out = []
-    for (head, decay), ps in sorted(groups.items()):
-        out.append({"params": ps, "weight_decay": tc.weight_decay if decay else 0.0,
-                    "lr": (tc.head_lr or tc.lr) if head else tc.lr})
-    return out
+    return [{"params": ps, "weight_decay": tc.weight_decay if decay else 0.0, "lr": (tc.head_lr or tc.lr) if head else tc.lr}
+            for (head, decay), ps in sorted(groups.items())]
 
 
 def lr_scheduler(optimizer, kind: str, warmup: int, total: int):
@@ -253,8 +250,6 @@ def resolve_strategy(cfg: Config, world: int) -> str:
 
 
 def _init_distributed(world: int, strategy: str = "ddp") -> None:
-    # `torchrun --nproc_per_node N -m kagglekit.cli -- train ...` runs this on every rank. DDP: each rank takes every
-    # N-th micro-batch and every N-th validation row; rank 0 gathers the predictions, saves and logs.
     if world > 1 or strategy in SHARDED:
         import datetime
 
@@ -295,10 +290,6 @@ class FoldInputs:
     segs: list | None = None  # per sequence: 1 on the first response, 2 on the second (model.pooling: pair)
     labels: np.ndarray | None = None  # (len(seqs),) hard class, -1 where none; None: targets are one-hot hard labels
     extra_dropped: dict = field(default_factory=dict)  # data.extra rows kept out of this fold, per reason
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(x) for x in self.seqs]
 
     def loss_targets(self):
         """(teacher probabilities or None when no row has any, hard labels) as tensors for training_loss."""
@@ -386,10 +377,7 @@ class Session:
     eval_fmt: object = None  # the validation's formatter: predict.max_length, as the test rows will be formatted
     max_packed: int = 0  # train.packing: the longest packed row (0 = no cap; see packed_cap)
     pieces: int = 1  # each micro-batch runs in this many pieces (after an out-of-memory error, or on a smaller GPU)
-    val_rows: object = None  # validation (predict_validation): this rank's rows, their frame, token cache and engine
-    val_part: object = None
-    val_cache: object = None
-    val_engine: object = None
+    val: tuple | None = None  # predict_validation's, once per fold: this rank's rows, their frame, a token cache, an engine
     strategy: str = "ddp"  # resolve_strategy's
     stop_requested: bool = False  # sharded runs: a SIGTERM/Ctrl-C seen, acted on by every rank at the end of the step
     shard_name: str = ""  # sharded runs: the checkpoint subfolder state.pt names
@@ -409,13 +397,11 @@ class Session:
 
 def start_session(cfg: Config, fold: int, work: Path, resume: bool, strategy: str = "ddp") -> Session:
     """Device, tokenizer and formatter of a fold; the backbone is checked before any data is read."""
-    from .modeling import quiet_libraries
+    from .formatting import Formatter
+    from .modeling import check_backbone, device_and_dtype, load_tokenizer, quiet_libraries
 
     quiet_libraries()
     import torch
-
-    from .formatting import Formatter
-    from .modeling import check_backbone, device_and_dtype, load_tokenizer
 
     rank, world, local_rank = distributed()
     cfg = resolve_init_from(cfg, fold)  # config.yaml records the resolved path: compared so on --resume
@@ -519,7 +505,7 @@ def record_config(s: Session) -> None:
 
 
 def epoch_plan(s: Session, inputs: FoldInputs, epoch: int) -> list[list[int]]:
-    plan = plan_batches(inputs.lengths, inputs.units, inputs.batch_size, s.cfg.seed, epoch, s.max_tokens, s.cfg.train.packing,
+    plan = plan_batches([len(x) for x in inputs.seqs], inputs.units, inputs.batch_size, s.cfg.seed, epoch, s.max_tokens, s.cfg.train.packing,
                         max_packed=s.max_packed)
     if s.world > 1:  # every rank the same number of micro-batches, or DDP would wait forever
         plan = plan[s.rank : len(plan) - len(plan) % s.world : s.world]
@@ -565,9 +551,7 @@ def setup_training(s: Session, inputs: FoldInputs) -> None:
     if micro_per_epoch == 0:
         raise KKError(f"too few training rows for {s.world} processes with batch size {inputs.batch_size}")
     s.steps_per_epoch = math.ceil(micro_per_epoch / tc.grad_accum)
-    s.total_steps = tc.epochs * s.steps_per_epoch
-    if tc.max_steps:
-        s.total_steps = min(s.total_steps, tc.max_steps)
+    s.total_steps = min(tc.epochs * s.steps_per_epoch, tc.max_steps or math.inf)
     s.optimizer = torch.optim.AdamW(param_groups(s.model, tc), lr=tc.lr)
     s.scheduler = lr_scheduler(s.optimizer, tc.scheduler, int(tc.warmup_ratio * s.total_steps), s.total_steps)
     # fp16 needs loss scaling; bf16 and fp32 do not (DeepSpeed scales its own).
@@ -625,8 +609,7 @@ def deepspeed_engine(s: Session, batch_size: int):
     conf.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=tc.grad_accum,
                 gradient_clipping=tc.max_grad_norm, bf16={"enabled": s.amp_dtype == torch.bfloat16},
                 fp16={"enabled": s.amp_dtype == torch.float16})
-    engine, optimizer, _, _ = deepspeed.initialize(model=s.model, optimizer=s.optimizer, config=conf)
-    return engine, optimizer
+    return deepspeed.initialize(model=s.model, optimizer=s.optimizer, config=conf)[:2]
 
 
 def forward_logits(s: Session, seqs, segs=None):
@@ -763,23 +746,13 @@ def save_checkpoint(s: Session) -> None:
     best.update({f"stats_{f}": torch.from_numpy(getattr(stats, f)) for f in STATS_FIELDS if getattr(stats, f, None) is not None})
     s.ckpt_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(s.ckpt_dir / "state.pt") as tmp:
-        torch.save(
-            {
-                "model": trainable_state(s.model) if s.strategy == "ddp" else {},  # sharded: in s.shard_name
-                "optimizer": s.optimizer.state_dict() if s.strategy == "ddp" else {},
-                "world": s.world,
-                "sharded": s.shard_name,
-                "scheduler": s.scheduler.state_dict(),
-                "scaler": s.scaler.state_dict(),
-                # The RNG as it was when the current optimizer step began: a step interrupted half-way
-                # is redone with the same dropout masks, so a resumed run equals an uninterrupted one.
-                "rng": s.rng["cpu"],
-                "cuda_rng": s.rng["cuda"],
-                "progress": asdict(s.state),
-                "best": best,
-            },
-            tmp,
-        )
+        # rng: as it was when the current optimizer step began: a step interrupted half-way is redone with the same
+        # dropout masks, so a resumed run equals an uninterrupted one.
+        torch.save({"model": trainable_state(s.model) if s.strategy == "ddp" else {},  # sharded: in s.shard_name
+                    "optimizer": s.optimizer.state_dict() if s.strategy == "ddp" else {},
+                    "world": s.world, "sharded": s.shard_name, "scheduler": s.scheduler.state_dict(),
+                    "scaler": s.scaler.state_dict(), "rng": s.rng["cpu"], "cuda_rng": s.rng["cuda"],
+                    "progress": asdict(s.state), "best": best}, tmp)
     if old and old != s.shard_name:
         shutil.rmtree(s.ckpt_dir / old, ignore_errors=True)
     s.last_checkpoint = time.time()
@@ -832,9 +805,7 @@ def check_checkpoint(s: Session, ck, path) -> None:
     never a fold that claims a billion steps, nor a crash at the first step on a tensor of another shape."""
     import torch
 
-    def refuse(why: str):
-        _refuse_checkpoint(s, why)
-
+    refuse = functools.partial(_refuse_checkpoint, s)
     if not isinstance(ck, dict):
         refuse(f"a {type(ck).__name__}, not a mapping")
     missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "best") if k not in ck]
@@ -925,13 +896,11 @@ def evaluate(s: Session, inputs: FoldInputs, bar=None) -> float:
     state, loss, value, task, improved = s.state, None, None, s.task, False
     res = predict_validation(s, inputs.val_df, bar)
     if s.main:
-        val_df = inputs.val_df
-        labels = val_df["label"].to_numpy()
+        labels = inputs.val_df["label"].to_numpy()
         loss = log_loss(res["probs"], labels)
         value = task.metric(res["probs"], labels)
         if task.improves(loss, value, state.best_loss, state.best_metric):
             state.best_loss, state.best_metric, state.best_step, state.bad_evals = loss, value, state.step, 0
-
             s.best.update(probs=res["probs"], probs_ab=res["probs_ab"], probs_ba=res["probs_ba"], stats=res["stats"])
             improved = True
         else:
@@ -974,15 +943,14 @@ def predict_validation(s: Session, val_df, bar=None) -> dict | None:
     from .inference import TokenCache, predict_tta
 
     split = s.world if s.strategy == "ddp" else 1
-    if s.val_rows is None:  # once per fold: this rank's rows, a token cache, an engine over the model in training
-        s.val_rows = np.arange(s.rank % split, len(val_df), split)
-        s.val_part = val_df if split == 1 else val_df.iloc[s.val_rows].reset_index(drop=True)
-        s.val_cache = TokenCache()
+    if s.val is None:  # an engine over the model in training
+        rows = np.arange(s.rank % split, len(val_df), split)
         cfg = s.cfg.model_copy(update={"predict": s.cfg.predict.model_copy(update={"batch_size": s.cfg.train.eval_batch_size})})
-        s.val_engine = HFEngine.live(s.model, s.eval_fmt or s.fmt, cfg, s.device, s.amp_dtype, s.task)
-    task = bar.add_task(f"fold {s.fold} eval", total=2 * len(s.val_part), status="") if bar is not None else None
-    part = predict_tta(s.val_engine, None, s.val_part, True, s.val_cache, (lambda k: bar.advance(task, k)) if bar else None,
-                       f"fold {s.fold} eval")
+        s.val = (rows, val_df if split == 1 else val_df.iloc[rows].reset_index(drop=True), TokenCache(),
+                 HFEngine.live(s.model, s.eval_fmt or s.fmt, cfg, s.device, s.amp_dtype, s.task))
+    rows, val_part, cache, engine = s.val
+    task = bar.add_task(f"fold {s.fold} eval", total=2 * len(val_part), status="") if bar is not None else None
+    part = predict_tta(engine, None, val_part, True, cache, (lambda k: bar.advance(task, k)) if bar else None, f"fold {s.fold} eval")
     if bar is not None:
         bar.remove_task(task)
     if split == 1:
@@ -990,13 +958,11 @@ def predict_validation(s: Session, val_df, bar=None) -> dict | None:
     import torch.distributed as dist
 
     st = part["stats"]
-    share = {"rows": s.val_rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
+    share = {"rows": rows, "probs": part["probs"], "probs_ab": part["probs_ab"], "probs_ba": part["probs_ba"],
              **{f: getattr(st, f) for f in STATS_FIELDS if getattr(st, f) is not None}}
     gathered = [None] * s.world if s.main else None
     dist.gather_object(share, gathered, dst=0)
-    if not s.main:
-        return None
-    return assemble_shares(gathered, len(val_df))
+    return assemble_shares(gathered, len(val_df)) if s.main else None
 
 
 def assemble_shares(shares: list[dict], n: int) -> dict:
@@ -1023,7 +989,6 @@ def _evaluate_into(s: Session, inputs: FoldInputs, row: dict, bar=None) -> float
         return row["val_loss"]
     row[f"val_{s.task.metric.name}"] = s.last_metric
     return s.last_metric
-
 
 
 def _end_of_step(s: Session, inputs: FoldInputs, bar, on_eval, on_step) -> bool:
@@ -1104,10 +1069,7 @@ def training_loss(logits, soft, hard, tc):
     with the teacher at T = softmax(log p / T) and the student at T = softmax(logits / T); T^2 keeps the gradient
     scale of the KL term independent of T (Hinton et al., 2015). A row with only a hard label uses the cross-entropy
     alone, a row with only a teacher's probabilities (pseudo-labelled extra rows) the KL term alone.
-
-    ``logits`` (n, C) float; ``hard`` (n,) long, -1 where a row has no hard label; ``soft`` (n, C) the
-    teacher's probabilities, NaN rows where a row has none, or None when no row has any (then this is the
-    plain label-smoothed cross-entropy). ``tc``: the train config (label_smoothing, distill.weight/temperature).
+    ``hard``: -1 where a row has no hard label; ``soft``: NaN rows where a row has none, or None when no row has any.
     """
     import torch
     import torch.nn.functional as F
@@ -1134,16 +1096,13 @@ def _accumulate(s: Session, inputs: FoldInputs, targets, batch: list[int], n_gro
     its summed loss, still on the device. The loss is a per-sequence sum divided by the step's sequence count,
     so the pieces' gradients add up to the whole micro-batch's. ``syncs``: the step's last micro-batch, whose
     (last piece's) backward lets DDP average the gradients across ranks."""
-    tc = s.cfg.train
+    tc, (soft, hard) = s.cfg.train, targets
     pieces = np.array_split(np.asarray(batch), min(s.pieces, len(batch)))
     total = 0.0
     for k, piece in enumerate(pieces):
         rows = piece.tolist()
         with _grad_sync(s, syncs and k == len(pieces) - 1):
             logits = forward_logits(s, [inputs.seqs[i] for i in rows], [inputs.segs[i] for i in rows] if inputs.segs is not None else None)
-            # Hard labels (cross-entropy), a teacher's probabilities (KL at train.distill.temperature) or a mix;
-            # summed here, normalised per sequence by the division below.
-            soft, hard = targets
             loss = training_loss(logits.float(), soft[rows] if soft is not None else None, hard[rows], tc)
             if s.strategy == "deepspeed":  # the loss is already per step: not divided again by the accumulation
                 s.wrapped.backward(loss / n_group, scale_wrt_gas=False)
@@ -1193,8 +1152,7 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
     from .ui import progress
 
     tc, state = s.cfg.train, s.state
-    # On the device once: each micro-batch's targets are indexed there, never copied from the host. soft: a
-    # teacher's probabilities (None without data.soft_labels); hard: the labels (-1 where a row has none).
+    # On the device once: each micro-batch's targets are indexed there, never copied from the host.
     soft, hard = inputs.loss_targets()
     targets = (soft.to(s.device) if soft is not None else None, hard.to(s.device))
     params = [p for p in s.model.parameters() if p.requires_grad]
@@ -1233,7 +1191,6 @@ def fit(s: Session, inputs: FoldInputs, on_eval=None, on_step=None) -> None:
                     state.samples += len(batch)
                     if state.micro - group_start < len(group):
                         continue  # keep accumulating
-                    # One host sync per optimizer step: the step's loss, read and checked once.
                     step_loss = group_loss.item()
                     if not math.isfinite(step_loss):
                         raise KKError(f"non-finite loss at step {state.step + 1} of fold {s.fold}{precision_hint(s.device, s.amp_dtype)}")
@@ -1306,23 +1263,16 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
         # Which training made these weights: kk predict keys its cache by it and refuses to write into a fold
         # that a forced retrain replaced while it ran.
         "generation": uuid.uuid4().hex,
-        "task": task.name,
-        "metric": metric,
-        "val_log_loss": log_loss(probs, labels),
-        "val_log_loss_no_tta": log_loss(probs_ab, labels),
-        "val_accuracy": accuracy(probs, labels),
-        "val_accuracy_no_tta": accuracy(probs_ab, labels),
+        "task": task.name, "metric": metric,
+        "val_log_loss": log_loss(probs, labels), "val_log_loss_no_tta": log_loss(probs_ab, labels),
+        "val_accuracy": accuracy(probs, labels), "val_accuracy_no_tta": accuracy(probs_ab, labels),
         f"val_{metric}": task.metric(probs, labels),  # the task's metric (one of the two above for lmsys and wsdm)
         "val_per_class_accuracy": per_class_accuracy(probs, labels, task.class_names),
         "swap_flip_rate": swap_flip_rate(probs_ab, probs_ba),
         "prior_log_loss": prior_log_loss(labels, task.n_classes),
-        "best_step": state.best_step,
-        "steps": state.step,
-        "epochs_run": round(state.step / s.steps_per_epoch, 3),
+        "best_step": state.best_step, "steps": state.step, "epochs_run": round(state.step / s.steps_per_epoch, 3),
         "stopped_early": state.stopped_early,
-        "n_train": int(len(inputs.train_df)),
-        "n_extra": int(inputs.n_extra),
-        "extra_dropped": dict(inputs.extra_dropped),
+        "n_train": int(len(inputs.train_df)), "n_extra": int(inputs.n_extra), "extra_dropped": dict(inputs.extra_dropped),
         "n_val": int(len(val_df)),
         "wall_time_s": round(wall, 2),
         "train_samples_per_s": round(state.samples / max(wall, 1e-9), 3),
@@ -1340,23 +1290,18 @@ def write_outputs(s: Session, inputs: FoldInputs) -> dict:
 def _print_metrics(out: Path, metrics: dict) -> None:
     from .ui import console, table
 
-    console.print(
-        table(
-            f"fold {metrics['fold']} ({metrics['task']}): {out}",
-            ["metric", "value"],
-            [
-                ["val log loss (TTA)", metrics["val_log_loss"]],
-                ["val log loss (no TTA)", metrics["val_log_loss_no_tta"]],
-                ["class-prior log loss", metrics["prior_log_loss"]],
-                ["accuracy (TTA)" if metrics["metric"] == "accuracy" else "accuracy", metrics["val_accuracy"]],
-                *([["accuracy (no TTA)", metrics["val_accuracy_no_tta"]]] if metrics["metric"] == "accuracy" else []),
-                ["swap flip rate", metrics["swap_flip_rate"]],
-                ["best step / steps", f"{metrics['best_step']} / {metrics['steps']}"],
-                ["rows truncated (train)", metrics["truncation"]["train"]["share_truncated"]],
-                ["samples/s", metrics["train_samples_per_s"]],
-            ],
-        )
-    )
+    acc = metrics["metric"] == "accuracy"
+    console.print(table(f"fold {metrics['fold']} ({metrics['task']}): {out}", ["metric", "value"], [
+        ["val log loss (TTA)", metrics["val_log_loss"]],
+        ["val log loss (no TTA)", metrics["val_log_loss_no_tta"]],
+        ["class-prior log loss", metrics["prior_log_loss"]],
+        ["accuracy (TTA)" if acc else "accuracy", metrics["val_accuracy"]],
+        *([["accuracy (no TTA)", metrics["val_accuracy_no_tta"]]] if acc else []),
+        ["swap flip rate", metrics["swap_flip_rate"]],
+        ["best step / steps", f"{metrics['best_step']} / {metrics['steps']}"],
+        ["rows truncated (train)", metrics["truncation"]["train"]["share_truncated"]],
+        ["samples/s", metrics["train_samples_per_s"]],
+    ]))
 
 
 def train_folds(cfg: Config, folds: str, run_dir=None, resume: bool = False, force: bool = False) -> list[dict]:
