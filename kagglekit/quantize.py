@@ -49,10 +49,6 @@ def gptq(w, h, bits: int, group: int, damp: float = 0.01):
     return q, torch.stack(scales, 1)
 
 
-def _add_xtx(h, x) -> None:
-    h.addmm_(x.T, x)
-
-
 def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 2100, group: int = 128, force: bool = False) -> Path:
     """Every fold of ``run_dir`` (full weights) GPTQ-quantized into ``out``, calibrated on ``rows`` training rows of at
     most ``length`` tokens under its formatter (defaults: the LMSYS 1st place's 128 x 2,100, group size 128)."""
@@ -64,6 +60,7 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
     from .formatting import Formatter
     from .io import atomic_dir, claim_output_dir, mark_output_dir, write_json
     from .runs import open_run
+    from .ui import progress
     from .versions import library_versions
 
     if bits not in (4, 8):
@@ -82,7 +79,7 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
                    else f"was trained over a {f.cfg.model.quantization} bitsandbytes base: merge into the fp16 base (peft #2321), then quantize"
                    if f.cfg.model.quantization != "none" else None):
             raise KKError(f"{f.path} {why}")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, progress() as bar:
         mark_output_dir(tmp, "quantize")
         for f in run.folds:
             eng = HFEngine([f])
@@ -94,13 +91,15 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
             targets = {n: m for n, m in lin.items() if n.split(".")[0] not in ("score", "classifier", "pooler")}
             if bad := next((n for n, m in targets.items() if m.in_features % group), None):
                 raise KKError(f"--group-size {group} does not divide the {targets[bad].in_features} input columns of {bad}")
-            left = list(targets.values())
+            left, task = list(targets.values()), bar.add_task(f"GPTQ {bits}-bit {f.path.name}", total=len(targets))
             while left:  # later layers are calibrated on the already quantized earlier ones
                 chunk = [left.pop(0)]
                 while left and 4 * sum(m.in_features**2 for m in chunk + left[:1]) <= HESSIAN_BYTES:
                     chunk.append(left.pop(0))
                 hs = {m: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for m in chunk}
-                hooks = [m.register_forward_pre_hook(lambda m, a, hs=hs: _add_xtx(hs[m], a[0].flatten(0, -2).float())) for m in chunk]
+                def add_xtx(m, a, hs=hs):  # the layer's X^T X over every calibration token
+                    hs[m].addmm_((x := a[0].flatten(0, -2).float()).T, x)
+                hooks = [m.register_forward_pre_hook(add_xtx) for m in chunk]
                 with torch.no_grad():
                     for s in seqs:
                         model(input_ids=torch.as_tensor(np.asarray(s)[None], device=eng.device))
@@ -109,6 +108,7 @@ def quantize_run(run_dir, out, bits: int = 8, rows: int = 128, length: int = 210
                 for m in chunk:
                     qw, m.kk_scale = gptq(m.weight.data, hs.pop(m) / len(seqs), bits, group)
                     m.weight.data = qw.to(m.weight.dtype)
+                bar.advance(task, len(chunk))
             scheme = preset_name_to_scheme(f"W{bits}A16", ["Linear"])
             scheme.weights.group_size = group
             apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, quantization_status="frozen",
