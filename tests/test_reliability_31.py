@@ -214,7 +214,7 @@ def test_force_over_a_symlinked_fold_leaves_no_old_link_and_a_fold_linked_from_o
     from kagglekit.train import claim_fold
 
     elsewhere = tmp_path / "elsewhere" / "fold_0"
-    shutil.copytree(tiny_run / "fold_0", elsewhere)
+    shutil.copytree(tiny_run / "fold_0", elsewhere, ignore=shutil.ignore_patterns("test*"))  # no earlier test's predictions
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "fold_0")
@@ -353,7 +353,7 @@ def test_predict_on_a_parquet_whose_text_column_is_a_list_is_one_line(tiny_run, 
     t = pa.Table.from_pandas(df, preserve_index=False)
     t = t.set_column(1, "prompt", pa.array([[p] for p in df["prompt"]])).replace_schema_metadata(t.schema.metadata)
     pq.write_table(t, tmp_path / "test.parquet")
-    shutil.copytree(tiny_run, tmp_path / "run")  # predict writes beside the fold
+    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("test*"))  # predict writes beside the fold
     r = run_cli("predict", "--run", tmp_path / "run", "--fold", "0", "--test", tmp_path / "test.parquet")
     _one_line_error(r, "test.parquet", "prompt")
     assert not (tmp_path / "run" / "fold_0" / "test.csv").exists()
